@@ -1,0 +1,37 @@
+"""The HTTP surface: one FastAPI app for grid workers, handlers, supervisors and integrators."""
+from __future__ import annotations
+
+from fastapi import FastAPI, Response
+from fastapi.middleware.cors import CORSMiddleware
+
+from . import issues_api, problems, tasks_api
+from .context import AppContext
+from .issues_api import json_response
+
+
+def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastAPI:
+    app = FastAPI(
+        title="needle",
+        version="0.1.0",
+        description="千条线穿进一根针 — event-sourced issue escalation for grid-based community governance.",
+        docs_url="/docs",
+        openapi_url="/openapi.json",
+    )
+    app.state.ctx = ctx
+    problems.install(app)
+    app.include_router(issues_api.router)
+    app.include_router(tasks_api.router)
+    for r in extra_routers:
+        app.include_router(r)  # type: ignore[arg-type]
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> Response:
+        """200 when NATS, Postgres and every worker are up; 503 naming what is down otherwise."""
+        down = sorted(k for k, ok in ctx.health.items() if not ok)
+        body = {"status": "ok" if not down else "degraded", "components": ctx.health, "down": down}
+        return json_response(body, 200 if not down else 503)
+
+    app.add_middleware(CORSMiddleware, allow_origins=[], allow_methods=["GET", "POST"], allow_headers=["*"])
+    app.add_middleware(problems.BodyLimit, limit=ctx.settings.max_body_bytes)
+    app.add_middleware(problems.SecurityHeaders)
+    return app

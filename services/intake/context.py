@@ -1,0 +1,21 @@
+"""What the HTTP layer needs, built once at start and handed to the app (no globals)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.auth import TokenVerifier
+from shared.config import OrgTree, Rulebook
+from shared.settings import Settings
+from shared.store.eventstore import EventStore
+
+
+@dataclass
+class AppContext:
+    settings: Settings
+    org: OrgTree
+    rulebook: Rulebook
+    store: EventStore
+    verifier: TokenVerifier
+    health: dict[str, bool] = field(default_factory=dict)  # component -> up
+    extras: dict[str, Any] = field(default_factory=dict)  # read models, SSE hub, ... (added by other services)

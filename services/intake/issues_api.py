@@ -1,0 +1,144 @@
+"""Grid workers' routes: report an issue, read it back, resolve it on site."""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Header, Response
+
+from shared.commanding import execute, load_state, utcnow
+from shared.domain import commands as cmd
+from shared.domain import ids
+from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound, PreconditionFailed
+from shared.domain.issue import IssueState, decide, initial_state
+from shared.domain.levels import Level
+from shared.events.models import Event
+
+from .context import AppContext
+from .schemas import Created, NoteBody, ReportIssueBody, issue_view
+from .security import Actor, Ctx, require_area, require_read, require_role
+
+router = APIRouter(tags=["issues"])
+SOURCE = "needle/intake"
+
+IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
+IfMatch = Annotated[str | None, Header(alias="If-Match")]
+
+
+def etag(version: int) -> str:
+    return f'"{version}"'
+
+
+def check_if_match(if_match: str | None, state: IssueState) -> None:
+    if if_match is None or if_match.strip() == "*":
+        return
+    wanted = {v.strip().removeprefix("W/") for v in if_match.split(",")}
+    if etag(state.version) not in wanted:
+        raise PreconditionFailed(f"issue {state.id} is at version {state.version}, not {if_match}",
+                                 field="If-Match", current_version=state.version)
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def state_headers(state: IssueState, seq: int) -> dict[str, str]:
+    return {"ETag": etag(state.version), "Needle-Seq": str(seq), "Location": f"/v1/issues/{state.id}"}
+
+
+def validate_report(ctx: AppContext, body: ReportIssueBody) -> None:
+    try:
+        area = ctx.org.area(body.grid)
+    except KeyError:
+        raise Invalid(f"unknown grid {body.grid!r}", field="grid") from None
+    if area.level != Level.grid:
+        raise Invalid(f"{body.grid!r} is a {area.level}, not a grid", field="grid")
+    if body.category not in ctx.rulebook.categories:
+        raise Invalid(f"unknown category {body.category!r}", field="category")
+    for i, flag in enumerate(body.risk):
+        if flag not in ctx.rulebook.risk:
+            raise Invalid(f"unknown risk flag {flag!r} (known: {', '.join(sorted(ctx.rulebook.risk))})",
+                          field=f"risk.{i}")
+
+
+def request_hash(body: ReportIssueBody) -> str:
+    return hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+@router.post("/v1/issues", status_code=201, response_model=Created,
+             responses={409: {"description": "Idempotency-Key reused with another body"}})
+async def report_issue(body: ReportIssueBody, ctx: Ctx, p: Actor, idempotency_key: IdempotencyKey = None) -> Response:
+    """Report a resident's issue (grid worker). A replay of the same Idempotency-Key returns the same issue."""
+    require_role(p, "grid_worker")
+    validate_report(ctx, body)
+    require_area(ctx.org, p, body.grid, f"grid {body.grid}")
+    rhash = request_hash(body)
+    if idempotency_key is not None:
+        issue_id = ids.idempotent_issue_id(p.subject, ids.check_idempotency_key(idempotency_key))
+    else:
+        issue_id = ids.new_issue_id(int(time.time() * 1000), secrets.randbits(80))
+    command = cmd.ReportIssue(grid=body.grid, category=body.category, title=body.title,
+                              description=body.description, urgency=body.urgency, risk=tuple(body.risk),
+                              location=body.location, reporter=p.subject, request_hash=rhash)
+    now = utcnow()
+    events: list[Event] = decide(initial_state(issue_id), command, now)
+    try:
+        res = await ctx.store.append(issue_id, events, expected_last_seq=0, version=0, now=now, actor=p.subject,
+                                     msg_id=f"report:{issue_id}", source=SOURCE)
+        if not res.duplicate:
+            return json_response({"id": issue_id, "status": "reported", "version": 1}, 201,
+                                 {"ETag": etag(1), "Needle-Seq": str(res.seq), "Location": f"/v1/issues/{issue_id}"})
+    except ConcurrencyConflict:
+        if idempotency_key is None:  # a random id collided: astronomically unlikely
+            raise
+    # the key was used before: same body -> the same issue, another body -> 409
+    state, _ = await load_state(ctx.store, issue_id)
+    if not state.exists:
+        raise ConcurrencyConflict("issue being created concurrently; retry")
+    if state.request_hash != rhash:
+        raise Conflict("Idempotency-Key was already used with a different request body", field="Idempotency-Key")
+    return json_response({"id": issue_id, "status": state.status, "version": state.version}, 201,
+                         state_headers(state, state.last_seq) | {"Idempotent-Replayed": "true"})
+
+
+async def _readable(ctx: AppContext, p: Any, issue_id: str) -> tuple[IssueState, list[Any]]:
+    state, envs = await load_state(ctx.store, ids.check_issue_id(issue_id))
+    if not state.exists:
+        raise NotFound(f"issue {issue_id} not found", field="id")
+    require_read(ctx.org, p, state)
+    return state, envs
+
+
+@router.get("/v1/issues/{issue_id}")
+async def get_issue(issue_id: str, ctx: Ctx, p: Actor) -> Response:
+    """The issue as of every write that returned 2xx (folded from the stream, not a read model)."""
+    state, _ = await _readable(ctx, p, issue_id)
+    return json_response(issue_view(state), headers=state_headers(state, state.last_seq))
+
+
+@router.get("/v1/issues/{issue_id}/events")
+async def get_issue_events(issue_id: str, ctx: Ctx, p: Actor) -> Response:
+    """The issue's events as CloudEvents 1.0, oldest first."""
+    state, envs = await _readable(ctx, p, issue_id)
+    return json_response([e.to_cloudevent() for e in envs], headers=state_headers(state, state.last_seq))
+
+
+@router.post("/v1/issues/{issue_id}/resolve-on-site")
+async def resolve_on_site(issue_id: str, ctx: Ctx, p: Actor, body: NoteBody | None = None,
+                          if_match: IfMatch = None) -> Response:
+    """Closed at the grid by the grid worker: no dispatch."""
+    require_role(p, "grid_worker")
+    note = body.note if body else None
+
+    def decide_(state: IssueState, now: Any) -> list[Event]:
+        if not state.exists:
+            raise NotFound(f"issue {issue_id} not found", field="id")
+        require_area(ctx.org, p, state.grid, f"issue {issue_id}")
+        check_if_match(if_match, state)
+        return decide(state, cmd.ResolveOnSite(by=p.subject, note=note), now)
+
+    out = await execute(ctx.store, ids.check_issue_id(issue_id), decide_, actor=p.subject, source=SOURCE)
+    return json_response(issue_view(out.state), headers=state_headers(out.state, out.seq))

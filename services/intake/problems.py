@@ -1,0 +1,135 @@
+"""RFC 9457 problem details: every error leaves as application/problem+json naming the field.
+
+The mapping from domain errors to status codes lives here and nowhere else."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.auth import TokenError
+from shared.domain.errors import DomainError
+
+PROBLEM = "application/problem+json"
+
+
+def problem(status: int, title: str, detail: str, *, field: str | None = None, type_: str | None = None,
+            headers: dict[str, str] | None = None, **extra: Any) -> Response:
+    body: dict[str, Any] = {"type": type_ or f"https://needle.example/problems/{status}", "title": title,
+                            "status": status, "detail": detail}
+    if field:
+        body["field"] = field
+        body.setdefault("errors", [{"field": field, "detail": detail}])
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return Response(orjson.dumps(body), status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def _field_of(loc: tuple[Any, ...]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(DomainError)
+    async def domain_error(_: Request, exc: DomainError) -> Response:
+        headers = {"Retry-After": "1"} if exc.retryable and exc.status >= 500 else None
+        return problem(exc.status, exc.title, exc.detail, field=exc.field, headers=headers, **exc.extra)
+
+    @app.exception_handler(TokenError)
+    async def token_error(_: Request, exc: TokenError) -> Response:
+        return problem(401, "Unauthorized", str(exc), headers={"WWW-Authenticate": 'Bearer realm="needle"'})
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> Response:
+        errors = [{"field": _field_of(tuple(e.get("loc", ()))), "detail": e.get("msg", "invalid")}
+                  for e in exc.errors()]
+        first = errors[0] if errors else {"field": "body", "detail": "invalid request"}
+        status = 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
+        title = "Malformed JSON" if status == 400 else "Unprocessable input"
+        return problem(status, title, f"{first['field']}: {first['detail']}", field=first["field"], errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return problem(exc.status_code, str(exc.detail), str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> Response:  # never a bare 500 page
+        import structlog
+
+        structlog.get_logger("needle.http").exception("unhandled error", error=repr(exc))
+        return problem(500, "Internal error", "an unexpected error occurred; it has been logged")
+
+
+class BodyLimit:
+    """Refuses bodies larger than ``limit`` bytes with 413, before the app reads them (pure ASGI)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    too_big = int(value) > self.limit
+                except ValueError:
+                    too_big = True
+                if too_big:
+                    await self._refuse(send)
+                    return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return msg
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(send)
+
+    async def _refuse(self, send: Send) -> None:
+        body = orjson.dumps({"type": "https://needle.example/problems/413", "title": "Payload too large",
+                             "status": 413, "detail": f"request body exceeds {self.limit} bytes", "field": "body"})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class SecurityHeaders:
+    """Adds nosniff / no-referrer / frame-deny headers to every response (pure ASGI, no overhead)."""
+
+    HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+               (b"x-frame-options", b"DENY"))
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                msg["headers"] = [*msg.get("headers", []), *self.HEADERS]
+            await send(msg)
+
+        await self.app(scope, receive, send_with_headers)

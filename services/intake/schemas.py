@@ -1,0 +1,83 @@
+"""Request and response bodies of the HTTP API (unknown fields are refused)."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.domain.issue import IssueState, TaskState
+from shared.events.models import Location
+
+Id = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class ReportIssueBody(Strict):
+    grid: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    category: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    title: str = Field(min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=5000)
+    urgency: Literal["normal", "urgent", "emergency"] = "normal"
+    risk: list[str] = Field(default_factory=list, max_length=10)
+    location: Location | None = None
+
+
+class NoteBody(Strict):
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class ReasonBody(Strict):
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class VerifyBody(Strict):
+    passed: bool
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class FeedbackBody(Strict):
+    satisfaction: Literal["satisfied", "basically_satisfied", "dissatisfied"]
+    note: str | None = Field(default=None, max_length=2000)
+
+
+class ExtensionRequestBody(Strict):
+    extension: timedelta = Field(description="ISO 8601 duration, e.g. P2D")
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+class Created(BaseModel):
+    id: str
+    status: str
+    version: int
+
+
+def _ts(d: datetime | None) -> str | None:
+    return d.isoformat().replace("+00:00", "Z") if d else None
+
+
+def task_view(t: TaskState) -> dict[str, Any]:
+    return {
+        "id": t.id, "department": t.department, "role": t.role, "level": t.level, "status": t.status,
+        "clock": t.clock, "dispatched_at": _ts(t.dispatched_at),
+        "acknowledge_due": _ts(t.acknowledge_due), "resolve_due": _ts(t.resolve_due),
+        "acknowledged_at": _ts(t.acknowledged_at), "resolved_at": _ts(t.resolved_at),
+        "returned_at": _ts(t.returned_at), "return_reason": t.return_reason, "note": t.note,
+        "warned": sorted(t.warned), "breached": sorted(t.breached),
+        "extension_requested": t.extension_requested.total_seconds() if t.extension_requested else None,
+    }
+
+
+def issue_view(s: IssueState) -> dict[str, Any]:
+    return {
+        "id": s.id, "grid": s.grid, "category": s.category, "title": s.title, "description": s.description,
+        "status": s.status, "level": s.level, "owner_area": s.owner_area, "urgency": s.urgency,
+        "risk": list(s.risk), "location": s.location.model_dump() if s.location else None,
+        "reporter": s.reporter, "reported_at": _ts(s.reported_at), "closed_at": _ts(s.closed_at),
+        "version": s.version, "sequence": s.last_seq, "rule": s.rule, "rulebook_version": s.rulebook_version,
+        "reopen_count": s.reopen_count, "escalations": s.escalations, "satisfaction": s.satisfaction,
+        "campaign": s.campaign, "tasks": [task_view(t) for t in s.tasks],
+    }

@@ -1,0 +1,76 @@
+"""Who may do what: the bearer token dependency and the scope rules of DESIGN.md."""
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from shared.auth import Principal, TokenError
+from shared.config import OrgTree
+from shared.domain.errors import NotAllowed
+from shared.domain.issue import IssueState, TaskState
+
+from .context import AppContext
+
+
+def get_ctx(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
+def get_principal(request: Request) -> Principal:
+    header = request.headers.get("authorization")
+    if not header:
+        raise TokenError("missing bearer token")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise TokenError("Authorization must be 'Bearer <token>'")
+    return get_ctx(request).verifier.verify(token.strip())
+
+
+Ctx = Annotated[AppContext, Depends(get_ctx)]
+Actor = Annotated[Principal, Depends(get_principal)]
+
+
+def require_role(p: Principal, *roles: str) -> None:
+    if p.role not in roles and p.role != "admin":
+        raise NotAllowed(f"role {p.role} may not do this (needs {' or '.join(roles)})")
+
+
+def in_area(org: OrgTree, p: Principal, area_id: str) -> bool:
+    """True when ``area_id`` lies under the principal's ``area:`` scope."""
+    if p.role == "admin":
+        return True
+    if p.scope_kind != "area":
+        return False
+    try:
+        return org.is_under(area_id, p.scope_id)
+    except KeyError:
+        return False
+
+
+def require_area(org: OrgTree, p: Principal, area_id: str, what: str = "this area") -> None:
+    if not in_area(org, p, area_id):
+        raise NotAllowed(f"{p.role} scope {p.scope or '-'} does not cover {what}")
+
+
+def can_read(org: OrgTree, p: Principal, state: IssueState) -> bool:
+    if p.role in ("admin", "integrator"):
+        return True
+    if p.role in ("grid_worker", "supervisor"):
+        return in_area(org, p, state.grid)
+    if p.role == "handler":
+        return any(t.department == p.scope_id for t in state.tasks)
+    return False
+
+
+def require_read(org: OrgTree, p: Principal, state: IssueState) -> None:
+    if not can_read(org, p, state):
+        raise NotAllowed(f"issue {state.id} is outside {p.role} scope {p.scope or '-'}")
+
+
+def require_task_holder(p: Principal, task: TaskState) -> None:
+    if p.role == "admin":
+        return
+    if p.role != "handler" or p.scope_id != task.department:
+        raise NotAllowed(f"task {task.id} belongs to {task.department}, not to {p.scope or p.role}")

@@ -1,0 +1,184 @@
+"""What the router does when something happens to an issue, as pure functions.
+
+``react(state, event, seq, ...)`` answers a recorded event; ``on_timer(...)`` answers an SLA
+clock edge. Both look at the issue's *current* state (the event is only the cue), return the
+events to append, and mark them ``caused_by`` the cue's stream sequence so that a redelivered
+cue changes nothing (exactly once, together with OCC on append).
+
+Decisions documented here:
+* Escalating supersedes every open task of the lower level (they stay visible, status
+  ``superseded``) and dispatches the upper level's lead and co-handlers. The upper area's
+  command centre gets a co-task (督办) when it is not already the lead.
+* A lead's return (退单) escalates when ``return`` is in ``escalate.on``; otherwise the owner
+  area's command centre takes the lead (兜底). A co-handler's return only closes its task.
+* A failed verification re-dispatches the same level; the second one escalates when
+  ``verification_failed_twice`` is in ``escalate.on``.
+* A breach is recorded for any task whose clock ran out; only the lead's breach escalates, and
+  only while the clock is still running (an acknowledgement a millisecond before the deadline
+  stops it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from shared.config import OrgTree, Rulebook
+from shared.domain import ids
+from shared.domain.issue import IssueState, TaskState
+from shared.domain.levels import Level
+from shared.events import models as ev
+
+from .clocks import SlaClocks
+from .routing import FALLBACK_KIND, RoutePlan, TaskPlan, plan_escalation, plan_route, start_level
+
+
+@dataclass(frozen=True)
+class RouterRules:
+    org: OrgTree
+    rulebook: Rulebook
+    clocks: SlaClocks
+
+
+@dataclass(frozen=True, slots=True)
+class TimerEdge:
+    task_id: str
+    clock: str  # acknowledge | resolve
+    edge: str  # warn | due
+
+
+def _dispatch(state: IssueState, plan: RoutePlan, rules: RouterRules, now: datetime, *, reason: str,
+              caused_by: int, supervise: bool = False) -> list[ev.Event]:
+    tasks: list[TaskPlan] = list(plan.tasks)
+    if supervise and plan.lead.kind != FALLBACK_KIND:
+        center = rules.org.department_of_kind(plan.owner_area, FALLBACK_KIND)
+        if center is not None and all(t.department != center.id for t in tasks):
+            tasks.append(TaskPlan(department=center.id, role="co", kind=FALLBACK_KIND))
+    d = rules.clocks.for_dispatch(rules.rulebook, state.category, state.urgency, now)
+    out: list[ev.Event] = [ev.IssueRouted(level=plan.level.value, owner_area=plan.owner_area, reason=reason,  # type: ignore[arg-type]
+                                          rule=plan.rule, rulebook_version=plan.rulebook_version,
+                                          caused_by=caused_by)]
+    out += [ev.TaskSuperseded(task_id=t.id, reason=f"{reason} to {plan.level.value}", caused_by=caused_by)
+            for t in state.open_tasks]
+    n = len(state.tasks)
+    for i, t in enumerate(tasks, 1):
+        out.append(ev.TaskDispatched(
+            task_id=ids.task_id(state.id, n + i), department=t.department, role=t.role, level=plan.level.value,
+            clock=d.clock, dispatched_at=now,  # type: ignore[arg-type]
+            acknowledge_due=d.acknowledge_due, resolve_due=d.resolve_due,
+            acknowledge_warn=d.acknowledge_warn, resolve_warn=d.resolve_warn, caused_by=caused_by))
+    return out
+
+
+def _escalate(state: IssueState, rules: RouterRules, now: datetime, *, cause: str, caused_by: int,
+              reason: str | None = None) -> list[ev.Event]:
+    assert state.level is not None
+    plan = plan_escalation(rules.org, rules.rulebook, state.grid, state.category, Level(state.level))
+    if plan is None:  # at the city: nobody above; the breach or return stays on record for supervisors
+        return []
+    return [ev.IssueEscalated(from_level=state.level, to_level=plan.level.value, cause=cause,  # type: ignore[arg-type]
+                              reason=reason, caused_by=caused_by),
+            *_dispatch(state, plan, rules, now, reason="escalated", caused_by=caused_by, supervise=True)]
+
+
+def react(state: IssueState, event: ev.Event, seq: int, rules: RouterRules, now: datetime) -> list[ev.Event]:
+    """The router's answer to the event stored at ``seq`` (empty when nothing is to be done)."""
+    if seq in state.handled or not state.exists or state.status == "closed":
+        return []
+    match event:
+        case ev.IssueReported():
+            if state.status != "reported" or state.tasks:
+                return []
+            level = start_level(rules.rulebook, state.category, state.urgency, state.risk)
+            plan = plan_route(rules.org, rules.rulebook, state.grid, state.category, level)
+            reason = "risk" if level != rules.rulebook.category(state.category).start else "reported"
+            return _dispatch(state, plan, rules, now, reason=reason, caused_by=seq)
+        case ev.TaskReturned():
+            t = state.task(event.task_id)
+            if t.role != "lead" or state.lead is not t or any(x.role == "lead" for x in state.open_tasks):
+                return []
+            if "return" in rules.rulebook.escalate_on:
+                out = _escalate(state, rules, now, cause="return", caused_by=seq, reason=event.reason)
+                if out:
+                    return out
+            return _fallback_dispatch(state, rules, now, returned=t, caused_by=seq)
+        case ev.IssueEscalated() if event.cause == "requested":
+            if state.level == event.to_level:
+                return []  # already routed there
+            plan = plan_route(rules.org, rules.rulebook, state.grid, state.category, Level(event.to_level))
+            return _dispatch(state, plan, rules, now, reason="escalated", caused_by=seq, supervise=True)
+        case ev.IssueReopened():
+            if state.status != "reopened":
+                return []
+            if state.failed_verifications >= 2 and "verification_failed_twice" in rules.rulebook.escalate_on:
+                out = _escalate(state, rules, now, cause="verification_failed_twice", caused_by=seq)
+                if out:
+                    return out
+            assert state.level is not None
+            plan = plan_route(rules.org, rules.rulebook, state.grid, state.category, Level(state.level))
+            return _dispatch(state, plan, rules, now, reason="reopened", caused_by=seq)
+    return []
+
+
+def _fallback_dispatch(state: IssueState, rules: RouterRules, now: datetime, *, returned: TaskState,
+                       caused_by: int) -> list[ev.Event]:
+    """兜底: the owner area's command centre takes a returned lead (unless it was the one returning)."""
+    assert state.level is not None and state.owner_area is not None
+    center = rules.org.department_of_kind(state.owner_area, FALLBACK_KIND)
+    if center is None or center.id == returned.department:
+        return []
+    plan = RoutePlan(level=Level(state.level), owner_area=state.owner_area,
+                     tasks=(TaskPlan(department=center.id, role="lead", kind=FALLBACK_KIND),),
+                     rule=f"兜底: {returned.department} returned the lead task; {center.id} takes it",
+                     rulebook_version=rules.rulebook.version)
+    return _dispatch(state, plan, rules, now, reason="returned", caused_by=caused_by)
+
+
+# -- SLA clocks -----------------------------------------------------------------------------------------------
+def pending_edges(task: TaskState) -> list[tuple[datetime, TimerEdge]]:
+    """The task's clock edges still to fire, earliest first."""
+    if not task.open:
+        return []
+    edges: list[tuple[datetime, TimerEdge]] = []
+    if task.status == "dispatched":
+        if "acknowledge" not in task.warned:
+            edges.append((task.acknowledge_warn, TimerEdge(task.id, "acknowledge", "warn")))
+        if "acknowledge" not in task.breached:
+            edges.append((task.acknowledge_due, TimerEdge(task.id, "acknowledge", "due")))
+    if "resolve" not in task.warned:
+        edges.append((task.resolve_warn, TimerEdge(task.id, "resolve", "warn")))
+    if "resolve" not in task.breached:
+        edges.append((task.resolve_due, TimerEdge(task.id, "resolve", "due")))
+    return sorted(edges, key=lambda e: (e[0], e[1].edge == "due"))
+
+
+def next_edge(task: TaskState) -> tuple[datetime, TimerEdge] | None:
+    """The task's next clock edge still to fire, or None when its clocks are done."""
+    edges = pending_edges(task)
+    return edges[0] if edges else None
+
+
+def on_timer(state: IssueState, task_id: str, rules: RouterRules, now: datetime) -> list[ev.Event]:
+    """A task's timer fired: re-check the current state and warn or breach every edge now past.
+
+    An edge that is not yet due (the timer fired early, or an extension moved the due time)
+    does nothing; the caller schedules the next edge from the new state."""
+    if not state.exists or state.status == "closed":
+        return []
+    try:
+        t = state.task(task_id)
+    except Exception:
+        return []
+    out: list[ev.Event] = []
+    for at, edge in pending_edges(t):
+        if at > now:
+            break
+        due = t.acknowledge_due if edge.clock == "acknowledge" else t.resolve_due
+        if edge.edge == "warn":
+            out.append(ev.SlaWarned(task_id=t.id, clock=edge.clock, due=due))  # type: ignore[arg-type]
+            continue
+        out.append(ev.SlaBreached(task_id=t.id, clock=edge.clock, due=due))  # type: ignore[arg-type]
+        if t.role == "lead" and f"{edge.clock}_breach" in rules.rulebook.escalate_on and state.lead is t:
+            escalation = _escalate(state, rules, now, cause=f"{edge.clock}_breach", caused_by=0)
+            if escalation:
+                return out + escalation
+    return out

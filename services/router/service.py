@@ -1,0 +1,192 @@
+"""The router process: durable JetStream consumers that apply the pure reactions.
+
+* ``router`` consumes every issue event; reactions (routing, escalation, fallback) are
+  appended with OCC and marked ``caused_by`` the cue, so a redelivery or a second router
+  changes nothing. Several router processes bind the same durable consumer to share work.
+* Dispatched tasks get a durable timer: a JetStream message schedule in NEEDLE_TIMERS, one
+  pending per task, always for its next clock edge. It is set a little before the edge and
+  the router waits out the rest itself, so lag is not bound to the scheduler's 1 s grain.
+  A fired timer re-checks the issue, warns or breaches (and escalates), then sets the next.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import defaultdict
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import structlog
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+
+from shared.commanding import load_state, utcnow
+from shared.domain.calendar import WorkCalendar, load_holiday_file
+from shared.domain.errors import ConcurrencyConflict, DomainError
+from shared.domain.issue import evolve
+from shared.events import subjects as sj
+from shared.events.codec import UnknownEventType, decode
+from shared.events.models import TaskDispatched
+from shared.store.eventstore import JetStreamEventStore
+
+from .clocks import SlaClocks
+from .reactions import RouterRules, next_edge, on_timer, react
+
+if TYPE_CHECKING:
+    from shared.runtime.stack import Stack
+
+log = structlog.get_logger("needle.router")
+REACTS_TO = frozenset({"issue_reported", "task_returned", "issue_escalated", "issue_reopened"})
+SOURCE = "needle/router"
+EARLY = timedelta(seconds=2)  # schedules fire up to ~1.3 s late on a 1 s grain: set them early, wait the rest
+MAX_WAIT = 10.0
+
+
+class Router:
+    def __init__(self, store: JetStreamEventStore, js: JetStreamContext, rules: RouterRules, *,
+                 batch: int = 256, concurrency: int = 64) -> None:
+        self.store = store
+        self.js = js
+        self.rules = rules
+        self.batch = batch
+        self.sem = asyncio.Semaphore(concurrency)
+        self.processed = 0
+
+    # -- reacting to events ------------------------------------------------------------------------------------
+    async def handle_event(self, msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        issue_id, name = sj.parse_issue_subject(msg.subject)
+        if name == "task_dispatched":
+            env = decode(msg.data, seq)
+            assert isinstance(env.data, TaskDispatched)
+            d = env.data
+            at = min(d.acknowledge_warn, d.resolve_warn, d.acknowledge_due, d.resolve_due)
+            await self.schedule(d.task_id, at)
+            return
+        if name not in REACTS_TO:
+            return
+        env = decode(msg.data, seq)
+        for _ in range(5):
+            state, _ = await load_state(self.store, issue_id)
+            now = utcnow()
+            events = react(state, env.data, seq, self.rules, now)
+            if not events:
+                return
+            try:
+                await self.store.append(issue_id, events, expected_last_seq=state.last_seq, version=state.version,
+                                        now=now, actor="router", msg_id=f"route:{issue_id}:{seq}",
+                                        causation=env.id, source=SOURCE)
+                log.debug("reacted", issue=issue_id, cue=name, seq=seq, events=[e.name for e in events])
+                return
+            except ConcurrencyConflict:
+                continue
+        raise ConcurrencyConflict(f"issue {issue_id}: could not react to seq {seq}")
+
+    # -- timers ------------------------------------------------------------------------------------------------
+    async def schedule(self, task_id: str, at: datetime) -> None:
+        fire = datetime.fromtimestamp(math.floor((at - EARLY).timestamp()), UTC)
+        await self.js.publish(
+            sj.timer_schedule(task_id), orjson.dumps({"task": task_id, "at": at.isoformat()}),
+            headers={"Nats-Schedule": f"@at {fire.strftime('%Y-%m-%dT%H:%M:%SZ')}",
+                     "Nats-Schedule-Target": sj.timer_fired(task_id)})
+
+    async def handle_timer(self, msg: Msg) -> None:
+        body = orjson.loads(msg.data)
+        task_id: str = body["task"]
+        at = datetime.fromisoformat(body["at"])
+        wait = (at - utcnow()).total_seconds()
+        if 0 < wait <= MAX_WAIT:
+            await asyncio.sleep(wait)
+        from shared.domain.ids import issue_of_task
+
+        issue_id = issue_of_task(task_id)
+        for _ in range(5):
+            state, _ = await load_state(self.store, issue_id)
+            now = utcnow()
+            events = on_timer(state, task_id, self.rules, now)
+            if events:
+                try:
+                    res = await self.store.append(issue_id, events, expected_last_seq=state.last_seq,
+                                                  version=state.version, now=now, actor="router", source=SOURCE)
+                except ConcurrencyConflict:
+                    continue
+                for e in res.envelopes:
+                    state = evolve(state, e.data, e.seq)
+                log.info("sla", issue=issue_id, task=task_id, events=[e.name for e in events])
+            try:
+                nxt = next_edge(state.task(task_id))
+            except DomainError:
+                nxt = None
+            if nxt is not None:
+                await self.schedule(task_id, nxt[0])
+            return
+
+    # -- consumer loops ----------------------------------------------------------------------------------------
+    async def _one(self, msg: Msg, handler: Any) -> None:
+        async with self.sem:
+            try:
+                await handler(msg)
+                await msg.ack()
+                self.processed += 1
+            except (UnknownEventType, ValueError) as exc:
+                log.warning("unprocessable message terminated", subject=msg.subject, error=str(exc))
+                await msg.term()
+            except DomainError as exc:
+                if exc.retryable:
+                    await msg.nak(delay=1)
+                else:
+                    log.warning("message refused by the domain", subject=msg.subject, error=str(exc))
+                    await msg.term()
+            except Exception:
+                log.exception("router failed on a message; will retry", subject=msg.subject)
+                await msg.nak(delay=2)
+
+    async def run_consumer(self, sub: Any, handler: Any, *, per_issue: bool) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(self.batch, timeout=1)
+            except TimeoutError:
+                continue
+            except Exception as exc:  # nats-py raises its own TimeoutError subclass too
+                if "Timeout" in type(exc).__name__:
+                    continue
+                log.warning("fetch failed", error=repr(exc))
+                await asyncio.sleep(0.5)
+                continue
+            if per_issue:  # one issue's events in order, different issues concurrently
+                groups: dict[str, list[Msg]] = defaultdict(list)
+                for m in msgs:
+                    groups[m.subject.split(".")[3]].append(m)
+
+                async def run_group(ms: list[Msg]) -> None:
+                    for m in ms:
+                        await self._one(m, handler)
+
+                await asyncio.gather(*(run_group(g) for g in groups.values()))
+            else:
+                await asyncio.gather(*(self._one(m, handler) for m in msgs))
+
+
+async def start_router(stack: Stack) -> Router:
+    assert stack.nc is not None and stack.store is not None
+    js = stack.nc.jetstream()
+    holidays = load_holiday_file(stack.settings.holidays) if stack.settings.holidays.exists() else None
+    calendar = WorkCalendar(stack.rulebook.calendar, holidays)
+    rules = RouterRules(org=stack.org, rulebook=stack.rulebook, clocks=SlaClocks(calendar))
+    stack.extras["deadlines"] = rules.clocks
+    router = Router(stack.store, js, rules)
+    events_sub = await js.pull_subscribe(
+        f"{sj.EVENTS_ROOT}.issue.>", durable="router",
+        stream=sj.EVENTS_STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=30,
+                              max_ack_pending=20_000, max_deliver=-1))
+    timers_sub = await js.pull_subscribe(
+        sj.TIMER_FIRED, durable="router-timers", stream=sj.TIMERS_STREAM,
+        config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=60,
+                              max_ack_pending=100_000, max_deliver=-1))
+    stack.spawn("router", router.run_consumer(events_sub, router.handle_event, per_issue=True))
+    stack.spawn("router-timers", router.run_consumer(timers_sub, router.handle_timer, per_issue=False))
+    stack.extras["router"] = router
+    return router

@@ -1,0 +1,113 @@
+"""Bearer tokens: HS256 JWTs signed with a key kept in the data directory (never logged).
+
+Roles and scopes (DESIGN.md): grid_worker ``area:<grid>``, handler ``dept:<department>``,
+supervisor ``area:<area>`` (everything below it), integrator, admin.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import jwt
+
+ROLES = ("grid_worker", "handler", "supervisor", "integrator", "admin")
+ISSUER = "needle"
+KEY_FILE = "secrets/token.key"
+
+
+class TokenError(Exception):
+    """The token is missing, malformed, expired or not signed by this needle (401)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    subject: str
+    role: str
+    scope: str  # "area:<id>", "dept:<id>", "*" or ""
+    token_id: str
+
+    @property
+    def scope_kind(self) -> str:
+        return self.scope.split(":", 1)[0] if ":" in self.scope else self.scope
+
+    @property
+    def scope_id(self) -> str:
+        return self.scope.split(":", 1)[1] if ":" in self.scope else ""
+
+
+def key_path(data_dir: Path) -> Path:
+    return Path(data_dir) / KEY_FILE
+
+
+def load_or_create_key(data_dir: Path) -> bytes:
+    path = key_path(data_dir)
+    if path.exists():
+        return path.read_bytes().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    key = secrets.token_hex(32).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    return key
+
+
+def validate_scope(role: str, scope: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r} (known: {', '.join(ROLES)})")
+    want = {"grid_worker": "area", "handler": "dept", "supervisor": "area"}.get(role)
+    if want and not scope.startswith(f"{want}:"):
+        raise ValueError(f"role {role} needs scope {want}:<id>, got {scope!r}")
+
+
+def issue_token(key: bytes, *, role: str, scope: str, subject: str | None = None, ttl_s: int = 30 * 86400,
+                now: float | None = None) -> str:
+    validate_scope(role, scope)
+    now = time.time() if now is None else now
+    claims = {
+        "iss": ISSUER,
+        "sub": subject or f"{role}:{scope or '-'}",
+        "role": role,
+        "scope": scope,
+        "iat": int(now),
+        "exp": int(now + ttl_s),
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode(claims, key, algorithm="HS256")
+
+
+class TokenVerifier:
+    """Verifies tokens; remembers recent good ones so the hot path skips the HMAC."""
+
+    def __init__(self, key: bytes, cache_size: int = 10_000) -> None:
+        self._key = key
+        self._cache: dict[str, tuple[Principal, float]] = {}
+        self._cache_size = cache_size
+        self.revoked: set[str] = set()
+
+    def verify(self, token: str, now: float | None = None) -> Principal:
+        now = time.time() if now is None else now
+        hit = self._cache.get(token)
+        if hit is not None and hit[1] > now and hit[0].token_id not in self.revoked:
+            return hit[0]
+        try:
+            claims = jwt.decode(token, self._key, algorithms=["HS256"], issuer=ISSUER,
+                                options={"require": ["exp", "iat", "sub", "jti"]})
+        except jwt.ExpiredSignatureError as exc:
+            raise TokenError("token expired") from exc
+        except jwt.PyJWTError as exc:
+            raise TokenError("invalid token") from exc
+        role, scope = claims.get("role"), claims.get("scope", "")
+        if role not in ROLES or not isinstance(scope, str):
+            raise TokenError("token has no valid role")
+        p = Principal(subject=str(claims["sub"]), role=role, scope=scope, token_id=str(claims["jti"]))
+        if p.token_id in self.revoked:
+            raise TokenError("token revoked")
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[token] = (p, float(claims["exp"]))
+        return p

@@ -1,0 +1,58 @@
+"""Run a command against one issue: load, fold, decide, append with OCC; on a concurrent
+write reload and decide again, a bounded number of times (then the caller gets a 409)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from shared.domain.errors import ConcurrencyConflict
+from shared.domain.issue import IssueState, evolve, initial_state
+from shared.events.codec import Envelope
+from shared.events.models import Event
+from shared.store.eventstore import EventStore
+
+MAX_ATTEMPTS = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: IssueState
+    seq: int  # stream sequence of the last event written (or of the current state if nothing was)
+    envelopes: tuple[Envelope, ...]
+
+
+async def load_state(store: EventStore, issue_id: str) -> tuple[IssueState, list[Envelope]]:
+    envs = await store.load(issue_id)
+    state = initial_state(issue_id)
+    for e in envs:
+        state = evolve(state, e.data, e.seq)
+    return state, envs
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+async def execute(store: EventStore, issue_id: str, decide: Callable[[IssueState, datetime], list[Event]], *,
+                  actor: str | None, source: str, clock: Callable[[], datetime] = utcnow,
+                  msg_id: Callable[[IssueState], str | None] | None = None, causation: str | None = None) -> Outcome:
+    """Decide against the current state and append. ``decide`` may raise a DomainError."""
+    for attempt in range(MAX_ATTEMPTS):
+        state, _ = await load_state(store, issue_id)
+        now = clock()
+        events = decide(state, now)
+        if not events:
+            return Outcome(state=state, seq=state.last_seq, envelopes=())
+        try:
+            res = await store.append(issue_id, events, expected_last_seq=state.last_seq, version=state.version,
+                                     now=now, actor=actor, msg_id=msg_id(state) if msg_id else None,
+                                     causation=causation, source=source)
+        except ConcurrencyConflict:
+            if attempt == MAX_ATTEMPTS - 1:
+                raise
+            continue
+        for env in res.envelopes:
+            state = evolve(state, env.data, env.seq)
+        return Outcome(state=state, seq=res.seq, envelopes=res.envelopes)
+    raise ConcurrencyConflict("too many concurrent writers")  # pragma: no cover

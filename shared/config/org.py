@@ -1,0 +1,282 @@
+"""The org tree (deploy/org/*.yaml): the territory from city down to grids, and the units attached to it.
+
+Contract format (DESIGN.md, "Contract: org tree and rulebook")::
+
+    areas:
+      - {id: zhoushan, name: 舟山市, level: city}
+      - {id: putuo, name: 普陀区, level: district, parent: zhoushan, location: {lat: 29.95, lon: 122.30}}
+    departments:          # a unit of some kind, serving an area and everything under it
+      - {id: putuo-ocean, name: 普陀区海洋与渔业局, kind: ocean_fisheries, area: putuo}
+
+Rules checked on load: ids are unique across areas *and* departments; every parent exists; the tree has no
+cycle and exactly one root; a child's level is strictly below its parent's (levels may be skipped: a small
+island township may hold grids directly); every department's kind is known and its area exists; an optional
+``location`` has a latitude in [-90, 90] and a longitude in [-180, 180].
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.config.loader import Document, parse_yaml, read_source, suggest, text_digest
+from shared.domain.levels import Level
+
+KNOWN_KINDS: frozenset[str] = frozenset(
+    {
+        # coordination: the command centres (兜底) and the community hub
+        "command_center", "community_committee", "grid_team",
+        # government departments (职能部门, the "thousand threads")
+        "ocean_fisheries", "maritime_police", "maritime_affairs", "civil_affairs", "health",
+        "housing_construction", "ecology_environment", "urban_management", "public_security", "traffic_police",
+        "transport", "natural_resources", "emergency_management", "market_regulation", "education",
+        "human_resources", "agriculture_rural", "culture_tourism", "petition_bureau", "justice", "fire_rescue",
+        "veterans_affairs", "women_federation",
+        # utilities
+        "water_utility", "power_utility", "gas_utility", "telecom_utility",
+        # social forces (五社联动) and residents' own units
+        "social_organisation", "volunteer_team", "social_worker_station", "charity", "property_management",
+        "owners_committee",
+    }
+)
+"""Every department kind a rulebook may name; an org or rulebook naming another kind does not load."""
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    lat: float
+    lon: float
+
+
+@dataclass(frozen=True, slots=True)
+class Area:
+    id: str
+    name: str
+    level: Level
+    parent: str | None = None
+    location: Location | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Department:
+    """A unit of some kind, serving ``area`` and everything under it."""
+
+    id: str
+    name: str
+    kind: str
+    area: str
+
+
+@dataclass(frozen=True)
+class OrgTree:
+    """A validated territory tree. Build it with :func:`load_org` / :func:`parse_org`; the constructor trusts
+    its input (areas listed parents first is not required)."""
+
+    areas: dict[str, Area]
+    departments: dict[str, Department]
+    version: str = ""
+    _children: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
+    _by_area: dict[str, tuple[Department, ...]] = field(init=False, repr=False, compare=False)
+    _root: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        children: dict[str, list[str]] = {aid: [] for aid in self.areas}
+        roots = []
+        for area in self.areas.values():
+            if area.parent is None:
+                roots.append(area.id)
+            else:
+                children.setdefault(area.parent, []).append(area.id)
+        by_area: dict[str, list[Department]] = {}
+        for dept in self.departments.values():
+            by_area.setdefault(dept.area, []).append(dept)
+        object.__setattr__(self, "_children", {k: tuple(v) for k, v in children.items()})
+        object.__setattr__(self, "_by_area", {k: tuple(v) for k, v in by_area.items()})
+        object.__setattr__(self, "_root", roots[0] if roots else "")
+
+    # -- areas ------------------------------------------------------------------------------------------------
+    @property
+    def root(self) -> Area:
+        """The one area without a parent (usually the city)."""
+        return self.areas[self._root]
+
+    def area(self, area_id: str) -> Area:
+        """The area with this id; KeyError if there is none."""
+        try:
+            return self.areas[area_id]
+        except KeyError:
+            raise KeyError(f"unknown area {area_id!r}") from None
+
+    def children(self, area_id: str) -> list[Area]:
+        self.area(area_id)
+        return [self.areas[c] for c in self._children.get(area_id, ())]
+
+    def ancestors(self, area_id: str) -> list[Area]:
+        """The area itself first, then its parent, ... up to the root."""
+        out = [self.area(area_id)]
+        while out[-1].parent is not None:
+            out.append(self.areas[out[-1].parent])
+        return out
+
+    def ancestor_at(self, area_id: str, level: Level) -> Area | None:
+        """The ancestor (or the area itself) at exactly ``level``; None when the branch skips that level."""
+        return next((a for a in self.ancestors(area_id) if a.level == level), None)
+
+    def owner_at(self, area_id: str, level: Level) -> Area:
+        """The nearest ancestor (inclusive) at ``level`` or, when the branch has no area at that level, at the
+        next level up that it has; the root when ``level`` is above the whole branch."""
+        chain = self.ancestors(area_id)
+        return next((a for a in chain if a.level.rank >= level.rank), chain[-1])
+
+    def is_under(self, area_id: str, ancestor_id: str) -> bool:
+        """True when ``ancestor_id`` is ``area_id`` or one of its ancestors; False for unknown ids."""
+        if area_id not in self.areas or ancestor_id not in self.areas:
+            return False
+        return any(a.id == ancestor_id for a in self.ancestors(area_id))
+
+    def subtree(self, area_id: str) -> list[Area]:
+        """The area and everything under it, parents before children, in file order."""
+        out: list[Area] = []
+        stack = [area_id]
+        self.area(area_id)
+        while stack:
+            current = stack.pop()
+            out.append(self.areas[current])
+            stack.extend(reversed(self._children.get(current, ())))
+        return out
+
+    def grids_under(self, area_id: str) -> list[Area]:
+        """Every grid in the subtree of ``area_id`` (the area itself if it is a grid)."""
+        return [a for a in self.subtree(area_id) if a.level == Level.grid]
+
+    def nearest_grid(self, lat: float, lon: float) -> Area | None:
+        """The grid whose ``location`` is closest to (lat, lon) on the sphere; None if no grid has one."""
+        best: tuple[float, Area] | None = None
+        for area in self.areas.values():
+            if area.level != Level.grid or area.location is None:
+                continue
+            d = _haversine_km(lat, lon, area.location.lat, area.location.lon)
+            if best is None or d < best[0]:
+                best = (d, area)
+        return best[1] if best else None
+
+    # -- departments ------------------------------------------------------------------------------------------
+    def department(self, department_id: str) -> Department:
+        try:
+            return self.departments[department_id]
+        except KeyError:
+            raise KeyError(f"unknown department {department_id!r}") from None
+
+    def departments_of(self, area_id: str) -> list[Department]:
+        """The departments attached exactly to ``area_id``, in file order."""
+        self.area(area_id)
+        return list(self._by_area.get(area_id, ()))
+
+    def department_of_kind(self, area_id: str, kind: str) -> Department | None:
+        """The (first) department of ``kind`` attached exactly to ``area_id``."""
+        return next((d for d in self.departments_of(area_id) if d.kind == kind), None)
+
+    def serving(self, area_id: str, kind: str) -> Department | None:
+        """The nearest department of ``kind`` attached to ``area_id`` or one of its ancestors."""
+        for area in self.ancestors(area_id):
+            dept = self.department_of_kind(area.id, kind)
+            if dept is not None:
+                return dept
+        return None
+
+
+def _haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
+    p1, p2 = math.radians(lat1), math.radians(lat2)
+    dp, dl = p2 - p1, math.radians(lon2 - lon1)
+    h = math.sin(dp / 2) ** 2 + math.cos(p1) * math.cos(p2) * math.sin(dl / 2) ** 2
+    return 2 * 6371.0 * math.asin(math.sqrt(h))
+
+
+# -- loading --------------------------------------------------------------------------------------------------
+def load_org(path: str | Path) -> OrgTree:
+    """Load and validate an org file; raises :class:`shared.config.loader.ConfigError`."""
+    text, name, digest = read_source(path)
+    return parse_org(text, name, digest=digest)
+
+
+def parse_org(text: str, source: str = "<org>", *, digest: str | None = None) -> OrgTree:
+    """Parse and validate org YAML ``text``; ``source`` names it in error messages. ``version`` is the
+    document's ``version:`` or the first 12 hex digits of the sha256 of the text."""
+    data, doc = parse_yaml(text, source)
+    top = doc.mapping(data, "", required=("areas",), optional=("departments", "version"))
+    version = str(top["version"]) if top.get("version") is not None else (digest or text_digest(text))[:12]
+    first_at: dict[str, str] = {}  # id -> path of its definition (areas and departments share one namespace)
+
+    def claim(value: Any, path: str, what: str) -> str:
+        ident = doc.ident(value, path, what)
+        if ident in first_at:
+            doc.fail(path, f"duplicate id '{ident}' (already used at {first_at[ident]}, line {doc.line(first_at[ident])})")
+        first_at[ident] = path
+        return ident
+
+    areas: dict[str, Area] = {}
+    paths: dict[str, str] = {}
+    raw_areas = doc.sequence(top["areas"], "areas")
+    if not raw_areas:
+        doc.fail("areas", "at least one area is required")
+    for i, raw in enumerate(raw_areas):
+        p = f"areas[{i}]"
+        m = doc.mapping(raw, p, required=("id", "name", "level"), optional=("parent", "location"))
+        aid = claim(m["id"], f"{p}.id", "area id")
+        parent = None if m.get("parent") is None else doc.ident(m["parent"], f"{p}.parent", "parent id")
+        location = _location(doc, m["location"], f"{p}.location") if m.get("location") is not None else None
+        areas[aid] = Area(aid, doc.string(m["name"], f"{p}.name"), doc.level(m["level"], f"{p}.level", "area level"),
+                          parent, location)
+        paths[aid] = p
+    _check_tree(doc, areas, paths)
+
+    departments: dict[str, Department] = {}
+    for i, raw in enumerate(doc.sequence(top.get("departments") or [], "departments")):
+        p = f"departments[{i}]"
+        m = doc.mapping(raw, p, required=("id", "name", "kind", "area"))
+        did = claim(m["id"], f"{p}.id", "department id")
+        name = doc.string(m["name"], f"{p}.name")
+        kind = doc.choice(m["kind"], f"{p}.kind", sorted(KNOWN_KINDS), "department kind")
+        area = doc.ident(m["area"], f"{p}.area", "area id")
+        if area not in areas:
+            doc.fail(f"{p}.area", f"unknown area '{area}'" + suggest(area, areas))
+        departments[did] = Department(did, name, kind, area)
+    return OrgTree(areas=areas, departments=departments, version=version)
+
+
+def _location(doc: Document, value: Any, path: str) -> Location:
+    m = doc.mapping(value, path, required=("lat", "lon"))
+    lat, lon = doc.number(m["lat"], f"{path}.lat"), doc.number(m["lon"], f"{path}.lon")
+    if not -90.0 <= lat <= 90.0:
+        doc.fail(f"{path}.lat", f"latitude {lat} is outside [-90, 90]")
+    if not -180.0 <= lon <= 180.0:
+        doc.fail(f"{path}.lon", f"longitude {lon} is outside [-180, 180]")
+    return Location(lat, lon)
+
+
+def _check_tree(doc: Document, areas: dict[str, Area], paths: dict[str, str]) -> None:
+    """Parents exist, no cycle, strictly decreasing levels, exactly one root."""
+    for aid, area in areas.items():
+        if area.parent is not None and area.parent not in areas:
+            doc.fail(f"{paths[aid]}.parent", f"unknown parent area '{area.parent}'" + suggest(area.parent, areas))
+    for aid in areas:
+        chain = [aid]
+        current = areas[aid].parent
+        while current is not None:
+            if current in chain:
+                loop = " -> ".join([*chain[chain.index(current):], current])
+                doc.fail(f"{paths[aid]}.parent", f"cycle in the area tree: {loop}")
+            chain.append(current)
+            current = areas[current].parent
+    for aid, area in areas.items():
+        if area.parent is None:
+            continue
+        parent = areas[area.parent]
+        if area.level.rank >= parent.level.rank:
+            doc.fail(f"{paths[aid]}.level", f"a {area.level} cannot be under the {parent.level} '{parent.id}' "
+                     "(a child's level must be strictly below its parent's)")
+    roots = [aid for aid, area in areas.items() if area.parent is None]
+    if len(roots) > 1:
+        doc.fail(f"{paths[roots[1]]}", f"second root area '{roots[1]}': only one area may have no parent "
+                 f"(the root is '{roots[0]}'); add a parent")

@@ -1,0 +1,256 @@
+"""The rulebook (权责清单, deploy/rules/*.yaml): category × level -> department kinds, with SLA clocks.
+
+Contract format (DESIGN.md, "Contract: org tree and rulebook")::
+
+    calendar: cn_workdays        # cn_workdays | weekdays | natural
+    timezone: Asia/Shanghai
+    working_hours: ["08:30-12:00", "13:30-17:30"]
+    warn_at: 0.8                 # fraction of a clock elapsed when a warning fires
+    categories:
+      sea_safety:
+        name: 海上安全
+        group: 海洋渔业          # optional (Open311 group)
+        description: ...         # optional
+        start: district          # level that owns the issue when reported
+        sla: {acknowledge: PT15M, resolve: PT1H, clock: natural}
+        handlers:
+          district: {lead: ocean_fisheries, co: [maritime_police]}
+    risk:                        # flags that lift an issue at once
+      collective_petition: {level: street, urgency: urgent}
+    escalate:
+      on: [acknowledge_breach, resolve_breach, return, verification_failed_twice]
+
+Extensions (optional): ``version:`` (default: the first 12 hex digits of the sha256 of the file's bytes), and
+``urgency: {emergency: {min_start: street, sla_factor: 0.25}}`` — per urgency a minimum start level and a
+factor applied to both SLA durations. ``calendar``, ``timezone``, ``working_hours``, ``warn_at`` and ``escalate``
+default to the values shown above; ``clock`` defaults to ``natural``. Durations are ISO 8601 (PnW or
+PnDTnHnMnS); with ``clock: working`` a day means a working day and hours are counted inside working hours.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from datetime import time, timedelta
+from pathlib import Path
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from shared.config.loader import Document, parse_yaml, read_source, text_digest
+from shared.config.org import KNOWN_KINDS
+from shared.domain.levels import Level
+
+CALENDARS: tuple[str, ...] = ("cn_workdays", "weekdays", "natural")
+CLOCKS: tuple[str, ...] = ("natural", "working")
+URGENCIES: tuple[str, ...] = ("normal", "urgent", "emergency")
+"""Urgencies, lowest first (``URGENCIES.index`` orders them)."""
+_TRIGGER_ORDER = ("acknowledge_breach", "resolve_breach", "return", "verification_failed_twice")
+ESCALATION_TRIGGERS: frozenset[str] = frozenset(_TRIGGER_ORDER)
+"""What may move an issue one level up (``escalate.on``)."""
+DEFAULT_WORKING_HOURS: tuple[tuple[time, time], ...] = ((time(8, 30), time(12, 0)), (time(13, 30), time(17, 30)))
+
+Clock = Literal["natural", "working"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sla:
+    acknowledge: timedelta
+    resolve: timedelta
+    clock: Clock = "natural"
+
+    def scaled(self, factor: float) -> Sla:
+        """Both durations multiplied by ``factor`` (rounded to whole seconds)."""
+        return replace(self, acknowledge=_scale(self.acknowledge, factor), resolve=_scale(self.resolve, factor))
+
+
+def _scale(delta: timedelta, factor: float) -> timedelta:
+    return timedelta(seconds=round(delta.total_seconds() * factor))
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """Department kinds that handle a category at one level: one lead (主办) and co-handlers (协办)."""
+
+    lead: str
+    co: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Category:
+    id: str
+    name: str
+    start: Level
+    sla: Sla
+    handlers: dict[Level, Handler] = field(default_factory=dict)
+    group: str | None = None
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RiskRule:
+    """A risk flag lifts an issue at once to ``level`` and at least ``urgency``."""
+
+    level: Level
+    urgency: str = "normal"
+
+
+@dataclass(frozen=True, slots=True)
+class UrgencyRule:
+    min_start: Level | None = None
+    sla_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class Rulebook:
+    categories: dict[str, Category]
+    version: str = ""
+    calendar: str = "cn_workdays"
+    timezone: str = "Asia/Shanghai"
+    working_hours: tuple[tuple[time, time], ...] = DEFAULT_WORKING_HOURS
+    warn_at: float = 0.8
+    risk: dict[str, RiskRule] = field(default_factory=dict)
+    escalate_on: frozenset[str] = ESCALATION_TRIGGERS
+    urgency: dict[str, UrgencyRule] = field(default_factory=dict)
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def category(self, category_id: str) -> Category:
+        """The category with this id; KeyError if there is none."""
+        try:
+            return self.categories[category_id]
+        except KeyError:
+            raise KeyError(f"unknown category {category_id!r}") from None
+
+    def sla_for(self, category_id: str, urgency: str = "normal") -> Sla:
+        """The category's SLA scaled by the urgency's ``sla_factor`` when the rulebook sets one."""
+        sla = self.category(category_id).sla
+        rule = self.urgency.get(urgency)
+        return sla.scaled(rule.sla_factor) if rule is not None and rule.sla_factor is not None else sla
+
+
+# -- loading --------------------------------------------------------------------------------------------------
+def load_rulebook(path: str | Path) -> Rulebook:
+    """Load and validate a rulebook file; raises :class:`shared.config.loader.ConfigError`."""
+    text, name, digest = read_source(path)
+    return parse_rulebook(text, name, digest=digest)
+
+
+_TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version")
+
+
+def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None = None) -> Rulebook:
+    """Parse and validate rulebook YAML ``text``; ``source`` names it in error messages."""
+    data, doc = parse_yaml(text, source)
+    top = doc.mapping(data, "", required=("categories",), optional=_TOP_KEYS)
+    version = str(top["version"]) if top.get("version") is not None else (digest or text_digest(text))[:12]
+    calendar = doc.choice(top.get("calendar", "cn_workdays"), "calendar", CALENDARS, "calendar")
+    timezone = _timezone(doc, top.get("timezone", "Asia/Shanghai"))
+    hours = _working_hours(doc, top["working_hours"]) if "working_hours" in top else DEFAULT_WORKING_HOURS
+    warn_at = doc.number(top.get("warn_at", 0.8), "warn_at")
+    if not 0.0 < warn_at < 1.0:
+        doc.fail("warn_at", f"must be strictly between 0 and 1 (a fraction of each clock), got {warn_at:g}")
+
+    raw_categories = doc.mapping(top["categories"], "categories")
+    if not raw_categories:
+        doc.fail("categories", "at least one category is required")
+    categories = {cid: _category(doc, cid, raw, f"categories.{cid}") for cid, raw in raw_categories.items()}
+
+    risk: dict[str, RiskRule] = {}
+    for flag, raw in doc.mapping(top.get("risk") or {}, "risk").items():
+        p = f"risk.{flag}"
+        doc.ident(flag, p, "risk flag")
+        m = doc.mapping(raw, p, required=("level",), optional=("urgency",))
+        risk[flag] = RiskRule(doc.level(m["level"], f"{p}.level", "risk level"),
+                              doc.choice(m.get("urgency", "normal"), f"{p}.urgency", URGENCIES, "urgency"))
+
+    escalate_on = ESCALATION_TRIGGERS
+    if top.get("escalate") is not None:
+        esc = doc.mapping(top["escalate"], "escalate", required=("on",))
+        escalate_on = frozenset(
+            doc.choice(v, f"escalate.on[{i}]", _TRIGGER_ORDER, "escalation trigger")
+            for i, v in enumerate(doc.sequence(esc["on"], "escalate.on"))
+        )
+
+    urgency: dict[str, UrgencyRule] = {}
+    for name, raw in doc.mapping(top.get("urgency") or {}, "urgency").items():
+        p = f"urgency.{name}"
+        doc.choice(name, p, URGENCIES, "urgency")
+        m = doc.mapping(raw, p, optional=("min_start", "sla_factor"))
+        min_start = doc.level(m["min_start"], f"{p}.min_start") if m.get("min_start") is not None else None
+        factor = doc.number(m["sla_factor"], f"{p}.sla_factor") if m.get("sla_factor") is not None else None
+        if factor is not None and not 0.0 < factor <= 1.0:
+            doc.fail(f"{p}.sla_factor", f"must be in (0, 1] (a factor on both clocks), got {factor:g}")
+        urgency[name] = UrgencyRule(min_start, factor)
+
+    return Rulebook(categories=categories, version=version, calendar=calendar, timezone=timezone,
+                    working_hours=hours, warn_at=warn_at, risk=risk, escalate_on=escalate_on, urgency=urgency)
+
+
+def _timezone(doc: Document, value: Any) -> str:
+    name = doc.string(value, "timezone")
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        doc.fail("timezone", f"unknown time zone {name!r} (an IANA name such as Asia/Shanghai)")
+    return name
+
+
+_HOURS = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
+
+
+def _working_hours(doc: Document, value: Any) -> tuple[tuple[time, time], ...]:
+    spans: list[tuple[time, time]] = []
+    items = doc.sequence(value, "working_hours")
+    if not items:
+        doc.fail("working_hours", "at least one span such as \"08:30-12:00\" is required")
+    for i, raw in enumerate(items):
+        p = f"working_hours[{i}]"
+        m = _HOURS.match(raw.strip()) if isinstance(raw, str) else None
+        if m is None:
+            doc.fail(p, f"expected \"HH:MM-HH:MM\" (quoted), got {raw!r}")
+        h1, m1, h2, m2 = (int(g) for g in m.groups())
+        if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+            doc.fail(p, f"{raw!r} is not a time of day (00:00 to 23:59)")
+        start, end = time(h1, m1), time(h2, m2)
+        if start >= end:
+            doc.fail(p, f"{raw!r} ends before it starts")
+        if spans and start < spans[-1][1]:
+            doc.fail(p, f"{raw!r} overlaps or precedes the previous span; list spans in ascending order")
+        spans.append((start, end))
+    return tuple(spans)
+
+
+def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
+    doc.ident(cid, p, "category id")
+    m = doc.mapping(raw, p, required=("name", "start", "sla"), optional=("group", "description", "handlers"))
+    sla_raw = doc.mapping(m["sla"], f"{p}.sla", required=("acknowledge", "resolve"), optional=("clock",))
+    sla = Sla(
+        doc.duration(sla_raw["acknowledge"], f"{p}.sla.acknowledge"),
+        doc.duration(sla_raw["resolve"], f"{p}.sla.resolve"),
+        doc.choice(sla_raw.get("clock", "natural"), f"{p}.sla.clock", CLOCKS, "clock"),  # type: ignore[arg-type]
+    )
+    for part in ("acknowledge", "resolve"):
+        if getattr(sla, part) <= timedelta(0):
+            doc.fail(f"{p}.sla.{part}", "the duration must be longer than zero")
+    if sla.acknowledge > sla.resolve:
+        doc.fail(f"{p}.sla.acknowledge", "the acknowledge clock is longer than the resolve clock")
+    handlers: dict[Level, Handler] = {}
+    for lv, hraw in doc.mapping(m.get("handlers") or {}, f"{p}.handlers").items():
+        hp = f"{p}.handlers.{lv}"
+        level = doc.level(lv, hp, "handler level")
+        hm = doc.mapping(hraw, hp, required=("lead",), optional=("co",))
+        lead = doc.choice(hm["lead"], f"{hp}.lead", sorted(KNOWN_KINDS), "department kind")
+        co_raw = hm.get("co") or []
+        co_list = [co_raw] if isinstance(co_raw, str) else doc.sequence(co_raw, f"{hp}.co")
+        co: list[str] = []
+        for i, k in enumerate(co_list):
+            kind = doc.choice(k, f"{hp}.co[{i}]", sorted(KNOWN_KINDS), "department kind")
+            if kind == lead or kind in co:
+                doc.fail(f"{hp}.co[{i}]", f"'{kind}' is listed twice (as lead or co-handler)")
+            co.append(kind)
+        handlers[level] = Handler(lead, tuple(co))
+    group = doc.string(m["group"], f"{p}.group") if m.get("group") is not None else None
+    description = doc.string(m["description"], f"{p}.description") if m.get("description") is not None else None
+    return Category(cid, doc.string(m["name"], f"{p}.name"), doc.level(m["start"], f"{p}.start", "start level"),
+                    sla, handlers, group, description)

@@ -1,0 +1,96 @@
+"""Commands: what an actor asks the issue aggregate to do (imperative names)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from shared.events.models import Location
+
+
+@dataclass(frozen=True, slots=True)
+class ReportIssue:
+    grid: str
+    category: str
+    title: str
+    reporter: str
+    description: str | None = None
+    urgency: str = "normal"
+    risk: tuple[str, ...] = ()
+    location: Location | None = None
+    request_hash: str | None = None
+    campaign: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveOnSite:
+    by: str
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AcknowledgeTask:
+    task_id: str
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReturnTask:
+    task_id: str
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResolveTask:
+    task_id: str
+    by: str
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyIssue:
+    passed: bool
+    by: str
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordFeedback:
+    satisfaction: str
+    by: str
+    note: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EscalateIssue:
+    by: str
+    reason: str
+    to_level: str | None  # computed by the caller from the org tree; None at the city
+
+
+@dataclass(frozen=True, slots=True)
+class RequestExtension:
+    task_id: str
+    by: str
+    extension: timedelta
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApproveExtension:
+    task_id: str
+    by: str
+    resolve_due: datetime
+    resolve_warn: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UrgeIssue:
+    by: str
+    note: str | None = None
+
+
+Command = (
+    ReportIssue | ResolveOnSite | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
+    | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
+)

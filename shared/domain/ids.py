@@ -1,0 +1,55 @@
+"""Identifiers. Pure: time and randomness come in as arguments.
+
+* Issue ids are 26 characters of Crockford base32: 10 for the report time in ms (so they sort
+  by time), 16 random; or, for a report with an Idempotency-Key, a hash of the reporter and the
+  key, so that the stream itself remembers the key forever (a new issue must be the first event
+  on its subject: a replay after JetStream's duplicate window still meets an OCC conflict).
+* Task ids are ``<issue id>-<n>``: the task names its issue, so ``/v1/tasks/{id}`` finds it.
+"""
+from __future__ import annotations
+
+import hashlib
+
+from .errors import Invalid, NotFound
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def _b32(value: int, length: int) -> str:
+    out = []
+    for _ in range(length):
+        out.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(out))
+
+
+def new_issue_id(now_ms: int, random80: int) -> str:
+    return _b32(now_ms, 10) + _b32(random80, 16)
+
+
+def idempotent_issue_id(reporter: str, key: str) -> str:
+    digest = hashlib.sha256(f"{reporter}\x00{key}".encode()).digest()
+    return "k" + _b32(int.from_bytes(digest[:16], "big"), 25)
+
+
+def task_id(issue_id: str, ordinal: int) -> str:
+    return f"{issue_id}-{ordinal}"
+
+
+def issue_of_task(task: str) -> str:
+    issue, sep, n = task.rpartition("-")
+    if not sep or not issue or not n.isdigit():
+        raise NotFound(f"task {task} not found", field="task_id")
+    return issue
+
+
+def check_issue_id(issue_id: str) -> str:
+    if not (1 <= len(issue_id) <= 40) or any(c not in _ALPHABET for c in issue_id):
+        raise NotFound(f"issue {issue_id} not found", field="id")
+    return issue_id
+
+
+def check_idempotency_key(key: str) -> str:
+    if not (1 <= len(key) <= 200) or not key.isprintable():
+        raise Invalid("Idempotency-Key must be 1-200 printable characters", field="Idempotency-Key")
+    return key

@@ -1,0 +1,272 @@
+"""The issue aggregate as a Decider: ``evolve(state, event) -> state`` and
+``decide(state, command, now) -> events``. Pure: no IO, time and ids come in as arguments."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from shared.events import models as ev
+
+from . import commands as cmd
+from .errors import Conflict, Invalid, NotFound
+
+TASK_OPEN = frozenset({"dispatched", "acknowledged"})
+ISSUE_OPEN = frozenset({"reported", "dispatched", "in_progress", "resolved", "reopened"})
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    id: str
+    department: str
+    role: str
+    level: str
+    clock: str
+    status: str  # dispatched | acknowledged | returned | resolved | superseded
+    dispatched_at: datetime
+    acknowledge_due: datetime
+    resolve_due: datetime
+    acknowledge_warn: datetime
+    resolve_warn: datetime
+    acknowledged_at: datetime | None = None
+    resolved_at: datetime | None = None
+    returned_at: datetime | None = None
+    return_reason: str | None = None
+    note: str | None = None
+    warned: frozenset[str] = frozenset()
+    breached: frozenset[str] = frozenset()
+    extension_requested: timedelta | None = None
+    extended: bool = False
+
+    @property
+    def open(self) -> bool:
+        return self.status in TASK_OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class IssueState:
+    id: str
+    grid: str = ""
+    category: str = ""
+    title: str = ""
+    description: str | None = None
+    urgency: str = "normal"
+    risk: tuple[str, ...] = ()
+    location: ev.Location | None = None
+    reporter: str = ""
+    reported_at: datetime | None = None
+    request_hash: str | None = None
+    campaign: str | None = None
+    status: str = "new"
+    level: str | None = None
+    owner_area: str | None = None
+    rule: str | None = None
+    rulebook_version: str | None = None
+    tasks: tuple[TaskState, ...] = ()
+    version: int = 0
+    last_seq: int = 0
+    reopen_count: int = 0
+    failed_verifications: int = 0
+    escalations: int = 0
+    closed_at: datetime | None = None
+    closed_on_time: bool | None = None
+    satisfaction: str | None = None
+    handled: frozenset[int] = field(default_factory=frozenset)  # causing seqs the router already reacted to
+
+    @property
+    def exists(self) -> bool:
+        return self.version > 0
+
+    @property
+    def open_tasks(self) -> tuple[TaskState, ...]:
+        return tuple(t for t in self.tasks if t.open)
+
+    @property
+    def lead(self) -> TaskState | None:
+        """The current lead task (the latest one dispatched)."""
+        for t in reversed(self.tasks):
+            if t.role == "lead" and t.status != "superseded":
+                return t
+        return None
+
+    def task(self, task_id: str) -> TaskState:
+        for t in self.tasks:
+            if t.id == task_id:
+                return t
+        raise NotFound(f"task {task_id} not found", field="task_id")
+
+
+def initial_state(issue_id: str) -> IssueState:
+    return IssueState(id=issue_id)
+
+
+def _set_task(state: IssueState, task_id: str, **changes: object) -> tuple[TaskState, ...]:
+    return tuple(replace(t, **changes) if t.id == task_id else t for t in state.tasks)  # type: ignore[arg-type]
+
+
+def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
+    """Fold one event into the state. Unknown or irrelevant events only bump the version."""
+    s = replace(state, version=state.version + 1, last_seq=seq or state.last_seq)
+    caused_by = getattr(event, "caused_by", 0)
+    if caused_by:
+        s = replace(s, handled=s.handled | {caused_by})
+    match event:
+        case ev.IssueReported():
+            return replace(
+                s, grid=event.grid, category=event.category, title=event.title, description=event.description,
+                urgency=event.urgency, risk=event.risk, location=event.location, reporter=event.reporter,
+                reported_at=event.reported_at, request_hash=event.request_hash, campaign=event.campaign,
+                status="reported",
+            )
+        case ev.IssueResolvedOnSite():
+            return s
+        case ev.IssueRouted():
+            return replace(s, level=event.level, owner_area=event.owner_area, rule=event.rule,
+                           rulebook_version=event.rulebook_version)
+        case ev.TaskDispatched():
+            task = TaskState(
+                id=event.task_id, department=event.department, role=event.role, level=event.level,
+                clock=event.clock, status="dispatched", dispatched_at=event.dispatched_at,
+                acknowledge_due=event.acknowledge_due, resolve_due=event.resolve_due,
+                acknowledge_warn=event.acknowledge_warn, resolve_warn=event.resolve_warn,
+            )
+            status = s.status if s.status in ("in_progress",) else "dispatched"
+            return replace(s, tasks=(*s.tasks, task), status=status)
+        case ev.TaskAcknowledged():
+            s = replace(s, tasks=_set_task(s, event.task_id, status="acknowledged", acknowledged_at=event.at))
+            if s.status == "dispatched" and s.task(event.task_id).role == "lead":
+                s = replace(s, status="in_progress")
+            return s
+        case ev.TaskReturned():
+            return replace(s, tasks=_set_task(s, event.task_id, status="returned", returned_at=event.at,
+                                              return_reason=event.reason))
+        case ev.TaskResolved():
+            s = replace(s, tasks=_set_task(s, event.task_id, status="resolved", resolved_at=event.at, note=event.note))
+            if s.task(event.task_id).role == "lead":
+                s = replace(s, status="resolved")
+            return s
+        case ev.TaskSuperseded():
+            return replace(s, tasks=_set_task(s, event.task_id, status="superseded"))
+        case ev.SlaWarned():
+            t = s.task(event.task_id)
+            return replace(s, tasks=_set_task(s, event.task_id, warned=t.warned | {event.clock}))
+        case ev.SlaBreached():
+            t = s.task(event.task_id)
+            return replace(s, tasks=_set_task(s, event.task_id, breached=t.breached | {event.clock}))
+        case ev.IssueEscalated():
+            return replace(s, escalations=s.escalations + 1)
+        case ev.ExtensionRequested():
+            return replace(s, tasks=_set_task(s, event.task_id, extension_requested=event.extension))
+        case ev.ExtensionApproved():
+            return replace(s, tasks=_set_task(s, event.task_id, resolve_due=event.resolve_due,
+                                              resolve_warn=event.resolve_warn, extension_requested=None,
+                                              extended=True))
+        case ev.IssueVerified():
+            if event.passed:
+                return s
+            return replace(s, failed_verifications=s.failed_verifications + 1)
+        case ev.IssueReopened():
+            tasks = tuple(replace(t, status="superseded") if t.open else t for t in s.tasks)
+            return replace(s, status="reopened", reopen_count=event.reopen_count, tasks=tasks)
+        case ev.IssueClosed():
+            tasks = tuple(replace(t, status="superseded") if t.open else t for t in s.tasks)
+            return replace(s, status="closed", closed_at=event.closed_at, closed_on_time=event.on_time, tasks=tasks)
+        case ev.FeedbackRecorded():
+            return replace(s, satisfaction=event.satisfaction)
+    return s
+
+
+def fold(issue_id: str, events: list[tuple[ev.Event, int]]) -> IssueState:
+    state = initial_state(issue_id)
+    for event, seq in events:
+        state = evolve(state, event, seq)
+    return state
+
+
+def _require_open(state: IssueState) -> None:
+    if not state.exists:
+        raise NotFound(f"issue {state.id} not found", field="id")
+    if state.status == "closed":
+        raise Conflict(f"issue {state.id} is closed", current_status=state.status)
+
+
+def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Event]:
+    """What happens when ``command`` meets ``state`` at ``now``. Raises a DomainError when it may not."""
+    match command:
+        case cmd.ReportIssue():
+            if state.exists:
+                raise Conflict(f"issue {state.id} already exists", current_status=state.status)
+            return [ev.IssueReported(
+                grid=command.grid, category=command.category, title=command.title, description=command.description,
+                urgency=command.urgency, risk=command.risk, location=command.location, reporter=command.reporter,
+                reported_at=now, request_hash=command.request_hash, campaign=command.campaign,
+            )]
+        case cmd.ResolveOnSite():
+            _require_open(state)
+            if state.tasks:
+                raise Conflict("issue already dispatched to departments; verify their work instead",
+                               current_status=state.status)
+            return [ev.IssueResolvedOnSite(by=command.by, note=command.note),
+                    ev.IssueClosed(reason="resolved_on_site", on_time=True, closed_at=now)]
+        case cmd.AcknowledgeTask():
+            _require_open(state)
+            t = state.task(command.task_id)
+            if t.status != "dispatched":
+                raise Conflict(f"task {t.id} is {t.status}, not dispatched", current_status=t.status)
+            return [ev.TaskAcknowledged(task_id=t.id, by=command.by, at=now)]
+        case cmd.ReturnTask():
+            _require_open(state)
+            t = state.task(command.task_id)
+            if not t.open:
+                raise Conflict(f"task {t.id} is {t.status}", current_status=t.status)
+            return [ev.TaskReturned(task_id=t.id, by=command.by, reason=command.reason, at=now)]
+        case cmd.ResolveTask():
+            _require_open(state)
+            t = state.task(command.task_id)
+            if not t.open:
+                raise Conflict(f"task {t.id} is {t.status}", current_status=t.status)
+            return [ev.TaskResolved(task_id=t.id, by=command.by, note=command.note, at=now)]
+        case cmd.VerifyIssue():
+            _require_open(state)
+            if state.status != "resolved":
+                raise Conflict(f"issue {state.id} is {state.status}; only a resolved issue can be verified",
+                               current_status=state.status)
+            verified = ev.IssueVerified(passed=command.passed, by=command.by, note=command.note)
+            if command.passed:
+                lead = state.lead
+                on_time = lead is not None and lead.resolved_at is not None and lead.resolved_at <= lead.resolve_due
+                return [verified, ev.IssueClosed(reason="verified", on_time=on_time, closed_at=now)]
+            return [verified, ev.IssueReopened(reason=command.note, reopen_count=state.reopen_count + 1)]
+        case cmd.RecordFeedback():
+            if not state.exists:
+                raise NotFound(f"issue {state.id} not found", field="id")
+            if state.status not in ("resolved", "closed"):
+                raise Conflict("feedback is recorded once the issue is resolved", current_status=state.status)
+            return [ev.FeedbackRecorded(satisfaction=command.satisfaction, by=command.by, note=command.note)]
+        case cmd.EscalateIssue():
+            _require_open(state)
+            if state.level is None:
+                raise Conflict("issue not routed yet", current_status=state.status)
+            if command.to_level is None:
+                raise Conflict(f"issue {state.id} is already at the city level", current_status=state.status)
+            return [ev.IssueEscalated(from_level=state.level, to_level=command.to_level, cause="requested",
+                                      reason=command.reason, by=command.by)]
+        case cmd.RequestExtension():
+            _require_open(state)
+            t = state.task(command.task_id)
+            if not t.open:
+                raise Conflict(f"task {t.id} is {t.status}", current_status=t.status)
+            if command.extension <= timedelta(0):
+                raise Invalid("extension must be positive", field="extension")
+            return [ev.ExtensionRequested(task_id=t.id, by=command.by, extension=command.extension,
+                                          reason=command.reason)]
+        case cmd.ApproveExtension():
+            _require_open(state)
+            t = state.task(command.task_id)
+            if not t.open or t.extension_requested is None:
+                raise Conflict(f"task {t.id} has no pending extension request", current_status=t.status)
+            return [ev.ExtensionApproved(task_id=t.id, by=command.by, resolve_due=command.resolve_due,
+                                         resolve_warn=command.resolve_warn)]
+        case cmd.UrgeIssue():
+            _require_open(state)
+            return [ev.IssueUrged(by=command.by, note=command.note)]
+    raise TypeError(f"unknown command {command!r}")  # pragma: no cover

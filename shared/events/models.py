@@ -1,0 +1,253 @@
+"""Every fact needle records, as frozen pydantic models (past tense, one class per type).
+
+Each class names its subject token (``name``), its CloudEvents ``type`` and its schema
+version. A change to a model's JSON schema needs a version bump (and an upcaster in
+``codec.py`` when old events must still be read).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Urgency = Literal["normal", "urgent", "emergency"]
+TaskRole = Literal["lead", "co"]
+Clock = Literal["acknowledge", "resolve"]
+ClockKind = Literal["natural", "working"]
+Satisfaction = Literal["satisfied", "basically_satisfied", "dissatisfied"]
+RouteReason = Literal["reported", "escalated", "reopened", "returned", "risk"]
+EscalationCause = Literal["acknowledge_breach", "resolve_breach", "return", "verification_failed_twice", "requested"]
+
+
+class Location(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    lat: float = Field(ge=-90, le=90)
+    lon: float = Field(ge=-180, le=180)
+    address: str | None = Field(default=None, max_length=500)
+
+
+class Event(BaseModel):
+    """Base of every event payload (the CloudEvent ``data``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: ClassVar[str]
+    ce_type: ClassVar[str]
+    version: ClassVar[int] = 1
+
+
+class IssueReported(Event):
+    name = "issue_reported"
+    ce_type = "needle.issue.reported.v1"
+    grid: str
+    category: str
+    title: str
+    description: str | None = None
+    urgency: Urgency = "normal"
+    risk: tuple[str, ...] = ()
+    location: Location | None = None
+    reporter: str
+    reported_at: datetime
+    request_hash: str | None = None
+    campaign: str | None = None
+
+
+class IssueResolvedOnSite(Event):
+    name = "issue_resolved_on_site"
+    ce_type = "needle.issue.resolved_on_site.v1"
+    by: str
+    note: str | None = None
+
+
+class IssueRouted(Event):
+    """Which level and area own the issue now, and why (rule and rulebook version)."""
+
+    name = "issue_routed"
+    ce_type = "needle.issue.routed.v1"
+    level: str
+    owner_area: str
+    reason: RouteReason
+    rule: str
+    rulebook_version: str
+    caused_by: int = 0
+
+
+class TaskDispatched(Event):
+    name = "task_dispatched"
+    ce_type = "needle.task.dispatched.v1"
+    task_id: str
+    department: str
+    role: TaskRole
+    level: str
+    clock: ClockKind
+    dispatched_at: datetime
+    acknowledge_due: datetime
+    resolve_due: datetime
+    acknowledge_warn: datetime
+    resolve_warn: datetime
+    caused_by: int = 0
+
+
+class TaskAcknowledged(Event):
+    name = "task_acknowledged"
+    ce_type = "needle.task.acknowledged.v1"
+    task_id: str
+    by: str
+    at: datetime
+
+
+class TaskReturned(Event):
+    """退单: the department says the work is not theirs. The clock pauses."""
+
+    name = "task_returned"
+    ce_type = "needle.task.returned.v1"
+    task_id: str
+    by: str
+    reason: str
+    at: datetime
+
+
+class TaskResolved(Event):
+    name = "task_resolved"
+    ce_type = "needle.task.resolved.v1"
+    task_id: str
+    by: str
+    note: str | None = None
+    at: datetime
+
+
+class TaskSuperseded(Event):
+    """A lower level's task closed because an upper level took the issue over."""
+
+    name = "task_superseded"
+    ce_type = "needle.task.superseded.v1"
+    task_id: str
+    reason: str
+    caused_by: int = 0
+
+
+class SlaWarned(Event):
+    name = "sla_warned"
+    ce_type = "needle.sla.warned.v1"
+    task_id: str
+    clock: Clock
+    due: datetime
+    caused_by: int = 0
+
+
+class SlaBreached(Event):
+    name = "sla_breached"
+    ce_type = "needle.sla.breached.v1"
+    task_id: str
+    clock: Clock
+    due: datetime
+    caused_by: int = 0
+
+
+class IssueEscalated(Event):
+    name = "issue_escalated"
+    ce_type = "needle.issue.escalated.v1"
+    from_level: str
+    to_level: str
+    cause: EscalationCause
+    reason: str | None = None
+    by: str | None = None
+    caused_by: int = 0
+
+
+class ExtensionRequested(Event):
+    name = "extension_requested"
+    ce_type = "needle.task.extension_requested.v1"
+    task_id: str
+    by: str
+    extension: timedelta
+    reason: str
+
+
+class ExtensionApproved(Event):
+    """延期: a supervisor moved the task's resolve due time."""
+
+    name = "extension_approved"
+    ce_type = "needle.task.extension_approved.v1"
+    task_id: str
+    by: str
+    resolve_due: datetime
+    resolve_warn: datetime
+
+
+class IssueVerified(Event):
+    name = "issue_verified"
+    ce_type = "needle.issue.verified.v1"
+    passed: bool
+    by: str
+    note: str | None = None
+
+
+class IssueReopened(Event):
+    """返工: verification failed; the issue goes back to the departments."""
+
+    name = "issue_reopened"
+    ce_type = "needle.issue.reopened.v1"
+    reason: str | None = None
+    reopen_count: int
+
+
+class IssueClosed(Event):
+    name = "issue_closed"
+    ce_type = "needle.issue.closed.v1"
+    reason: Literal["verified", "resolved_on_site"]
+    on_time: bool
+    closed_at: datetime
+
+
+class FeedbackRecorded(Event):
+    """回访: the resident's satisfaction, recorded by the grid worker."""
+
+    name = "feedback_recorded"
+    ce_type = "needle.issue.feedback_recorded.v1"
+    satisfaction: Satisfaction
+    by: str
+    note: str | None = None
+
+
+class IssueUrged(Event):
+    """催办: a supervisor urges the holders of an issue."""
+
+    name = "issue_urged"
+    ce_type = "needle.issue.urged.v1"
+    by: str
+    note: str | None = None
+
+
+class RulebookPublished(Event):
+    name = "rulebook_published"
+    ce_type = "needle.rulebook.published.v1"
+    rulebook_version: str
+    source: str
+    document: dict[str, Any]
+    by: str
+
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    IssueReported,
+    IssueResolvedOnSite,
+    IssueRouted,
+    TaskDispatched,
+    TaskAcknowledged,
+    TaskReturned,
+    TaskResolved,
+    TaskSuperseded,
+    SlaWarned,
+    SlaBreached,
+    IssueEscalated,
+    ExtensionRequested,
+    ExtensionApproved,
+    IssueVerified,
+    IssueReopened,
+    IssueClosed,
+    FeedbackRecorded,
+    IssueUrged,
+    RulebookPublished,
+)
+BY_NAME: dict[str, type[Event]] = {t.name: t for t in EVENT_TYPES}
+BY_CE_TYPE: dict[str, type[Event]] = {t.ce_type: t for t in EVENT_TYPES}

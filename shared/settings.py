@@ -1,0 +1,40 @@
+"""One settings class for every needle process, read from NEEDLE_* environment variables.
+
+Built once in the entry point (CLI) and passed down; nothing else reads the environment."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def default_data_dir() -> Path:
+    import os
+
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "needle"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEEDLE_", extra="ignore")
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    nats_url: str | None = None  # use an existing NATS instead of the embedded one
+    database_url: str | None = None  # use an existing Postgres instead of the embedded one
+    org: Path = REPO_DEPLOY / "org" / "zhoushan.yaml"
+    rules: Path = REPO_DEPLOY / "rules" / "zhoushan.yaml"
+    holidays: Path = REPO_DEPLOY / "calendar" / "cn-holidays.yaml"
+    stream_replicas: int = 1
+    duplicate_window_s: float = 120.0
+    max_body_bytes: int = 64 * 1024
+    workers: int = 1  # uvicorn worker processes for the HTTP API
+    router: bool = True  # run the router in the `needle up` process
+    projections: bool = True
+    log_level: str = "info"
+    log_json: bool = False
+    sync_always: bool = False  # fsync every JetStream write (survives power loss, slower)
