@@ -163,7 +163,8 @@ class Document:
             allowed = (*req, *opt)
             for key in value:
                 if key not in allowed:
-                    self.fail(_join(path, key), f"unknown key '{key}' (allowed: {', '.join(allowed)}){suggest(key, allowed)}")
+                    hint = f"(allowed: {', '.join(allowed)}){suggest(key, allowed)}"
+                    self.fail(_join(path, key), f"unknown key '{key}' {hint}")
             for key in req:
                 if key not in value:
                     self.fail(_join(path, key), f"missing required field '{key}'", line=self.line(path))
@@ -193,6 +194,8 @@ class Document:
 
     def choice(self, value: Any, path: str, known: Iterable[str], what: str) -> str:
         options = tuple(known)
+        if value is None or isinstance(value, dict | list):
+            self.fail(path, f"expected one of {', '.join(options)}, got {_type_name(value)}")
         text = value if isinstance(value, str) else str(value)
         if text not in options:
             self.fail(path, f"unknown {what} {text!r} (known: {', '.join(options)}){suggest(text, options)}")
@@ -226,7 +229,9 @@ def parse_duration(text: str) -> timedelta:
     s = text.strip()
     date_part = s.split("T", 1)[0]
     if s.startswith("P") and ("Y" in date_part or "M" in date_part):
-        raise ValueError(f"bad duration {text!r}: months and years have no fixed length; write days or weeks (e.g. P30D)")
+        raise ValueError(
+            f"bad duration {text!r}: months and years have no fixed length; write days or weeks (e.g. P30D)"
+        )
     m = _DURATION.match(s)
     if m is None:
         raise ValueError(f"bad ISO 8601 duration {text!r} (expected PnW or PnDTnHnMnS, e.g. PT15M, P2D, P1DT12H)")

@@ -211,7 +211,8 @@ def parse_org(text: str, source: str = "<org>", *, digest: str | None = None) ->
     def claim(value: Any, path: str, what: str) -> str:
         ident = doc.ident(value, path, what)
         if ident in first_at:
-            doc.fail(path, f"duplicate id '{ident}' (already used at {first_at[ident]}, line {doc.line(first_at[ident])})")
+            first = first_at[ident]
+            doc.fail(path, f"duplicate id '{ident}' (already used at {first}, line {doc.line(first)})")
         first_at[ident] = path
         return ident
 

@@ -2,6 +2,7 @@
 reported as one ConfigError naming the file, the line, the path inside the document and the problem."""
 from __future__ import annotations
 
+import hashlib
 from datetime import time, timedelta
 from pathlib import Path
 
@@ -128,8 +129,6 @@ def test_version_is_the_file_digest_unless_the_file_names_one() -> None:
     assert parse_rulebook(RULES + "# changed\n", "r.yaml").version != given.version
     assert parse_rulebook("version: '2024.3'\n" + RULES, "r.yaml").version == "2024.3"
     path = FIXTURES / "contract_rules.yaml"
-    import hashlib
-
     assert load_rulebook(path).version == hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
 
@@ -159,7 +158,8 @@ def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
 # -- org mistakes ---------------------------------------------------------------------------------------------
 ORG_CASES = [
     # (id, old, new, expected path, line marker (in the new text), problem fragment)
-    ("invalid yaml", "level: grid, parent: dazhan,", "level: grid, parent: [dazhan,", "", "parent: [dazhan", "invalid YAML"),
+    ("invalid yaml", "level: grid, parent: dazhan,", "level: grid, parent: [dazhan,", "", "parent: [dazhan",
+     "invalid YAML"),
     ("missing field", "{id: dazhan, name: 大展社区, level:", "{id: dazhan, level:", "areas[3].name", "id: dazhan,",
      "missing required field 'name'"),
     ("unknown key", "parent: putuo}", "parnet: putuo}", "areas[2].parnet", "parnet", "did you mean 'parent'"),
@@ -179,8 +179,9 @@ ORG_CASES = [
     ("department area", "kind: ocean_fisheries, area: putuo", "kind: ocean_fisheries, area: putou",
      "departments[1].area", "area: putou", "unknown area 'putou'"),
     ("latitude", "lat: 30.04", "lat: 130.04", "areas[4].location.lat", "lat: 130", "outside [-90, 90]"),
-    ("second root", "{id: putuo, name: 普陀区, level: district, parent: city}", "{id: putuo, name: 普陀区, level: district}",
-     "areas[1]", "id: putuo,", "only one area may have no parent"),
+    ("second root", "level: district, parent: city}", "level: district}", "areas[1]", "id: putuo,",
+     "only one area may have no parent"),
+    ("empty kind", "kind: ocean_fisheries", "kind:", "departments[1].kind", "kind:,", "got nothing"),
     ("bad id", "{id: dazhan,", "{id: da zhan,", "areas[3].id", "da zhan", "invalid area id"),
     ("not a list", "departments:\n  - {id: city-center", "departments: {}\nx:\n  - {id: city-center", "x", "x:",
      "unknown key 'x'"),
@@ -210,7 +211,8 @@ RULE_CASES = [
     ("invalid yaml", "warn_at: 0.8", "warn_at: [0.8", "", "categories:", "invalid YAML"),
     ("months", "resolve: PT1H", "resolve: P1M", "categories.sea_safety.sla.resolve", "P1M",
      "months and years have no fixed length"),
-    ("years", "resolve: P2D", "resolve: P1Y", "categories.construction_nuisance.sla.resolve", "P1Y", "months and years"),
+    ("years", "resolve: P2D", "resolve: P1Y", "categories.construction_nuisance.sla.resolve", "P1Y",
+     "months and years"),
     ("bad duration", "acknowledge: PT15M", "acknowledge: 15min", "categories.sea_safety.sla.acknowledge", "15min",
      "bad ISO 8601 duration '15min'"),
     ("number duration", "acknowledge: PT15M", "acknowledge: 15", "categories.sea_safety.sla.acknowledge",

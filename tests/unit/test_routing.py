@@ -151,28 +151,30 @@ def test_risk_lifts_but_never_lowers_and_unknown_flags_are_ignored() -> None:
     assert effective_urgency(DEMO_RULES, "normal", ["no_such_flag"]) == "normal"
 
 
-RULES_WITH_URGENCY = """\
+def small_rules(lead: str, co: str = "") -> Rulebook:
+    """One category 'leak', started at the community, with a street handler and an emergency rule."""
+    return parse_rulebook(f"""\
 categories:
   leak:
     name: 漏水
     start: community
-    sla: {acknowledge: PT1H, resolve: P1D}
+    sla: {{acknowledge: PT1H, resolve: P1D}}
     handlers:
-      street: {lead: command_center, co: [command_center_helper_placeholder]}
+      street: {{lead: {lead}, co: [{co}]}}
 urgency:
-  emergency: {min_start: street, sla_factor: 0.5}
-"""
+  emergency: {{min_start: street, sla_factor: 0.5}}
+""", "r.yaml")
 
 
 def test_urgency_config_lifts_the_start_level() -> None:
-    rules = parse_rulebook(RULES_WITH_URGENCY.replace(", co: [command_center_helper_placeholder]", ""), "r.yaml")
+    rules = small_rules("command_center")
     assert start_level(rules, "leak", "urgent") == Level.community
     assert start_level(rules, "leak", "emergency") == Level.street
+    assert start_level(rules, "leak", "normal", ["unknown_flag"]) == Level.community
 
 
 def test_the_lead_never_appears_again_as_co_handler() -> None:
-    rules = parse_rulebook(RULES_WITH_URGENCY.replace("command_center_helper_placeholder", "urban_management")
-                           .replace("lead: command_center", "lead: water_utility"), "r.yaml")
+    rules = small_rules("water_utility", "command_center, urban_management")
     org = parse_org("""\
 areas:
   - {id: s, name: S, level: street}
@@ -183,7 +185,7 @@ departments:
     # water_utility is missing, so the command centre leads; it must not also be a co-handler
     plan = plan_route(org, rules, "g", "leak", Level.street)
     assert plan.lead.department == "s-center" and plan.co == ()
-    assert "skipped co urban_management" in plan.rule
+    assert "lead water_utility (none at s)" in plan.rule and "skipped co urban_management" in plan.rule
 
 
 def test_levels_missing_from_the_branch_are_skipped() -> None:

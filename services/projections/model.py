@@ -1,0 +1,263 @@
+"""Projection functions: events -> read-model rows and pre-aggregated day buckets. Pure.
+
+A ``Batch`` holds the rows touched by a batch of events (loaded from the database first, so
+folding continues where the last batch stopped) and the counter deltas to add to the
+``stats_daily`` buckets. The worker writes all of it, with the checkpoint, in one transaction.
+
+Counters (per day in the rulebook's timezone, per area for the grid and each of its ancestors,
+and per department), and the rates of DOMAIN.md built from them:
+
+=================  ==========================================  ====================================
+rate               numerator                                   denominator
+=================  ==========================================  ====================================
+响应率 response     tasks_ack_on_time                           tasks_dispatched
+解决率 resolution   issues_resolved                             issues_dispatched
+满意率 satisfaction feedback_satisfied                          feedback
+按期结案率 on time  closed_on_time                              closed
+返工率 rework       reopened                                    verifications
+退单率 returns      tasks_returned                              tasks_dispatched
+延期率 extensions   tasks_extended                              tasks_dispatched
+=================  ==========================================  ====================================
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, datetime, tzinfo
+from typing import Any
+
+from shared.config import OrgTree
+from shared.events import models as ev
+from shared.events.codec import Envelope
+
+METRICS = (
+    "reported", "issues_dispatched", "issues_resolved", "closed", "closed_on_time", "resolved_on_site",
+    "verifications", "reopened", "escalated", "feedback", "feedback_satisfied",
+    "tasks_dispatched", "tasks_acknowledged", "tasks_ack_on_time", "tasks_resolved", "tasks_resolved_on_time",
+    "tasks_returned", "tasks_extended", "sla_warned", "sla_breached", "dispatch_ms_sum",
+)
+RATES: dict[str, tuple[str, str]] = {
+    "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
+    "resolution_rate": ("issues_resolved", "issues_dispatched"),
+    "satisfaction_rate": ("feedback_satisfied", "feedback"),
+    "on_time_close_rate": ("closed_on_time", "closed"),
+    "rework_rate": ("reopened", "verifications"),
+    "return_rate": ("tasks_returned", "tasks_dispatched"),
+    "extension_rate": ("tasks_extended", "tasks_dispatched"),
+}
+DEPT_RATES: dict[str, tuple[str, str]] = {
+    "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
+    "resolution_rate": ("tasks_resolved", "tasks_dispatched"),
+    "on_time_resolve_rate": ("tasks_resolved_on_time", "tasks_resolved"),
+    "return_rate": ("tasks_returned", "tasks_dispatched"),
+    "extension_rate": ("tasks_extended", "tasks_dispatched"),
+}
+
+StatKey = tuple[date, str, str, str]  # (day, scope "area"|"dept", id, metric)
+
+
+@dataclass
+class Batch:
+    org: OrgTree
+    tz: tzinfo
+    issues: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stats: Counter[StatKey] = field(default_factory=Counter)
+    audit: list[tuple[int, str, str, str | None, datetime, str]] = field(default_factory=list)
+    last_seq: int = 0
+
+    def _day(self, at: datetime) -> date:
+        return at.astimezone(self.tz).date()
+
+    def count_area(self, issue: dict[str, Any], at: datetime, metric: str, n: int = 1) -> None:
+        day = self._day(at)
+        for area in issue["areas"]:
+            self.stats[(day, "area", area, metric)] += n
+
+    def count_dept(self, dept: str, at: datetime, metric: str, n: int = 1) -> None:
+        self.stats[(self._day(at), "dept", dept, metric)] += n
+
+
+def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) -> dict[str, Any]:
+    try:
+        areas = [a.id for a in org.ancestors(e.grid)]
+    except KeyError:
+        areas = [e.grid]
+    return {
+        "id": issue_id, "grid": e.grid, "category": e.category, "title": e.title, "urgency": e.urgency,
+        "status": "reported", "level": None, "owner_area": None, "areas": areas,
+        "reported_at": e.reported_at, "dispatched_at": None, "closed_at": None, "closed_on_time": None,
+        "lead_task": None, "lead_department": None, "lead_status": None, "next_due": None,
+        "reopen_count": 0, "escalations": 0, "satisfaction": None, "version": 0, "seq": seq,
+        "updated_at": e.reported_at,
+    }
+
+
+def _refresh_lead(batch: Batch, issue: dict[str, Any]) -> None:
+    """The lead task's state and the next deadline it must meet (for overdue lists)."""
+    lead = batch.tasks.get(issue["lead_task"]) if issue["lead_task"] else None
+    if lead is None:
+        issue["lead_department"] = issue["lead_status"] = issue["next_due"] = None
+        return
+    issue["lead_department"] = lead["department"]
+    issue["lead_status"] = lead["status"]
+    if lead["status"] == "dispatched":
+        issue["next_due"] = lead["acknowledge_due"]
+    elif lead["status"] == "acknowledged":
+        issue["next_due"] = lead["resolve_due"]
+    else:
+        issue["next_due"] = None
+
+
+def apply(batch: Batch, env: Envelope) -> None:
+    """Fold one stored event into the batch's rows and counters."""
+    e, seq, at = env.data, env.seq, env.time
+    issue_id = env.subject
+    batch.last_seq = max(batch.last_seq, seq)
+    batch.audit.append((seq, issue_id, e.name, env.actor, at, _summary(e)))
+    if isinstance(e, ev.IssueReported):
+        if issue_id in batch.issues:
+            return
+        row = batch.issues[issue_id] = new_issue_row(issue_id, e, batch.org, seq)
+        row["version"] = 1
+        batch.count_area(row, at, "reported")
+        return
+    issue = batch.issues.get(issue_id)
+    if issue is None:  # events of an issue whose report we never saw (cannot happen on a full stream)
+        return
+    issue["version"] += 1
+    issue["seq"] = seq
+    issue["updated_at"] = at
+    match e:
+        case ev.IssueRouted():
+            issue["level"], issue["owner_area"] = e.level, e.owner_area
+        case ev.TaskDispatched():
+            batch.tasks[e.task_id] = {
+                "id": e.task_id, "issue_id": issue_id, "department": e.department, "role": e.role,
+                "level": e.level, "status": "dispatched", "clock": e.clock, "dispatched_at": e.dispatched_at,
+                "acknowledge_due": e.acknowledge_due, "resolve_due": e.resolve_due, "acknowledged_at": None,
+                "resolved_at": None, "returned_at": None, "breached": "", "extended": False,
+                "category": issue["category"], "title": issue["title"], "grid": issue["grid"], "seq": seq,
+            }
+            batch.count_dept(e.department, at, "tasks_dispatched")
+            if e.role == "lead":
+                issue["lead_task"] = e.task_id
+                if issue["dispatched_at"] is None:
+                    issue["dispatched_at"] = at
+                    batch.count_area(issue, at, "issues_dispatched")
+                    ms = int((at - issue["reported_at"]).total_seconds() * 1000)
+                    batch.count_area(issue, at, "dispatch_ms_sum", max(ms, 0))
+                if issue["status"] in ("reported", "reopened", "dispatched"):
+                    issue["status"] = "dispatched"
+        case ev.TaskAcknowledged():
+            t = batch.tasks.get(e.task_id)
+            if t is not None:
+                t.update(status="acknowledged", acknowledged_at=e.at, seq=seq)
+                batch.count_dept(t["department"], at, "tasks_acknowledged")
+                on_time = e.at <= t["acknowledge_due"]
+                if on_time:
+                    batch.count_dept(t["department"], at, "tasks_ack_on_time")
+                if t["role"] == "lead":
+                    batch.count_area(issue, at, "tasks_acknowledged")
+                    if on_time:
+                        batch.count_area(issue, at, "tasks_ack_on_time")
+                    if issue["status"] == "dispatched":
+                        issue["status"] = "in_progress"
+        case ev.TaskReturned():
+            t = batch.tasks.get(e.task_id)
+            if t is not None:
+                t.update(status="returned", returned_at=e.at, seq=seq)
+                batch.count_dept(t["department"], at, "tasks_returned")
+                if t["role"] == "lead":
+                    batch.count_area(issue, at, "tasks_returned")
+        case ev.TaskResolved():
+            t = batch.tasks.get(e.task_id)
+            if t is not None:
+                t.update(status="resolved", resolved_at=e.at, seq=seq)
+                batch.count_dept(t["department"], at, "tasks_resolved")
+                if e.at <= t["resolve_due"]:
+                    batch.count_dept(t["department"], at, "tasks_resolved_on_time")
+                if t["role"] == "lead":
+                    issue["status"] = "resolved"
+                    batch.count_area(issue, at, "issues_resolved")
+        case ev.TaskSuperseded():
+            t = batch.tasks.get(e.task_id)
+            if t is not None:
+                t.update(status="superseded", seq=seq)
+        case ev.SlaWarned():
+            if (t := batch.tasks.get(e.task_id)) is not None:
+                batch.count_dept(t["department"], at, "sla_warned")
+        case ev.SlaBreached():
+            t = batch.tasks.get(e.task_id)
+            if t is not None:
+                t["breached"] = ",".join(sorted({*filter(None, t["breached"].split(",")), e.clock}))
+                batch.count_dept(t["department"], at, "sla_breached")
+                if t["role"] == "lead":
+                    batch.count_area(issue, at, "sla_breached")
+        case ev.IssueEscalated():
+            issue["escalations"] += 1
+            batch.count_area(issue, at, "escalated")
+        case ev.ExtensionApproved():
+            t = batch.tasks.get(e.task_id)
+            if t is not None:
+                if not t["extended"]:
+                    batch.count_dept(t["department"], at, "tasks_extended")
+                    if t["role"] == "lead":
+                        batch.count_area(issue, at, "tasks_extended")
+                t.update(resolve_due=e.resolve_due, extended=True, seq=seq)
+        case ev.IssueVerified():
+            batch.count_area(issue, at, "verifications")
+        case ev.IssueReopened():
+            issue["status"] = "reopened"
+            issue["reopen_count"] = e.reopen_count
+            batch.count_area(issue, at, "reopened")
+            _close_open_tasks(batch, issue_id, seq)
+        case ev.IssueClosed():
+            issue.update(status="closed", closed_at=e.closed_at, closed_on_time=e.on_time)
+            batch.count_area(issue, at, "closed")
+            if e.on_time:
+                batch.count_area(issue, at, "closed_on_time")
+            if e.reason == "resolved_on_site":
+                batch.count_area(issue, at, "resolved_on_site")
+            _close_open_tasks(batch, issue_id, seq)
+        case ev.FeedbackRecorded():
+            if issue["satisfaction"] is None:
+                batch.count_area(issue, at, "feedback")
+                if e.satisfaction in ("satisfied", "basically_satisfied"):
+                    batch.count_area(issue, at, "feedback_satisfied")
+            issue["satisfaction"] = e.satisfaction
+    _refresh_lead(batch, issue)
+
+
+def _close_open_tasks(batch: Batch, issue_id: str, seq: int) -> None:
+    for t in batch.tasks.values():
+        if t["issue_id"] == issue_id and t["status"] in ("dispatched", "acknowledged"):
+            t.update(status="superseded", seq=seq)
+
+
+def _summary(e: ev.Event) -> str:
+    match e:
+        case ev.IssueReported():
+            return f"reported {e.category} at {e.grid}: {e.title}"
+        case ev.IssueRouted():
+            return f"routed to {e.level} {e.owner_area} ({e.reason}): {e.rule}"
+        case ev.TaskDispatched():
+            return f"{e.role} task {e.task_id} to {e.department}"
+        case ev.TaskReturned():
+            return f"task {e.task_id} returned: {e.reason}"
+        case ev.IssueEscalated():
+            return f"escalated {e.from_level} -> {e.to_level} ({e.cause})"
+        case ev.SlaBreached() | ev.SlaWarned():
+            return f"{e.clock} clock of {e.task_id} {'breached' if isinstance(e, ev.SlaBreached) else 'warned'}"
+    fields = {k: v for k, v in e.model_dump(mode="json").items() if k in ("task_id", "by", "satisfaction", "passed")}
+    return f"{e.name} {fields}" if fields else e.name
+
+
+def rates(counts: dict[str, int], table: dict[str, tuple[str, str]] = RATES) -> dict[str, dict[str, Any]]:
+    """Each rate with the counts behind it: {rate: {value, numerator, denominator}}."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, (num, den) in table.items():
+        n, d = int(counts.get(num, 0)), int(counts.get(den, 0))
+        out[name] = {"value": round(n / d, 4) if d else None, "numerator": n, "denominator": d,
+                     "counts": [num, den]}
+    return out

@@ -1,0 +1,99 @@
+"""Test support: a whole needle stack in the test's event loop, reached over real HTTP."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import uvicorn
+
+from shared import auth
+from shared.runtime.processes import free_port
+from shared.runtime.stack import Stack, Urls
+from shared.settings import Settings
+
+
+@dataclass
+class NeedleHandle:
+    stack: Stack
+    base_url: str
+    client: httpx.AsyncClient
+    server: uvicorn.Server | None = None
+    server_task: asyncio.Task[Any] | None = None
+    _tokens: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    def token(self, role: str, scope: str = "", subject: str | None = None) -> str:
+        key = (role, scope + (subject or ""))
+        if key not in self._tokens:
+            k = auth.load_or_create_key(self.stack.settings.data_dir)
+            self._tokens[key] = auth.issue_token(k, role=role, scope=scope, subject=subject)
+        return self._tokens[key]
+
+    def auth(self, role: str, scope: str = "", subject: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token(role, scope, subject)}"}
+
+    async def wait_for(self, path: str, headers: dict[str, str], predicate: Any, timeout: float = 10.0) -> Any:
+        """Poll GET ``path`` until ``predicate(json)`` holds; returns the last body."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        body: Any = None
+        while asyncio.get_running_loop().time() < deadline:
+            r = await self.client.get(path, headers=headers)
+            if r.status_code == 200:
+                body = r.json()
+                if predicate(body):
+                    return body
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"timed out waiting on {path}; last body: {body}")
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        if self.server_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server_task, 10)
+        await self.client.aclose()
+        await self.stack.close()
+
+
+async def ensure_database(pg_admin_url: str, database: str) -> str:
+    conn = await asyncpg.connect(pg_admin_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await conn.close()
+    return pg_admin_url.rsplit("/", 1)[0] + f"/{database}"
+
+
+async def start_needle(data_dir: Path, *, org: Path, rules: Path, nats_url: str, pg_admin_url: str, database: str,
+                       services: tuple[str, ...] = ("intake", "router", "projections"), **overrides: Any
+                       ) -> NeedleHandle:
+    db_url = await ensure_database(pg_admin_url, database)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    settings = Settings(data_dir=data_dir, org=org, rules=rules, nats_url=nats_url, database_url=db_url,
+                        port=free_port(), **overrides)
+    stack = Stack.from_settings(settings, Urls(nats=nats_url, database=db_url))
+    await stack.connect()
+    if "projections" in services:
+        await stack.start_projections()
+    if "router" in services:
+        await stack.start_router()
+    base = f"http://127.0.0.1:{settings.port}"
+    server = task = None
+    if "intake" in services:
+        config = uvicorn.Config(stack.build_app(), host="127.0.0.1", port=settings.port, log_level="warning",
+                                access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+        task = asyncio.create_task(server.serve())
+        while not server.started:
+            if task.done():
+                task.result()
+            await asyncio.sleep(0.02)
+    client = httpx.AsyncClient(base_url=base, timeout=15)
+    return NeedleHandle(stack=stack, base_url=base, client=client, server=server, server_task=task)
