@@ -5,7 +5,8 @@ folding continues where the last batch stopped) and the counter deltas to add to
 ``stats_daily`` buckets. The worker writes all of it, with the checkpoint, in one transaction.
 
 Counters (per day in the rulebook's timezone, per area for the grid and each of its ancestors,
-and per department), and the rates of DOMAIN.md built from them:
+and per department), and the rates of DOMAIN.md built from them. Task counters of an area
+count lead tasks (the one accountable per issue); a department's count all of its tasks:
 
 =================  ==========================================  ====================================
 rate               numerator                                   denominator
@@ -141,6 +142,7 @@ def apply(batch: Batch, env: Envelope) -> None:
             }
             batch.count_dept(e.department, at, "tasks_dispatched")
             if e.role == "lead":
+                batch.count_area(issue, at, "tasks_dispatched")
                 issue["lead_task"] = e.task_id
                 if issue["dispatched_at"] is None:
                     issue["dispatched_at"] = at

@@ -32,12 +32,15 @@ def spawn(argv: Sequence[str], *, log: Path, death_signal: int = signal.SIGTERM,
     """Start ``argv`` with stdout/stderr into ``log``; it gets ``death_signal`` when we die.
 
     prctl runs in preexec_fn, which CPython calls after setuid/setgid, so the death signal
-    survives the change of user (the kernel clears it on credential changes)."""
+    survives the change of user (the kernel clears it on credential changes). The child gets a
+    session of its own, so a Ctrl-C or a group SIGTERM reaches needle alone, which then stops
+    its children in order (NATS drained first)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     out = open(log, "ab")
     try:
         return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                preexec_fn=_die_with_parent(death_signal), user=user, env=env)
+                                preexec_fn=_die_with_parent(death_signal), user=user, env=env,
+                                start_new_session=True)
     finally:
         out.close()
 

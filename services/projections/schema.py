@@ -1,0 +1,124 @@
+"""Read-model tables (SQLAlchemy Core). Every projection table can be built under a suffix
+(``issues__rebuild``) so ``needle rebuild`` fills fresh tables while the live ones serve."""
+from __future__ import annotations
+
+from sqlalchemy import (
+    ARRAY,
+    BigInteger,
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+)
+from sqlalchemy.schema import CreateIndex, CreateTable
+
+PROJECTION = "read_models"
+PROJECTION_VERSION = 1  # bump when the projection functions change: the worker rebuilds on start
+
+
+def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
+    md = MetaData()
+    issues = Table(
+        f"issues{suffix}", md,
+        Column("id", Text, primary_key=True),
+        Column("grid", Text, nullable=False),
+        Column("category", Text, nullable=False),
+        Column("title", Text, nullable=False),
+        Column("urgency", Text, nullable=False),
+        Column("status", Text, nullable=False),
+        Column("level", Text),
+        Column("owner_area", Text),
+        Column("areas", ARRAY(Text), nullable=False),
+        Column("reported_at", DateTime(timezone=True), nullable=False),
+        Column("dispatched_at", DateTime(timezone=True)),
+        Column("closed_at", DateTime(timezone=True)),
+        Column("closed_on_time", Boolean),
+        Column("lead_task", Text),
+        Column("lead_department", Text),
+        Column("lead_status", Text),
+        Column("next_due", DateTime(timezone=True)),
+        Column("reopen_count", Integer, nullable=False),
+        Column("escalations", Integer, nullable=False),
+        Column("satisfaction", Text),
+        Column("version", Integer, nullable=False),
+        Column("seq", BigInteger, nullable=False),
+        Column("updated_at", DateTime(timezone=True), nullable=False),
+    )
+    Index(f"ix_issues{suffix}_areas", issues.c.areas, postgresql_using="gin")
+    Index(f"ix_issues{suffix}_reported", issues.c.reported_at.desc(), issues.c.id.desc())
+    Index(f"ix_issues{suffix}_open_due", issues.c.next_due, postgresql_where=issues.c.next_due.isnot(None))
+    tasks = Table(
+        f"tasks{suffix}", md,
+        Column("id", Text, primary_key=True),
+        Column("issue_id", Text, nullable=False),
+        Column("department", Text, nullable=False),
+        Column("role", Text, nullable=False),
+        Column("level", Text, nullable=False),
+        Column("status", Text, nullable=False),
+        Column("clock", Text, nullable=False),
+        Column("category", Text, nullable=False),
+        Column("title", Text, nullable=False),
+        Column("grid", Text, nullable=False),
+        Column("dispatched_at", DateTime(timezone=True), nullable=False),
+        Column("acknowledge_due", DateTime(timezone=True), nullable=False),
+        Column("resolve_due", DateTime(timezone=True), nullable=False),
+        Column("acknowledged_at", DateTime(timezone=True)),
+        Column("resolved_at", DateTime(timezone=True)),
+        Column("returned_at", DateTime(timezone=True)),
+        Column("breached", Text, nullable=False),
+        Column("extended", Boolean, nullable=False),
+        Column("seq", BigInteger, nullable=False),
+    )
+    Index(f"ix_tasks{suffix}_dept", tasks.c.department, tasks.c.status, tasks.c.dispatched_at.desc())
+    Index(f"ix_tasks{suffix}_issue", tasks.c.issue_id)
+    stats = Table(
+        f"stats_daily{suffix}", md,
+        Column("day", Date, nullable=False),
+        Column("scope", Text, nullable=False),  # area | dept
+        Column("key", Text, nullable=False),
+        Column("metric", Text, nullable=False),
+        Column("n", BigInteger, nullable=False),
+        PrimaryKeyConstraint("scope", "key", "day", "metric"),
+    )
+    audit = Table(
+        f"audit{suffix}", md,
+        Column("seq", BigInteger, primary_key=True, autoincrement=False),
+        Column("issue_id", Text, nullable=False),
+        Column("type", Text, nullable=False),
+        Column("actor", Text),
+        Column("at", DateTime(timezone=True), nullable=False),
+        Column("summary", Text, nullable=False),
+    )
+    Index(f"ix_audit{suffix}_issue", audit.c.issue_id, audit.c.seq)
+    checkpoints = Table(
+        f"checkpoints{suffix}", md,
+        Column("projection", Text, primary_key=True),
+        Column("seq", BigInteger, nullable=False),
+        Column("version", Integer, nullable=False),
+    )
+    return md, {"issues": issues, "tasks": tasks, "stats_daily": stats, "audit": audit, "checkpoints": checkpoints}
+
+
+def ddl(suffix: str = "") -> list[str]:
+    """CREATE statements (IF NOT EXISTS) for every table and index of the read models."""
+    from sqlalchemy.dialects import postgresql
+
+    md, _ = tables(suffix)
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    out: list[str] = []
+    for t in md.sorted_tables:
+        out.append(str(CreateTable(t, if_not_exists=True).compile(dialect=dialect)))
+        for ix in t.indexes:
+            out.append(str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect)))
+    return out
+
+
+TABLE_NAMES = ("issues", "tasks", "stats_daily", "audit", "checkpoints")
+ISSUE_COLUMNS = [c.name for c in tables()[1]["issues"].columns]
+TASK_COLUMNS = [c.name for c in tables()[1]["tasks"].columns]

@@ -1,0 +1,166 @@
+"""The projection worker: one durable JetStream consumer, one writer, exactly once.
+
+Each batch: fetch up to ``batch`` events, skip those at or below the checkpoint, load the
+rows they touch, fold them in memory (``model.apply``), then in ONE transaction upsert the
+rows, add the counter deltas, append the audit rows and move the checkpoint; ack only after
+the commit. A crash anywhere re-delivers events the checkpoint already covers (skipped) or
+events not yet committed (applied once). A Postgres outage holds the batch and retries.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import structlog
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+
+from shared.config import OrgTree
+from shared.events import subjects as sj
+from shared.events.codec import Envelope, UnknownEventType, decode
+
+from .model import Batch, apply
+from .schema import ISSUE_COLUMNS, PROJECTION, PROJECTION_VERSION, TASK_COLUMNS, ddl
+
+log = structlog.get_logger("needle.projections")
+LOCK_KEY = 7_311_001  # advisory lock: one writer per read-model set (the worker, or a rebuild swap)
+
+
+def _upsert(table: str, cols: list[str], key: str) -> str:
+    names = ", ".join(cols)
+    params = ", ".join(f"${i}" for i in range(1, len(cols) + 1))
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c != key)
+    return f"INSERT INTO {table} ({names}) VALUES ({params}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
+
+
+async def migrate(pool: asyncpg.Pool, suffix: str = "") -> None:
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY + 1)
+        for stmt in ddl(suffix):
+            await conn.execute(stmt)
+
+
+class ProjectionWriter:
+    """Writes folded batches into one set of tables (live, or ``__rebuild``)."""
+
+    def __init__(self, org: OrgTree, tz: Any, suffix: str = "") -> None:
+        self.org, self.tz, self.suffix = org, tz, suffix
+        s = suffix
+        self.sql_issue = _upsert(f"issues{s}", ISSUE_COLUMNS, "id")
+        self.sql_task = _upsert(f"tasks{s}", TASK_COLUMNS, "id")
+        self.sql_stats = (f"INSERT INTO stats_daily{s} (day, scope, key, metric, n) VALUES ($1, $2, $3, $4, $5) "
+                          f"ON CONFLICT (scope, key, day, metric) DO UPDATE SET n = stats_daily{s}.n + EXCLUDED.n")
+        self.sql_checkpoint = (f"INSERT INTO checkpoints{s} (projection, seq, version) VALUES ($1, $2, $3) "
+                               f"ON CONFLICT (projection) DO UPDATE SET seq = EXCLUDED.seq, version = EXCLUDED.version")
+
+    async def checkpoint(self, conn: asyncpg.Connection) -> tuple[int, int | None]:
+        row = await conn.fetchrow(f"SELECT seq, version FROM checkpoints{self.suffix} WHERE projection = $1",
+                                  PROJECTION)
+        return (int(row["seq"]), int(row["version"])) if row else (0, None)
+
+    async def write(self, conn: asyncpg.Connection, envs: list[Envelope], last_seq: int) -> int:
+        """Apply ``envs`` (those above the checkpoint) and move the checkpoint to ``last_seq``, in the
+        caller's transaction. Returns how many events were applied."""
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
+        done, _ = await self.checkpoint(conn)
+        fresh = [e for e in envs if e.seq > done]
+        if fresh:
+            batch = Batch(org=self.org, tz=self.tz)
+            ids = list({e.subject for e in fresh})
+            s = self.suffix
+            for row in await conn.fetch(f"SELECT * FROM issues{s} WHERE id = ANY($1)", ids):
+                batch.issues[row["id"]] = dict(row)
+            for row in await conn.fetch(f"SELECT * FROM tasks{s} WHERE issue_id = ANY($1)", ids):
+                batch.tasks[row["id"]] = dict(row)
+            issue_ids_before = set(batch.issues)
+            for env in fresh:
+                apply(batch, env)
+            touched = {e.subject for e in fresh} | issue_ids_before
+            issues = [tuple(batch.issues[i][c] for c in ISSUE_COLUMNS) for i in touched if i in batch.issues]
+            tasks = [tuple(t[c] for c in TASK_COLUMNS) for t in batch.tasks.values() if t["issue_id"] in touched]
+            if issues:
+                await conn.executemany(self.sql_issue, issues)
+            if tasks:
+                await conn.executemany(self.sql_task, tasks)
+            if batch.stats:
+                await conn.executemany(self.sql_stats, [(*k, n) for k, n in batch.stats.items() if n])
+            if batch.audit:
+                await conn.copy_records_to_table(f"audit{s}", records=batch.audit,
+                                                 columns=["seq", "issue_id", "type", "actor", "at", "summary"])
+        if last_seq > done:
+            await conn.execute(self.sql_checkpoint, PROJECTION, last_seq, PROJECTION_VERSION)
+        return len(fresh)
+
+
+class ProjectionWorker:
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, writer: ProjectionWriter, *,
+                 durable: str = "projections", batch: int = 1000, health: dict[str, bool] | None = None) -> None:
+        self.pool, self.js, self.writer = pool, js, writer
+        self.durable, self.batch = durable, batch
+        self.seq = 0  # checkpoint as last committed by this worker
+        self.applied = 0
+        self._advanced = asyncio.Condition()
+        self.health = health if health is not None else {}
+
+    async def wait_for(self, seq: int, timeout: float) -> bool:
+        """True once the read models reflect stream sequence ``seq`` (bounded wait)."""
+        if self.seq >= seq:
+            return True
+        try:
+            async with asyncio.timeout(timeout), self._advanced:
+                await self._advanced.wait_for(lambda: self.seq >= seq)
+            return True
+        except TimeoutError:
+            return self.seq >= seq
+
+    async def subscribe(self) -> Any:
+        return await self.js.pull_subscribe(
+            sj.ALL_EVENTS, durable=self.durable, stream=sj.EVENTS_STREAM,
+            config=ConsumerConfig(ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.ALL, ack_wait=120,
+                                  max_ack_pending=50_000, max_deliver=-1))
+
+    async def run(self) -> None:
+        async with self.pool.acquire() as conn:
+            self.seq, _ = await self.writer.checkpoint(conn)
+        sub = await self.subscribe()
+        while True:
+            try:
+                msgs: list[Msg] = await sub.fetch(self.batch, timeout=0.5)
+            except Exception as exc:
+                if "Timeout" not in type(exc).__name__:
+                    log.warning("fetch failed", error=repr(exc))
+                    await asyncio.sleep(0.5)
+                continue
+            await self.commit(msgs)
+
+    async def commit(self, msgs: list[Msg]) -> None:
+        envs: list[Envelope] = []
+        for m in msgs:
+            if not m.subject.startswith(f"{sj.EVENTS_ROOT}.issue."):
+                continue
+            try:
+                envs.append(decode(m.data, m.metadata.sequence.stream))
+            except (UnknownEventType, ValueError) as exc:  # written by a newer needle: skip, loudly
+                log.error("event skipped by projections", subject=m.subject, error=str(exc))
+        last = msgs[-1].metadata.sequence.stream
+        delay = 0.2
+        while True:
+            try:
+                async with self.pool.acquire() as conn, conn.transaction():
+                    self.applied += await self.writer.write(conn, envs, last)
+                self.health["postgres"] = True
+                break
+            except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
+                    asyncpg.exceptions.CannotConnectNowError) as exc:
+                self.health["postgres"] = False
+                log.warning("postgres unavailable; holding the batch", error=repr(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        await msgs[-1].ack()  # AckPolicy.ALL: acks the whole batch, after the commit
+        async with self._advanced:
+            self.seq = max(self.seq, last)
+            self._advanced.notify_all()
+
+
