@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -32,6 +33,41 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+RUNTIME_FILE = "runtime.json"
+
+
+def write_runtime(settings: Settings, nats_url: str, database_url: str | None, services: tuple[str, ...]) -> None:
+    """Where the running needle's servers are, for commands that attach to it (rebuild, rules)."""
+    import json
+
+    info = {"pid": os.getpid(), "nats_url": nats_url, "database_url": database_url, "services": list(services),
+            "http": f"http://{settings.host}:{settings.port}", "org": str(settings.org), "rules": str(settings.rules)}
+    path = settings.data_dir / RUNTIME_FILE
+    path.write_text(json.dumps(info, indent=2))
+    path.chmod(0o600)
+
+
+def clear_runtime(settings: Settings) -> None:
+    (settings.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
+
+
+def attach(settings: Settings) -> dict[str, str]:
+    """URLs of the needle running on the data dir (or NEEDLE_NATS_URL / NEEDLE_DATABASE_URL)."""
+    import json
+
+    info: dict[str, str] = {}
+    path = settings.data_dir / RUNTIME_FILE
+    if path.exists():
+        info = json.loads(path.read_text())
+    if settings.nats_url:
+        info["nats_url"] = settings.nats_url
+    if settings.database_url:
+        info["database_url"] = settings.database_url
+    if not info.get("nats_url"):
+        raise _fail(f"no running needle on {settings.data_dir} (start `needle up`, or set NEEDLE_NATS_URL)")
+    return info
+
+
 def _boot(settings: Settings, services: tuple[str, ...]) -> None:
     """Start embedded servers (unless URLs are given), then run ``services`` until a signal."""
     from shared.config import ConfigError
@@ -57,10 +93,12 @@ def _boot(settings: Settings, services: tuple[str, ...]) -> None:
             embedded_pg = EmbeddedPostgres(settings.data_dir)
             embedded_pg.start()
             stack.urls.database = embedded_pg.url
+        write_runtime(settings, stack.urls.nats, stack.urls.database, services)
         asyncio.run(run_stack(stack, services=services, on_ready=print_ready))
     except KeyboardInterrupt:
         pass
     finally:
+        clear_runtime(settings)
         if embedded_pg:
             embedded_pg.stop()
         if embedded_nats:
@@ -111,6 +149,89 @@ def token_issue(
         typer.echo(auth.issue_token(key, role=role, scope=scope, subject=subject, ttl_s=ttl_s))
     except ValueError as exc:
         raise _fail(str(exc)) from None
+
+
+@rules_app.command("publish")
+def rules_publish(file: Annotated[Path, typer.Argument(help="rulebook YAML", exists=True, dir_okay=False)],
+                  data_dir: DataDir = None) -> None:
+    """Validate FILE and put it in force at run time (recorded as a rulebook_published event).
+    Issues already dispatched keep their deadlines; new reports route by FILE."""
+    import nats
+
+    from shared import rulebooks
+    from shared.config import ConfigError, load_rulebook
+
+    settings = _settings(data_dir)
+    try:
+        rb = load_rulebook(file)
+    except ConfigError as exc:
+        raise _fail(f"refusing to publish: {exc}") from None
+    info = attach(settings)
+
+    async def go() -> int:
+        nc = await nats.connect(info["nats_url"])
+        try:
+            return await rulebooks.publish(nc, rb, file.read_text(), str(file), by=os.environ.get("USER", "cli"))
+        finally:
+            await nc.close()
+
+    seq = asyncio.run(go())
+    typer.echo(f"rulebook {rb.version} published at sequence {seq} ({len(rb.categories)} categories)")
+
+
+@rules_app.command("check")
+def rules_check(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
+    """Validate a rulebook file without publishing it."""
+    from shared.config import ConfigError, load_rulebook
+
+    try:
+        rb = load_rulebook(file)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(f"ok: rulebook {rb.version}, {len(rb.categories)} categories")
+
+
+@app.command()
+def rebuild(data_dir: DataDir = None,
+            projection: Annotated[str, typer.Argument(help="projection to rebuild")] = "read_models") -> None:
+    """Replay the stream into fresh read-model tables while the live ones serve, then swap them in."""
+    import nats
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from services.projections.rebuild import rebuild as do_rebuild
+    from services.projections.schema import PROJECTION
+    from services.projections.service import open_pool
+    from services.projections.worker import ProjectionWriter
+    from shared.config import load_org, load_rulebook
+
+    if projection != PROJECTION:
+        raise _fail(f"unknown projection {projection!r} (known: {PROJECTION})")
+    settings = _settings(data_dir)
+    info = attach(settings)
+    if not info.get("database_url"):
+        raise _fail("no database URL for the running needle (set NEEDLE_DATABASE_URL)")
+    org = load_org(info.get("org") or settings.org)
+    rb = load_rulebook(info.get("rules") or settings.rules)
+
+    async def go() -> dict[str, float]:
+        nc = await nats.connect(info["nats_url"])
+        pool = await open_pool(info["database_url"])
+        try:
+            with Progress(TextColumn("rebuild"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
+                          TextColumn("{task.fields[rate]:,.0f} events/s"), TimeRemainingColumn()) as bar:
+                task = bar.add_task("rebuild", total=1, rate=0.0)
+
+                def progress(done: int, target: int, rate: float) -> None:
+                    bar.update(task, completed=done, total=target, rate=rate)
+
+                return await do_rebuild(pool, nc.jetstream(), ProjectionWriter(org, rb.tz), progress)
+        finally:
+            await pool.close()
+            await nc.close()
+
+    result = asyncio.run(go())
+    typer.echo(f"rebuilt {result['events']:,.0f} events in {result['seconds']} s "
+               f"({result['events_per_s']:,.0f} events/s); tables swapped")
 
 
 def main() -> None:  # pragma: no cover

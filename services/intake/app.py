@@ -29,7 +29,8 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     async def healthz() -> Response:
         """200 when NATS, Postgres and every worker are up; 503 naming what is down otherwise."""
         down = sorted(k for k, ok in ctx.health.items() if not ok)
-        body = {"status": "ok" if not down else "degraded", "components": ctx.health, "down": down}
+        body = {"status": "ok" if not down else "degraded", "components": ctx.health, "down": down,
+                "rulebook_version": ctx.rulebook.version}
         return json_response(body, 200 if not down else 503)
 
     app.add_middleware(CORSMiddleware, allow_origins=[], allow_methods=["GET", "POST"], allow_headers=["*"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 from collections import defaultdict
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -189,4 +190,9 @@ async def start_router(stack: Stack) -> Router:
     stack.spawn("router", router.run_consumer(events_sub, router.handle_event, per_issue=True))
     stack.spawn("router-timers", router.run_consumer(timers_sub, router.handle_timer, per_issue=False))
     stack.extras["router"] = router
+
+    def hold(rb: Any) -> None:
+        router.rules = replace(router.rules, rulebook=rb)
+
+    stack.rule_holders.append(hold)
     return router

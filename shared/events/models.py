@@ -7,7 +7,7 @@ version. A change to a model's JSON schema needs a version bump (and an upcaster
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -220,11 +220,14 @@ class IssueUrged(Event):
 
 
 class RulebookPublished(Event):
+    """A rulebook (权责清单) took effect: new reports route by it; dispatched tasks keep their deadlines."""
+
     name = "rulebook_published"
     ce_type = "needle.rulebook.published.v1"
     rulebook_version: str
     source: str
-    document: dict[str, Any]
+    text: str = Field(description="the rulebook YAML as published")
+    categories: tuple[str, ...]
     by: str
 
 

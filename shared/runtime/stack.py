@@ -41,6 +41,7 @@ class Stack:
     health: dict[str, bool] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    rule_holders: list[Callable[[Rulebook], None]] = field(default_factory=list)
 
     @classmethod
     def from_settings(cls, settings: Settings, urls: Urls) -> Stack:
@@ -61,6 +62,27 @@ class Stack:
                                                     duplicate_window_s=self.settings.duplicate_window_s))
         self.store = JetStreamEventStore(self.nc)
         await self.store.start()
+        await self._rules_in_force()
+
+    async def _rules_in_force(self) -> None:
+        """The rulebook file takes effect unless it is already the newest one recorded; then follow
+        every later ``needle rules publish``."""
+        from shared import rulebooks
+
+        assert self.nc is not None
+        newest = await rulebooks.latest(self.nc)
+        if newest is not None and newest[0].version == self.rulebook.version:
+            after = newest[1]
+        else:
+            after = await rulebooks.publish(self.nc, self.rulebook, self.settings.rules.read_text(),
+                                            str(self.settings.rules), by="needle up")
+        self.spawn("rules", rulebooks.follow(self.nc, after, self.apply_rulebook))
+
+    def apply_rulebook(self, rulebook: Rulebook) -> None:
+        """Put a newly published rulebook in force everywhere in this process."""
+        self.rulebook = rulebook
+        for holder in self.rule_holders:
+            holder(rulebook)
 
     def spawn(self, name: str, coro: Awaitable[Any]) -> None:
         async def guarded() -> None:
@@ -95,6 +117,11 @@ class Stack:
         ctx = AppContext(settings=self.settings, org=self.org, rulebook=self.rulebook, store=self.store,
                          verifier=auth.TokenVerifier(key), health=self.health, extras=self.extras)
         routers = tuple(self.extras.get("routers", ()))
+
+        def hold(rb: Rulebook) -> None:
+            ctx.rulebook = rb
+
+        self.rule_holders.append(hold)
         return create_app(ctx, routers)
 
     async def close(self) -> None:

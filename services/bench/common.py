@@ -1,0 +1,137 @@
+"""Helpers shared by the benchmarks: percentiles, machine facts, JSON output, stream counting."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import sys
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
+
+
+def percentile(values: Sequence[float], pct: float) -> float | None:
+    """Nearest-rank percentile (``pct`` in 0..100) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, math.ceil(pct / 100 * len(ordered)) - 1))
+    return ordered[rank]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or not b:
+        return None
+    return round(a / b, 4)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+    }
+
+
+def write_json(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def nats_url_from_conf(data_dir: Path) -> str:
+    """The embedded nats-server's URL, from the ``listen:`` line of ``DIR/nats/nats.conf``."""
+    text = (data_dir / "nats" / "nats.conf").read_text()
+    m = re.search(r"^listen:\s*(\S+)", text, re.MULTILINE)
+    if not m:
+        raise RuntimeError(f"no listen: line in {data_dir / 'nats' / 'nats.conf'}")
+    return f"nats://{m.group(1)}"
+
+
+class Counter:
+    """Counts a stream's messages on a subject filter through an ephemeral consumer's num_pending
+    (the consumer never receives anything, so pending == messages matching the filter)."""
+
+    def __init__(self, js: JetStreamContext, stream: str, subject: str, *, start_seq: int | None = None) -> None:
+        self.js, self.stream, self.subject, self.start_seq = js, stream, subject, start_seq
+        self.name = f"bench-count-{uuid.uuid4().hex[:10]}"
+
+    async def __aenter__(self) -> Counter:
+        policy = DeliverPolicy.BY_START_SEQUENCE if self.start_seq else DeliverPolicy.ALL
+        await self.js.add_consumer(self.stream, ConsumerConfig(
+            name=self.name, durable_name=self.name, filter_subject=self.subject, deliver_policy=policy,
+            opt_start_seq=self.start_seq, ack_policy=AckPolicy.NONE, inactive_threshold=300.0))
+        return self
+
+    async def count(self) -> int:
+        info = await self.js.consumer_info(self.stream, self.name)
+        return int(info.num_pending or 0)
+
+    async def __aexit__(self, *exc: object) -> None:
+        with contextlib.suppress(Exception):
+            await self.js.delete_consumer(self.stream, self.name)
+
+
+async def count_matching(js: JetStreamContext, stream: str, subject: str, start_seq: int | None = None) -> int:
+    async with Counter(js, stream, subject, start_seq=start_seq) as c:
+        return await c.count()
+
+
+async def edge_message(js: JetStreamContext, stream: str, subject: str, *, last: bool,
+                       start_seq: int | None = None) -> tuple[int, datetime] | None:
+    """(stream sequence, stream timestamp) of the first (or last) message on ``subject``."""
+    if last:
+        policy = DeliverPolicy.LAST
+    elif start_seq:
+        policy = DeliverPolicy.BY_START_SEQUENCE
+    else:
+        policy = DeliverPolicy.ALL
+    sub = await js.pull_subscribe(subject, stream=stream, config=ConsumerConfig(
+        deliver_policy=policy, opt_start_seq=start_seq if policy == DeliverPolicy.BY_START_SEQUENCE else None,
+        ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
+    try:
+        msgs = await sub.fetch(1, timeout=5)
+    except Exception as exc:
+        if "Timeout" in type(exc).__name__:
+            return None
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    if not msgs:
+        return None
+    md = msgs[0].metadata
+    return md.sequence.stream, md.timestamp
+
+
+async def read_timestamps(js: JetStreamContext, stream: str, subject: str, *, start_seq: int,
+                          expected: int, timeout: float = 30.0) -> list[tuple[str, datetime]]:
+    """(subject, stream timestamp) of every message on ``subject`` from ``start_seq`` (up to ``expected``)."""
+    sub = await js.pull_subscribe(subject, stream=stream, config=ConsumerConfig(
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=max(1, start_seq),
+        ack_policy=AckPolicy.NONE, inactive_threshold=60.0, max_waiting=1))
+    out: list[tuple[str, datetime]] = []
+    try:
+        misses = 0
+        while len(out) < expected and misses < max(2, int(timeout)):
+            try:
+                msgs = await sub.fetch(1000, timeout=1)
+            except Exception as exc:
+                if "Timeout" not in type(exc).__name__:
+                    raise
+                misses += 1
+                continue
+            out.extend((m.subject, m.metadata.timestamp) for m in msgs)
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return out
