@@ -234,6 +234,26 @@ def rebuild(data_dir: DataDir = None,
                f"({result['events_per_s']:,.0f} events/s); tables swapped")
 
 
+@app.command()
+def demo(
+    url: Annotated[str, typer.Option(help="base URL of a running needle")] = "http://127.0.0.1:8000",
+    data_dir: DataDir = None,
+    fast: Annotated[bool, typer.Option("--fast", help="no pauses between steps")] = False,
+) -> None:
+    """Replay the four Zhoushan stories against a running `needle up --demo --data-dir DIR`."""
+    from services.demo.cli import run_demo
+
+    raise typer.Exit(run_demo(url, _settings(data_dir).data_dir, fast=fast))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})
+def bench(ctx: typer.Context) -> None:
+    """Benchmarks as ratios to a same-run baseline: `needle bench intake|router [--help]`."""
+    from services.bench.cli import main as bench_main
+
+    bench_main(list(ctx.args))
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -110,7 +110,7 @@ def ddl(suffix: str = "") -> list[str]:
     from sqlalchemy.dialects import postgresql
 
     md, _ = tables(suffix)
-    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    dialect = postgresql.dialect()
     out: list[str] = []
     for t in md.sorted_tables:
         out.append(str(CreateTable(t, if_not_exists=True).compile(dialect=dialect)))

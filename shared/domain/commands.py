@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from shared.events.models import Location
+from shared.events.models import Location, Satisfaction, Urgency
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,7 +14,7 @@ class ReportIssue:
     title: str
     reporter: str
     description: str | None = None
-    urgency: str = "normal"
+    urgency: Urgency = "normal"
     risk: tuple[str, ...] = ()
     location: Location | None = None
     request_hash: str | None = None
@@ -56,7 +56,7 @@ class VerifyIssue:
 
 @dataclass(frozen=True, slots=True)
 class RecordFeedback:
-    satisfaction: str
+    satisfaction: Satisfaction
     by: str
     note: str | None = None
 

@@ -130,7 +130,7 @@ class JetStreamEventStore:
                     ack = await self._request(subject, encode(env), hdrs)
                 else:
                     await self._nc.publish(subject, encode(env), headers=hdrs)
-        seq = int(ack["seq"])
+        seq = int(str(ack["seq"]))
         first = seq - len(envs) + 1
         stored = tuple(Envelope(id=e.id, source=e.source, subject=e.subject, time=e.time, data=e.data,
                                 actor=e.actor, causationid=e.causationid, seq=first + i) for i, e in enumerate(envs))

@@ -61,7 +61,7 @@ async def _create_or_update(nc: NATS, config: dict[str, object]) -> dict[str, ob
         err = resp.get("error")
     if err:
         raise StreamSetupError(f"stream {name}: {err.get('description')} (err_code {err.get('err_code')})")
-    return resp  # type: ignore[no-any-return]
+    return resp
 
 
 async def ensure_streams(nc: NATS, opts: StreamOptions | None = None) -> None:
