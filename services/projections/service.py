@@ -7,8 +7,9 @@ import asyncpg
 import structlog
 
 from .api import router as api_router
+from .migrate import upgrade
 from .schema import PROJECTION_VERSION
-from .worker import ProjectionWorker, ProjectionWriter, migrate
+from .worker import ProjectionWorker, ProjectionWriter
 
 if TYPE_CHECKING:
     from shared.runtime.stack import Stack
@@ -26,7 +27,7 @@ async def start_projections(stack: Stack) -> ProjectionWorker:
     assert stack.nc is not None and stack.urls.database
     pool = await open_pool(stack.urls.database)
     stack.closers.append(pool.close)
-    await migrate(pool)
+    await upgrade(stack.urls.database)
     writer = ProjectionWriter(stack.org, stack.rulebook.tz)
     async with pool.acquire() as conn:
         _, version = await writer.checkpoint(conn)
