@@ -58,6 +58,7 @@ class Stack:
                                      reconnect_time_wait=0.5, disconnected_cb=disconnected,
                                      reconnected_cb=reconnected, pending_size=64 * 1024 * 1024)
         self.health["nats"] = True
+        self.extras["nc"] = self.nc
         await ensure_streams(self.nc, StreamOptions(replicas=self.settings.stream_replicas,
                                                     duplicate_window_s=self.settings.duplicate_window_s))
         self.store = JetStreamEventStore(self.nc)
