@@ -151,6 +151,20 @@ def token_issue(
         raise _fail(str(exc)) from None
 
 
+@token_app.command("nats")
+def token_nats(data_dir: DataDir = None) -> None:
+    """Print the read-only NATS URL for integrators of the needle running on DATA_DIR
+    (read needle.events.>, own durable consumers; no publishing, no timers)."""
+    from urllib.parse import urlsplit
+
+    from shared.runtime.nats_users import load_or_create_passwords, url_for
+
+    settings = _settings(data_dir)
+    info = attach(settings)
+    port = urlsplit(info["nats_url"]).port or 4222
+    typer.echo(url_for("integrator", load_or_create_passwords(settings.data_dir)["integrator"], port))
+
+
 @rules_app.command("publish")
 def rules_publish(file: Annotated[Path, typer.Argument(help="rulebook YAML", exists=True, dir_okay=False)],
                   data_dir: DataDir = None) -> None:

@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .nats_users import authorization_block, load_or_create_passwords, url_for
 from .processes import free_port, spawn, stop, wait_port
 
 PG_SYSTEM_USER = "needle-pg"
@@ -46,7 +47,8 @@ def pg_bin_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
-def nats_config(*, port: int, store_dir: Path, sync_always: bool, monitor_port: int | None = None) -> str:
+def nats_config(*, port: int, store_dir: Path, sync_always: bool, monitor_port: int | None = None,
+                authorization: str = "") -> str:
     lines = [
         "# written by `needle up`; regenerated at every start",
         f"listen: 127.0.0.1:{port}",
@@ -60,6 +62,8 @@ def nats_config(*, port: int, store_dir: Path, sync_always: bool, monitor_port: 
     ]
     if monitor_port:
         lines.insert(2, f"http: 127.0.0.1:{monitor_port}")
+    if authorization:
+        lines.append(authorization)
     return "\n".join(lines) + "\n"
 
 
@@ -72,14 +76,23 @@ class EmbeddedNats:
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        """The services' URL (user ``needle``)."""
+        return url_for("needle", load_or_create_passwords(self.data_dir)["needle"], self.port)
+
+    @property
+    def integrator_url(self) -> str:
+        """A read-only URL for integrators (user ``integrator``)."""
+        return url_for("integrator", load_or_create_passwords(self.data_dir)["integrator"], self.port)
 
     def start(self, timeout: float = 30.0) -> None:
         root = self.data_dir / "nats"
         root.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         conf = root / "nats.conf"
-        conf.write_text(nats_config(port=self.port, store_dir=root / "jetstream", sync_always=self.sync_always))
+        auth = authorization_block(load_or_create_passwords(self.data_dir))
+        conf.write_text(nats_config(port=self.port, store_dir=root / "jetstream", sync_always=self.sync_always,
+                                    authorization=auth))
+        conf.chmod(0o600)
         log = self.data_dir / "logs" / "nats.log"
         self.proc = spawn([nats_server_binary(), "-c", str(conf)], log=log, death_signal=signal.SIGTERM)
         wait_port("127.0.0.1", self.port, self.proc, timeout, "nats-server", log)

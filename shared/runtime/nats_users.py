@@ -1,0 +1,66 @@
+"""NATS users of the embedded server: ``needle`` (the services) and ``integrator`` (read-only).
+
+An integrator may read ``needle.events.>``, look up the NEEDLE_EVENTS stream, create and use
+its own consumers on it and fetch/ack from them; it may not publish into the event stream, and
+it cannot reach the NEEDLE_TIMERS stream or any other JetStream API. Passwords are generated
+once and kept in ``DIR/secrets/nats.json`` (mode 600)."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+
+from shared.events import subjects as sj
+
+USERS_FILE = "secrets/nats.json"
+EV = sj.EVENTS_STREAM
+
+INTEGRATOR_PUBLISH = [
+    "$JS.API.INFO",
+    f"$JS.API.STREAM.INFO.{EV}",
+    f"$JS.API.CONSUMER.CREATE.{EV}",
+    f"$JS.API.CONSUMER.CREATE.{EV}.>",
+    f"$JS.API.CONSUMER.DURABLE.CREATE.{EV}.>",
+    f"$JS.API.CONSUMER.INFO.{EV}.>",
+    f"$JS.API.CONSUMER.DELETE.{EV}.>",
+    f"$JS.API.CONSUMER.MSG.NEXT.{EV}.>",
+    f"$JS.API.DIRECT.GET.{EV}",
+    f"$JS.API.DIRECT.GET.{EV}.>",
+    f"$JS.ACK.{EV}.>",
+    "$JS.FC.>",
+]
+INTEGRATOR_SUBSCRIBE = [sj.ALL_EVENTS, "_INBOX.>"]
+
+
+def load_or_create_passwords(data_dir: Path) -> dict[str, str]:
+    path = Path(data_dir) / USERS_FILE
+    if path.exists():
+        data: dict[str, str] = json.loads(path.read_text())
+        return data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"needle": secrets.token_urlsafe(24), "integrator": secrets.token_urlsafe(24)}
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    return data
+
+
+def authorization_block(passwords: dict[str, str]) -> str:
+    def arr(items: list[str]) -> str:
+        return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+    return "\n".join([
+        "authorization {",
+        "  users: [",
+        f'    {{user: "needle", password: {json.dumps(passwords["needle"])}}}',
+        f'    {{user: "integrator", password: {json.dumps(passwords["integrator"])},',
+        f"      permissions: {{publish: {{allow: {arr(INTEGRATOR_PUBLISH)}}},",
+        f"                    subscribe: {{allow: {arr(INTEGRATOR_SUBSCRIBE)}}}}}}}",
+        "  ]",
+        "}",
+    ])
+
+
+def url_for(user: str, password: str, port: int, host: str = "127.0.0.1") -> str:
+    return f"nats://{user}:{password}@{host}:{port}"
