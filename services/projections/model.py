@@ -149,7 +149,7 @@ def apply(batch: Batch, env: Envelope) -> None:
                     batch.count_area(issue, at, "issues_dispatched")
                     ms = int((at - issue["reported_at"]).total_seconds() * 1000)
                     batch.count_area(issue, at, "dispatch_ms_sum", max(ms, 0))
-                if issue["status"] in ("reported", "reopened", "dispatched"):
+                if issue["status"] != "closed":
                     issue["status"] = "dispatched"
         case ev.TaskAcknowledged():
             t = batch.tasks.get(e.task_id)

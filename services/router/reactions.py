@@ -29,7 +29,15 @@ from shared.domain.levels import Level
 from shared.events import models as ev
 
 from .clocks import SlaClocks
-from .routing import FALLBACK_KIND, RoutePlan, TaskPlan, plan_escalation, plan_route, start_level
+from .routing import (
+    FALLBACK_KIND,
+    RoutePlan,
+    TaskPlan,
+    effective_urgency,
+    plan_escalation,
+    plan_route,
+    start_level,
+)
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,8 @@ def _dispatch(state: IssueState, plan: RoutePlan, rules: RouterRules, now: datet
         center = rules.org.department_of_kind(plan.owner_area, FALLBACK_KIND)
         if center is not None and all(t.department != center.id for t in tasks):
             tasks.append(TaskPlan(department=center.id, role="co", kind=FALLBACK_KIND))
-    d = rules.clocks.for_dispatch(rules.rulebook, state.category, state.urgency, now)
+    urgency = effective_urgency(rules.rulebook, state.urgency, state.risk)
+    d = rules.clocks.for_dispatch(rules.rulebook, state.category, urgency, now)
     out: list[ev.Event] = [ev.IssueRouted(level=plan.level.value, owner_area=plan.owner_area, reason=reason,  # type: ignore[arg-type]
                                           rule=plan.rule, rulebook_version=plan.rulebook_version,
                                           caused_by=caused_by)]
@@ -102,8 +111,8 @@ def react(state: IssueState, event: ev.Event, seq: int, rules: RouterRules, now:
                     return out
             return _fallback_dispatch(state, rules, now, returned=t, caused_by=seq)
         case ev.IssueEscalated() if event.cause == "requested":
-            if state.level == event.to_level:
-                return []  # already routed there
+            if state.level is not None and Level(state.level).rank >= Level(event.to_level).rank:
+                return []  # already there or higher (breaches moved it meanwhile): never move an issue down
             plan = plan_route(rules.org, rules.rulebook, state.grid, state.category, Level(event.to_level))
             return _dispatch(state, plan, rules, now, reason="escalated", caused_by=seq, supervise=True)
         case ev.IssueReopened():

@@ -129,7 +129,8 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 acknowledge_due=event.acknowledge_due, resolve_due=event.resolve_due,
                 acknowledge_warn=event.acknowledge_warn, resolve_warn=event.resolve_warn,
             )
-            status = s.status if s.status in ("in_progress",) else "dispatched"
+            # a new lead (first dispatch, escalation, fallback, rework) has not acknowledged yet
+            status = "dispatched" if event.role == "lead" else s.status
             return replace(s, tasks=(*s.tasks, task), status=status)
         case ev.TaskAcknowledged():
             s = replace(s, tasks=_set_task(s, event.task_id, status="acknowledged", acknowledged_at=event.at))
