@@ -150,17 +150,26 @@ class Demo:
             headers["Idempotency-Key"] = idempotency_key
         r = await self.http.request(method, path, json=json, headers=headers)
         ok = r.status_code in expect
+        body = r.json() if ok and r.content else None
         if not quiet or not ok:
             colour = "green" if ok else "red"
             self.say(f"[bold]{escape(actor.label)}[/bold]  {escape(what)}  "
-                     f"[{colour}]{method} {escape(path)} → {r.status_code}[/{colour}]")
+                     f"[{colour}]{method} {escape(path)} → {r.status_code}[/{colour}]{self._outcome(body)}")
         if not ok:
             detail = r.text[:400]
             self.note(f"[red]{escape(detail)}[/red]")
             raise DemoError(f"{actor.label}: {method} {path} answered {r.status_code}: {detail}")
         if not quiet:
             await self.breathe()
-        return r.json() if r.content else None
+        return body
+
+    def _outcome(self, body: Any) -> str:
+        """`` · task acknowledged · issue in_progress`` from a task or issue response."""
+        if not isinstance(body, dict) or "status" not in body:
+            return ""
+        if isinstance(body.get("issue"), dict):
+            return f" · task {self.styled(body['status'])} · issue {self.styled(body['issue']['status'])}"
+        return f" · issue {self.styled(body['status'])}"
 
     async def issue(self, issue_id: str) -> dict[str, Any]:
         r = await self.http.get(f"/v1/issues/{issue_id}", headers=self.headers(self.observer))

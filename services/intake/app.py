@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 
-from . import campaigns_api, issues_api, problems, tasks_api
+from . import campaigns_api, events_api, issues_api, problems, tasks_api
 from .context import AppContext
 from .issues_api import json_response
 
@@ -22,6 +22,7 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     app.include_router(issues_api.router)
     app.include_router(tasks_api.router)
     app.include_router(campaigns_api.router)
+    app.include_router(events_api.router)
     for r in extra_routers:
         app.include_router(r)  # type: ignore[arg-type]
 

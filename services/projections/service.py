@@ -42,5 +42,6 @@ async def start_projections(stack: Stack) -> ProjectionWorker:
     stack.extras["pool"] = pool
     stack.extras["projection"] = worker
     stack.extras.setdefault("routers", []).append(api_router)
-    stack.spawn("projections", worker.run())
+    stack.extras["routers"].append(__import__("services.projections.dashboard", fromlist=["router"]).router)
+    stack.spawn("projections", worker.run(on_subscribed=stack.close_on_exit))
     return worker

@@ -121,10 +121,12 @@ class ProjectionWorker:
             config=ConsumerConfig(ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.ALL, ack_wait=120,
                                   max_ack_pending=50_000, max_deliver=-1))
 
-    async def run(self) -> None:
+    async def run(self, on_subscribed: Any = None) -> None:
         async with self.pool.acquire() as conn:
             self.seq, _ = await self.writer.checkpoint(conn)
         sub = await self.subscribe()
+        if on_subscribed is not None:
+            on_subscribed(sub)
         while True:
             try:
                 msgs: list[Msg] = await sub.fetch(self.batch, timeout=0.5)
@@ -133,7 +135,8 @@ class ProjectionWorker:
                     log.warning("fetch failed", error=repr(exc))
                     await asyncio.sleep(0.5)
                 continue
-            await self.commit(msgs)
+            if msgs:
+                await self.commit(msgs)
 
     async def commit(self, msgs: list[Msg]) -> None:
         envs: list[Envelope] = []

@@ -187,6 +187,8 @@ async def start_router(stack: Stack) -> Router:
         sj.TIMER_FIRED, durable="router-timers", stream=sj.TIMERS_STREAM,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=60,
                               max_ack_pending=100_000, max_deliver=-1))
+    stack.close_on_exit(events_sub)
+    stack.close_on_exit(timers_sub)
     stack.spawn("router", router.run_consumer(events_sub, router.handle_event, per_issue=True))
     stack.spawn("router-timers", router.run_consumer(timers_sub, router.handle_timer, per_issue=False))
     stack.extras["router"] = router

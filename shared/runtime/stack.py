@@ -85,6 +85,11 @@ class Stack:
         for holder in self.rule_holders:
             holder(rulebook)
 
+    def close_on_exit(self, sub: Any) -> None:
+        """Unsubscribe ``sub`` before draining: a pull subscription cancelled mid-fetch otherwise holds
+        the drain until its timeout."""
+        self.closers.append(sub.unsubscribe)
+
     def spawn(self, name: str, coro: Awaitable[Any]) -> None:
         async def guarded() -> None:
             self.health[name] = True
