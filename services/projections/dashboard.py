@@ -1,0 +1,160 @@
+"""The supervisors' (督办) live dashboard: a static page over the read-model queries, plus an SSE nudge.
+
+* ``GET /dashboard``: the HTML shell (no auth: it holds no data). The page takes the token from
+  ``#token=...`` (or a login box; kept in sessionStorage) and the area from ``?area=``, then reads
+  ``/v1/stats``, ``/v1/stats/series``, ``/v1/overdue`` and ``/dashboard/org`` with ``Authorization: Bearer``.
+* ``GET /dashboard/static/{file}``: the page's js/css and the vendored Chart.js (an allowlist, no path walking).
+* ``GET /dashboard/org?area=``: names for the area tree, departments and categories (supervisor/admin).
+* ``GET /dashboard/stream?area=&access_token=``: Server-Sent Events. EventSource cannot send headers, so the
+  token comes in the query string and goes through the same verifier. Emits ``hello`` on connect and
+  ``changed`` ``{"seq": n}`` after the projection worker commits a batch that touched an issue under the
+  area; sse-starlette sends a ``: ping`` comment every 15 s. The page then refetches (debounced).
+  The token is checked again every minute: an expired or revoked token ends the stream (event ``expired``).
+"""
+from __future__ import annotations
+
+import asyncio
+import mimetypes
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import FileResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from services.intake.context import AppContext
+from services.intake.security import Actor, Ctx, in_area
+from shared.auth import Principal, TokenError
+from shared.domain.errors import Invalid, NotAllowed, NotFound, Unavailable
+
+router = APIRouter(tags=["dashboard"])
+
+STATIC_DIR = Path(__file__).parent / "static"
+PING_S = 15.0  # heartbeat comment, keeps proxies from closing an idle stream
+WAIT_S = 5.0  # longest wait on the worker before re-checking the token and the client
+MIN_GAP_S = 0.25  # at most four change checks a second per stream, however fast batches commit
+REVERIFY_S = 60.0
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _static_files() -> dict[str, Path]:
+    """Every servable file, by its path under ``static/`` (computed once: requests never touch the fs tree)."""
+    if not STATIC_DIR.is_dir():
+        return {}
+    return {p.relative_to(STATIC_DIR).as_posix(): p for p in STATIC_DIR.rglob("*")
+            if p.is_file() and p.suffix in (".js", ".css", ".html", ".svg", ".md")}
+
+
+STATIC = _static_files()
+
+
+def supervisor_area(ctx: AppContext, p: Principal, area: str | None) -> str:
+    """The area a supervisor (or admin) may watch: the requested one if in scope, else their own."""
+    if p.role not in ("supervisor", "admin"):
+        raise NotAllowed(f"role {p.role} cannot watch the dashboard (needs supervisor)")
+    chosen = area or (p.scope_id if p.role == "supervisor" else ctx.org.root.id)
+    if chosen not in ctx.org.areas:
+        raise Invalid(f"unknown area {chosen!r}", field="area")
+    if not in_area(ctx.org, p, chosen):
+        raise NotAllowed(f"area {chosen} is outside scope {p.scope}")
+    return chosen
+
+
+@router.get("/dashboard", include_in_schema=False)
+async def dashboard_page() -> Response:
+    """The page shell; data comes from the JSON endpoints with the supervisor's token."""
+    page = STATIC.get("dashboard.html")
+    if page is None:
+        raise NotFound("dashboard assets are not installed")
+    return FileResponse(page, media_type="text/html; charset=utf-8",
+                        headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+
+
+@router.get("/dashboard/static/{name:path}", include_in_schema=False)
+async def dashboard_static(name: str) -> Response:
+    path = STATIC.get(name)
+    if path is None:
+        raise NotFound(f"no dashboard asset {name!r}")
+    media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    if media.startswith("text/") or media.endswith("javascript"):
+        media += "; charset=utf-8"
+    cache = "public, max-age=86400" if name.startswith("vendor/") else "no-cache"
+    return FileResponse(path, media_type=media, headers={"Cache-Control": cache})
+
+
+@router.get("/dashboard/org")
+async def dashboard_org(ctx: Ctx, p: Actor, area: Annotated[str | None, Query(max_length=64)] = None) -> Response:
+    """The watched area, the path down to it from the caller's scope, its children, and display names."""
+    a = supervisor_area(ctx, p, area)
+    org = ctx.org
+    scope_root = org.root.id if p.role == "admin" else p.scope_id
+    path = []
+    for anc in org.ancestors(a):
+        path.append({"id": anc.id, "name": anc.name, "level": str(anc.level)})
+        if anc.id == scope_root:
+            break
+    subtree = org.subtree(a)
+    body: dict[str, Any] = {
+        "area": {"id": a, "name": org.areas[a].name, "level": str(org.areas[a].level)},
+        "path": list(reversed(path)),
+        "children": [{"id": c.id, "name": c.name, "level": str(c.level), "leaf": not org.children(c.id)}
+                     for c in org.children(a)],
+        "areas": {x.id: {"name": x.name, "level": str(x.level), "parent": x.parent} for x in subtree},
+        "departments": {d.id: {"name": d.name, "kind": d.kind, "area": d.area} for d in org.departments.values()},
+        "categories": {c.id: c.name for c in ctx.rulebook.categories.values()},
+        "timezone": ctx.rulebook.timezone,
+    }
+    return Response(orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+def _sse(event: str, data: dict[str, Any], seq: int) -> ServerSentEvent:
+    return ServerSentEvent(data=orjson.dumps(data).decode(), event=event, id=str(seq), retry=3000)
+
+
+async def _touched(ctx: AppContext, area: str, after: int) -> bool:
+    """True when an issue under ``area`` changed after stream sequence ``after`` (rows carry their last seq)."""
+    pool = ctx.extras["pool"]
+    hit = await pool.fetchval("SELECT 1 FROM issues WHERE areas @> ARRAY[$1]::text[] AND seq > $2 LIMIT 1",
+                              area, after)
+    return hit is not None
+
+
+async def changes(ctx: AppContext, token: str, area: str) -> AsyncIterator[ServerSentEvent]:
+    """``hello`` now, then ``changed`` each time committed batches touched the area; ends on a bad token."""
+    worker = ctx.extras["projection"]
+    loop = asyncio.get_running_loop()
+    seen = int(worker.seq)
+    yield _sse("hello", {"seq": seen, "area": area}, seen)
+    verified = loop.time()
+    while True:
+        advanced = await worker.wait_for(seen + 1, WAIT_S)
+        if loop.time() - verified >= REVERIFY_S:
+            try:
+                ctx.verifier.verify(token)
+            except TokenError as exc:
+                yield _sse("expired", {"detail": str(exc)}, seen)
+                return
+            verified = loop.time()
+        if not advanced:
+            continue
+        now = int(worker.seq)
+        if await _touched(ctx, area, seen):
+            yield _sse("changed", {"seq": now, "area": area}, now)
+        seen = now
+        await asyncio.sleep(MIN_GAP_S)
+
+
+@router.get("/dashboard/stream")
+async def dashboard_stream(ctx: Ctx,
+                           access_token: Annotated[str, Query(min_length=1, max_length=4096)],
+                           area: Annotated[str | None, Query(max_length=64)] = None) -> Response:
+    """Live nudges for one area (EventSource: the token rides in ``access_token``)."""
+    p = ctx.verifier.verify(access_token)
+    a = supervisor_area(ctx, p, area)
+    if ctx.extras.get("projection") is None or ctx.extras.get("pool") is None:
+        raise Unavailable("read models are not running in this process")
+    return EventSourceResponse(changes(ctx, access_token, a), ping=PING_S,
+                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
