@@ -7,6 +7,7 @@ import asyncpg
 import structlog
 
 from .api import router as api_router
+from .dashboard import router as dashboard_router
 from .migrate import upgrade
 from .schema import PROJECTION_VERSION
 from .worker import ProjectionWorker, ProjectionWriter
@@ -42,6 +43,6 @@ async def start_projections(stack: Stack) -> ProjectionWorker:
     stack.extras["pool"] = pool
     stack.extras["projection"] = worker
     stack.extras.setdefault("routers", []).append(api_router)
-    stack.extras["routers"].append(__import__("services.projections.dashboard", fromlist=["router"]).router)
+    stack.extras["routers"].append(dashboard_router)
     stack.spawn("projections", worker.run(on_subscribed=stack.close_on_exit))
     return worker
