@@ -4,6 +4,8 @@ from __future__ import annotations
 from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 
+from services.open311.api import router as open311_router
+
 from . import campaigns_api, events_api, issues_api, problems, tasks_api
 from .context import AppContext
 from .issues_api import json_response
@@ -23,6 +25,7 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     app.include_router(tasks_api.router)
     app.include_router(campaigns_api.router)
     app.include_router(events_api.router)
+    app.include_router(open311_router)
     for r in extra_routers:
         app.include_router(r)  # type: ignore[arg-type]
 

@@ -1,0 +1,310 @@
+"""Open311 GeoReport v2 under ``/open311/v2/`` (docs/OPEN311.md): services from the rulebook, requests through
+the same report path as ``POST /v1/issues``, and reads from the event store and the read models.
+
+Every answer under ``/open311`` — errors included — is in the spec's JSON or XML form (the path's suffix picks
+it): the routes take the raw Request and parse their inputs here, so FastAPI's validation never answers.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+
+import asyncpg
+import nats.errors
+import structlog
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+
+from services.intake.context import AppContext
+from services.intake.issues_api import request_hash, validate_report
+from services.intake.schemas import ReportIssueBody
+from services.intake.security import get_ctx, in_area
+from shared.auth import Principal, TokenError
+from shared.commanding import load_state, utcnow
+from shared.domain import commands as cmd
+from shared.domain import ids
+from shared.domain.errors import ConcurrencyConflict, Conflict, DomainError, NotFound
+from shared.domain.issue import decide, initial_state
+
+from . import catalog, search, view
+from .formats import FORMATS, Format, Open311Error, check_format, error_response, render, split_format
+from .inputs import Params, attributes, first, place, read_params, risk_of, urgency_of
+
+router = APIRouter(tags=["open311"])
+log = structlog.get_logger("needle.open311")
+BASE = "/open311/v2"
+SOURCE = "needle/open311"
+KEY_ROLES = ("integrator", "admin", "grid_worker")
+MAX_WAIT_S = 5.0
+STARTED = datetime.now(UTC)
+_KNOWN_PATH = re.compile(r"^v2/(discovery|services|requests|tokens)(\.[^/]*|/[^/]+)$")
+_LOAD_CONCURRENCY = 16
+
+
+def _guess(source: str) -> Format:
+    suffix = source.rpartition(".")[2].lower()
+    return suffix if suffix in FORMATS else "json"
+
+
+async def _answer(source: str, work: Callable[[Format], Awaitable[Response]]) -> Response:
+    """Run ``work`` and turn every failure into the spec's error list, in the requested format."""
+    fmt = _guess(source)
+    try:
+        return await work(fmt)
+    except Open311Error as e:
+        return error_response(fmt, e.status, e.description, e.headers)
+    except TokenError as e:
+        return error_response(fmt, 403, f"api_key: {e}")
+    except DomainError as e:
+        status = {422: 400, 412: 400}.get(e.status, e.status)
+        headers = {"Retry-After": "1"} if e.retryable else None
+        return error_response(fmt, status, e.detail, headers)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, nats.errors.Error, OSError, TimeoutError) as e:
+        log.warning("open311 backend unavailable", error=repr(e))
+        return error_response(fmt, 503, "temporarily unavailable; retry shortly", {"Retry-After": "1"})
+    except Exception as e:  # never a bare 500 page, never problem+json
+        log.exception("open311 unhandled error", error=repr(e))
+        return error_response(fmt, 500, "an unexpected error occurred; it has been logged")
+
+
+def _jurisdiction(ctx: AppContext, params: Params) -> None:
+    wanted = first(params, "jurisdiction_id")
+    if wanted is not None and wanted != ctx.org.root.id:
+        raise Open311Error(404, f"jurisdiction_id {wanted!r} not found (this endpoint serves {ctx.org.root.id!r})")
+
+
+def _query(request: Request) -> Params:
+    out: Params = {}
+    for key, value in request.query_params.multi_items():
+        out.setdefault(key, []).append(value)
+    return out
+
+
+def _principal(ctx: AppContext, request: Request, params: Params) -> Principal:
+    key = first(params, "api_key")
+    if key is None:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+    if key is None:
+        raise Open311Error(403, "api_key was not provided")
+    try:
+        p = ctx.verifier.verify(key)
+    except TokenError as e:
+        raise Open311Error(403, f"api_key is not valid ({e})") from None
+    if p.role not in KEY_ROLES:
+        raise Open311Error(403, f"api_key of role {p.role} may not submit requests (needs {', '.join(KEY_ROLES)})")
+    return p
+
+
+def _title(description: str | None, fallback: str) -> str:
+    line = next((x.strip() for x in (description or "").splitlines() if x.strip()), "")
+    if not line:
+        return fallback
+    return line if len(line) <= 80 else line[:79] + "…"
+
+
+async def _append(ctx: AppContext, p: Principal, body: ReportIssueBody, key: str | None) -> tuple[str, bool, int]:
+    """The report path of ``POST /v1/issues``: (issue id, replayed?, stream seq)."""
+    rhash = request_hash(body)
+    if key is not None:
+        issue_id = ids.idempotent_issue_id(p.subject, ids.check_idempotency_key(key))
+    else:
+        issue_id = ids.new_issue_id(int(time.time() * 1000), secrets.randbits(80))
+    command = cmd.ReportIssue(grid=body.grid, category=body.category, title=body.title,
+                              description=body.description, urgency=body.urgency, risk=tuple(body.risk),
+                              location=body.location, reporter=p.subject, request_hash=rhash)
+    now = utcnow()
+    events = decide(initial_state(issue_id), command, now)
+    try:
+        res = await ctx.store.append(issue_id, events, expected_last_seq=0, version=0, now=now, actor=p.subject,
+                                     msg_id=f"report:{issue_id}", source=SOURCE)
+        if not res.duplicate:
+            return issue_id, False, res.seq
+    except ConcurrencyConflict:
+        if key is None:
+            raise
+    state, _ = await load_state(ctx.store, issue_id)
+    if not state.exists:
+        raise ConcurrencyConflict("request being created concurrently; retry")
+    if state.request_hash != rhash:
+        raise Conflict("Idempotency-Key was already used with a different request")
+    return issue_id, True, state.last_seq
+
+
+async def _create(request: Request, fmt: Format) -> Response:
+    ctx = get_ctx(request)
+    params = await read_params(request)
+    _jurisdiction(ctx, params)
+    p = _principal(ctx, request, params)
+    code = first(params, "service_code")
+    if code is None:
+        raise Open311Error(400, "service_code was not provided")
+    category = ctx.rulebook.categories.get(code)
+    if category is None:
+        raise Open311Error(400, f"service_code {code!r} not found (see services.{fmt})")
+    attrs = attributes(params)
+    urgency, risk = urgency_of(attrs), risk_of(ctx.rulebook, attrs)
+    where = place(ctx.org, params, attrs)
+    if p.role == "grid_worker" and not in_area(ctx.org, p, where.grid):
+        raise Open311Error(403, f"api_key scope {p.scope} does not cover grid {where.grid}")
+    description = first(params, "description")
+    title = _title(description, category.name)
+    if where.address is not None:  # an address without a point: keep it where the handler will read it
+        description = f"{description}\n\n地址 (address): {where.address}" if description else \
+            f"地址 (address): {where.address}"
+    # email, first_name, last_name, phone, device_id, account_id and media_url are accepted and not stored
+    try:
+        body = ReportIssueBody(grid=where.grid, category=code, title=title, description=description,
+                               urgency=urgency, risk=list(risk), location=where.location)  # type: ignore[arg-type]
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err.get("loc", ())) or "request"
+        raise Open311Error(400, f"{field}: {err.get('msg', 'invalid')}") from None
+    validate_report(ctx, body)
+    issue_id, replayed, seq = await _append(ctx, p, body, request.headers.get("idempotency-key"))
+    item = {"service_request_id": issue_id, "token": issue_id,
+            "service_notice": catalog.service_notice(ctx.rulebook, code, urgency), "account_id": None}
+    headers = {"Location": f"{BASE}/requests/{issue_id}.{fmt}", "Needle-Seq": str(seq)}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return render(fmt, [item], root="service_requests", item="request", status=201, headers=headers)
+
+
+async def _by_ids(ctx: AppContext, wanted: tuple[str, ...]) -> list[dict[str, object]]:
+    sem = asyncio.Semaphore(_LOAD_CONCURRENCY)
+
+    async def one(issue_id: str) -> dict[str, object] | None:
+        try:
+            ids.check_issue_id(issue_id)
+        except NotFound:
+            return None
+        async with sem:
+            state, envs = await load_state(ctx.store, issue_id)
+        return view.from_state(ctx.org, ctx.rulebook, state, envs) if state.exists else None
+
+    found = await asyncio.gather(*(one(i) for i in wanted))
+    return [r for r in found if r is not None]
+
+
+async def _list(request: Request, fmt: Format) -> Response:
+    ctx = get_ctx(request)
+    params = _query(request)
+    _jurisdiction(ctx, params)
+    wanted = search.comma_list(first(params, "service_request_id"))
+    if wanted:
+        if len(wanted) > search.MAX_IDS:
+            raise Open311Error(400, f"at most {search.MAX_IDS} service_request_id values at once")
+        return render(fmt, await _by_ids(ctx, wanted), root="service_requests", item="request")
+    f = search.filters(start=first(params, "start_date"), end=first(params, "end_date"),
+                       service_code=first(params, "service_code"), status=first(params, "status"),
+                       tz=ctx.rulebook.tz, now=utcnow())
+    pool, worker = ctx.extras.get("pool"), ctx.extras.get("projection")
+    if pool is None:
+        raise Open311Error(503, "request search needs the read models, which do not run in this process; "
+                                "ask by service_request_id", {"Retry-After": "5"})
+    min_seq = request.headers.get("needle-min-seq", "")
+    if worker is not None and min_seq.isdigit():
+        await worker.wait_for(int(min_seq), MAX_WAIT_S)  # answer anyway: Needle-Seq tells what it reflects
+    rows = await search.list_requests(pool, f)
+    headers = {"Needle-Seq": str(worker.seq)} if worker is not None else None
+    body = [view.from_row(ctx.org, ctx.rulebook, r) for r in rows]
+    return render(fmt, body, root="service_requests", item="request", headers=headers)
+
+
+async def _one(request: Request, name: str, tokens: bool) -> Response:
+    ctx = get_ctx(request)
+    _jurisdiction(ctx, _query(request))
+    stem, fmt = split_format(name)
+    what = "token" if tokens else "service_request_id"
+    try:
+        issue_id = ids.check_issue_id(stem)
+    except NotFound:
+        raise Open311Error(404, f"{what} {stem} not found") from None
+    state, envs = await load_state(ctx.store, issue_id)
+    if not state.exists:
+        raise Open311Error(404, f"{what} {stem} not found")
+    if tokens:  # the token is the request id: it is known as soon as the POST answers
+        body = [{"service_request_id": issue_id, "token": issue_id}]
+    else:
+        body = [view.from_state(ctx.org, ctx.rulebook, state, envs)]
+    return render(fmt, body, root="service_requests", item="request")
+
+
+# -- routes ---------------------------------------------------------------------------------------------------
+@router.get(BASE + "/discovery.{fmt}", summary="Open311 endpoint discovery")
+async def discovery(request: Request, fmt: str) -> Response:
+    async def work(_: Format) -> Response:
+        f = check_format(fmt)
+        url = str(request.base_url).rstrip("/") + BASE + "/"
+        changeset = view.ts(STARTED, get_ctx(request).rulebook.tz)
+        body = {"changeset": changeset, "contact": "the operator of this needle",
+                "key_service": "api_key: a needle bearer token (needle token issue --role integrator)",
+                "endpoints": [{"specification": "http://wiki.open311.org/GeoReport_v2", "url": url,
+                               "changeset": changeset, "type": "production",
+                               "formats": ["application/json", "text/xml"]}]}
+        return render(f, body, root="discovery", item=None)
+
+    return await _answer(fmt, work)
+
+
+@router.get(BASE + "/services.{fmt}", summary="Service list: one service per rulebook category")
+async def service_list(request: Request, fmt: str) -> Response:
+    async def work(_: Format) -> Response:
+        f = check_format(fmt)
+        ctx = get_ctx(request)
+        _jurisdiction(ctx, _query(request))
+        return render(f, catalog.service_list(ctx.rulebook), root="services", item="service")
+
+    return await _answer(fmt, work)
+
+
+@router.get(BASE + "/services/{name}", summary="Service definition (name is <service_code>.json|.xml)")
+async def service_definition(request: Request, name: str) -> Response:
+    async def work(_: Format) -> Response:
+        code, f = split_format(name)
+        ctx = get_ctx(request)
+        _jurisdiction(ctx, _query(request))
+        try:
+            body = catalog.definition(ctx.rulebook, code)
+        except KeyError:
+            raise Open311Error(404, f"service_code {code!r} not found") from None
+        return render(f, body, root="service_definition", item=None)
+
+    return await _answer(name, work)
+
+
+@router.get(BASE + "/requests.{fmt}", summary="Search service requests (public, non-personal fields)")
+async def get_requests(request: Request, fmt: str) -> Response:
+    return await _answer(fmt, lambda _: _list(request, check_format(fmt)))
+
+
+@router.post(BASE + "/requests.{fmt}", status_code=201, summary="Submit a service request (api_key)")
+async def post_request(request: Request, fmt: str) -> Response:
+    return await _answer(fmt, lambda _: _create(request, check_format(fmt)))
+
+
+@router.get(BASE + "/requests/{name}", summary="One service request (name is <id>.json|.xml)")
+async def get_request(request: Request, name: str) -> Response:
+    return await _answer(name, lambda _: _one(request, name, tokens=False))
+
+
+@router.get(BASE + "/tokens/{name}", summary="The service_request_id of a token (name is <token>.json|.xml)")
+async def get_token(request: Request, name: str) -> Response:
+    return await _answer(name, lambda _: _one(request, name, tokens=True))
+
+
+@router.api_route("/open311", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                  include_in_schema=False)
+@router.api_route("/open311/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                  include_in_schema=False)
+async def fallback(request: Request, rest: str = "") -> Response:
+    """Anything else under /open311: 404 (or 405 on a known resource), in the spec's error form."""
+    fmt = _guess(rest)
+    if _KNOWN_PATH.match(rest):
+        allow = "GET, POST" if re.match(r"^v2/requests\.", rest) else "GET"
+        return error_response(fmt, 405, f"method {request.method} not allowed here", {"Allow": allow})
+    return error_response(fmt, 404, f"no Open311 resource at {request.url.path}; see {BASE}/services.json")

@@ -1,0 +1,313 @@
+"""``needle up`` as a user runs it (DESIGN.md, "Contract: CLI"): a real process tree with the
+embedded nats-server and Postgres in a data directory. Stops (SIGTERM, SIGKILL), restarts on
+the same data, refuses bad rulebooks, and ``needle token issue``'s refusals."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared import auth
+from shared.runtime.processes import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+ORG = FIXTURES / "contract_org.yaml"
+RULES = FIXTURES / "contract_rules.yaml"
+NEEDLE = Path(sys.executable).parent / "needle"
+
+
+def clean_env() -> dict[str, str]:
+    """The test's environment without NEEDLE_* (which would point needle at other servers)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("NEEDLE_")}
+
+
+def procs_mentioning(data_dir: Path) -> list[tuple[int, str]]:
+    """Live processes whose command line mentions ``data_dir`` (zombies have an empty one)."""
+    out = []
+    needle_ = str(data_dir)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        cmd = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+        if needle_ in cmd:
+            out.append((int(entry.name), cmd))
+    return out
+
+
+def poll(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+
+
+class Up:
+    """One ``needle up`` process; its output is drained by a thread (a full pipe would stall it)."""
+
+    def __init__(self, data_dir: Path, port: int, org: Path = ORG, rules: Path = RULES) -> None:
+        self.data_dir, self.port = data_dir, port
+        self.proc = subprocess.Popen(
+            [str(NEEDLE), "up", "--data-dir", str(data_dir), "--port", str(port), "--org", str(org),
+             "--rules", str(rules)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env(), cwd=ROOT)
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace")
+            self.lines.append(line)
+            if "needle ready" in line:
+                self._ready.set()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def wait_ready(self, timeout: float = 60.0) -> httpx.Client:
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None:
+                self._reader.join(2)
+                raise AssertionError(f"needle up exited with {self.proc.returncode}:\n{self.output[-3000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"needle up not ready within {timeout} s:\n{self.output[-3000:]}")
+        assert f"needle ready http://127.0.0.1:{self.port}" in self.output
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=10)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> tuple[int | None, float]:
+        """Signal the ``needle up`` process alone (not its group); its exit code and how long it took."""
+        t0 = time.monotonic()
+        self.proc.send_signal(sig)
+        try:
+            rc: int | None = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        return rc, time.monotonic() - t0
+
+
+def _cleanup(ups: list[Up]) -> None:
+    """Never leave a process behind, whatever the test did (only ours: by pid)."""
+    for up in ups:
+        if up.proc.poll() is None:
+            up.proc.kill()
+            up.proc.wait(10)
+        for pid, _ in procs_mentioning(up.data_dir):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        poll(lambda up=up: not procs_mentioning(up.data_dir), 5)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data directory for the module: only the first start pays for initdb (~2.5 s); every later
+    test is a restart on data an earlier `needle up` left (whichever the order)."""
+    return tmp_path_factory.mktemp("needle-up") / "data"
+
+
+@pytest.fixture
+def launch(data_dir: Path) -> Iterator[Callable[..., Up]]:
+    ups: list[Up] = []
+
+    def start(port: int | None = None, **kw: Any) -> Up:
+        assert not procs_mentioning(data_dir), "an earlier needle up still runs on the data dir"
+        up = Up(data_dir, port or free_port(), **kw)
+        ups.append(up)
+        return up
+
+    yield start
+    _cleanup(ups)
+
+
+def token(data_dir: Path, role: str, scope: str = "") -> str:
+    """A token from ``needle token issue`` (the contract way)."""
+    r = subprocess.run([str(NEEDLE), "token", "issue", "--data-dir", str(data_dir), "--role", role, "--scope", scope],
+                       capture_output=True, text=True, env=clean_env(), timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def bearer(t: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {t}"}
+
+
+# -- stopping -------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sigtermed(data_dir: Path) -> dict[str, Any]:
+    """One ``needle up`` that answered a request, then got SIGTERM: what it left behind."""
+    data = data_dir
+    up = Up(data, free_port())
+    try:
+        with up.wait_ready() as client:
+            servers = procs_mentioning(data)
+            admin = auth.issue_token(auth.load_or_create_key(data), role="admin", scope="")
+            r = client.get("/healthz", headers=bearer(admin))
+            assert r.status_code == 200, r.text
+        rc, took = up.stop(signal.SIGTERM, 20)
+        at_exit = procs_mentioning(data) if rc is not None else []
+        gone = poll(lambda: not procs_mentioning(data), 10)
+        outcome = {"rc": rc, "took": took, "servers": servers, "at_exit": at_exit, "gone": gone,
+                   "left": procs_mentioning(data), "runtime_json": (data / "runtime.json").exists(),
+                   "output": up.output}
+    finally:
+        _cleanup([up])  # before the other tests restart on the same data dir
+    return outcome
+
+
+def test_sigterm_exits_within_20s_and_leaves_no_servers(sigtermed: dict[str, Any]) -> None:
+    kinds = " ".join(cmd for _, cmd in sigtermed["servers"])
+    assert "nats-server" in kinds and "postgres" in kinds, sigtermed["servers"]  # the scan does see them
+    assert sigtermed["rc"] is not None, f"still running 20 s after SIGTERM:\n{sigtermed['output'][-2000:]}"
+    assert sigtermed["took"] < 20
+    assert sigtermed["gone"], sigtermed["left"]
+
+
+@pytest.mark.xfail(strict=True, reason="bug: shared/runtime/stack.py run_stack: uvicorn (0.54) Server.capture_signals "
+                                       "re-raises the captured SIGTERM after serve() with the default handler, so "
+                                       "`needle up` dies by the signal (exit -15) before stack.close() and _boot's "
+                                       "finally (runtime.json stays; servers only die through PDEATHSIG)")
+def test_sigterm_stops_everything_cleanly(sigtermed: dict[str, Any]) -> None:
+    assert sigtermed["rc"] == 0, sigtermed["rc"]
+    assert not sigtermed["runtime_json"], "runtime.json left behind"
+    assert sigtermed["at_exit"] == [], "servers still running when needle up had exited"
+
+
+def test_sigkill_of_needle_up_takes_its_servers_down(launch: Callable[..., Up]) -> None:
+    up = launch()
+    up.wait_ready().close()
+    children = procs_mentioning(up.data_dir)
+    kinds = " ".join(cmd for _, cmd in children)
+    assert "nats-server" in kinds and "postgres" in kinds, children
+    os.kill(up.proc.pid, signal.SIGKILL)  # the process itself, not its group
+    up.proc.wait(10)
+    assert poll(lambda: not procs_mentioning(up.data_dir), 15), procs_mentioning(up.data_dir)
+
+
+# -- restart --------------------------------------------------------------------------------------------------------
+def test_restart_on_the_same_data_dir_keeps_every_issue(launch: Callable[..., Up], data_dir: Path) -> None:
+    data, port = data_dir, free_port()
+    up = launch(port)
+    client = up.wait_ready()
+    gw = bearer(token(data, "grid_worker", "area:wuxing-g1"))
+    key_ = auth.load_or_create_key(data)
+    gw2 = bearer(auth.issue_token(key_, role="grid_worker", scope="area:wuxing-g2"))
+    admin = bearer(auth.issue_token(key_, role="admin", scope=""))
+    key = f"form-{uuid.uuid4()}"
+    bodies = [({"grid": "wuxing-g1", "category": "road_damage", "title": f"路面破损 {i}",
+                "location": {"lat": 30.002, "lon": 122.1028}}, gw) for i in range(3)]
+    bodies += [({"grid": "wuxing-g2", "category": "neighbour_dispute", "title": f"邻里纠纷 {i}"}, gw2)
+               for i in range(2)]
+    ids = []
+    for n, (body, who) in enumerate(bodies):
+        r = client.post("/v1/issues", json=body, headers=who | ({"Idempotency-Key": key} if n == 0 else {}))
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    before = {}
+    for issue_id in ids:  # wait for the router, so nothing is in flight at the stop
+        assert poll(lambda i=issue_id: bool(client.get(f"/v1/issues/{i}", headers=admin).json()["tasks"]), 10)
+        before[issue_id] = client.get(f"/v1/issues/{issue_id}", headers=admin).json()
+    events_before = {i: client.get(f"/v1/issues/{i}/events", headers=admin).json() for i in ids}
+    client.close()
+
+    rc, took = up.stop(signal.SIGTERM, 20)
+    assert rc is not None and took < 20
+    assert poll(lambda: not procs_mentioning(data), 10), procs_mentioning(data)
+
+    again = launch(port)
+    client = again.wait_ready()
+    for issue_id in ids:
+        r = client.get(f"/v1/issues/{issue_id}", headers=gw if before[issue_id]["grid"] == "wuxing-g1" else gw2)
+        assert r.status_code == 200, r.text  # the old tokens still work: the key lives in the data dir
+        assert r.json() == before[issue_id]
+        assert client.get(f"/v1/issues/{issue_id}/events", headers=admin).json() == events_before[issue_id]
+
+    replay = client.post("/v1/issues", json=bodies[0][0], headers=gw | {"Idempotency-Key": key})
+    assert replay.status_code in (200, 201) and replay.json()["id"] == ids[0], replay.text
+    fresh = client.post("/v1/issues", json={"grid": "wuxing-g1", "category": "road_damage", "title": "after restart"},
+                        headers=gw)
+    assert fresh.status_code == 201, fresh.text
+    assert fresh.json()["id"] not in ids
+    listed = client.get("/v1/issues", params={"area": "wuxing", "limit": 50},
+                        headers=admin | {"Needle-Min-Seq": fresh.headers["Needle-Seq"]})
+    assert listed.status_code == 200, listed.text
+    assert {*ids, fresh.json()["id"]} <= {i["id"] for i in listed.json()["items"]}
+    client.close()
+
+
+# -- refusing to start, refusing bad tokens -------------------------------------------------------------------------
+BAD_RULES = {
+    "unknown-department-kind": ("lead: transport,", "lead: transprot,"),
+    "bad-duration": ("resolve: PT24H", "resolve: 24 hours"),
+    "bad-yaml": ("    start: community", "    start: [community"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RULES))
+def test_bad_rulebook_makes_needle_up_exit_quickly_naming_file_and_line(tmp_path: Path, case: str) -> None:
+    old, new = BAD_RULES[case]
+    text = RULES.read_text()
+    assert old in text
+    bad = tmp_path / "bad-rules.yaml"
+    bad.write_text(text.replace(old, new, 1))
+    line = next(n for n, t in enumerate(bad.read_text().splitlines(), 1) if new in t)
+    data = tmp_path / "data"
+
+    t0 = time.monotonic()
+    r = subprocess.run([str(NEEDLE), "up", "--data-dir", str(data), "--port", str(free_port()), "--org", str(ORG),
+                        "--rules", str(bad)], capture_output=True, text=True, env=clean_env(), timeout=60)
+    took = time.monotonic() - t0
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert took < 15, took
+    assert "needle ready" not in out
+    assert "Traceback" not in out, out
+    where = re.search(re.escape(str(bad)) + r":(\d+)", out)
+    assert where, out
+    if case != "bad-yaml":  # YAML errors are reported where the parser noticed them
+        assert int(where.group(1)) == line, out
+    assert procs_mentioning(data) == []
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--role", "mayor", "--scope", "area:wuxing"], ["mayor", "grid_worker"]),
+    (["--role", "handler", "--scope", "area:wuxing"], ["handler", "dept:"]),
+    (["--role", "admin", "--ttl", "forever"], ["forever"]),
+], ids=["unknown-role", "scope-of-another-kind", "bad-ttl"])
+def test_token_issue_refuses_bad_input_with_a_clear_message(tmp_path: Path, args: list[str], says: list[str]) -> None:
+    r = subprocess.run([str(NEEDLE), "token", "issue", "--data-dir", str(tmp_path), *args], capture_output=True,
+                       text=True, env=clean_env(), timeout=30)
+    assert r.returncode != 0
+    assert r.stdout.strip() == ""  # no token printed
+    assert "Traceback" not in r.stderr, r.stderr
+    for word in says:
+        assert word in r.stderr, r.stderr
+
+
+def test_token_issue_prints_a_token_the_data_dir_key_accepts(tmp_path: Path) -> None:
+    t = token(tmp_path, "supervisor", "area:dinghai")
+    p = auth.TokenVerifier(auth.load_or_create_key(tmp_path)).verify(t)
+    assert (p.role, p.scope) == ("supervisor", "area:dinghai")
