@@ -145,6 +145,8 @@ def token_issue(
     settings = _settings(data_dir)
     try:
         ttl_s = int(ttl) if ttl.isdigit() else int(parse_duration(ttl).total_seconds())
+        if ttl_s <= 0:
+            raise ValueError(f"--ttl must be positive, got {ttl!r}")
         key = auth.load_or_create_key(settings.data_dir)
         typer.echo(auth.issue_token(key, role=role, scope=scope, subject=subject, ttl_s=ttl_s))
     except ValueError as exc:

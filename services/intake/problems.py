@@ -66,7 +66,8 @@ def install(app: FastAPI) -> None:
 
 
 class BodyLimit:
-    """Refuses bodies larger than ``limit`` bytes with 413, before the app reads them (pure ASGI)."""
+    """Refuses bodies larger than ``limit`` bytes with 413 (pure ASGI). A declared Content-Length is
+    checked up front; a chunked body is read (up to the limit) before the app sees it."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -76,8 +77,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared = False
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
+                declared = True
                 try:
                     too_big = int(value) > self.limit
                 except ValueError:
@@ -85,21 +88,34 @@ class BodyLimit:
                 if too_big:
                     await self._refuse(send)
                     return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        if declared or scope.get("method") in ("GET", "HEAD", "DELETE", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return msg
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunk = msg.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not msg.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        sent = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(send)
+        async def replay() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send) -> None:
         body = orjson.dumps({"type": "https://needle.example/problems/413", "title": "Payload too large",
@@ -107,10 +123,6 @@ class BodyLimit:
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode())]})
         await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 class SecurityHeaders:

@@ -4,12 +4,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.domain.issue import IssueState, TaskState
 from shared.events.models import Location
 
-Id = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+NO_NUL = r"^[^\x00]*$"  # Postgres text (and most consumers) cannot hold NUL
 
 
 class Strict(BaseModel):
@@ -19,34 +19,41 @@ class Strict(BaseModel):
 class ReportIssueBody(Strict):
     grid: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     category: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    title: str = Field(min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=5000)
+    title: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
+    description: str | None = Field(default=None, max_length=5000, pattern=NO_NUL)
     urgency: Literal["normal", "urgent", "emergency"] = "normal"
     risk: list[str] = Field(default_factory=list, max_length=10)
     location: Location | None = None
 
+    @field_validator("location")
+    @classmethod
+    def _no_nul_in_address(cls, v: Location | None) -> Location | None:
+        if v is not None and v.address is not None and "\x00" in v.address:
+            raise ValueError("address must not contain NUL characters")
+        return v
+
 
 class NoteBody(Strict):
-    note: str | None = Field(default=None, max_length=2000)
+    note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
 
 
 class ReasonBody(Strict):
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
 
 
 class VerifyBody(Strict):
     passed: bool
-    note: str | None = Field(default=None, max_length=2000)
+    note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
 
 
 class FeedbackBody(Strict):
     satisfaction: Literal["satisfied", "basically_satisfied", "dissatisfied"]
-    note: str | None = Field(default=None, max_length=2000)
+    note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
 
 
 class ExtensionRequestBody(Strict):
     extension: timedelta = Field(description="ISO 8601 duration, e.g. P2D")
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
 
 
 class Created(BaseModel):

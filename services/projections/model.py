@@ -79,13 +79,18 @@ class Batch:
         self.stats[(self._day(at), "dept", dept, metric)] += n
 
 
+def clean(text: str) -> str:
+    """Postgres text cannot hold NUL: drop it rather than let one event stop the read models."""
+    return text.replace("\x00", "") if "\x00" in text else text
+
+
 def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) -> dict[str, Any]:
     try:
         areas = [a.id for a in org.ancestors(e.grid)]
     except KeyError:
         areas = [e.grid]
     return {
-        "id": issue_id, "grid": e.grid, "category": e.category, "title": e.title, "urgency": e.urgency,
+        "id": issue_id, "grid": e.grid, "category": e.category, "title": clean(e.title), "urgency": e.urgency,
         "status": "reported", "level": None, "owner_area": None, "areas": areas,
         "reported_at": e.reported_at, "dispatched_at": None, "closed_at": None, "closed_on_time": None,
         "lead_task": None, "lead_department": None, "lead_status": None, "next_due": None,
@@ -115,7 +120,7 @@ def apply(batch: Batch, env: Envelope) -> None:
     e, seq, at = env.data, env.seq, env.time
     issue_id = env.subject
     batch.last_seq = max(batch.last_seq, seq)
-    batch.audit.append((seq, issue_id, e.name, env.actor, at, _summary(e)))
+    batch.audit.append((seq, issue_id, e.name, env.actor, at, clean(_summary(e))))
     if isinstance(e, ev.IssueReported):
         if issue_id in batch.issues:
             return
@@ -181,7 +186,8 @@ def apply(batch: Batch, env: Envelope) -> None:
                     batch.count_dept(t["department"], at, "tasks_resolved_on_time")
                 if t["role"] == "lead":
                     issue["status"] = "resolved"
-                    batch.count_area(issue, at, "issues_resolved")
+                    if issue["reopen_count"] == 0:  # a rework's second resolution is not a second issue resolved
+                        batch.count_area(issue, at, "issues_resolved")
         case ev.TaskSuperseded():
             t = batch.tasks.get(e.task_id)
             if t is not None:

@@ -9,6 +9,7 @@ events not yet committed (applied once). A Postgres outage holds the batch and r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,7 @@ import structlog
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from shared.config import OrgTree
 from shared.events import subjects as sj
@@ -115,18 +117,33 @@ class ProjectionWorker:
         except TimeoutError:
             return self.seq >= seq
 
-    async def subscribe(self) -> Any:
+    async def subscribe(self, start_seq: int) -> Any:
+        """(Re)create the durable consumer to start right after the Postgres checkpoint, which is the
+        truth: whatever a dead predecessor had fetched and not committed is delivered again, in order."""
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_consumer(sj.EVENTS_STREAM, self.durable)
         return await self.js.pull_subscribe(
             sj.ALL_EVENTS, durable=self.durable, stream=sj.EVENTS_STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.ALL, ack_wait=120,
-                                  max_ack_pending=50_000, max_deliver=-1))
+            config=ConsumerConfig(ack_policy=AckPolicy.ALL, deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                  opt_start_seq=start_seq, ack_wait=120, max_ack_pending=50_000, max_deliver=-1))
+
+    async def _checkpoint(self) -> int:
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    seq, _ = await self.writer.checkpoint(conn)
+                return seq
+            except Exception as exc:  # Postgres not up yet: wait for it
+                self.health["postgres"] = False
+                log.warning("cannot read the checkpoint; retrying", error=repr(exc))
+                await asyncio.sleep(1.0)
 
     async def run(self, on_subscribed: Any = None) -> None:
-        async with self.pool.acquire() as conn:
-            self.seq, _ = await self.writer.checkpoint(conn)
-        sub = await self.subscribe()
+        self.seq = await self._checkpoint()
+        sub = await self.subscribe(self.seq + 1)
         if on_subscribed is not None:
             on_subscribed(sub)
+        suspect_gap_at = 0
         while True:
             try:
                 msgs: list[Msg] = await sub.fetch(self.batch, timeout=0.5)
@@ -135,8 +152,25 @@ class ProjectionWorker:
                     log.warning("fetch failed", error=repr(exc))
                     await asyncio.sleep(0.5)
                 continue
-            if msgs:
-                await self.commit(msgs)
+            msgs = [m for m in msgs if m.metadata.sequence.stream > self.seq]  # redeliveries already committed
+            if not msgs:
+                continue
+            seqs = [m.metadata.sequence.stream for m in msgs]
+            contiguous = seqs[0] == self.seq + 1 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            if not contiguous and suspect_gap_at != seqs[0]:
+                # the consumer runs ahead of the checkpoint (messages still pending elsewhere): restart it
+                # at the checkpoint, so nothing is ever skipped. The stream has no holes (deny_delete), so a
+                # gap seen twice at the same place is real (retention) and is accepted.
+                log.warning("gap before the batch; restarting the consumer at the checkpoint",
+                            checkpoint=self.seq, first=seqs[0])
+                suspect_gap_at = seqs[0]
+                await sub.unsubscribe()
+                self.seq = max(self.seq, await self._checkpoint())
+                sub = await self.subscribe(self.seq + 1)
+                if on_subscribed is not None:
+                    on_subscribed(sub)
+                continue
+            await self.commit(msgs)
 
     async def commit(self, msgs: list[Msg]) -> None:
         envs: list[Envelope] = []
@@ -149,18 +183,25 @@ class ProjectionWorker:
                 log.error("event skipped by projections", subject=m.subject, error=str(exc))
         last = msgs[-1].metadata.sequence.stream
         delay = 0.2
-        while True:
+        while True:  # hold the batch until it is committed: never ack, never move on without it
             try:
                 async with self.pool.acquire() as conn, conn.transaction():
                     self.applied += await self.writer.write(conn, envs, last)
                 self.health["postgres"] = True
+                self.health["projections"] = True
                 break
+            except asyncio.CancelledError:
+                raise
             except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError,
                     asyncpg.exceptions.CannotConnectNowError) as exc:
                 self.health["postgres"] = False
                 log.warning("postgres unavailable; holding the batch", error=repr(exc), retry_in=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+            except Exception as exc:  # a cancelled statement, a driver hiccup...: retry, health turns red
+                self.health["projections"] = False
+                log.exception("batch failed; holding and retrying it", error=repr(exc), retry_in=delay,
+                              first=msgs[0].metadata.sequence.stream, last=last)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
         await msgs[-1].ack()  # AckPolicy.ALL: acks the whole batch, after the commit
         async with self._advanced:
             self.seq = max(self.seq, last)

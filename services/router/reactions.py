@@ -142,6 +142,19 @@ def _fallback_dispatch(state: IssueState, rules: RouterRules, now: datetime, *, 
     return _dispatch(state, plan, rules, now, reason="returned", caused_by=caused_by)
 
 
+def _breaches_of_others(state: IssueState, lead: TaskState, now: datetime) -> list[ev.Event]:
+    """Breaches already due on the other open tasks, whatever order their timers fire in."""
+    out: list[ev.Event] = []
+    for other in state.open_tasks:
+        if other.id == lead.id:
+            continue
+        for at, e in pending_edges(other):
+            if at <= now and e.edge == "due":
+                due = other.acknowledge_due if e.clock == "acknowledge" else other.resolve_due
+                out.append(ev.SlaBreached(task_id=other.id, clock=e.clock, due=due))  # type: ignore[arg-type]
+    return out
+
+
 # -- SLA clocks -----------------------------------------------------------------------------------------------
 def pending_edges(task: TaskState) -> list[tuple[datetime, TimerEdge]]:
     """The task's clock edges still to fire, earliest first."""
@@ -188,6 +201,6 @@ def on_timer(state: IssueState, task_id: str, rules: RouterRules, now: datetime)
         out.append(ev.SlaBreached(task_id=t.id, clock=edge.clock, due=due))  # type: ignore[arg-type]
         if t.role == "lead" and f"{edge.clock}_breach" in rules.rulebook.escalate_on and state.lead is t:
             escalation = _escalate(state, rules, now, cause=f"{edge.clock}_breach", caused_by=0)
-            if escalation:
-                return out + escalation
+            if escalation:  # the escalation supersedes the other tasks: record their breaches first
+                return out + _breaches_of_others(state, t, now) + escalation
     return out

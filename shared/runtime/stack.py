@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -114,6 +115,11 @@ class Stack:
 
         await start_projections(self)
 
+    async def start_webhooks(self) -> None:
+        from services.integrations.webhooks import start_webhooks
+
+        await start_webhooks(self)
+
     def build_app(self) -> Any:
         from services.intake.app import create_app
         from services.intake.context import AppContext
@@ -153,10 +159,17 @@ async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callab
         await stack.start_router()
     try:
         if "intake" in services:
+            await stack.start_webhooks()
             s = stack.settings
             config = uvicorn.Config(stack.build_app(), host=s.host, port=s.port, log_level="warning",
                                     access_log=False, lifespan="off", timeout_graceful_shutdown=5)
             server = uvicorn.Server(config)
+            # our own signal handling: uvicorn's re-raises SIGTERM after serve() returns, which would kill
+            # the process before the workers are stopped and NATS drained
+            server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
 
             async def announce() -> None:
                 while not server.started:
@@ -171,8 +184,6 @@ async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callab
         else:
             on_ready("(no HTTP)")
             stop = asyncio.Event()
-            import signal
-
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)

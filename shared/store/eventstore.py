@@ -28,6 +28,7 @@ from shared.events.models import Event
 from .inbox import ReplyMux
 
 WRONG_LAST_SEQUENCE = 10071
+DUPLICATE_BATCH = 10201  # an atomic batch whose msg id JetStream has already stored
 BATCH_MAX = 1000
 
 
@@ -146,7 +147,7 @@ class JetStreamEventStore:
         ack: dict[str, object] = orjson.loads(msg.data)
         err = ack.get("error")
         if isinstance(err, dict):
-            if err.get("err_code") == WRONG_LAST_SEQUENCE:
+            if err.get("err_code") in (WRONG_LAST_SEQUENCE, DUPLICATE_BATCH):
                 raise ConcurrencyConflict("the issue changed while this request was decided; reload and retry")
             raise Unavailable(f"JetStream refused the write: {err.get('description')} ({err.get('err_code')})")
         return ack

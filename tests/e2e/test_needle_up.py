@@ -186,10 +186,6 @@ def test_sigterm_exits_within_20s_and_leaves_no_servers(sigtermed: dict[str, Any
     assert sigtermed["gone"], sigtermed["left"]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: shared/runtime/stack.py run_stack: uvicorn (0.54) Server.capture_signals "
-                                       "re-raises the captured SIGTERM after serve() with the default handler, so "
-                                       "`needle up` dies by the signal (exit -15) before stack.close() and _boot's "
-                                       "finally (runtime.json stays; servers only die through PDEATHSIG)")
 def test_sigterm_stops_everything_cleanly(sigtermed: dict[str, Any]) -> None:
     assert sigtermed["rc"] == 0, sigtermed["rc"]
     assert not sigtermed["runtime_json"], "runtime.json left behind"

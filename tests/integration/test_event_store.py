@@ -177,9 +177,6 @@ async def test_msg_id_seen_within_the_window_is_a_duplicate_and_stores_nothing(j
     assert await js.store.load("dup2") == []
 
 
-@pytest.mark.xfail(strict=True, reason="bug: shared/store/eventstore.py _request maps JetStream err 10201 "
-                                       "(atomic batch with an already-seen Nats-Msg-Id) to Unavailable instead of "
-                                       "a duplicate/conflict")
 async def test_replayed_atomic_batch_is_reported_as_duplicate_not_unavailable(js: Js) -> None:
     first = await new_issue(js.store, "dupb")
     batch = [urged("r1"), urged("r2")]

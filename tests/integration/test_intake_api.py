@@ -266,14 +266,8 @@ INVALID: list[tuple[str, Callable[[], dict[str, Any]], int, str | None]] = [
 ]
 
 
-CHUNKED_413_BUG = pytest.mark.xfail(strict=True, reason="bug: services/intake/problems.py BodyLimit raises _TooLarge "
-                                    "inside receive(); FastAPI's body parsing turns it into 400 'error parsing the "
-                                    "body', so a chunked body over the limit is 400, not 413")
-
-
 @pytest.mark.parametrize(("request_kw", "status", "field"), [
-    pytest.param(kw, s, f, id=i, marks=[CHUNKED_413_BUG] if i == "oversized-chunked-body" else [])
-    for i, kw, s, f in INVALID])
+    pytest.param(kw, s, f, id=i) for i, kw, s, f in INVALID])
 async def test_invalid_report_is_a_4xx_problem_naming_the_field(
         h: NeedleHandle, request_kw: Callable[[], dict[str, Any]], status: int, field: str | None) -> None:
     kw = request_kw()
@@ -610,8 +604,6 @@ async def test_healthz_is_200_with_its_components(needle: NeedleHandle) -> None:
     assert all(body["components"].values())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a NUL character in a title is accepted (201) and then kills the "
-                                       "projection worker (Postgres text refuses 0x00): read models stop for good")
 async def test_a_nul_character_in_a_report_does_not_poison_the_read_models(needle: NeedleHandle) -> None:
     h2 = needle
     r = await report(h2, road(title="nul\u0000byte", description="d\u0000"))

@@ -227,8 +227,6 @@ async def test_warning_precedes_breach_and_breach_never_fires_early(needle_facto
     assert evs.index(of_type(evs, BREACHED, task_id=lead["id"])[0]) < evs.index(esc)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a co-task whose clock ran out at the same instant as the lead's loses "
-                   "its sla_breached when the lead's timer is handled first (services/router/reactions.py on_timer)")
 def test_simultaneous_breach_of_a_co_task_is_recorded_whatever_the_order() -> None:
     """Pure repro of an order dependence seen live: lead and co-task share a due time; the lead's breach escalates
     and supersedes the co-task, whose own timer then finds it closed, so whether the co-handler's breach is on
