@@ -26,11 +26,11 @@ from nats.js.client import JetStreamContext
 from shared.commanding import load_state, utcnow
 from shared.domain.calendar import WorkCalendar, load_holiday_file
 from shared.domain.errors import ConcurrencyConflict, DomainError
-from shared.domain.issue import evolve
+from shared.domain.issue import evolve, initial_state
 from shared.events import subjects as sj
 from shared.events.codec import UnknownEventType, decode
-from shared.events.models import TaskDispatched
-from shared.store.eventstore import JetStreamEventStore
+from shared.events.models import IssueReported, TaskDispatched
+from shared.store.eventstore import AppendRequest, JetStreamEventStore
 
 from .clocks import SlaClocks
 from .reactions import RouterRules, next_edge, on_timer, react
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("needle.router")
 REACTS_TO = frozenset({"issue_reported", "task_returned", "issue_escalated", "issue_reopened"})
+CONSUMES = REACTS_TO | {"task_dispatched"}  # the router's consumer sees only these types
 SOURCE = "needle/router"
 EARLY = timedelta(seconds=2)  # schedules fire up to ~1.3 s late on a 1 s grain: set them early, wait the rest
 MAX_WAIT = 10.0
@@ -156,18 +157,80 @@ class Router:
                 log.warning("fetch failed", error=repr(exc))
                 await asyncio.sleep(0.5)
                 continue
-            if per_issue:  # one issue's events in order, different issues concurrently
-                groups: dict[str, list[Msg]] = defaultdict(list)
-                for m in msgs:
-                    groups[m.subject.split(".")[3]].append(m)
-
-                async def run_group(ms: list[Msg]) -> None:
-                    for m in ms:
-                        await self._one(m, handler)
-
-                await asyncio.gather(*(run_group(g) for g in groups.values()))
+            if per_issue:
+                await self.react_to_batch(msgs, handler)
             else:
                 await asyncio.gather(*(self._one(m, handler) for m in msgs))
+
+    async def react_to_batch(self, msgs: list[Msg], handler: Any) -> None:
+        """The fast path: the reactions of every issue in a fetch go into ONE multi-issue atomic append
+        (each issue OCC-guarded). Whatever does not fit it — an issue with several cues in the fetch, a
+        conflict, an error — takes the one-message path, in order per issue."""
+        groups: dict[str, list[Msg]] = defaultdict(list)
+        for m in msgs:
+            groups[m.subject.split(".")[3]].append(m)
+        single = {issue: ms[0] for issue, ms in groups.items()
+                  if len(ms) == 1 and ms[0].subject.rsplit(".", 1)[1] in REACTS_TO}
+        done: set[str] = set()
+        if len(single) > 1:
+            done = await self._react_together(single)
+
+        async def run_group(ms: list[Msg]) -> None:
+            for m in ms:
+                await self._one(m, handler)
+
+        await asyncio.gather(*(run_group(g) for issue, g in groups.items() if issue not in done))
+
+    async def _react_together(self, cues: dict[str, Msg]) -> set[str]:
+        """Load, decide and append the reactions to one cue per issue at once; returns the issues done."""
+        async def prepare(issue_id: str, msg: Msg) -> tuple[str, Msg, AppendRequest | None] | None:
+            try:
+                seq = msg.metadata.sequence.stream
+                env = decode(msg.data, seq)
+                if isinstance(env.data, IssueReported):
+                    # a report is its issue's first event: fold it as delivered (no round trip); if more
+                    # happened meanwhile, the OCC guard refuses the append and the slow path reloads
+                    state = evolve(initial_state(issue_id), env.data, seq)
+                else:
+                    async with self.sem:
+                        state, _ = await load_state(self.store, issue_id)
+                events = react(state, env.data, seq, self.rules, utcnow())
+                req = AppendRequest(issue_id, tuple(events), state.last_seq, state.version, "router",
+                                    causation=env.id) if events else None
+                return issue_id, msg, req
+            except Exception:
+                return None  # the one-message path will handle (and report) it
+
+        prepared = [p for p in await asyncio.gather(*(prepare(i, m) for i, m in cues.items())) if p is not None]
+        done: set[str] = set()
+        chunk: list[tuple[str, Msg, AppendRequest]] = []
+        size = 0
+
+        async def flush() -> None:
+            nonlocal chunk, size
+            if not chunk:
+                return
+            try:
+                await self.store.append_many([r for _, _, r in chunk], now=utcnow(), source=SOURCE)
+            except (ConcurrencyConflict, DomainError) as exc:
+                log.debug("batched append refused; reacting one by one", error=str(exc), issues=len(chunk))
+            else:
+                await asyncio.gather(*(m.ack() for _, m, _ in chunk))
+                done.update(i for i, _, _ in chunk)
+                self.processed += len(chunk)
+            chunk, size = [], 0
+
+        for issue_id, msg, req in prepared:
+            if req is None:  # nothing to do for this cue
+                await msg.ack()
+                done.add(issue_id)
+                continue
+            if size + len(req.events) > 900:
+                await flush()
+            chunk.append((issue_id, msg, req))
+            size += len(req.events)
+        await flush()
+        return done
 
 
 async def start_router(stack: Stack) -> Router:
@@ -179,10 +242,10 @@ async def start_router(stack: Stack) -> Router:
     stack.extras["deadlines"] = rules.clocks
     router = Router(stack.store, js, rules)
     events_sub = await js.pull_subscribe(
-        f"{sj.EVENTS_ROOT}.issue.>", durable="router",
-        stream=sj.EVENTS_STREAM,
+        "", durable="router", stream=sj.EVENTS_STREAM,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=30,
-                              max_ack_pending=20_000, max_deliver=-1))
+                              max_ack_pending=20_000, max_deliver=-1,
+                              filter_subjects=[sj.events_of_type(t) for t in sorted(CONSUMES)]))
     timers_sub = await js.pull_subscribe(
         sj.TIMER_FIRED, durable="router-timers", stream=sj.TIMERS_STREAM,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=60,

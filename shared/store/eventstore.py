@@ -25,7 +25,10 @@ from shared.events import subjects as sj
 from shared.events.codec import Envelope, decode, encode
 from shared.events.models import Event
 
+from . import natsfast
 from .inbox import ReplyMux
+
+natsfast.install()
 
 WRONG_LAST_SEQUENCE = 10071
 DUPLICATE_BATCH = 10201  # an atomic batch whose msg id JetStream has already stored
@@ -39,6 +42,35 @@ class Appended:
     seq: int
     envelopes: tuple[Envelope, ...]
     duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    """Events for one issue, guarded by the issue's last subject sequence (0 = new issue)."""
+
+    issue_id: str
+    events: tuple[Event, ...]
+    expected_last_seq: int
+    version: int
+    actor: str | None = None
+    msg_id: str | None = None
+    causation: str | None = None
+
+    def occ_headers(self) -> dict[str, str]:
+        h = {"Nats-Expected-Last-Subject-Sequence": str(self.expected_last_seq),
+             "Nats-Expected-Last-Subject-Sequence-Subject": sj.issue_events(self.issue_id)}
+        if self.msg_id:
+            h["Nats-Msg-Id"] = self.msg_id
+        return h
+
+    def envelopes(self, now: datetime, source: str) -> list[Envelope]:
+        return make_envelopes(self.issue_id, list(self.events), version=self.version, now=now, actor=self.actor,
+                              causation=self.causation, source=source)
+
+
+def _stored(env: Envelope, seq: int) -> Envelope:
+    return Envelope(id=env.id, source=env.source, subject=env.subject, time=env.time, data=env.data,
+                    actor=env.actor, causationid=env.causationid, seq=seq)
 
 
 class EventStore(Protocol):
@@ -108,34 +140,43 @@ class JetStreamEventStore:
                      causation: str | None = None, source: str = "needle") -> Appended:
         if not events:
             raise ValueError("nothing to append")
-        envs = make_envelopes(issue_id, events, version=version, now=now, actor=actor, causation=causation,
-                              source=source)
-        occ = {
-            "Nats-Expected-Last-Subject-Sequence": str(expected_last_seq),
-            "Nats-Expected-Last-Subject-Sequence-Subject": sj.issue_events(issue_id),
-        }
-        if msg_id:
-            occ["Nats-Msg-Id"] = msg_id
-        if len(envs) == 1:
-            ack = await self._request(sj.issue_event(issue_id, events[0].name), encode(envs[0]), occ)
-        else:
-            batch_id = f"{self._batch_prefix}-{next(self._batch_ids)}"
-            last = len(envs)
-            for i, env in enumerate(envs, 1):
-                hdrs = {"Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
-                if i == 1:
-                    hdrs.update(occ)
-                subject = sj.issue_event(issue_id, env.data.name)
-                if i == last:
-                    hdrs["Nats-Batch-Commit"] = "1"
-                    ack = await self._request(subject, encode(env), hdrs)
-                else:
-                    await self._nc.publish(subject, encode(env), headers=hdrs)
-        seq = int(str(ack["seq"]))
-        first = seq - len(envs) + 1
-        stored = tuple(Envelope(id=e.id, source=e.source, subject=e.subject, time=e.time, data=e.data,
-                                actor=e.actor, causationid=e.causationid, seq=first + i) for i, e in enumerate(envs))
-        return Appended(seq=seq, envelopes=stored, duplicate=bool(ack.get("duplicate")))
+        req = AppendRequest(issue_id, tuple(events), expected_last_seq, version, actor, msg_id, causation)
+        if len(events) == 1:
+            env = req.envelopes(now, source)[0]
+            ack = await self._request(sj.issue_event(issue_id, events[0].name), encode(env), req.occ_headers())
+            seq = int(str(ack["seq"]))
+            return Appended(seq=seq, envelopes=(_stored(env, seq),), duplicate=bool(ack.get("duplicate")))
+        return (await self.append_many([req], now=now, source=source))[0]
+
+    async def append_many(self, requests: list[AppendRequest], *, now: datetime,
+                          source: str = "needle") -> list[Appended]:
+        """Append several issues' events in ONE atomic batch, each issue guarded by its own OCC header:
+        all are stored or none (a ConcurrencyConflict on any issue rejects the whole batch). JetStream
+        stages an R1 atomic batch on disk and commits it under the stream lock, so one batch of many
+        issues costs about what one batch of one issue does."""
+        envs: list[tuple[str, Envelope, dict[str, str]]] = []
+        for req in requests:
+            for i, env in enumerate(req.envelopes(now, source)):
+                envs.append((sj.issue_event(req.issue_id, env.data.name), env, req.occ_headers() if i == 0 else {}))
+        if not envs or len(envs) > BATCH_MAX:
+            raise ValueError(f"an atomic append holds 1..{BATCH_MAX} events, not {len(envs)}")
+        batch_id = f"{self._batch_prefix}-{next(self._batch_ids)}"
+        last = len(envs)
+        ack: dict[str, object] = {}
+        for i, (subject, env, hdrs) in enumerate(envs, 1):
+            hdrs = {**hdrs, "Nats-Batch-Id": batch_id, "Nats-Batch-Sequence": str(i)}
+            if i == last:
+                hdrs["Nats-Batch-Commit"] = "1"
+                ack = await self._request(subject, encode(env), hdrs)
+            else:
+                await self._nc.publish(subject, encode(env), headers=hdrs)
+        seq = int(str(ack["seq"])) - len(envs) + 1
+        out: list[Appended] = []
+        for req in requests:
+            stored = tuple(_stored(env, seq + i) for i, env in enumerate(req.envelopes(now, source)))
+            seq += len(stored)
+            out.append(Appended(seq=stored[-1].seq, envelopes=stored, duplicate=bool(ack.get("duplicate"))))
+        return out
 
     async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> dict[str, object]:
         try:
