@@ -86,6 +86,7 @@ async def start_needle(data_dir: Path, *, org: Path, rules: Path, nats_url: str,
     base = f"http://127.0.0.1:{settings.port}"
     server = task = None
     if "intake" in services:
+        await stack.start_webhooks()
         config = uvicorn.Config(stack.build_app(), host="127.0.0.1", port=settings.port, log_level="warning",
                                 access_log=False, lifespan="off")
         server = uvicorn.Server(config)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
@@ -39,7 +40,17 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "machine": platform.machine(),
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def busy_warning(cpus: int | None = None) -> str | None:
+    """A warning when other work is running on this machine (the numbers will be noisy)."""
+    load1 = os.getloadavg()[0]
+    n = cpus or os.cpu_count() or 1
+    if load1 > 0.5 * n:
+        return f"machine is busy before the run (1-min load average {load1:.1f} on {n} CPUs): expect noisy numbers"
+    return None
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -49,11 +60,16 @@ def write_json(path: Path, data: dict[str, Any]) -> Path:
 
 
 def nats_url_from_conf(data_dir: Path) -> str:
-    """The embedded nats-server's URL, from the ``listen:`` line of ``DIR/nats/nats.conf``."""
+    """The embedded nats-server's URL: ``listen:`` of ``DIR/nats/nats.conf``, with the services' user
+    (``needle``) when the server was started with users (``DIR/secrets/nats.json``)."""
     text = (data_dir / "nats" / "nats.conf").read_text()
     m = re.search(r"^listen:\s*(\S+)", text, re.MULTILINE)
     if not m:
         raise RuntimeError(f"no listen: line in {data_dir / 'nats' / 'nats.conf'}")
+    users = data_dir / "secrets" / "nats.json"
+    if "authorization" in text and users.exists():
+        password = json.loads(users.read_text())["needle"]
+        return f"nats://needle:{quote(password, safe='')}@{m.group(1)}"
     return f"nats://{m.group(1)}"
 
 
@@ -134,4 +150,14 @@ async def read_timestamps(js: JetStreamContext, stream: str, subject: str, *, st
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
+    return out
+
+
+async def consumer_lag(js: JetStreamContext, stream: str) -> dict[str, int]:
+    """Messages each durable consumer of ``stream`` has not yet processed (pending + unacked)."""
+    out: dict[str, int] = {}
+    for info in await js.consumers_info(stream):
+        if info.name.startswith("bench-") or not info.config.durable_name:
+            continue
+        out[info.name] = int(info.num_pending or 0) + int(info.num_ack_pending or 0)
     return out

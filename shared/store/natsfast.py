@@ -34,4 +34,4 @@ def _parse_header_lines(raw: bytes) -> dict[str, str]:
 
 def install() -> None:
     if getattr(Client._parse_header_lines, "__module__", "") != __name__:
-        Client._parse_header_lines = staticmethod(_parse_header_lines)  # type: ignore[method-assign,assignment]
+        Client._parse_header_lines = staticmethod(_parse_header_lines)  # type: ignore[method-assign]

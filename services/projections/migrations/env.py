@@ -12,7 +12,7 @@ from services.projections.schema import tables
 target_metadata = tables("")[0]
 
 
-def _run(connection) -> None:  # type: ignore[no-untyped-def]
+def _run(connection) -> None:  # noqa: ANN001
     context.configure(connection=connection, target_metadata=target_metadata, version_table="alembic_version")
     with context.begin_transaction():
         context.run_migrations()

@@ -1,0 +1,153 @@
+"""``needle bench intake|router``: run a benchmark, print a table, write every number as JSON."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="Benchmarks, reported as ratios to a baseline measured in the same run on this machine.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+
+
+_T0 = time.monotonic()
+
+
+def _say(msg: str) -> None:
+    console.print(f"[dim]{time.monotonic() - _T0:6.1f}s {msg}[/dim]", highlight=False)
+
+
+def _f(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return f"{v:,}" if isinstance(v, int) else str(v)
+
+
+def intake_table(r: dict[str, Any]) -> Table:
+    t = Table(min_width=100, title=f"needle bench intake — {r['load_generator']}, {r['connections']} connections, "
+                    f"{r['duration_s']:.0f} s, {r['machine']['cpus']} CPUs")
+    t.add_column("run", no_wrap=True)
+    for col in ("req/s", "vs hello", "vs echo", "p50 ms", "p99 ms", "non-2xx", "sock err"):
+        t.add_column(col, justify="right")
+    hello = r["baseline"]["hello"]["rps"]
+    echo = r["baseline"]["echo"]["rps"]
+    rows = [("baseline GET /hello", r["baseline"]["hello"]), ("baseline POST /echo", r["baseline"]["echo"]),
+            ("needle up: POST /v1/issues", r["needle"]["report"]),
+            ("needle up: + Idempotency-Key", r["needle"]["report_idempotent"])]
+    if "intake_alone" in r:
+        rows += [("intake alone: POST /v1/issues", r["intake_alone"]["runs"]["report"]),
+                 ("intake alone: + Idempotency-Key", r["intake_alone"]["runs"]["report_idempotent"])]
+    for name, run in rows:
+        t.add_row(name, _f(run["rps"]), _f(run["rps"] / hello if hello else None, 3),
+                  _f(run["rps"] / echo if echo else None, 3), _f(run["p50_ms"], 2), _f(run["p99_ms"], 2),
+                  _f(run["non_2xx"]), _f(sum(run["socket_errors"].values())))
+    return t
+
+
+def router_table(r: dict[str, Any]) -> Table:
+    b, n, lat = r["baseline"], r["needle"], r["latency"]
+    t = Table(title=f"needle bench router — {r['issues']:,} issues, {r['machine']['cpus']} CPUs")
+    t.add_column("measure")
+    t.add_column("value", justify="right")
+    t.add_row("baseline: raw JetStream fetch+publish+ack (msg/s)", _f(b["per_s"]))
+    t.add_row("needle: issues routed+dispatched (issues/s)", _f(n["routed_per_s"]))
+    t.add_row("ratio needle / raw", _f(r["ratio_routed_vs_raw"], 4))
+    t.add_row("events written by the router per issue", _f(n["events_written_per_issue"], 2))
+    t.add_row("issues routed / tasks dispatched", f"{n['issues_routed']:,} / {n['tasks_dispatched']:,}")
+    s, c = lat["report_to_dispatched_stream"], lat["report_to_dispatched_subscriber"]
+    t.add_row(f"offered {lat['offered_rate_per_s']:.0f}/s for {lat['duration_s']:.0f} s (achieved)",
+              _f(lat["achieved_offer_rate_per_s"]))
+    t.add_row("report → dispatched p50 / p99 ms (stream time)", f"{_f(s['p50_ms'], 2)} / {_f(s['p99_ms'], 2)}")
+    t.add_row("report → first task_dispatched on core NATS p50 / p99 ms",
+              f"{_f(c['p50_ms'], 2)} / {_f(c['p99_ms'], 2)}")
+    t.add_row("dispatched / reports", f"{lat['dispatched']:,} / {lat['reports']:,}")
+    t.add_row("task_dispatched seen on core NATS / stored in the stream",
+              f"{lat['task_dispatched_core_messages']:,} / {lat['task_dispatched_stored']:,}")
+    t.add_row("router redeliveries (throughput run / latency run)",
+              f"{n['router_redeliveries']:,} / {lat['router_redeliveries']:,}")
+    return t
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    from .common import write_json
+
+    write_json(out, result)
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def intake(
+    duration: Annotated[float, typer.Option(help="seconds per measured run")] = 15.0,
+    connections: Annotated[int, typer.Option(help="concurrent connections")] = 32,
+    threads: Annotated[int, typer.Option(help="wrk threads")] = 2,
+    warmup: Annotated[float, typer.Option(help="seconds of unrecorded load before each run")] = 2.0,
+    tool: Annotated[str, typer.Option(help="auto | wrk | python (asyncio+httpx, less precise)")] = "auto",
+    out: Annotated[Path, typer.Option(help="JSON output")] = Path("artifacts/bench-intake.json"),
+    alone: Annotated[bool, typer.Option("--alone", help="also measure `needle run intake` alone (diagnostic: "
+                                                         "no router/projections in its process)")] = False,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the temp data dir and logs")] = False,
+) -> None:
+    """POST /v1/issues on `needle up` vs a bare FastAPI app (GET /hello, POST /echo), same uvicorn settings."""
+    from .intake import run_intake_bench
+
+    result = run_intake_bench(duration_s=duration, connections=connections, threads=threads, warmup_s=warmup,
+                              tool=tool, alone=alone, keep=keep, say=_say)
+    console.print(intake_table(result))
+    if not result["precise"]:
+        console.print("[yellow]load generator: Python asyncio+httpx — LESS PRECISE than wrk (install wrk)[/yellow]")
+    chk = result["stream_check"]
+    checks = dict(chk["per_run"])
+    if "intake_alone" in result:
+        checks.update({f"alone {k}": v for k, v in result["intake_alone"]["stream_check"]["per_run"].items()})
+    for name, c in checks.items():
+        style = "green" if c["ok"] else "red"
+        console.print(f"[{style}]{name}: acked writes found in the stream: {c['found_in_stream']:,} "
+                      f"for {c['acked_201']:,} 201s ({c['in_flight_at_stop']} in flight when the load stopped)"
+                      f"[/{style}]")
+    if result["needle_log"]["error_lines"]:
+        console.print(f"[red]needle logged errors during the run[/red] (see {result['needle_log']['path']}):")
+        for line in result["needle_log"]["error_lines"][:5]:
+            console.print(f"  {line}", highlight=False, markup=False)
+    _write(out, result)
+    if not all(c["ok"] for c in checks.values()):
+        raise typer.Exit(1)
+
+
+@app.command()
+def router(
+    issues: Annotated[int, typer.Option(help="backlog of reports to route")] = 20_000,
+    rate: Annotated[float, typer.Option(help="offered reports/s for the latency run")] = 500.0,
+    latency_duration: Annotated[float, typer.Option("--latency-duration", help="seconds of the latency run")] = 20.0,
+    out: Annotated[Path, typer.Option(help="JSON output")] = Path("artifacts/bench-router.json"),
+    keep: Annotated[bool, typer.Option("--keep", help="keep the temp data dir and logs")] = False,
+) -> None:
+    """Router throughput (issues routed/s vs raw JetStream consume+publish) and report→dispatched latency."""
+    from .router import run_router_bench
+
+    result = run_router_bench(issues=issues, rate=rate, latency_s=latency_duration, keep=keep, say=_say)
+    console.print(router_table(result))
+    if result["router_log"]["error_lines"]:
+        console.print(f"[red]the router logged errors[/red] (see {result['router_log']['path']}):")
+        for line in result["router_log"]["error_lines"][:5]:
+            console.print(f"  {line}", highlight=False, markup=False)
+    _write(out, result)
+    n = result["needle"]
+    lat = result["latency"]
+    phantoms = lat["task_dispatched_core_messages"] - lat["task_dispatched_stored"]
+    if phantoms > 0:
+        console.print(f"[yellow]a core NATS subscriber saw {phantoms:,} task_dispatched messages that the stream "
+                      "never stored (refused atomic batches)[/yellow]")
+    if n["issues_routed"] < issues or lat["dispatched"] < lat["reports"]:
+        console.print("[red]not every report was dispatched[/red]")
+        raise typer.Exit(1)
+
+
+def main(args: list[str]) -> None:
+    """Entry point for ``needle bench ...`` (shared/cli.py delegates here)."""
+    app(args=args, prog_name="needle bench")

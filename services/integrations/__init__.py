@@ -1,0 +1,1 @@
+"""Integrations with outside systems: signed webhooks fed from durable JetStream consumers."""

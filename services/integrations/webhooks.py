@@ -1,0 +1,167 @@
+"""The webhook service: registrations kept in JetStream KV, one delivery loop per webhook, replay of
+parked events. Built by :func:`start_webhooks` from the stack (``stack.extras["webhooks"]``).
+
+Run delivery in ONE process per deployment: two processes bound to the same ``webhook-<id>`` consumer
+would still deliver every event at least once, but could interleave one issue's events.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js.errors import NotFoundError
+
+from shared.config import OrgTree
+from shared.events import subjects as sj
+
+from .delivery import Deliverer, DeliveryConfig, GridCache, Sender, group_of, now_iso, render
+from .registry import Registry, Webhook
+
+if TYPE_CHECKING:
+    from shared.runtime.stack import Stack
+
+log = structlog.get_logger("needle.webhooks")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    replayed: int
+    still_failing: int
+
+
+class WebhookService:
+    def __init__(self, nc: NATS, org: OrgTree, registry: Registry, sender: Sender, config: DeliveryConfig,
+                 health: dict[str, bool] | None = None) -> None:
+        self.nc, self.js, self.org = nc, nc.jetstream(), org
+        self.registry, self.sender, self.config = registry, sender, config
+        self.grids = GridCache()
+        self.health = health if health is not None else {}
+        self.running: dict[str, tuple[Deliverer, asyncio.Task[None]]] = {}
+
+    def _config(self) -> DeliveryConfig:
+        return self.config  # read at each use: tests and operators may swap it while running
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for hook in await self.registry.all():
+            self._launch(Deliverer(hook, self.js, self.org, self.grids, self.sender, self.registry, self._config))
+        self.health["webhooks"] = True
+
+    def _launch(self, d: Deliverer) -> None:
+        if d.hook.id in self.running:
+            return
+        task = asyncio.create_task(self._guard(d), name=f"webhook-{d.hook.id}")
+        self.running[d.hook.id] = (d, task)
+
+    async def _guard(self, d: Deliverer) -> None:
+        while True:  # a delivery loop never stays dead: log, pause, start again
+            try:
+                await d.run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("webhook loop crashed; restarting", webhook=d.hook.id)
+                d.sub = None
+                await asyncio.sleep(1.0)
+
+    async def _stop(self, hook_id: str) -> Deliverer | None:
+        item = self.running.pop(hook_id, None)
+        if item is None:
+            return None
+        d, task = item
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        return d
+
+    async def close(self) -> None:
+        for hook_id in list(self.running):
+            await self._stop(hook_id)
+
+    # -- registrations -----------------------------------------------------------------------------
+    async def register(self, *, url: str, types: tuple[str, ...], area: str | None, secret: str,
+                       owner: str) -> Webhook:
+        """Stores the registration, creates its consumer (events after the stream's current end), starts it."""
+        info = await self.js.stream_info(sj.EVENTS_STREAM)
+        hook = Webhook(id="wh" + secrets.token_hex(10), url=url, types=types, area=area, secret=secret, owner=owner,
+                       created_at=now_iso(), start_seq=int(info.state.last_seq) + 1)
+        await self.registry.create(hook)
+        d = Deliverer(hook, self.js, self.org, self.grids, self.sender, self.registry, self._config)
+        with contextlib.suppress(Exception):  # if it fails here the loop keeps trying from hook.start_seq
+            await d.subscribe()
+        self._launch(d)
+        return hook
+
+    async def remove(self, hook: Webhook) -> None:
+        d = await self._stop(hook.id)
+        consumer = d.consumer if d is not None else f"webhook-{hook.id}"
+        with contextlib.suppress(NotFoundError):
+            await self.js.delete_consumer(sj.EVENTS_STREAM, consumer)
+        await self.registry.delete(hook.id)
+        await self.registry.drop_dead_letters(hook.id)
+
+    def counters(self, hook_id: str) -> dict[str, int] | None:
+        item = self.running.get(hook_id)
+        if item is None:
+            return None
+        c = item[0].counters
+        return {"delivered": c.delivered, "failed_attempts": c.failed_attempts, "parked": c.parked,
+                "filtered": c.filtered}
+
+    # -- dead letters ------------------------------------------------------------------------------
+    async def replay(self, hook: Webhook) -> ReplayResult:
+        """Delivers every parked event once more (one attempt each), oldest first; one issue's events in
+        order, stopping at its first failure. Delivered ones leave the dead-letter bucket."""
+        letters = await self.registry.dead_letters(hook.id)
+        groups: dict[str, list[Any]] = {}
+        for letter in letters:
+            groups.setdefault(group_of(letter.subject), []).append(letter)
+        sem = asyncio.Semaphore(self.config.concurrency)
+        replayed = 0
+
+        async def one_group(group: list[Any]) -> None:
+            nonlocal replayed
+            async with sem:
+                for letter in group:
+                    try:
+                        raw = await self.js.get_msg(sj.EVENTS_STREAM, seq=letter.seq, direct=True)
+                        ok, status, error = await self._send_once(hook, raw.data or b"", letter.seq)
+                    except Exception as exc:
+                        ok, status, error = False, None, f"could not read the event: {exc!r}"[:300]
+                    if ok:
+                        await self.registry.unpark(hook.id, letter.seq)
+                        replayed += 1
+                        continue
+                    await self.registry.park(replace(letter, attempts=letter.attempts + 1, status=status,
+                                                     error=error, parked_at=now_iso()))
+                    return  # later events of this issue stay parked, in order
+
+        await asyncio.gather(*(one_group(g) for g in groups.values()))
+        return ReplayResult(replayed=replayed, still_failing=len(letters) - replayed)
+
+    async def _send_once(self, hook: Webhook, data: bytes, seq: int) -> tuple[bool, int | None, str | None]:
+        out = await self.sender.send(hook, render(data, seq), self.config.timeout_s)
+        return out.ok, out.status, out.error
+
+
+async def start_webhooks(stack: Stack, config: DeliveryConfig | None = None,
+                         sender: Sender | None = None) -> WebhookService:
+    """Opens the KV buckets, restarts every registered webhook's delivery and registers the API routes."""
+    from .webhooks_api import router
+
+    assert stack.nc is not None
+    config = config or DeliveryConfig.from_settings(stack.settings)
+    registry = await Registry.open(stack.nc.jetstream(), replicas=stack.settings.stream_replicas)
+    sender = sender or Sender.pooled()
+    service = WebhookService(stack.nc, stack.org, registry, sender, config, health=stack.health)
+    stack.closers.append(sender.client.aclose)
+    stack.closers.append(service.close)  # closers run last-first: the loops stop before the client closes
+    await service.start()
+    stack.extras["webhooks"] = service
+    stack.extras.setdefault("routers", []).append(router)
+    return service

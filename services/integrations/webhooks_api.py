@@ -1,0 +1,128 @@
+"""``/v1/webhooks``: integrators register signed webhooks, read their dead letters and replay them.
+
+Who: integrator or admin. An integrator sees and manages the webhooks it registered (by token
+subject); an admin sees all. Another owner's webhook is 404, as if it did not exist.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import orjson
+from fastapi import APIRouter, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from services.intake.security import Actor, Ctx, require_role
+from shared.auth import Principal
+from shared.domain.errors import Invalid, NotFound, Unavailable
+from shared.events.models import BY_NAME, RulebookPublished
+
+from .registry import Webhook
+from .webhooks import WebhookService
+
+router = APIRouter(tags=["webhooks"])
+URL_MAX = 2000
+
+
+class WebhookBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str = Field(max_length=URL_MAX, description="http(s) URL that receives POSTed CloudEvents")
+    types: list[str] = Field(min_length=1, max_length=64, description="event names, e.g. task_dispatched")
+    area: str | None = Field(default=None, description="only issues whose grid lies under this area")
+    secret: str = Field(min_length=16, max_length=200, description="HMAC-SHA256 key of Needle-Signature")
+
+
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _service(ctx: Any) -> WebhookService:
+    svc = ctx.extras.get("webhooks")
+    if svc is None:
+        raise Unavailable("webhooks are not running in this process")
+    assert isinstance(svc, WebhookService)
+    return svc
+
+
+def validate_url(url: str) -> str:
+    try:
+        u = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise Invalid("url is not a valid URL", field="url") from None
+    if u.scheme not in ("http", "https") or not u.host:
+        raise Invalid("url must be an absolute http:// or https:// URL", field="url")
+    return url
+
+
+def validate_types(types: list[str], area: str | None) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(t.strip() for t in types))
+    for n in names:
+        if n not in BY_NAME:
+            raise Invalid(f"unknown event type {n!r} (known: {', '.join(BY_NAME)})", field="types")
+    if area is not None and RulebookPublished.name in names:
+        raise Invalid("rulebook events belong to no area: drop `area` or rulebook_published", field="types")
+    return names
+
+
+async def _owned(svc: WebhookService, p: Principal, hook_id: str) -> Webhook:
+    hook = await svc.registry.get(hook_id) if hook_id.isalnum() else None
+    if hook is None or (p.role != "admin" and hook.owner != p.subject):
+        raise NotFound(f"no webhook {hook_id!r}", field="id")
+    return hook
+
+
+@router.post("/v1/webhooks", status_code=201, summary="Register a webhook (integrator, admin)")
+async def create_webhook(body: WebhookBody, ctx: Ctx, p: Actor) -> Response:
+    """Events of the named types written after this call are POSTed to ``url`` as CloudEvents, signed with
+    ``secret`` (header ``Needle-Signature``); see docs/WEBHOOKS.md. The secret is never shown again."""
+    require_role(p, "integrator")
+    url = validate_url(body.url)
+    if body.area is not None and body.area not in ctx.org.areas:
+        raise Invalid(f"unknown area {body.area!r}", field="area")
+    types = validate_types(body.types, body.area)
+    hook = await _service(ctx).register(url=url, types=types, area=body.area, secret=body.secret, owner=p.subject)
+    return _json(hook.public(), 201, headers={"Location": f"/v1/webhooks/{hook.id}"})
+
+
+@router.get("/v1/webhooks", summary="The caller's webhooks (admin: all)")
+async def list_webhooks(ctx: Ctx, p: Actor) -> Response:
+    require_role(p, "integrator")
+    hooks = await _service(ctx).registry.all()
+    return _json([h.public() for h in hooks if p.role == "admin" or h.owner == p.subject])
+
+
+@router.get("/v1/webhooks/{hook_id}", summary="One webhook, with delivery counters since this process started")
+async def get_webhook(hook_id: str, ctx: Ctx, p: Actor) -> Response:
+    require_role(p, "integrator")
+    svc = _service(ctx)
+    hook = await _owned(svc, p, hook_id)
+    return _json(hook.public() | {"delivery": svc.counters(hook.id)})
+
+
+@router.delete("/v1/webhooks/{hook_id}", status_code=204, summary="Stop and forget a webhook")
+async def delete_webhook(hook_id: str, ctx: Ctx, p: Actor) -> Response:
+    require_role(p, "integrator")
+    svc = _service(ctx)
+    await svc.remove(await _owned(svc, p, hook_id))
+    return Response(status_code=204)
+
+
+@router.get("/v1/webhooks/{hook_id}/dead-letters", summary="Events parked after every delivery attempt failed")
+async def dead_letters(hook_id: str, ctx: Ctx, p: Actor) -> Response:
+    require_role(p, "integrator")
+    svc = _service(ctx)
+    hook = await _owned(svc, p, hook_id)
+    letters = await svc.registry.dead_letters(hook.id)
+    return _json([{"seq": d.seq, "event_id": d.event_id, "type": d.type, "subject": d.subject,
+                   "attempts": d.attempts, "status": d.status, "error": d.error, "parked_at": d.parked_at}
+                  for d in letters])
+
+
+@router.post("/v1/webhooks/{hook_id}/dead-letters/replay", summary="Deliver the parked events again")
+async def replay(hook_id: str, ctx: Ctx, p: Actor) -> Response:
+    """One attempt per parked event, oldest first (one issue's events in order, stopping at its first
+    failure); delivered ones leave the list. Returns ``{replayed, still_failing}``."""
+    require_role(p, "integrator")
+    svc = _service(ctx)
+    result = await svc.replay(await _owned(svc, p, hook_id))
+    return _json({"replayed": result.replayed, "still_failing": result.still_failing})

@@ -1,0 +1,118 @@
+"""Smoke tests for ``needle bench``: the benchmarks run at tiny sizes and produce every JSON key.
+
+No timing assertions: numbers depend on the machine; only their presence and shape are checked.
+The intake one starts `needle up` (embedded NATS + Postgres) and takes ~15 s; the router one ~5 s."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.bench import loadgen
+from services.bench.cli import intake_table, router_table
+from services.bench.common import percentile, ratio, write_json
+from services.bench.procs import Child, free_port, running
+
+RUN_KEYS = {"label", "tool", "rps", "requests", "ok_2xx", "non_2xx", "p50_ms", "p90_ms", "p99_ms", "socket_errors",
+            "duration_s", "connections"}
+
+
+def test_percentile_and_ratio() -> None:
+    assert percentile([], 50) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([float(i) for i in range(1, 101)], 99) == 99.0
+    assert percentile([5.0], 99) == 5.0
+    assert ratio(50, 100) == 0.5
+    assert ratio(None, 100) is None and ratio(1, 0) is None
+
+
+def test_lua_script_has_keyed_requests_and_json_done() -> None:
+    t = loadgen.Target(url="http://x/v1/issues", method="POST", body={"title": "it's \"quoted\""},
+                       headers={"Authorization": "Bearer abc"}, fresh_key=True)
+    lua = loadgen.lua_script(t, "nonce1")
+    assert "wrk.method = 'POST'" in lua
+    assert "Idempotency-Key" in lua and "request = function()" in lua and "thread:set('tid'" in lua
+    assert "it\\'s" in lua
+    assert loadgen.MARKER in lua and "latency:percentile(99)" in lua and "e.status" in lua
+    plain = loadgen.lua_script(loadgen.Target(url="http://x/hello"), "n")
+    assert "request = function()" not in plain
+
+
+def test_python_fallback_against_the_baseline_app(tmp_path: Path) -> None:
+    port = free_port()
+    child = Child.start("baseline", [sys.executable, "-m", "services.bench.baseline_app", "--port", str(port)],
+                        tmp_path / "baseline.log")
+    with running(child):
+        child.wait_http(f"http://127.0.0.1:{port}/hello", 30)
+        t = loadgen.Target(url=f"http://127.0.0.1:{port}/echo", method="POST", fresh_key=True,
+                           body={"grid": "g", "category": "c", "title": "t"}, label="echo")
+        r = loadgen.run_python(t, duration_s=0.5, connections=2)
+        bad = loadgen.run_python(loadgen.Target(url=f"http://127.0.0.1:{port}/echo", method="POST", body={"x": 1}),
+                                 duration_s=0.3, connections=1)
+    assert RUN_KEYS <= r.keys()
+    assert r["requests"] > 0 and r["non_2xx"] == 0 and r["statuses"].keys() == {"201"}
+    assert bad["requests"] > 0 and bad["non_2xx"] == bad["requests"]  # 422: counted as non-2xx
+
+
+def test_wrk_missing_is_detected(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.bench import intake
+
+    said: list[str] = []
+    monkeypatch.setattr(intake, "wrk_path", lambda: None)
+    assert intake.choose_tool("auto", said.append) == "python"
+    assert "apt-get install -y wrk" in said[0] and "LESS PRECISE" in said[0]
+    with pytest.raises(RuntimeError, match="wrk not found"):
+        intake.choose_tool("wrk", said.append)
+
+
+def _check_intake(r: dict[str, Any]) -> None:
+    assert {"benchmark", "machine", "load_generator", "baseline", "needle", "ratios", "stream_check",
+            "needle_startup_s"} <= r.keys()
+    for run in (r["baseline"]["hello"], r["baseline"]["echo"], r["needle"]["report"],
+                r["needle"]["report_idempotent"]):
+        assert RUN_KEYS <= run.keys()
+        assert run["requests"] > 0
+    for run in r["needle"].values():
+        assert {"waited_for_workers_before_s", "worker_lag_after_run"} <= run.keys()
+    assert set(r["ratios"]) == {"report_vs_hello", "report_vs_echo", "report_idempotent_vs_hello",
+                                "report_idempotent_vs_echo"}
+    chk = r["stream_check"]
+    assert set(chk["per_run"]) == {"report", "report_idempotent"}
+    for c in chk["per_run"].values():
+        assert {"acked_201", "found_in_stream", "in_flight_at_stop", "ok"} <= c.keys()
+    assert chk["ok"], chk  # every 201 is an issue_reported event in the stream
+    assert r["needle"]["report"]["non_2xx"] == 0 and r["needle"]["report_idempotent"]["non_2xx"] == 0
+    intake_table(r)
+
+
+def test_intake_bench_tiny(tmp_path: Path) -> None:
+    from services.bench.intake import run_intake_bench
+
+    r = run_intake_bench(duration_s=1, connections=4, threads=1, warmup_s=0, workdir=tmp_path)
+    _check_intake(r)
+    out = write_json(tmp_path / "bench-intake.json", r)
+    assert json.loads(out.read_text())["benchmark"] == "intake"
+
+
+def test_router_bench_tiny(tmp_path: Path) -> None:
+    from services.bench.router import run_router_bench
+
+    r = run_router_bench(issues=100, rate=50, latency_s=1, workdir=tmp_path)
+    assert {"benchmark", "machine", "issues", "baseline", "needle", "latency", "ratio_routed_vs_raw",
+            "router_log"} <= r.keys()
+    assert {"per_s", "messages", "stream_span_s", "window", "batch"} <= r["baseline"].keys()
+    n = r["needle"]
+    assert {"routed_per_s", "issues_routed", "tasks_dispatched", "events_written_per_issue",
+            "router_startup_s", "router_drained"} <= n.keys()
+    assert n["issues_routed"] == 100  # every report routed (contract rules: lead + co task)
+    assert n["tasks_dispatched"] == 200
+    lat = r["latency"]
+    assert lat["reports"] == 50 and lat["dispatched"] == 50
+    for key in ("report_to_dispatched_stream", "report_to_dispatched_subscriber"):
+        assert {"p50_ms", "p90_ms", "p99_ms", "max_ms"} <= lat[key].keys()
+    assert r["ratio_routed_vs_raw"] is not None
+    router_table(r)
+    json.dumps(r, default=str)
