@@ -13,19 +13,21 @@ from shared.domain.issue import IssueState, TaskState
 from .context import AppContext
 
 
-def get_ctx(request: Request) -> AppContext:
+# async on purpose: FastAPI runs sync dependencies in its thread pool, a hop per request
+async def get_ctx(request: Request) -> AppContext:
     ctx: AppContext = request.app.state.ctx
     return ctx
 
 
-def get_principal(request: Request) -> Principal:
+async def get_principal(request: Request) -> Principal:
     header = request.headers.get("authorization")
     if not header:
         raise TokenError("missing bearer token")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
         raise TokenError("Authorization must be 'Bearer <token>'")
-    return get_ctx(request).verifier.verify(token.strip())
+    ctx: AppContext = request.app.state.ctx
+    return ctx.verifier.verify(token.strip())
 
 
 Ctx = Annotated[AppContext, Depends(get_ctx)]

@@ -1,8 +1,8 @@
 """NATS users of the embedded server: ``needle`` (the services) and ``integrator`` (read-only).
 
-An integrator may read ``needle.events.>``, look up the NEEDLE_EVENTS stream, create and use
-its own consumers on it and fetch/ack from them; it may not publish into the event stream, and
-it cannot reach the NEEDLE_TIMERS stream or any other JetStream API. Passwords are generated
+An integrator reads ``needle.events.>`` through its own JetStream consumers on NEEDLE_EVENTS
+(create, fetch, ack); it may not publish into the event stream, touch needle's own consumers,
+or reach the NEEDLE_TIMERS stream or any other JetStream API. Passwords are generated
 once and kept in ``DIR/secrets/nats.json`` (mode 600)."""
 from __future__ import annotations
 
@@ -30,7 +30,19 @@ INTEGRATOR_PUBLISH = [
     f"$JS.ACK.{EV}.>",
     "$JS.FC.>",
 ]
-INTEGRATOR_SUBSCRIBE = [sj.ALL_EVENTS, "_INBOX.>"]
+# Only through JetStream consumers: a core subscription to needle.events.> would also see the messages
+# of an atomic batch that JetStream refused (never stored), so integrators get no core access to it.
+INTEGRATOR_SUBSCRIBE = ["_INBOX.>"]
+# needle's own consumers are off limits (webhook-<id> consumers cannot be matched by a wildcard: they
+# are named by random ids that integrators are never shown)
+INTERNAL_CONSUMERS = ("router", "projections")
+INTEGRATOR_DENY_PUBLISH = [
+    f"$JS.API.CONSUMER.{verb}.{EV}.{name}"
+    for name in INTERNAL_CONSUMERS
+    for verb in ("DELETE", "MSG.NEXT", "DURABLE.CREATE", "INFO")
+] + [f"$JS.API.CONSUMER.CREATE.{EV}.{name}" for name in INTERNAL_CONSUMERS] + [
+    f"$JS.API.CONSUMER.CREATE.{EV}.{name}.>" for name in INTERNAL_CONSUMERS] + [
+    f"$JS.ACK.{EV}.{name}.>" for name in INTERNAL_CONSUMERS]
 
 
 def load_or_create_passwords(data_dir: Path) -> dict[str, str]:
@@ -55,7 +67,7 @@ def authorization_block(passwords: dict[str, str]) -> str:
         "  users: [",
         f'    {{user: "needle", password: {json.dumps(passwords["needle"])}}}',
         f'    {{user: "integrator", password: {json.dumps(passwords["integrator"])},',
-        f"      permissions: {{publish: {{allow: {arr(INTEGRATOR_PUBLISH)}}},",
+        f"      permissions: {{publish: {{allow: {arr(INTEGRATOR_PUBLISH)}, deny: {arr(INTEGRATOR_DENY_PUBLISH)}}},",
         f"                    subscribe: {{allow: {arr(INTEGRATOR_SUBSCRIBE)}}}}}}}",
         "  ]",
         "}",

@@ -1,6 +1,7 @@
 """The integrator NATS user reads the event stream and nothing else."""
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -75,3 +76,42 @@ async def test_integrator_cannot_read_the_timers_stream(nats_factory: Callable[[
 
 async def _ignore(_: Exception) -> None:
     return None
+
+
+async def test_integrator_cannot_touch_needles_own_consumers(nats_factory: Callable[[], Any]) -> None:
+    server, _ = await _seeded(nats_factory)
+    admin = await nats.connect(server.url)
+    await admin.jetstream().pull_subscribe(sj.ALL_EVENTS, durable="projections", stream=sj.EVENTS_STREAM)
+    nc = await nats.connect(server.integrator_url, error_cb=_ignore)
+    try:
+        js = nc.jetstream(timeout=1)
+        with pytest.raises(Exception):  # noqa: B017
+            await js.delete_consumer(sj.EVENTS_STREAM, "projections")
+        with pytest.raises(Exception):  # noqa: B017
+            sub = await js.pull_subscribe(sj.ALL_EVENTS, durable="projections", stream=sj.EVENTS_STREAM)
+            await sub.fetch(1, timeout=1)
+    finally:
+        await nc.close()
+    info = await admin.jetstream().consumer_info(sj.EVENTS_STREAM, "projections")
+    assert info.name == "projections"
+    await admin.close()
+
+
+async def test_integrator_has_no_core_subscription_to_the_event_subjects(nats_factory: Callable[[], Any]) -> None:
+    server, _ = await _seeded(nats_factory)
+    errors: list[Exception] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(e)
+
+    nc = await nats.connect(server.integrator_url, error_cb=on_error)
+    try:
+        await nc.subscribe(sj.ALL_EVENTS)
+        await nc.flush(timeout=2)
+        for _ in range(20):
+            if errors:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await nc.close()
+    assert any("permissions violation" in str(e).lower() for e in errors), errors

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from alembic import context
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.projections.schema import tables
@@ -12,7 +13,7 @@ from services.projections.schema import tables
 target_metadata = tables("")[0]
 
 
-def _run(connection) -> None:  # noqa: ANN001
+def _run(connection: Connection) -> None:
     context.configure(connection=connection, target_metadata=target_metadata, version_table="alembic_version")
     with context.begin_transaction():
         context.run_migrations()
