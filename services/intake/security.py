@@ -13,6 +13,11 @@ from shared.domain.issue import IssueState, TaskState
 from .context import AppContext
 
 
+def ctx_of(request: Request) -> AppContext:
+    ctx: AppContext = request.app.state.ctx
+    return ctx
+
+
 # async on purpose: FastAPI runs sync dependencies in its thread pool, a hop per request
 async def get_ctx(request: Request) -> AppContext:
     ctx: AppContext = request.app.state.ctx

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from services.intake.context import AppContext
 from services.intake.issues_api import request_hash, validate_report
 from services.intake.schemas import ReportIssueBody
-from services.intake.security import get_ctx, in_area
+from services.intake.security import ctx_of, in_area
 from shared.auth import Principal, TokenError
 from shared.commanding import load_state, utcnow
 from shared.domain import commands as cmd
@@ -136,7 +136,7 @@ async def _append(ctx: AppContext, p: Principal, body: ReportIssueBody, key: str
 
 
 async def _create(request: Request, fmt: Format) -> Response:
-    ctx = get_ctx(request)
+    ctx = ctx_of(request)
     params = await read_params(request)
     _jurisdiction(ctx, params)
     p = _principal(ctx, request, params)
@@ -191,7 +191,7 @@ async def _by_ids(ctx: AppContext, wanted: tuple[str, ...]) -> list[dict[str, ob
 
 
 async def _list(request: Request, fmt: Format) -> Response:
-    ctx = get_ctx(request)
+    ctx = ctx_of(request)
     params = _query(request)
     _jurisdiction(ctx, params)
     wanted = search.comma_list(first(params, "service_request_id"))
@@ -216,7 +216,7 @@ async def _list(request: Request, fmt: Format) -> Response:
 
 
 async def _one(request: Request, name: str, tokens: bool) -> Response:
-    ctx = get_ctx(request)
+    ctx = ctx_of(request)
     _jurisdiction(ctx, _query(request))
     stem, fmt = split_format(name)
     what = "token" if tokens else "service_request_id"
@@ -240,7 +240,7 @@ async def discovery(request: Request, fmt: str) -> Response:
     async def work(_: Format) -> Response:
         f = check_format(fmt)
         url = str(request.base_url).rstrip("/") + BASE + "/"
-        changeset = view.ts(STARTED, get_ctx(request).rulebook.tz)
+        changeset = view.ts(STARTED, ctx_of(request).rulebook.tz)
         body = {"changeset": changeset, "contact": "the operator of this needle",
                 "key_service": "api_key: a needle bearer token (needle token issue --role integrator)",
                 "endpoints": [{"specification": "http://wiki.open311.org/GeoReport_v2", "url": url,
@@ -255,7 +255,7 @@ async def discovery(request: Request, fmt: str) -> Response:
 async def service_list(request: Request, fmt: str) -> Response:
     async def work(_: Format) -> Response:
         f = check_format(fmt)
-        ctx = get_ctx(request)
+        ctx = ctx_of(request)
         _jurisdiction(ctx, _query(request))
         return render(f, catalog.service_list(ctx.rulebook), root="services", item="service")
 
@@ -266,7 +266,7 @@ async def service_list(request: Request, fmt: str) -> Response:
 async def service_definition(request: Request, name: str) -> Response:
     async def work(_: Format) -> Response:
         code, f = split_format(name)
-        ctx = get_ctx(request)
+        ctx = ctx_of(request)
         _jurisdiction(ctx, _query(request))
         try:
             body = catalog.definition(ctx.rulebook, code)
