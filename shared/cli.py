@@ -5,9 +5,12 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from shared.runtime.supervisor import Child
 
 from shared.settings import Settings
 
@@ -34,6 +37,25 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 RUNTIME_FILE = "runtime.json"
+
+
+def _start_children(settings: Settings, nats_url: str, database_url: str | None,
+                    names: tuple[str, ...]) -> list[Child]:
+    """Start ``needle run NAME`` for each name, on the same servers and files, and wait until each is
+    ready (the projections have migrated their tables; the router follows its consumers)."""
+    from shared.runtime.supervisor import Child
+
+    env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_DATA_DIR": str(settings.data_dir),
+           "NEEDLE_ORG": str(settings.org), "NEEDLE_RULES": str(settings.rules),
+           "NEEDLE_HOLIDAYS": str(settings.holidays), "NEEDLE_LOG_LEVEL": settings.log_level}
+    if database_url:
+        env["NEEDLE_DATABASE_URL"] = database_url
+    children = [Child(name, env, settings.data_dir / "logs" / f"{name}.log") for name in names]
+    for c in children:
+        c.start()
+    for c in children:
+        c.wait_ready(90)
+    return children
 
 
 def write_runtime(settings: Settings, nats_url: str, database_url: str | None, services: tuple[str, ...]) -> None:
@@ -68,8 +90,11 @@ def attach(settings: Settings) -> dict[str, str]:
     return info
 
 
-def _boot(settings: Settings, services: tuple[str, ...]) -> None:
-    """Start embedded servers (unless URLs are given), then run ``services`` until a signal."""
+def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[str, ...] = (),
+          owner: bool = False) -> None:
+    """Start embedded servers (unless URLs are given), the ``child_services`` as supervised child
+    processes, then run ``services`` in this process until a signal. The ``owner`` (``needle up``)
+    writes DIR/runtime.json for the commands that attach to it."""
     from shared.config import ConfigError
     from shared.logs import configure
     from shared.runtime.embedded import EmbeddedNats, EmbeddedPostgres
@@ -84,6 +109,7 @@ def _boot(settings: Settings, services: tuple[str, ...]) -> None:
     except FileNotFoundError as exc:
         raise _fail(f"refusing to start: {exc}") from None
     embedded_nats = embedded_pg = None
+    children: list[Child] = []
     try:
         if not settings.nats_url:
             embedded_nats = EmbeddedNats(settings.data_dir, sync_always=settings.sync_always)
@@ -93,12 +119,23 @@ def _boot(settings: Settings, services: tuple[str, ...]) -> None:
             embedded_pg = EmbeddedPostgres(settings.data_dir)
             embedded_pg.start()
             stack.urls.database = embedded_pg.url
-        write_runtime(settings, stack.urls.nats, stack.urls.database, services)
-        asyncio.run(run_stack(stack, services=services, on_ready=print_ready))
+        if not settings.database_url and "projections" in child_services and embedded_pg is None:
+            embedded_pg = EmbeddedPostgres(settings.data_dir)
+            embedded_pg.start()
+            stack.urls.database = embedded_pg.url
+        if owner:
+            write_runtime(settings, stack.urls.nats, stack.urls.database, services + child_services)
+        children = _start_children(settings, stack.urls.nats, stack.urls.database, child_services)
+        asyncio.run(run_stack(stack, services=services, on_ready=print_ready, children=children))
     except KeyboardInterrupt:
         pass
+    except RuntimeError as exc:
+        raise _fail(str(exc)) from None
     finally:
-        clear_runtime(settings)
+        if owner:
+            clear_runtime(settings)
+        for child in children:
+            child.stop()
         if embedded_pg:
             embedded_pg.stop()
         if embedded_nats:
@@ -117,8 +154,11 @@ def up(
     settings = _settings(data_dir, port=port, org=org, rules=rules)
     if demo and (org or rules):
         raise _fail("--demo loads the Zhoushan org and rulebook; leave out --org/--rules or --demo")
-    services = ("intake", "router") + (("projections",) if settings.projections else ())
-    _boot(settings, services)
+    workers = ("router",) + (("projections",) if settings.projections else ())
+    if settings.workers_in_process:
+        _boot(settings, ("intake", *workers), owner=True)
+    else:  # the default: the HTTP intake keeps this process; the workers get processes of their own
+        _boot(settings, ("intake",), child_services=workers, owner=True)
 
 
 @app.command()

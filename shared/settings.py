@@ -33,8 +33,8 @@ class Settings(BaseSettings):
     duplicate_window_s: float = 120.0
     max_body_bytes: int = 64 * 1024
     workers: int = 1  # uvicorn worker processes for the HTTP API
-    router: bool = True  # run the router in the `needle up` process
-    projections: bool = True
+    projections: bool = True  # run the projection worker (and the read-model API)
+    workers_in_process: bool = False  # `needle up` runs router + projections in its own process (debugging)
     log_level: str = "info"
     log_json: bool = False
     sync_always: bool = False  # fsync every JetStream write (survives power loss, slower)

@@ -8,6 +8,7 @@ import structlog
 
 from .api import router as api_router
 from .dashboard import router as dashboard_router
+from .follower import CheckpointFollower
 from .migrate import upgrade
 from .schema import PROJECTION_VERSION
 from .worker import ProjectionWorker, ProjectionWriter
@@ -40,9 +41,25 @@ async def start_projections(stack: Stack) -> ProjectionWorker:
         await rebuild(pool, js, writer)
     worker = ProjectionWorker(pool, js, writer, health=stack.health)
     stack.health["postgres"] = True
-    stack.extras["pool"] = pool
-    stack.extras["projection"] = worker
-    stack.extras.setdefault("routers", []).append(api_router)
-    stack.extras["routers"].append(dashboard_router)
+    _serve_reads(stack, pool, worker)
     stack.spawn("projections", worker.run(on_subscribed=stack.close_on_exit))
     return worker
+
+
+def _serve_reads(stack: Stack, pool: asyncpg.Pool, progress: object) -> None:
+    stack.extras["pool"] = pool
+    stack.extras["projection"] = progress
+    stack.extras.setdefault("routers", []).append(api_router)
+    stack.extras["routers"].append(dashboard_router)
+
+
+async def start_read_api(stack: Stack) -> CheckpointFollower:
+    """The query API and dashboard over read models that another process keeps (``needle up`` runs the
+    projection worker as a child process)."""
+    assert stack.urls.database
+    pool = await open_pool(stack.urls.database)
+    stack.closers.append(pool.close)
+    follower = CheckpointFollower(pool, health=stack.health)
+    _serve_reads(stack, pool, follower)
+    stack.spawn("read-models", follower.run())
+    return follower

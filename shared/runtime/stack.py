@@ -150,13 +150,23 @@ class Stack:
                 await self.nc.drain()
 
 
-async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callable[[str], None]) -> None:
-    """Run the chosen services until SIGINT/SIGTERM (uvicorn's signal handling ends ``serve``)."""
+async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callable[[str], None],
+                    children: list[Any] | None = None) -> None:
+    """Run the chosen services in this process until SIGINT/SIGTERM; ``children`` (already started
+    child processes, see supervisor.py) are watched and restarted while it runs."""
     await stack.connect()
     if "projections" in services:
         await stack.start_projections()
+    elif "intake" in services and stack.urls.database:
+        from services.projections.service import start_read_api
+
+        await start_read_api(stack)
     if "router" in services:
         await stack.start_router()
+    if children:
+        from .supervisor import supervise
+
+        stack.spawn("supervisor", supervise(children, stack.health))
     try:
         if "intake" in services:
             await stack.start_webhooks()
