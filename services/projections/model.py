@@ -93,6 +93,7 @@ def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) ->
         "id": issue_id, "grid": e.grid, "category": e.category, "title": clean(e.title), "urgency": e.urgency,
         "status": "reported", "level": None, "owner_area": None, "areas": areas,
         "reported_at": e.reported_at, "dispatched_at": None, "closed_at": None, "closed_on_time": None,
+        "first_resolved_at": None,
         "lead_task": None, "lead_department": None, "lead_status": None, "next_due": None,
         "reopen_count": 0, "escalations": 0, "satisfaction": None, "version": 0, "seq": seq,
         "updated_at": e.reported_at,
@@ -186,7 +187,8 @@ def apply(batch: Batch, env: Envelope) -> None:
                     batch.count_dept(t["department"], at, "tasks_resolved_on_time")
                 if t["role"] == "lead":
                     issue["status"] = "resolved"
-                    if issue["reopen_count"] == 0:  # a rework's second resolution is not a second issue resolved
+                    if issue.get("first_resolved_at") is None:  # after rework or escalation: still one issue
+                        issue["first_resolved_at"] = e.at
                         batch.count_area(issue, at, "issues_resolved")
         case ev.TaskSuperseded():
             t = batch.tasks.get(e.task_id)

@@ -19,7 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 PROJECTION = "read_models"
-PROJECTION_VERSION = 1  # bump when the projection functions change: the worker rebuilds on start
+PROJECTION_VERSION = 2  # bump when the projection functions change: the worker rebuilds on start
 
 
 def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
@@ -39,6 +39,7 @@ def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
         Column("dispatched_at", DateTime(timezone=True)),
         Column("closed_at", DateTime(timezone=True)),
         Column("closed_on_time", Boolean),
+        Column("first_resolved_at", DateTime(timezone=True)),  # 解决率 counts an issue once
         Column("lead_task", Text),
         Column("lead_department", Text),
         Column("lead_status", Text),

@@ -144,13 +144,31 @@ class ProjectionWorker:
         if on_subscribed is not None:
             on_subscribed(sub)
         suspect_gap_at = 0
+        failures = 0
         while True:
             try:
                 msgs: list[Msg] = await sub.fetch(self.batch, timeout=0.5)
+                failures = 0
             except Exception as exc:
-                if "Timeout" not in type(exc).__name__:
-                    log.warning("fetch failed", error=repr(exc))
-                    await asyncio.sleep(0.5)
+                if "Timeout" in type(exc).__name__:
+                    failures = 0
+                    continue
+                failures += 1
+                log.warning("fetch failed", error=repr(exc), failures=failures)
+                await asyncio.sleep(0.5)
+                if failures >= 3:  # the consumer is gone (deleted, stream restored...): recreate it
+                    self.health["projections"] = False
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    try:
+                        self.seq = max(self.seq, await self._checkpoint())
+                        sub = await self.subscribe(self.seq + 1)
+                        if on_subscribed is not None:
+                            on_subscribed(sub)
+                        self.health["projections"] = True
+                        failures = 0
+                    except Exception as again:
+                        log.warning("cannot recreate the consumer yet", error=repr(again))
                 continue
             msgs = [m for m in msgs if m.metadata.sequence.stream > self.seq]  # redeliveries already committed
             if not msgs:

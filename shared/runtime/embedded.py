@@ -17,6 +17,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -170,6 +171,22 @@ class EmbeddedPostgres:
                            "-c", "synchronous_commit=off", "-c", "fsync=on"],
                           log=log, death_signal=signal.SIGINT, user=self.user)
         wait_port("127.0.0.1", self.port, self.proc, timeout, "postgres", log)
+        self._wait_accepting(timeout, log)
+
+    def _wait_accepting(self, timeout: float, log: Path) -> None:
+        """The port opens before recovery ends ("the database system is starting up"): wait for
+        pg_isready to say the server accepts connections."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited with code {self.proc.returncode}; see {log}")
+            ok = subprocess.run([str(pg_bin_dir() / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
+                                 "-U", "postgres", "-q"], capture_output=True).returncode == 0
+            if ok:
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"postgres did not accept connections within {timeout:.0f} s; see {log}")
 
     def stop(self) -> None:
         stop(self.proc, signal.SIGINT)

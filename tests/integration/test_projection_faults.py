@@ -500,10 +500,6 @@ async def test_a_cancelled_batch_is_retried_and_the_worker_lives_on(needle_facto
     assert without_zero(await read_models(db_url)) == expected(10, last)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: services/projections/worker.py ProjectionWorker.run — when its durable "
-                   "consumer disappears (deleted by an operator or lost by JetStream) every fetch fails with "
-                   "ServiceUnavailableError; run() logs 'fetch failed' every 0.5 s forever and never subscribes "
-                   "again: the read models stop while health['projections'] stays True and /healthz answers 200")
 async def test_a_lost_consumer_is_recreated_at_the_checkpoint(needle_factory: Callable[..., Any]) -> None:
     h: NeedleHandle = await needle_factory(services=("intake", "projections"))
     assert h.stack.nc is not None and h.stack.store is not None and h.stack.urls.database

@@ -81,9 +81,8 @@ class Sim:
 
     store: JetStreamEventStore
     now: datetime
-    # off by default: escalating an issue whose lead resolved counts 解决率's numerator twice, a known bug pinned by
-    # test_resolution_rate_counts_an_issue_once[escalated after resolving]; the histories stay clear of it
-    escalate_when_resolved: bool = False
+    # histories may escalate an issue whose lead already resolved (解决率 must still count it once)
+    escalate_when_resolved: bool = True
     issues: list[IssueSim] = field(default_factory=list)
     envelopes: list[Envelope] = field(default_factory=list)
 
@@ -424,13 +423,7 @@ async def test_stats_and_rows_equal_a_recount_of_random_histories(projections: N
         (e.seq, e.subject, e.data.name) for e in sorted(sim.envelopes, key=lambda e: e.seq)]
 
 
-ESCALATED_AFTER_RESOLVING = pytest.mark.xfail(
-    strict=True, reason="bug: services/projections/model.py apply(TaskResolved) counts issues_resolved while "
-    "reopen_count == 0: an issue escalated after its lead resolved, then resolved by the new lead, counts twice "
-    "(解决率 2/1)")
-
-
-@pytest.mark.parametrize("path", ["rework", pytest.param("escalated after resolving", marks=ESCALATED_AFTER_RESOLVING)])
+@pytest.mark.parametrize("path", ["rework", "escalated after resolving"])
 async def test_resolution_rate_counts_an_issue_once(projections: NeedleHandle, path: str) -> None:
     h = projections
     sim = Sim(store_of(h), T0 + timedelta(days=3650), escalate_when_resolved=True)

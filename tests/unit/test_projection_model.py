@@ -446,9 +446,6 @@ def test_every_rate_stays_within_zero_and_one_after_rework() -> None:
     assert g.area("city")["issues_resolved"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: services/projections/model.py apply(TaskResolved) counts issues_resolved "
-                   "when reopen_count == 0, so an issue escalated after its lead resolved (decide allows it: the issue "
-                   "is still open) and resolved again by the new lead counts twice: 解决率 = 2/1")
 def test_an_issue_escalated_after_its_lead_resolved_counts_as_resolved_once() -> None:
     g = a_dispatched_issue()(acked(), resolved())
     g(ev.IssueEscalated(from_level="district", to_level="city", cause="requested", by="sup"),
