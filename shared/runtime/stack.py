@@ -144,10 +144,12 @@ class Stack:
                 await t
         for closer in reversed(self.closers):
             with contextlib.suppress(Exception):
-                await closer()
-        if self.nc is not None:
+                await asyncio.wait_for(closer(), 5)
+        if self.nc is not None:  # bounded: a NATS that is gone must not keep the process alive
             with contextlib.suppress(Exception):
-                await self.nc.drain()
+                await asyncio.wait_for(self.nc.drain(), 5)
+            with contextlib.suppress(Exception):
+                await self.nc.close()
 
 
 async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callable[[str], None],

@@ -37,7 +37,9 @@ class Child:
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._offset = self.log.stat().st_size if self.log.exists() else 0
-        self.proc = spawn(self.argv, log=self.log, death_signal=signal.SIGTERM, env=self.env)
+        # SIGKILL if needle up dies abruptly: nats-server dies with it too, so a graceful stop could only
+        # hang on a drain; nothing relies on a graceful exit (OCC and checkpoints make redelivery safe)
+        self.proc = spawn(self.argv, log=self.log, death_signal=signal.SIGKILL, env=self.env)
         self.started_at = time.monotonic()
 
     @property

@@ -307,3 +307,40 @@ def test_token_issue_prints_a_token_the_data_dir_key_accepts(tmp_path: Path) -> 
     t = token(tmp_path, "supervisor", "area:dinghai")
     p = auth.TokenVerifier(auth.load_or_create_key(tmp_path)).verify(t)
     assert (p.role, p.scope) == ("supervisor", "area:dinghai")
+
+
+def _children_of(pid: int) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        ppid = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("PPid:")), 0)
+        if ppid == pid and cmd:
+            out[int(entry.name)] = cmd
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                     if line.startswith("State:"))
+    except (OSError, StopIteration):
+        return False
+    return "Z" not in state.split()[1]
+
+
+def test_sigkill_of_needle_up_takes_its_worker_processes_too(launch: Callable[..., Up]) -> None:
+    """The router and projections run as child processes of `needle up`; they die with it, even though
+    the nats-server they were connected to dies at the same moment."""
+    up = launch()
+    up.wait_ready().close()
+    workers = {pid: cmd for pid, cmd in _children_of(up.proc.pid).items() if "shared.cli run" in cmd}
+    assert {"router", "projections"} <= {cmd.rsplit(" ", 1)[1] for cmd in workers.values()}, workers
+    os.kill(up.proc.pid, signal.SIGKILL)
+    up.proc.wait(10)
+    assert poll(lambda: not any(_alive(pid) for pid in workers), 15), workers
