@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import OrderedDict
 from collections.abc import AsyncIterator
 from functools import cache
 from typing import Annotated, Any
@@ -30,6 +29,7 @@ from shared.events import schemas
 from shared.events import subjects as sj
 from shared.events.models import BY_NAME, IssueReported, RulebookPublished
 from shared.store.eventstore import EventStore
+from shared.store.grid_cache import GridCache as LruGridCache
 
 from .context import AppContext
 from .issues_api import json_response
@@ -72,24 +72,11 @@ async def get_event_schema(ce_type: str) -> Response:
 
 
 # -- the stream ------------------------------------------------------------------------------------
-class GridCache:
-    """issue id -> grid (never changes once reported), least recently used dropped first."""
+class GridCache(LruGridCache):
+    """The shared issue -> grid cache, filled from the store on a miss."""
 
     def __init__(self, size: int = GRID_CACHE_MAX) -> None:
-        self._size = size
-        self._map: OrderedDict[str, str] = OrderedDict()
-
-    def get(self, issue_id: str) -> str | None:
-        grid = self._map.get(issue_id)
-        if grid is not None:
-            self._map.move_to_end(issue_id)
-        return grid
-
-    def put(self, issue_id: str, grid: str) -> None:
-        self._map[issue_id] = grid
-        self._map.move_to_end(issue_id)
-        while len(self._map) > self._size:
-            self._map.popitem(last=False)
+        super().__init__(size)
 
     async def lookup(self, store: EventStore, issue_id: str) -> str | None:
         grid = self.get(issue_id)

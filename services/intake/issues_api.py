@@ -4,11 +4,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Response
 
+from shared.auth import Principal
 from shared.commanding import execute, load_state, utcnow
 from shared.domain import commands as cmd
 from shared.domain import ids
@@ -17,6 +19,7 @@ from shared.domain.issue import IssueState, decide, initial_state
 from shared.domain.levels import Level
 from shared.events.models import Event
 
+from . import problems
 from .context import AppContext
 from .schemas import Created, NoteBody, ReportIssueBody, issue_view
 from .security import Actor, Ctx, require_area, require_read, require_role
@@ -69,15 +72,38 @@ def request_hash(body: ReportIssueBody) -> str:
 
 
 @router.post("/v1/issues", status_code=201, response_model=Created,
-             responses={409: {"description": "Idempotency-Key reused with another body"}})
+             responses={409: problems.problem_response("Idempotency-Key reused with another body")})
 async def report_issue(body: ReportIssueBody, ctx: Ctx, p: Actor, idempotency_key: IdempotencyKey = None) -> Response:
     """Report a resident's issue (grid worker). A replay of the same Idempotency-Key returns the same issue."""
     require_role(p, "grid_worker")
     validate_report(ctx, body)
     require_area(ctx.org, p, body.grid, f"grid {body.grid}")
+    outcome = await record_report(ctx, p, body, idempotency_key, SOURCE)
+    if not outcome.replayed:
+        return json_response({"id": outcome.issue_id, "status": "reported", "version": 1}, 201,
+                             {"ETag": etag(1), "Needle-Seq": str(outcome.seq),
+                              "Location": f"/v1/issues/{outcome.issue_id}"})
+    state = outcome.state
+    assert state is not None
+    return json_response({"id": state.id, "status": state.status, "version": state.version}, 201,
+                         state_headers(state, state.last_seq) | {"Idempotent-Replayed": "true"})
+
+
+@dataclass(frozen=True, slots=True)
+class ReportOutcome:
+    issue_id: str
+    seq: int
+    replayed: bool  # the Idempotency-Key was seen before with the same body: the existing issue
+    state: IssueState | None = None  # the current state, for a replay
+
+
+async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, key: str | None,
+                        source: str) -> ReportOutcome:
+    """The report use case, for every entry point (``POST /v1/issues``, Open311): a new issue, or the
+    one this reporter's Idempotency-Key already created (same body), or 409 (another body)."""
     rhash = request_hash(body)
-    if idempotency_key is not None:
-        issue_id = ids.idempotent_issue_id(p.subject, ids.check_idempotency_key(idempotency_key))
+    if key is not None:
+        issue_id = ids.idempotent_issue_id(p.subject, ids.check_idempotency_key(key))
     else:
         issue_id = ids.new_issue_id(int(time.time() * 1000), secrets.randbits(80))
     command = cmd.ReportIssue(grid=body.grid, category=body.category, title=body.title,
@@ -87,12 +113,11 @@ async def report_issue(body: ReportIssueBody, ctx: Ctx, p: Actor, idempotency_ke
     events: list[Event] = decide(initial_state(issue_id), command, now)
     try:
         res = await ctx.store.append(issue_id, events, expected_last_seq=0, version=0, now=now, actor=p.subject,
-                                     msg_id=f"report:{issue_id}", source=SOURCE)
+                                     msg_id=f"report:{issue_id}", source=source)
         if not res.duplicate:
-            return json_response({"id": issue_id, "status": "reported", "version": 1}, 201,
-                                 {"ETag": etag(1), "Needle-Seq": str(res.seq), "Location": f"/v1/issues/{issue_id}"})
+            return ReportOutcome(issue_id, res.seq, replayed=False)
     except ConcurrencyConflict:
-        if idempotency_key is None:  # a random id collided: astronomically unlikely
+        if key is None:  # a random id collided: astronomically unlikely
             raise
     # the key was used before: same body -> the same issue, another body -> 409
     state, _ = await load_state(ctx.store, issue_id)
@@ -100,8 +125,7 @@ async def report_issue(body: ReportIssueBody, ctx: Ctx, p: Actor, idempotency_ke
         raise ConcurrencyConflict("issue being created concurrently; retry")
     if state.request_hash != rhash:
         raise Conflict("Idempotency-Key was already used with a different request body", field="Idempotency-Key")
-    return json_response({"id": issue_id, "status": state.status, "version": state.version}, 201,
-                         state_headers(state, state.last_seq) | {"Idempotent-Replayed": "true"})
+    return ReportOutcome(issue_id, state.last_seq, replayed=True, state=state)
 
 
 async def _readable(ctx: AppContext, p: Any, issue_id: str) -> tuple[IssueState, list[Any]]:

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
@@ -33,6 +32,7 @@ from shared.config import OrgTree
 from shared.events import subjects as sj
 from shared.events.codec import decode
 from shared.events.models import IssueReported
+from shared.store.grid_cache import GridCache
 
 from . import signing
 from .registry import DeadLetter, Registry, Webhook
@@ -143,26 +143,6 @@ class Sender:
         if 200 <= r.status_code < 300:
             return Outcome(True, r.status_code)
         return Outcome(False, r.status_code, f"HTTP {r.status_code}")
-
-
-class GridCache:
-    """issue id -> grid (fixed once reported), least recently used dropped first."""
-
-    def __init__(self, size: int = 50_000) -> None:
-        self.size = size
-        self._map: OrderedDict[str, str] = OrderedDict()
-
-    def get(self, issue_id: str) -> str | None:
-        grid = self._map.get(issue_id)
-        if grid is not None:
-            self._map.move_to_end(issue_id)
-        return grid
-
-    def put(self, issue_id: str, grid: str) -> None:
-        self._map[issue_id] = grid
-        self._map.move_to_end(issue_id)
-        while len(self._map) > self.size:
-            self._map.popitem(last=False)
 
 
 @dataclass

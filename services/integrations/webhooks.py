@@ -18,8 +18,9 @@ from nats.js.errors import NotFoundError
 
 from shared.config import OrgTree
 from shared.events import subjects as sj
+from shared.store.grid_cache import GridCache
 
-from .delivery import Deliverer, DeliveryConfig, GridCache, Sender, group_of, now_iso, render
+from .delivery import Deliverer, DeliveryConfig, Sender, group_of, now_iso, render
 from .registry import Registry, Webhook
 
 if TYPE_CHECKING:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
-import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -20,15 +18,13 @@ from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 
 from services.intake.context import AppContext
-from services.intake.issues_api import request_hash, validate_report
+from services.intake.issues_api import record_report, validate_report
 from services.intake.schemas import ReportIssueBody
 from services.intake.security import ctx_of, in_area
 from shared.auth import Principal, TokenError
 from shared.commanding import load_state, utcnow
-from shared.domain import commands as cmd
 from shared.domain import ids
-from shared.domain.errors import ConcurrencyConflict, Conflict, DomainError, NotFound
-from shared.domain.issue import decide, initial_state
+from shared.domain.errors import Conflict, DomainError, NotFound
 
 from . import catalog, search, view
 from .formats import FORMATS, Format, Open311Error, check_format, error_response, render, split_format
@@ -43,6 +39,18 @@ MAX_WAIT_S = 5.0
 STARTED = datetime.now(UTC)
 _KNOWN_PATH = re.compile(r"^v2/(discovery|services|requests|tokens)(\.[^/]*|/[^/]+)$")
 _LOAD_CONCURRENCY = 16
+
+# What the routes answer, for the OpenAPI document: JSON or XML (the path's suffix picks it), and errors as the
+# spec's list ``[{code, description}]`` (or its XML form) with any status, never problem+json.
+_XML = {"text/xml": {"schema": {"type": "string"}}}
+_ERRORS = {"type": "array", "items": {"type": "object", "required": ["code", "description"],
+                                      "properties": {"code": {"type": "integer"}, "description": {"type": "string"}}}}
+
+
+def _responses(status: int = 200) -> dict[int | str, dict[str, object]]:
+    return {status: {"content": _XML},
+            "default": {"description": "GeoReport v2 error list", "content": {"application/json": {"schema": _ERRORS},
+                                                                             **_XML}}}
 
 
 def _guess(source: str) -> Format:
@@ -109,30 +117,11 @@ def _title(description: str | None, fallback: str) -> str:
 
 async def _append(ctx: AppContext, p: Principal, body: ReportIssueBody, key: str | None) -> tuple[str, bool, int]:
     """The report path of ``POST /v1/issues``: (issue id, replayed?, stream seq)."""
-    rhash = request_hash(body)
-    if key is not None:
-        issue_id = ids.idempotent_issue_id(p.subject, ids.check_idempotency_key(key))
-    else:
-        issue_id = ids.new_issue_id(int(time.time() * 1000), secrets.randbits(80))
-    command = cmd.ReportIssue(grid=body.grid, category=body.category, title=body.title,
-                              description=body.description, urgency=body.urgency, risk=tuple(body.risk),
-                              location=body.location, reporter=p.subject, request_hash=rhash)
-    now = utcnow()
-    events = decide(initial_state(issue_id), command, now)
     try:
-        res = await ctx.store.append(issue_id, events, expected_last_seq=0, version=0, now=now, actor=p.subject,
-                                     msg_id=f"report:{issue_id}", source=SOURCE)
-        if not res.duplicate:
-            return issue_id, False, res.seq
-    except ConcurrencyConflict:
-        if key is None:
-            raise
-    state, _ = await load_state(ctx.store, issue_id)
-    if not state.exists:
-        raise ConcurrencyConflict("request being created concurrently; retry")
-    if state.request_hash != rhash:
-        raise Conflict("Idempotency-Key was already used with a different request")
-    return issue_id, True, state.last_seq
+        out = await record_report(ctx, p, body, key, SOURCE)
+    except Conflict as exc:
+        raise Conflict("Idempotency-Key was already used with a different request") from exc
+    return out.issue_id, out.replayed, out.seq
 
 
 async def _create(request: Request, fmt: Format) -> Response:
@@ -235,7 +224,7 @@ async def _one(request: Request, name: str, tokens: bool) -> Response:
 
 
 # -- routes ---------------------------------------------------------------------------------------------------
-@router.get(BASE + "/discovery.{fmt}", summary="Open311 endpoint discovery")
+@router.get(BASE + "/discovery.{fmt}", summary="Open311 endpoint discovery", responses=_responses())
 async def discovery(request: Request, fmt: str) -> Response:
     async def work(_: Format) -> Response:
         f = check_format(fmt)
@@ -251,7 +240,7 @@ async def discovery(request: Request, fmt: str) -> Response:
     return await _answer(fmt, work)
 
 
-@router.get(BASE + "/services.{fmt}", summary="Service list: one service per rulebook category")
+@router.get(BASE + "/services.{fmt}", summary="Service list: one service per rulebook category", responses=_responses())
 async def service_list(request: Request, fmt: str) -> Response:
     async def work(_: Format) -> Response:
         f = check_format(fmt)
@@ -262,7 +251,8 @@ async def service_list(request: Request, fmt: str) -> Response:
     return await _answer(fmt, work)
 
 
-@router.get(BASE + "/services/{name}", summary="Service definition (name is <service_code>.json|.xml)")
+@router.get(BASE + "/services/{name}", summary="Service definition (name is <service_code>.json|.xml)",
+            responses=_responses())
 async def service_definition(request: Request, name: str) -> Response:
     async def work(_: Format) -> Response:
         code, f = split_format(name)
@@ -277,22 +267,25 @@ async def service_definition(request: Request, name: str) -> Response:
     return await _answer(name, work)
 
 
-@router.get(BASE + "/requests.{fmt}", summary="Search service requests (public, non-personal fields)")
+@router.get(BASE + "/requests.{fmt}", summary="Search service requests (public, non-personal fields)",
+            responses=_responses())
 async def get_requests(request: Request, fmt: str) -> Response:
     return await _answer(fmt, lambda _: _list(request, check_format(fmt)))
 
 
-@router.post(BASE + "/requests.{fmt}", status_code=201, summary="Submit a service request (api_key)")
+@router.post(BASE + "/requests.{fmt}", status_code=201, summary="Submit a service request (api_key)",
+             responses=_responses(201))
 async def post_request(request: Request, fmt: str) -> Response:
     return await _answer(fmt, lambda _: _create(request, check_format(fmt)))
 
 
-@router.get(BASE + "/requests/{name}", summary="One service request (name is <id>.json|.xml)")
+@router.get(BASE + "/requests/{name}", summary="One service request (name is <id>.json|.xml)", responses=_responses())
 async def get_request(request: Request, name: str) -> Response:
     return await _answer(name, lambda _: _one(request, name, tokens=False))
 
 
-@router.get(BASE + "/tokens/{name}", summary="The service_request_id of a token (name is <token>.json|.xml)")
+@router.get(BASE + "/tokens/{name}", summary="The service_request_id of a token (name is <token>.json|.xml)",
+            responses=_responses())
 async def get_token(request: Request, name: str) -> Response:
     return await _answer(name, lambda _: _one(request, name, tokens=True))
 
