@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import replace
@@ -26,6 +27,7 @@ from nats.js.client import JetStreamContext
 from shared.commanding import load_state, utcnow
 from shared.domain.calendar import WorkCalendar, load_holiday_file
 from shared.domain.errors import ConcurrencyConflict, DomainError
+from shared.domain.ids import issue_of_task
 from shared.domain.issue import evolve, initial_state
 from shared.events import subjects as sj
 from shared.events.codec import UnknownEventType, decode
@@ -94,15 +96,18 @@ class Router:
             headers={"Nats-Schedule": f"@at {fire.strftime('%Y-%m-%dT%H:%M:%SZ')}",
                      "Nats-Schedule-Target": sj.timer_fired(task_id)})
 
+    @staticmethod
+    async def until_edge(msg: Msg) -> None:
+        """Wait out the last moments before the edge (schedules are set early). Holds no resource."""
+        with contextlib.suppress(Exception):
+            at = datetime.fromisoformat(orjson.loads(msg.data)["at"])
+            wait = (at - utcnow()).total_seconds()
+            if 0 < wait <= MAX_WAIT:
+                await asyncio.sleep(wait)
+
     async def handle_timer(self, msg: Msg) -> None:
         body = orjson.loads(msg.data)
         task_id: str = body["task"]
-        at = datetime.fromisoformat(body["at"])
-        wait = (at - utcnow()).total_seconds()
-        if 0 < wait <= MAX_WAIT:
-            await asyncio.sleep(wait)
-        from shared.domain.ids import issue_of_task
-
         issue_id = issue_of_task(task_id)
         for _ in range(5):
             state, _ = await load_state(self.store, issue_id)
@@ -161,6 +166,34 @@ class Router:
                 await self.react_to_batch(msgs, handler)
             else:
                 await asyncio.gather(*(self._one(m, handler) for m in msgs))
+
+    async def run_timers(self, sub: Any, inflight: int = 20_000) -> None:
+        """Timers are pipelined: each fired timer waits for its exact edge in a task of its own (no
+        resource held), then takes a work slot; fetching goes on while up to ``inflight`` are waiting,
+        so a burst of timers never holds up the next ones nor the routing of new reports."""
+        room = asyncio.Semaphore(inflight)
+        running: set[asyncio.Task[None]] = set()
+
+        async def one(msg: Msg) -> None:
+            try:
+                await self.until_edge(msg)
+                await self._one(msg, self.handle_timer)
+            finally:
+                room.release()
+
+        while True:
+            try:
+                msgs = await sub.fetch(self.batch, timeout=1)
+            except Exception as exc:
+                if "Timeout" not in type(exc).__name__:
+                    log.warning("fetch failed", error=repr(exc))
+                    await asyncio.sleep(0.5)
+                continue
+            for m in msgs:
+                await room.acquire()
+                task = asyncio.create_task(one(m))
+                running.add(task)
+                task.add_done_callback(running.discard)
 
     async def react_to_batch(self, msgs: list[Msg], handler: Any) -> None:
         """The fast path: the reactions of every issue in a fetch go into ONE multi-issue atomic append
@@ -253,7 +286,7 @@ async def start_router(stack: Stack) -> Router:
     stack.close_on_exit(events_sub)
     stack.close_on_exit(timers_sub)
     stack.spawn("router", router.run_consumer(events_sub, router.handle_event, per_issue=True))
-    stack.spawn("router-timers", router.run_consumer(timers_sub, router.handle_timer, per_issue=False))
+    stack.spawn("router-timers", router.run_timers(timers_sub))
     stack.extras["router"] = router
 
     def hold(rb: Any) -> None:
