@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -28,7 +28,7 @@ from shared.commanding import load_state, utcnow
 from shared.domain.calendar import WorkCalendar, load_holiday_file
 from shared.domain.errors import ConcurrencyConflict, DomainError
 from shared.domain.ids import issue_of_task
-from shared.domain.issue import evolve, initial_state
+from shared.domain.issue import IssueState, evolve, initial_state
 from shared.events import subjects as sj
 from shared.events.codec import UnknownEventType, decode
 from shared.events.models import IssueReported, TaskDispatched
@@ -48,6 +48,35 @@ EARLY = timedelta(seconds=2)  # schedules fire up to ~1.3 s late on a 1 s grain:
 MAX_WAIT = 10.0
 
 
+class StateCache:
+    """The issue states this router last wrote, most recent kept (bounded). A cached state may be behind
+    the stream (a handler acted since), never ahead: every decision made from it is appended under OCC
+    against its sequence, so a stale entry costs one refused append and a reload, never a wrong event."""
+
+    def __init__(self, size: int = 50_000) -> None:
+        self.size = size
+        self._states: OrderedDict[str, IssueState] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, issue_id: str) -> IssueState | None:
+        st = self._states.get(issue_id)
+        if st is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._states.move_to_end(issue_id)
+        return st
+
+    def put(self, state: IssueState) -> None:
+        self._states[state.id] = state
+        self._states.move_to_end(state.id)
+        while len(self._states) > self.size:
+            self._states.popitem(last=False)
+
+    def drop(self, issue_id: str) -> None:
+        self._states.pop(issue_id, None)
+
+
 class Router:
     def __init__(self, store: JetStreamEventStore, js: JetStreamContext, rules: RouterRules, *,
                  batch: int = 256, concurrency: int = 64) -> None:
@@ -57,6 +86,7 @@ class Router:
         self.batch = batch
         self.sem = asyncio.Semaphore(concurrency)
         self.processed = 0
+        self.states = StateCache()
 
     # -- reacting to events ------------------------------------------------------------------------------------
     async def handle_event(self, msg: Msg) -> None:
@@ -79,9 +109,10 @@ class Router:
             if not events:
                 return
             try:
-                await self.store.append(issue_id, events, expected_last_seq=state.last_seq, version=state.version,
-                                        now=now, actor="router", msg_id=f"route:{issue_id}:{seq}",
-                                        causation=env.id, source=SOURCE)
+                res = await self.store.append(issue_id, events, expected_last_seq=state.last_seq,
+                                              version=state.version, now=now, actor="router",
+                                              msg_id=f"route:{issue_id}:{seq}", causation=env.id, source=SOURCE)
+                self.states.put(_after(state, res.envelopes))
                 log.debug("reacted", issue=issue_id, cue=name, seq=seq, events=[e.name for e in events])
                 return
             except ConcurrencyConflict:
@@ -109,8 +140,12 @@ class Router:
         body = orjson.loads(msg.data)
         task_id: str = body["task"]
         issue_id = issue_of_task(task_id)
-        for _ in range(5):
-            state, _ = await load_state(self.store, issue_id)
+        for attempt in range(5):
+            cached = self.states.get(issue_id) if attempt == 0 else None
+            if cached is not None and any(t.id == task_id for t in cached.tasks):
+                state = cached
+            else:
+                state, _ = await load_state(self.store, issue_id)
             now = utcnow()
             events = on_timer(state, task_id, self.rules, now)
             if events:
@@ -118,9 +153,11 @@ class Router:
                     res = await self.store.append(issue_id, events, expected_last_seq=state.last_seq,
                                                   version=state.version, now=now, actor="router", source=SOURCE)
                 except ConcurrencyConflict:
+                    self.states.drop(issue_id)
                     continue
                 for e in res.envelopes:
                     state = evolve(state, e.data, e.seq)
+                self.states.put(state)
                 log.info("sla", issue=issue_id, task=task_id, events=[e.name for e in events])
             try:
                 nxt = next_edge(state.task(task_id))
@@ -228,12 +265,14 @@ class Router:
                     async with self.sem:
                         state, _ = await load_state(self.store, issue_id)
                 events = react(state, env.data, seq, self.rules, utcnow())
+                states[issue_id] = state
                 req = AppendRequest(issue_id, tuple(events), state.last_seq, state.version, "router",
                                     causation=env.id) if events else None
                 return issue_id, msg, req
             except Exception:
                 return None  # the one-message path will handle (and report) it
 
+        states: dict[str, IssueState] = {}
         prepared = [p for p in await asyncio.gather(*(prepare(i, m) for i, m in cues.items())) if p is not None]
         done: set[str] = set()
         chunk: list[tuple[str, Msg, AppendRequest]] = []
@@ -244,10 +283,12 @@ class Router:
             if not chunk:
                 return
             try:
-                await self.store.append_many([r for _, _, r in chunk], now=utcnow(), source=SOURCE)
+                results = await self.store.append_many([r for _, _, r in chunk], now=utcnow(), source=SOURCE)
             except (ConcurrencyConflict, DomainError) as exc:
                 log.debug("batched append refused; reacting one by one", error=str(exc), issues=len(chunk))
             else:
+                for (_, _, req), res in zip(chunk, results, strict=True):
+                    self.states.put(_after(states[req.issue_id], res.envelopes))
                 await asyncio.gather(*(m.ack() for _, m, _ in chunk))
                 done.update(i for i, _, _ in chunk)
                 self.processed += len(chunk)
@@ -264,6 +305,12 @@ class Router:
             size += len(req.events)
         await flush()
         return done
+
+
+def _after(state: IssueState, envs: tuple[Any, ...]) -> IssueState:
+    for e in envs:
+        state = evolve(state, e.data, e.seq)
+    return state
 
 
 async def start_router(stack: Stack) -> Router:
