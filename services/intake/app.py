@@ -21,15 +21,15 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     )
     app.state.ctx = ctx
     problems.install(app)
-    app.include_router(issues_api.router)
-    app.include_router(tasks_api.router)
-    app.include_router(campaigns_api.router)
-    app.include_router(events_api.router)
-    app.include_router(open311_router)
-    for r in extra_routers:
-        app.include_router(r)  # type: ignore[arg-type]
+    for router in (issues_api.router, tasks_api.router, campaigns_api.router, events_api.router):
+        app.include_router(router, responses=problems.RESPONSES)
+    app.include_router(open311_router)  # answers errors in the GeoReport form, declared in its own routes
+    for r in extra_routers:  # read models, dashboard, webhooks: problem+json errors too
+        app.include_router(r, responses=problems.RESPONSES)  # type: ignore[arg-type]
 
-    @app.get("/healthz", tags=["ops"])
+    @app.get("/healthz", tags=["ops"],
+             responses={503: {"description": "degraded: the same body, naming what is down",
+                              "content": {"application/json": {}}}})
     async def healthz() -> Response:
         """200 when NATS, Postgres and every worker are up; 503 naming what is down otherwise."""
         down = sorted(k for k, ok in ctx.health.items() if not ok)

@@ -28,6 +28,7 @@ from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFoun
 from shared.domain.issue import IssueState, decide, initial_state
 from shared.domain.levels import Level
 
+from . import problems
 from .context import AppContext
 from .issues_api import json_response
 from .schemas import Strict
@@ -102,7 +103,7 @@ async def _report_one(ctx: AppContext, sem: asyncio.Semaphore, cid: str, grid: s
 
 
 @router.post("/v1/campaigns", status_code=202,
-             responses={409: {"description": "Idempotency-Key reused with another body"}})
+             responses={409: problems.problem_response("Idempotency-Key reused with another body")})
 async def create_campaign(body: CampaignBody, ctx: Ctx, p: Actor, idempotency_key: IdempotencyKey = None
                           ) -> Response:
     """Launch a campaign (supervisor over the area): one issue per grid, routed by the category's rules.

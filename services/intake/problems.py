@@ -17,6 +17,32 @@ from shared.domain.errors import DomainError
 
 PROBLEM = "application/problem+json"
 
+# The OpenAPI description of every error this module sends (RFC 9457 members plus needle's ``field`` and
+# ``errors``; extension members such as ``current_version`` are allowed).
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "title": "Problem",
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+        "detail": {"type": "string"}, "field": {"type": "string"},
+        "errors": {"type": "array", "items": {"type": "object", "required": ["field", "detail"],
+                                              "properties": {"field": {"type": "string"},
+                                                             "detail": {"type": "string"}}}},
+    },
+}
+
+
+def problem_response(description: str) -> dict[str, Any]:
+    """An OpenAPI response object for ``responses=``: the error leaves as problem+json."""
+    return {"description": description, "content": {PROBLEM: {"schema": PROBLEM_SCHEMA}}}
+
+
+# Routers whose errors go through the handlers below declare them once: every status a route does not
+# list (400, 401, 403, 404, 409, 412, 413, 422, 503, ...) is a problem (this also replaces FastAPI's
+# default 422 `HTTPValidationError`, which these routes never send).
+RESPONSES: dict[int | str, dict[str, Any]] = {"default": problem_response("Error (RFC 9457 problem details)")}
+
 
 def problem(status: int, title: str, detail: str, *, field: str | None = None, type_: str | None = None,
             headers: dict[str, str] | None = None, **extra: Any) -> Response:

@@ -52,7 +52,8 @@ class FeedbackBody(Strict):
 
 
 class ExtensionRequestBody(Strict):
-    extension: timedelta = Field(description="ISO 8601 duration, e.g. P2D")
+    # bounded: approving a far larger one failed with a 500 (no due time computable on the working-time clock)
+    extension: timedelta = Field(le=timedelta(days=365), description="ISO 8601 duration up to P365D, e.g. P2D")
     reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
 
 

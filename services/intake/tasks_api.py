@@ -123,7 +123,7 @@ async def record_feedback(issue_id: str, body: FeedbackBody, ctx: Ctx, p: Actor)
     return _issue_response(out)
 
 
-@router.post("/v1/issues/{issue_id}/escalate")
+@router.post("/v1/issues/{issue_id}/escalate", status_code=202)
 async def escalate_issue(issue_id: str, body: ReasonBody, ctx: Ctx, p: Actor, if_match: IfMatch = None) -> Response:
     """逐级反映: one level up (never past the city); the router dispatches the upper level."""
     require_role(p, "grid_worker", "supervisor")

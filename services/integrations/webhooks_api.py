@@ -65,7 +65,8 @@ def validate_types(types: list[str], area: str | None) -> tuple[str, ...]:
 
 
 async def _owned(svc: WebhookService, p: Principal, hook_id: str) -> Webhook:
-    hook = await svc.registry.get(hook_id) if hook_id.isalnum() else None
+    # ids are ASCII ("wh" + hex); a non-ASCII letter is alnum too, but no valid NATS KV key (500, not 404)
+    hook = await svc.registry.get(hook_id) if hook_id.isascii() and hook_id.isalnum() else None
     if hook is None or (p.role != "admin" and hook.owner != p.subject):
         raise NotFound(f"no webhook {hook_id!r}", field="id")
     return hook

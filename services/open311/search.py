@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 import asyncpg
@@ -59,12 +59,16 @@ def filters(*, start: str | None, end: str | None, service_code: str | None, sta
             raise Open311Error(400, "end_date must be after start_date")
         if until - since > WINDOW:
             raise Open311Error(400, "start_date and end_date may not span more than 90 days")
-    elif since is not None:
-        until = since + WINDOW
-    elif until is not None:
-        since = until - WINDOW
-    else:
-        since = now - WINDOW
+    try:  # near year 1 or 9999 the window (or UTC, which Postgres is sent) leaves datetime's range: 400, not 5xx
+        if since is not None and until is None:
+            until = since + WINDOW
+        elif since is None:
+            since = until - WINDOW if until is not None else now - WINDOW
+        since, until = since.astimezone(UTC), until.astimezone(UTC) if until is not None else None
+    except OverflowError:
+        raise Open311Error(400, "start_date or end_date is out of range") from None
+    if "\x00" in (service_code or ""):  # Postgres text cannot hold NUL (was a 503 from the query)
+        raise Open311Error(400, "service_code must not contain NUL characters")
     statuses = comma_list(status)
     for s in statuses:
         if s not in STATUSES:

@@ -13,8 +13,10 @@ import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 
 from services.intake.context import AppContext
+from services.intake.schemas import NO_NUL
 from services.intake.security import Actor, Ctx, in_area, require_role
 from shared.auth import Principal
+from shared.domain import ids
 from shared.domain.errors import Invalid, NotAllowed, Unavailable
 
 from . import queries
@@ -76,14 +78,32 @@ def _pool(ctx: AppContext) -> Any:
     return ctx.extras["pool"]
 
 
+def _instant(value: datetime | None, field: str) -> datetime | None:
+    """A query's date-time in UTC; one whose offset moves it outside years 1-9999 is 422 (was a 500)."""
+    if value is None or value.tzinfo is None:
+        return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise Invalid(f"{field} is out of range", field=field) from None
+
+
+def _window(from_: date | None, to: date | None) -> tuple[date, date]:
+    """The stats' days: ``to`` defaults to tomorrow, ``from`` to 30 days before ``to`` (never before year 1)."""
+    until = to or datetime.now(UTC).date() + timedelta(days=1)
+    return from_ or until - min(timedelta(days=30), until - date.min), until
+
+
 Fmt = Annotated[str | None, Query(alias="format", pattern="^(json|csv)$")]
+# the lists answer CSV too (``?format=csv`` or ``Accept: text/csv``): say so in the OpenAPI document
+CSV_TOO: dict[int | str, dict[str, Any]] = {200: {"content": {"text/csv": {"schema": {"type": "string"}}}}}
 
 
-@router.get("/v1/issues")
+@router.get("/v1/issues", responses=CSV_TOO)
 async def list_issues(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = None,
                       area: Annotated[str | None, Query(max_length=64)] = None,
-                      status: Annotated[str | None, Query(max_length=100)] = None,
-                      category: Annotated[str | None, Query(max_length=64)] = None,
+                      status: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
+                      category: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
                       overdue: bool | None = None, from_: Annotated[datetime | None, Query(alias="from")] = None,
                       to: datetime | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
                       cursor: Annotated[str | None, Query(max_length=200)] = None, fmt: Fmt = None) -> Response:
@@ -94,12 +114,13 @@ async def list_issues(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = No
         cur = queries.decode_cursor(cursor) if cursor else None
     except ValueError:
         raise Invalid("malformed cursor", field="cursor") from None
+    since, until = _instant(from_, "from"), _instant(to, "to")
     rows, nxt = await queries.list_issues(_pool(ctx), area=a, status=status, category=category, overdue=overdue,
-                                          since=from_, until=to, limit=limit, cursor=cur, now=datetime.now(UTC))
+                                          since=since, until=until, limit=limit, cursor=cur, now=datetime.now(UTC))
     return _respond(request, {"items": rows, "next_cursor": nxt, "sequence": seq}, seq, rows, fmt)
 
 
-@router.get("/v1/overdue")
+@router.get("/v1/overdue", responses=CSV_TOO)
 async def list_overdue(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = None,
                        area: Annotated[str | None, Query(max_length=64)] = None, fmt: Fmt = None) -> Response:
     """Open issues past their lead's deadline, most overdue first, with who holds each."""
@@ -109,10 +130,10 @@ async def list_overdue(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = N
     return _respond(request, {"items": rows, "sequence": seq}, seq, rows, fmt)
 
 
-@router.get("/v1/tasks")
+@router.get("/v1/tasks", responses=CSV_TOO)
 async def list_tasks(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = None,
-                     status: Annotated[str | None, Query(max_length=100)] = None,
-                     department: Annotated[str | None, Query(max_length=64)] = None,
+                     status: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
+                     department: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
                      limit: Annotated[int, Query(ge=1, le=500)] = 100, fmt: Fmt = None) -> Response:
     """A handler's inbox: its department's tasks (admins may name a department)."""
     require_role(p, "handler")
@@ -132,8 +153,7 @@ async def get_stats(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = None
     if p.role not in ("supervisor", "admin"):
         raise NotAllowed(f"role {p.role} cannot read stats")
     a = _area_for(ctx, p, area)
-    until = to or datetime.now(UTC).date() + timedelta(days=1)
-    since = from_ or until - timedelta(days=30)
+    since, until = _window(from_, to)
     if since > until:
         raise Invalid("from must not be after to", field="from")
     seq = await _caught_up(ctx, min_seq)
@@ -151,8 +171,7 @@ async def get_series(request: Request, ctx: Ctx, p: Actor, area: Annotated[str |
     if p.role not in ("supervisor", "admin"):
         raise NotAllowed(f"role {p.role} cannot read stats")
     a = _area_for(ctx, p, area)
-    until = to or datetime.now(UTC).date() + timedelta(days=1)
-    since = from_ or until - timedelta(days=30)
+    since, until = _window(from_, to)
     seq = await _caught_up(ctx, None)
     return _respond(request, {"area": a, "days": await queries.daily_series(_pool(ctx), area=a, since=since,
                                                                              until=until)}, seq)
@@ -163,6 +182,7 @@ async def get_audit(request: Request, issue_id: str, ctx: Ctx, p: Actor) -> Resp
     """Who did what when (supervisors and admins)."""
     if p.role not in ("supervisor", "admin"):
         raise NotAllowed(f"role {p.role} cannot read the audit view")
+    ids.check_issue_id(issue_id)  # 404 for what cannot be an issue id (a NUL in it was a 500 from Postgres)
     seq = await _caught_up(ctx, None)
     rows = await queries.audit(_pool(ctx), issue_id)
     if rows and p.role == "supervisor":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import base64
 from collections import defaultdict
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 import asyncpg
@@ -20,9 +20,16 @@ def encode_cursor(reported_at: datetime, issue_id: str) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """ValueError for anything encode_cursor did not make (Postgres would refuse a NUL or a year past 9999)."""
     raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
     ts, _, issue_id = raw.partition("|")
-    return datetime.fromisoformat(ts), issue_id
+    reported_at = datetime.fromisoformat(ts)
+    if "\x00" in issue_id:
+        raise ValueError("NUL in cursor")
+    try:
+        return (reported_at.astimezone(UTC) if reported_at.tzinfo else reported_at), issue_id
+    except OverflowError:
+        raise ValueError("cursor out of range") from None
 
 
 async def list_issues(pool: asyncpg.Pool, *, area: str, status: str | None, category: str | None,
