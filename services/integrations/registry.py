@@ -75,27 +75,45 @@ class DeadLetter:
 
 async def _bucket(js: JetStreamContext, name: str, replicas: int) -> KeyValue:
     try:
-        return await js.key_value(name)
+        kv = await js.key_value(name)
+        info = await js.stream_info(f"KV_{name}")
+        if not info.config.allow_direct:  # listing reads with batch direct get
+            info.config.allow_direct = True
+            await js.update_stream(info.config)
+            kv = await js.key_value(name)
+        return kv
     except BucketNotFoundError:
         return await js.create_key_value(config=KeyValueConfig(bucket=name, history=1, storage=StorageType.FILE,
-                                                               replicas=replicas))
+                                                               replicas=replicas, direct=True))
 
 
 async def _values(kv: KeyValue, pattern: str) -> list[bytes]:
-    """The current value of every key matching ``pattern`` (deleted keys left out)."""
-    watcher = await kv.watch(pattern, ignore_deletes=True)
+    """The current value of every key matching ``pattern`` (deleted keys left out), read with one batch
+    direct get of the last message per key: deterministic, unlike a watcher's end-of-initial-values
+    marker, which can come before the values on a busy server."""
+    nc = kv._js._nc
+    stream, prefix = kv._stream, kv._pre
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
     out: list[bytes] = []
     try:
+        req = orjson.dumps({"multi_last": [f"{prefix}{pattern}"], "batch": 10_000})
+        await nc.publish(f"$JS.API.DIRECT.GET.{stream}", req, reply=inbox)
         async with asyncio.timeout(LIST_TIMEOUT_S):
             while True:
-                entry = await watcher.updates(timeout=LIST_TIMEOUT_S)
-                if entry is None:
+                msg = await sub.next_msg(timeout=LIST_TIMEOUT_S)
+                hdrs = msg.headers or {}
+                status = hdrs.get("Status")
+                if status in ("204", "404"):  # end of batch / nothing stored
                     break
-                if entry.value:
-                    out.append(entry.value)
+                if status:
+                    raise RuntimeError(f"listing {stream} failed: {status} {hdrs.get('Description', '')}")
+                if hdrs.get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+                    continue
+                out.append(msg.data)
     finally:
         with contextlib.suppress(Exception):
-            await watcher.stop()
+            await sub.unsubscribe()
     return out
 
 
