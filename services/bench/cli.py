@@ -1,4 +1,4 @@
-"""``needle bench intake|router``: run a benchmark, print a table, write every number as JSON."""
+"""``needle bench intake|router|timers``: run a benchmark, print a table, write every number as JSON."""
 from __future__ import annotations
 
 import time
@@ -74,6 +74,43 @@ def router_table(r: dict[str, Any]) -> Table:
     return t
 
 
+def projections_table(r: dict[str, Any]) -> Table:
+    rb, v, st, tg = r["rebuild"], r["visibility"], r["stats"], r["targets"]
+    vis, q = v["report_to_visible"], st["query"]
+    t = Table(title=f"needle bench projections — {r['machine']['cpus']} CPUs")
+    for col, justify in (("measure", "left"), ("value", "right"), ("target", "right"), ("met", "center")):
+        t.add_column(col, justify=justify)  # type: ignore[arg-type]
+
+    def ok(good: bool) -> str:
+        return "[green]yes[/green]" if good else "[red]NO[/red]"
+
+    t.add_row(f"stream filled: events / issues (append_many {rb['fill']['publish_per_s']:,.0f}/s)",
+              f"{rb['fill']['events']:,} / {rb['fill']['issues']:,}", "", "")
+    t.add_row("baseline: raw fetch(1000) + ack (events/s)", _f(rb["baseline"]["per_s"]), "", "")
+    t.add_row("needle: rebuild() into a fresh database (events/s)", _f(rb["needle"]["events_per_s"]),
+              f"≥ {tg['rebuild_per_s']:,}", ok(rb["meets"]["per_s"]))
+    t.add_row("ratio rebuild / raw", _f(rb["ratio_vs_raw"], 3), f"≥ {tg['rebuild_vs_raw']}", ok(rb["meets"]["vs_raw"]))
+    split = rb["needle"]["wall_split_s"]
+    t.add_row("rebuild wall s: reading (fetch+decode) / writing (fold+Postgres)",
+              f"{split['read_fetch_decode']} / {split['write_fold_postgres']}", "", "")
+    t.add_row(f"POST /v1/issues at {v['rate']:.0f}/s for {v['duration_s']:.0f} s: achieved offer rate / statuses",
+              f"{_f(v['achieved_offer_rate_per_s'])} / {v['statuses']}", "", "")
+    t.add_row("POST latency p50 / p99 ms", f"{_f(v['post']['p50_ms'], 2)} / {_f(v['post']['p99_ms'], 2)}", "", "")
+    t.add_row("load generator: CPU s / lateness at start p99 ms",
+              f"{v['generator_cpu_s']} / {_f(v['late_at_start']['p99_ms'], 2)}", "", "")
+    t.add_row(f"report → visible (Needle-Min-Seq) p50 / p99 / max ms, n={vis['n']}",
+              f"{_f(vis['p50_ms'], 2)} / {_f(vis['p99_ms'], 2)} / {_f(vis['max_ms'], 2)}",
+              f"p99 < {tg['visible_p99_ms']}", ok(vis["p99_ms"] is not None and vis["p99_ms"] < tg["visible_p99_ms"]))
+    t.add_row(f"stats_daily rows for {st['issues']:,} issues ({st['district']}); reported in the window",
+              f"{st['generation']['bucket_rows']:,}; {st['district_reported']:,}", "", "")
+    t.add_row("baseline: SELECT 1 p50 / p99 ms",
+              f"{_f(st['baseline_select_1']['p50_ms'], 2)} / {_f(st['baseline_select_1']['p99_ms'], 2)}", "", "")
+    t.add_row(f"queries.stats over {st['window_days']} days p50 / p99 ms",
+              f"{_f(q['p50_ms'], 2)} / {_f(q['p99_ms'], 2)}", f"< {tg['stats_p99_ms']}",
+              ok(q["p99_ms"] is not None and q["p99_ms"] < tg["stats_p99_ms"]))
+    return t
+
+
 def _write(out: Path, result: dict[str, Any]) -> None:
     from .common import write_json
 
@@ -145,6 +182,64 @@ def router(
                       "never stored (refused atomic batches)[/yellow]")
     if n["issues_routed"] < issues or lat["dispatched"] < lat["reports"]:
         console.print("[red]not every report was dispatched[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def timers(
+    tasks: Annotated[int, typer.Option(help="timers to hold: tasks dispatched (2 per report)")] = 100_000,
+    ack_seconds: Annotated[int | None, typer.Option("--ack-seconds", help="acknowledge clock X in seconds "
+                                                    "(default: from a calibrated router rate)")] = None,
+    baseline: Annotated[int | None, typer.Option(help="raw schedules in the baseline (default min(tasks, "
+                                                 "100000); 0 skips it)")] = None,
+    grace: Annotated[float, typer.Option(help="seconds to wait past the last breach edge")] = 60.0,
+    out: Annotated[Path, typer.Option(help="JSON output")] = Path("artifacts/bench-timers.json"),
+    keep: Annotated[bool, typer.Option("--keep", help="keep the temp data dir and logs")] = False,
+) -> None:
+    """N durable SLA timers in `needle run router`: pending schedules, RSS, and lag of the warn/breach edges."""
+    from .timers import run_timers_bench, timers_table
+
+    result = run_timers_bench(tasks=tasks, ack_s=ack_seconds, baseline=baseline, grace_s=grace, keep=keep, say=_say)
+    console.print(timers_table(result))
+    if result["router_log"]["error_lines"]:
+        console.print(f"[red]the router logged errors[/red] (see {result['router_log']['path']}):")
+        for line in result["router_log"]["error_lines"][:5]:
+            console.print(f"  {line}", highlight=False, markup=False)
+    _write(out, result)
+    if any(e["stored"] < e["expected"] for e in result["edges"].values()):
+        console.print("[red]not every edge was recorded[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def projections(
+    events: Annotated[int, typer.Option(help="events to fill NEEDLE_EVENTS with for the rebuild")] = 200_000,
+    rate: Annotated[float, typer.Option(help="reports/s offered for the visibility run")] = 500.0,
+    duration: Annotated[float, typer.Option(help="seconds of the visibility run")] = 60.0,
+    stats_issues: Annotated[int, typer.Option("--stats-issues", help="issues behind the stats buckets")] = 1_000_000,
+    profile: Annotated[str, typer.Option(help="cProfile a second rebuild: auto (when a target is missed) | yes | no")
+                       ] = "auto",
+    out: Annotated[Path, typer.Option(help="JSON output")] = Path("artifacts/bench-projections.json"),
+    keep: Annotated[bool, typer.Option("--keep", help="keep the temp data dir and logs")] = False,
+) -> None:
+    """Rebuild events/s vs raw fetch+ack, report→visible latency at a fixed rate, and GET /v1/stats at 1M issues."""
+    from .projections import run_projections_bench
+
+    result = run_projections_bench(events=events, rate=rate, duration_s=duration, stats_issues=stats_issues,
+                                   profile=profile, keep=keep, say=_say)
+    console.print(projections_table(result))
+    if prof := result["rebuild"].get("profiled_run"):
+        console.print(f"cProfile of a second rebuild ({prof['events_per_s_under_cprofile']:,.0f} events/s under the "
+                      f"profiler), top own time of {prof['total_tottime_s']} s:")
+        for f in prof["top_tottime"][:12]:
+            console.print(f"  {f['tottime_s']:7.3f} s {f['calls']:>9,} {f['function']}", highlight=False, markup=False)
+    if result["visibility"]["error_lines"]:
+        console.print("[red]needle logged errors during the visibility run[/red]:")
+        for line in result["visibility"]["error_lines"][:5]:
+            console.print(f"  {line}", highlight=False, markup=False)
+    _write(out, result)
+    if not result["rebuild"]["rows_ok"] or result["stats"]["district_reported"] != result["stats"]["issues"]:
+        console.print("[red]the read models do not hold what was written[/red]")
         raise typer.Exit(1)
 
 

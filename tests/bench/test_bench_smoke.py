@@ -1,7 +1,8 @@
 """Smoke tests for ``needle bench``: the benchmarks run at tiny sizes and produce every JSON key.
 
 No timing assertions: numbers depend on the machine; only their presence and shape are checked.
-The intake one starts `needle up` (embedded NATS + Postgres) and takes ~15 s; the router one ~5 s."""
+The intake one starts `needle up` (embedded NATS + Postgres) and takes ~15 s; the router one ~5 s;
+the timers one ~15 s (its SLA clock is 6 s)."""
 from __future__ import annotations
 
 import json
@@ -115,4 +116,41 @@ def test_router_bench_tiny(tmp_path: Path) -> None:
         assert {"p50_ms", "p90_ms", "p99_ms", "max_ms"} <= lat[key].keys()
     assert r["ratio_routed_vs_raw"] is not None
     router_table(r)
+    json.dumps(r, default=str)
+
+
+def test_timers_bench_tiny(tmp_path: Path) -> None:
+    from services.bench.timers import run_timers_bench, timers_table
+
+    r = run_timers_bench(tasks=40, ack_s=6, baseline=20, grace_s=15, workdir=tmp_path)
+    assert {"benchmark", "machine", "tasks", "acknowledge_s", "baseline", "needle", "edges", "after", "samples",
+            "router_log"} <= r.keys()
+    assert r["baseline"]["schedules"] == 20 and {"fired", "fire_spread_s", "stored_after_at"} <= r["baseline"].keys()
+    assert {"pending_schedules", "pending_schedules_max", "router_max_rss_mb", "nats_max_rss_mb",
+            "all_scheduled_before_first_edge"} <= r["needle"].keys()
+    assert r["needle"]["tasks_dispatched"] == 40
+    for kind in ("warn", "breach"):
+        e = r["edges"][kind]
+        assert e["expected"] == 40 and e["stored"] == 40  # every ack warn and breach recorded
+        for key in ("lag_event_time", "lag_incl_unrecorded", "lag_seen_by_subscriber"):
+            assert {"p50_ms", "p99_ms", "max_ms"} <= e[key].keys()
+    timers_table(r)
+    json.dumps(r, default=str)
+
+
+def test_projections_bench_tiny(tmp_path: Path) -> None:
+    from services.bench.cli import projections_table
+    from services.bench.projections import run_projections_bench
+
+    r = run_projections_bench(events=2000, rate=20, duration_s=1, sample=4, stats_issues=10_000, stats_sample=200,
+                              reps=3, profile="yes", workdir=tmp_path)
+    rb, v, st = r["rebuild"], r["visibility"], r["stats"]
+    assert {"fill", "baseline", "needle", "ratio_vs_raw", "meets", "rows_ok", "profiled_run"} <= rb.keys()
+    assert rb["rows_ok"] and rb["baseline"]["events"] == rb["fill"]["events"] == rb["needle"]["events"]
+    assert {"read_fetch_decode", "write_fold_postgres"} <= rb["needle"]["wall_split_s"].keys()
+    assert rb["profiled_run"]["top_tottime"] and rb["profiled_run"]["events_per_s_under_cprofile"] > 0
+    assert v["statuses"] == {"201": 20} and v["report_to_visible"]["n"] == 5
+    assert {"p50_ms", "p99_ms", "max_ms"} <= v["report_to_visible"].keys() and "generator_cpu_s" in v
+    assert st["district_reported"] == 10_000 and st["query"]["n"] == 3 and st["baseline_select_1"]["n"] == 3
+    projections_table(r)
     json.dumps(r, default=str)
