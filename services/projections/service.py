@@ -20,7 +20,10 @@ log = structlog.get_logger("needle.projections")
 
 
 async def open_pool(url: str) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(url.replace("postgresql+asyncpg://", "postgresql://"), min_size=1, max_size=10)
+    # custom plans: asyncpg prepares every statement, and on tables without statistics yet (a fresh rebuild,
+    # a new deployment) Postgres settles on a generic plan for `issue_id = ANY($1)` that scans the whole table
+    pool = await asyncpg.create_pool(url.replace("postgresql+asyncpg://", "postgresql://"), min_size=1, max_size=10,
+                                     server_settings={"plan_cache_mode": "force_custom_plan"})
     assert pool is not None
     return pool
 
