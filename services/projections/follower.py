@@ -8,25 +8,23 @@ import asyncio
 import asyncpg
 import structlog
 
+from .progress import Progress
 from .schema import PROJECTION
 
 log = structlog.get_logger("needle.projections")
 POLL_S = 0.02
 
 
-class CheckpointFollower:
+class CheckpointFollower(Progress):
     def __init__(self, pool: asyncpg.Pool, health: dict[str, bool] | None = None) -> None:
+        super().__init__()
         self.pool = pool
-        self.seq = 0
-        self._advanced = asyncio.Condition()
         self.health = health if health is not None else {}
 
     async def poll_once(self) -> None:
         value = await self.pool.fetchval("SELECT seq FROM checkpoints WHERE projection = $1", PROJECTION)
-        if value is not None and int(value) > self.seq:
-            async with self._advanced:
-                self.seq = int(value)
-                self._advanced.notify_all()
+        if value is not None:
+            await self.advance(int(value))
 
     async def run(self) -> None:
         while True:
@@ -40,13 +38,3 @@ class CheckpointFollower:
                 log.debug("checkpoint not readable", error=repr(exc))
                 await asyncio.sleep(0.5)
             await asyncio.sleep(POLL_S)
-
-    async def wait_for(self, seq: int, timeout: float) -> bool:
-        if self.seq >= seq:
-            return True
-        try:
-            async with asyncio.timeout(timeout), self._advanced:
-                await self._advanced.wait_for(lambda: self.seq >= seq)
-            return True
-        except TimeoutError:
-            return self.seq >= seq

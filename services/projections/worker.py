@@ -24,6 +24,7 @@ from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
 
 from .model import Batch, apply
+from .progress import Progress
 from .schema import ISSUE_COLUMNS, PROJECTION, PROJECTION_VERSION, TASK_COLUMNS, ddl
 
 log = structlog.get_logger("needle.projections")
@@ -96,26 +97,14 @@ class ProjectionWriter:
         return len(fresh)
 
 
-class ProjectionWorker:
+class ProjectionWorker(Progress):
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, writer: ProjectionWriter, *,
                  durable: str = "projections", batch: int = 1000, health: dict[str, bool] | None = None) -> None:
+        super().__init__()  # seq: the checkpoint as last committed by this worker
         self.pool, self.js, self.writer = pool, js, writer
         self.durable, self.batch = durable, batch
-        self.seq = 0  # checkpoint as last committed by this worker
         self.applied = 0
-        self._advanced = asyncio.Condition()
         self.health = health if health is not None else {}
-
-    async def wait_for(self, seq: int, timeout: float) -> bool:
-        """True once the read models reflect stream sequence ``seq`` (bounded wait)."""
-        if self.seq >= seq:
-            return True
-        try:
-            async with asyncio.timeout(timeout), self._advanced:
-                await self._advanced.wait_for(lambda: self.seq >= seq)
-            return True
-        except TimeoutError:
-            return self.seq >= seq
 
     async def subscribe(self, start_seq: int) -> Any:
         """(Re)create the durable consumer to start right after the Postgres checkpoint, which is the
@@ -221,8 +210,6 @@ class ProjectionWorker:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         await msgs[-1].ack()  # AckPolicy.ALL: acks the whole batch, after the commit
-        async with self._advanced:
-            self.seq = max(self.seq, last)
-            self._advanced.notify_all()
+        await self.advance(last)
 
 
