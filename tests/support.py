@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,47 @@ class NeedleHandle:
                 await asyncio.wait_for(self.server_task, 10)
         await self.client.aclose()
         await self.stack.close()
+
+
+# -- small helpers of the integration tests that drive issues over HTTP --------------------------------------------
+def ts(value: str) -> datetime:
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def sleep_until(at: datetime) -> None:
+    delay = (at - now()).total_seconds()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+async def report(h: NeedleHandle, category: str, grid: str = "wuxing-g1") -> str:
+    r = await h.client.post("/v1/issues", headers=h.auth("grid_worker", f"area:{grid}"),
+                            json={"grid": grid, "category": category, "title": f"{category} test"})
+    assert r.status_code == 201, r.text
+    issue_id: str = r.json()["id"]
+    return issue_id
+
+
+async def issue(h: NeedleHandle, issue_id: str) -> dict[str, Any]:
+    r = await h.client.get(f"/v1/issues/{issue_id}", headers=h.auth("admin"))
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+async def events(h: NeedleHandle, issue_id: str) -> list[dict[str, Any]]:
+    r = await h.client.get(f"/v1/issues/{issue_id}/events", headers=h.auth("admin"))
+    assert r.status_code == 200, r.text
+    body: list[dict[str, Any]] = r.json()
+    return body
+
+
+def of_type(evs: list[dict[str, Any]], ce_type: str, **data: Any) -> list[dict[str, Any]]:
+    return [e for e in evs if e["type"] == ce_type and all(e["data"].get(k) == v for k, v in data.items())]
 
 
 async def ensure_database(pg_admin_url: str, database: str) -> str:

@@ -30,7 +30,7 @@ from shared.domain import ids
 from shared.events import models as ev
 from shared.events import subjects as sj
 from shared.runtime.embedded import EmbeddedNats
-from tests.support import NeedleHandle
+from tests.support import NeedleHandle, events, issue, now, of_type, report, sleep_until, ts
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ORG = FIXTURES / "contract_org.yaml"
@@ -47,20 +47,6 @@ pytestmark = pytest.mark.timeout(90)
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
-def ts(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-async def sleep_until(at: datetime) -> None:
-    delay = (at - now()).total_seconds()
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
 async def poll(check: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
     """Await ``check()`` until it returns something truthy; returns it."""
     loop = asyncio.get_running_loop()
@@ -160,32 +146,6 @@ async def recovery_needle(needle_factory: Callable[..., Any], services: tuple[st
     assert h.stack.nc is not None
     h.stack.nc.options["drain_timeout"] = 2
     return h
-
-
-async def report(h: NeedleHandle, category: str, grid: str = "wuxing-g1") -> str:
-    r = await h.client.post("/v1/issues", headers=h.auth("grid_worker", f"area:{grid}"),
-                            json={"grid": grid, "category": category, "title": f"{category} test"})
-    assert r.status_code == 201, r.text
-    issue_id: str = r.json()["id"]
-    return issue_id
-
-
-async def issue(h: NeedleHandle, issue_id: str) -> dict[str, Any]:
-    r = await h.client.get(f"/v1/issues/{issue_id}", headers=h.auth("admin"))
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    return body
-
-
-async def events(h: NeedleHandle, issue_id: str) -> list[dict[str, Any]]:
-    r = await h.client.get(f"/v1/issues/{issue_id}/events", headers=h.auth("admin"))
-    assert r.status_code == 200, r.text
-    body: list[dict[str, Any]] = r.json()
-    return body
-
-
-def of_type(evs: list[dict[str, Any]], ce_type: str, **data: Any) -> list[dict[str, Any]]:
-    return [e for e in evs if e["type"] == ce_type and all(e["data"].get(k) == v for k, v in data.items())]
 
 
 async def pending_schedule(js: JetStreamContext, task_id: str) -> bool:

@@ -18,7 +18,7 @@ import pytest
 from shared import rulebooks
 from shared.config import parse_rulebook
 from shared.events import subjects as sj
-from tests.support import NeedleHandle
+from tests.support import NeedleHandle, events, issue, now, of_type, report, sleep_until, ts
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ORG = FIXTURES / "contract_org.yaml"
@@ -37,20 +37,6 @@ EXT_APPROVED = "needle.task.extension_approved.v1"
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
-def ts(value: str) -> datetime:
-    return datetime.fromisoformat(value.replace("Z", "+00:00"))
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-async def sleep_until(at: datetime) -> None:
-    delay = (at - now()).total_seconds()
-    if delay > 0:
-        await asyncio.sleep(delay)
-
-
 async def fast_needle(needle_factory: Callable[..., Any]) -> NeedleHandle:
     # No projections: nothing here reads the read models. Stack.close() drains the NATS connection, and a
     # pull subscription left subscribed by a cancelled worker (projections, router timers) makes that drain
@@ -59,21 +45,6 @@ async def fast_needle(needle_factory: Callable[..., Any]) -> NeedleHandle:
     assert h.stack.nc is not None
     h.stack.nc.options["drain_timeout"] = 2
     return h
-
-
-async def report(h: NeedleHandle, category: str, grid: str = GRID) -> str:
-    r = await h.client.post("/v1/issues", headers=h.auth("grid_worker", f"area:{grid}"),
-                            json={"grid": grid, "category": category, "title": f"{category} test"})
-    assert r.status_code == 201, r.text
-    issue_id: str = r.json()["id"]
-    return issue_id
-
-
-async def issue(h: NeedleHandle, issue_id: str) -> dict[str, Any]:
-    r = await h.client.get(f"/v1/issues/{issue_id}", headers=h.auth("admin"))
-    assert r.status_code == 200, r.text
-    body: dict[str, Any] = r.json()
-    return body
 
 
 async def wait_issue(h: NeedleHandle, issue_id: str, predicate: Callable[[dict[str, Any]], bool],
@@ -85,17 +56,6 @@ async def wait_issue(h: NeedleHandle, issue_id: str, predicate: Callable[[dict[s
 async def dispatched(h: NeedleHandle, issue_id: str, n: int = 1, timeout: float = 10.0) -> dict[str, Any]:
     """The issue once it has at least ``n`` tasks."""
     return await wait_issue(h, issue_id, lambda b: len(b["tasks"]) >= n, timeout)
-
-
-async def events(h: NeedleHandle, issue_id: str) -> list[dict[str, Any]]:
-    r = await h.client.get(f"/v1/issues/{issue_id}/events", headers=h.auth("admin"))
-    assert r.status_code == 200, r.text
-    body: list[dict[str, Any]] = r.json()
-    return body
-
-
-def of_type(evs: list[dict[str, Any]], ce_type: str, **data: Any) -> list[dict[str, Any]]:
-    return [e for e in evs if e["type"] == ce_type and all(e["data"].get(k) == v for k, v in data.items())]
 
 
 async def router_idle(h: NeedleHandle, timeout: float = 10.0) -> None:
