@@ -4,16 +4,40 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.domain.issue import IssueState, TaskState
-from shared.events.models import Location
+from shared.events.models import RESIDENT_ID, Location
+from shared.privacy.sealing import normalize_phone
 
 NO_NUL = r"^[^\x00]*$"  # Postgres text (and most consumers) cannot hold NUL
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class ResidentBody(Strict):
+    """The resident the report is about (个人信息): sealed with the resident's own key before it is
+    recorded; the event stream never holds the clear name or phone."""
+
+    id: str | None = Field(default=None, pattern=RESIDENT_ID,
+                           description="the resident's id in your own register (else needle keys them by phone)")
+    name: str | None = Field(default=None, min_length=1, max_length=100, pattern=NO_NUL)
+    phone: str | None = Field(default=None, max_length=32,
+                              description="normalized to E.164; without a country code a Chinese number "
+                                          "(mobile 1[3-9]xxxxxxxxx, landline with area code)")
+
+    @field_validator("phone")
+    @classmethod
+    def _phone(cls, v: str | None) -> str | None:
+        return normalize_phone(v) if v is not None else None
+
+    @model_validator(mode="after")
+    def _something(self) -> ResidentBody:
+        if self.name is None and self.phone is None:
+            raise ValueError("a resident needs a name or a phone")
+        return self
 
 
 class ReportIssueBody(Strict):
@@ -24,6 +48,7 @@ class ReportIssueBody(Strict):
     urgency: Literal["normal", "urgent", "emergency"] = "normal"
     risk: list[str] = Field(default_factory=list, max_length=10)
     location: Location | None = None
+    resident: ResidentBody | None = None
 
     @field_validator("location")
     @classmethod
@@ -79,7 +104,10 @@ def task_view(t: TaskState) -> dict[str, Any]:
     }
 
 
-def issue_view(s: IssueState) -> dict[str, Any]:
+def issue_view(s: IssueState, resident: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The issue as the API shows it; ``resident`` as the reader may see it (default: its id only)."""
+    if resident is None and s.resident is not None:
+        resident = {"id": s.resident.id}
     return {
         "id": s.id, "grid": s.grid, "category": s.category, "title": s.title, "description": s.description,
         "status": s.status, "level": s.level, "owner_area": s.owner_area, "urgency": s.urgency,
@@ -87,5 +115,5 @@ def issue_view(s: IssueState) -> dict[str, Any]:
         "reporter": s.reporter, "reported_at": _ts(s.reported_at), "closed_at": _ts(s.closed_at),
         "version": s.version, "sequence": s.last_seq, "rule": s.rule, "rulebook_version": s.rulebook_version,
         "reopen_count": s.reopen_count, "escalations": s.escalations, "satisfaction": s.satisfaction,
-        "campaign": s.campaign, "tasks": [task_view(t) for t in s.tasks],
+        "campaign": s.campaign, "resident": resident, "tasks": [task_view(t) for t in s.tasks],
     }

@@ -234,3 +234,22 @@ def place(org: OrgTree, params: Params, attrs: dict[str, list[str]]) -> Place:
         return Place(grid_by_address(org, address).id, None, address)
     hint = " (address_id is not supported here)" if first(params, "address_id") else ""
     raise Open311Error(400, f"a location is required: lat and long, address_string or attribute[grid]{hint}")
+
+
+def _cjk(text: str) -> bool:
+    return any("\u4e00" <= c <= "\u9fff" for c in text)
+
+
+def resident_of(params: Params) -> dict[str, str] | None:
+    """GeoReport's requester fields as needle's ``resident``: the name from ``first_name``/``last_name``
+    (Chinese names family name first: 张 + 三 = 张三), and ``phone``. ``email``, ``device_id`` and
+    ``account_id`` are not kept."""
+    given, family = first(params, "first_name"), first(params, "last_name")
+    phone = first(params, "phone")
+    parts = [x.strip() for x in (given, family) if x and x.strip()]
+    if parts and _cjk("".join(parts)):
+        name = "".join(x.strip() for x in (family, given) if x and x.strip())
+    else:
+        name = " ".join(parts)
+    out = {k: v for k, v in (("name", name), ("phone", (phone or "").strip())) if v}
+    return out or None

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from shared.events.models import Location, Satisfaction, Urgency
+from shared.events.models import Location, ResidentRef, Satisfaction, Urgency
 
 
 @dataclass(frozen=True, slots=True)
@@ -19,6 +19,7 @@ class ReportIssue:
     location: Location | None = None
     request_hash: str | None = None
     campaign: str | None = None
+    resident: ResidentRef | None = None  # already sealed by the caller (the core never sees clear data)
 
 
 @dataclass(frozen=True, slots=True)

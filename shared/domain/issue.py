@@ -56,6 +56,7 @@ class IssueState:
     reported_at: datetime | None = None
     request_hash: str | None = None
     campaign: str | None = None
+    resident: ev.ResidentRef | None = None  # sealed; readable only while the resident's key exists
     status: str = "new"
     level: str | None = None
     owner_area: str | None = None
@@ -115,6 +116,7 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 s, grid=event.grid, category=event.category, title=event.title, description=event.description,
                 urgency=event.urgency, risk=event.risk, location=event.location, reporter=event.reporter,
                 reported_at=event.reported_at, request_hash=event.request_hash, campaign=event.campaign,
+                resident=event.resident,
                 status="reported",
             )
         case ev.IssueResolvedOnSite():
@@ -200,6 +202,7 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 grid=command.grid, category=command.category, title=command.title, description=command.description,
                 urgency=command.urgency, risk=command.risk, location=command.location, reporter=command.reporter,
                 reported_at=now, request_hash=command.request_hash, campaign=command.campaign,
+                resident=command.resident,
             )]
         case cmd.ResolveOnSite():
             _require_open(state)

@@ -27,6 +27,21 @@ class Location(BaseModel):
     address: str | None = Field(default=None, max_length=500)
 
 
+RESIDENT_ID = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class ResidentRef(BaseModel):
+    """A resident as the event stream holds one: an id and, sealed with that resident's own key (kept
+    outside the stream), their name and phone. Never the clear values. Once the key is destroyed
+    (``needle forget``) the ciphertext can never be read again."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str = Field(pattern=RESIDENT_ID, description="the resident's id (one data key per resident)")
+    key_id: str | None = Field(default=None, description="which of the resident's keys sealed the data")
+    ciphertext: str | None = Field(default=None, description="AES-256-GCM of {name, phone}, base64")
+    nonce: str | None = Field(default=None, description="the GCM nonce, base64")
+
+
 class Event(BaseModel):
     """Base of every event payload (the CloudEvent ``data``)."""
 
@@ -50,6 +65,7 @@ class IssueReported(Event):
     reported_at: datetime
     request_hash: str | None = None
     campaign: str | None = None
+    resident: ResidentRef | None = None
 
 
 class IssueResolvedOnSite(Event):
@@ -231,6 +247,18 @@ class RulebookPublished(Event):
     by: str
 
 
+class ResidentForgotten(Event):
+    """个人信息删除: the resident's data key was destroyed; their sealed name and phone are unreadable
+    everywhere for good, while the facts (issues, tasks) stay. Carries no personal data."""
+
+    name = "resident_forgotten"
+    ce_type = "needle.resident.forgotten.v1"
+    resident_id: str = Field(pattern=RESIDENT_ID)
+    key_ids: tuple[str, ...] = Field(default=(), description="the data keys destroyed")
+    by: str
+    at: datetime
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     IssueReported,
     IssueResolvedOnSite,
@@ -251,6 +279,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     FeedbackRecorded,
     IssueUrged,
     RulebookPublished,
+    ResidentForgotten,
 )
 BY_NAME: dict[str, type[Event]] = {t.name: t for t in EVENT_TYPES}
 BY_CE_TYPE: dict[str, type[Event]] = {t.ce_type: t for t in EVENT_TYPES}

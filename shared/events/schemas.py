@@ -28,7 +28,7 @@ import yaml
 
 from . import subjects as sj
 from .codec import SPECVERSION
-from .models import EVENT_TYPES, Event, RulebookPublished
+from .models import EVENT_TYPES, Event, ResidentForgotten, RulebookPublished
 
 DRAFT = "http://json-schema.org/draft-07/schema#"
 SCHEMA_FORMAT = "application/schema+json;version=draft-07"
@@ -79,6 +79,9 @@ def envelope_schema(model: type[Event]) -> dict[str, Any]:
     if model is RulebookPublished:
         subject = _str("the rulebook version (its content digest)")
         ident = _str("'rulebook.<version>'")
+    elif model is ResidentForgotten:
+        subject = _str("the resident id")
+        ident = _str("'resident.<resident id>.<key ids>': the dedupe key")
     else:
         subject = _str("the issue id")
         ident = _str("'<issue id>.<n>': the n-th event of the issue; the dedupe key", pattern=r"^.+\.[0-9]+$")
@@ -203,7 +206,7 @@ def _message(model: type[Event], schema_dir: str) -> dict[str, Any]:
 
 def asyncapi_document(schema_dir: str = "schemas") -> dict[str, Any]:
     """AsyncAPI 3.0 for the NATS subjects and the SSE stream; payloads reference the schema files."""
-    issue_models = [m for m in EVENT_TYPES if m is not RulebookPublished]
+    issue_models = [m for m in EVENT_TYPES if m not in (RulebookPublished, ResidentForgotten)]
     ref = {m.name: {"$ref": f"#/components/messages/{m.name}"} for m in EVENT_TYPES}
     issue_refs = {m.name: ref[m.name] for m in issue_models}
     overflow = {
@@ -254,6 +257,15 @@ def asyncapi_document(schema_dir: str = "schemas") -> dict[str, Any]:
                 "parameters": {"version": {"description": "the rulebook version (content digest)"}},
                 "messages": {RulebookPublished.name: ref[RulebookPublished.name]},
             },
+            "residentEvents": {
+                "address": f"{sj.EVENTS_ROOT}.resident.{{residentId}}.{ResidentForgotten.name}",
+                "title": "residents forgotten (crypto-shredding)",
+                "description": "A resident's data key was destroyed: the resident's sealed name and phone in "
+                               "earlier issue_reported events can never be read again. No personal data.",
+                "servers": [{"$ref": "#/servers/nats"}],
+                "parameters": {"residentId": {"description": "the resident id"}},
+                "messages": {ResidentForgotten.name: ref[ResidentForgotten.name]},
+            },
             "eventStream": {
                 "address": "/v1/events/stream",
                 "title": "Server-Sent Events",
@@ -269,6 +281,7 @@ def asyncapi_document(schema_dir: str = "schemas") -> dict[str, Any]:
         "operations": {
             "receiveIssueEvents": op("issueEvents", [m.name for m in issue_models], "Subscribe to issue events."),
             "receiveRulebookEvents": op("rulebookEvents", [RulebookPublished.name], "Rulebooks taking effect."),
+            "receiveResidentEvents": op("residentEvents", [ResidentForgotten.name], "Residents forgotten."),
             "receiveEventStream": op("eventStream", [m.name for m in EVENT_TYPES] + ["overflow"],
                                      "Read the SSE stream."),
         },

@@ -10,6 +10,7 @@ EVENTS_ROOT = "needle.events"
 ALL_EVENTS = f"{EVENTS_ROOT}.>"
 ISSUE_EVENTS = f"{EVENTS_ROOT}.issue.*.*"
 RULEBOOK_EVENTS = f"{EVENTS_ROOT}.rulebook.*.*"
+RESIDENT_EVENTS = f"{EVENTS_ROOT}.resident.*.*"
 
 TIMERS_ROOT = "needle.timers"
 TIMER_SCHEDULES = f"{TIMERS_ROOT}.schedule.>"
@@ -38,8 +39,22 @@ def events_of_type(event_name: str) -> str:
     return f"{EVENTS_ROOT}.issue.*.{event_name}"
 
 
+# events that are about no issue, by the subject family they live in (they belong to no area)
+NON_ISSUE_EVENTS = {"rulebook_published": "rulebook", "resident_forgotten": "resident"}
+
+
+def filter_of_type(event_name: str) -> str:
+    """The filter subject of every event of one type, whatever its family (issue, rulebook, resident)."""
+    return f"{EVENTS_ROOT}.{NON_ISSUE_EVENTS.get(event_name, 'issue')}.*.{event_name}"
+
+
 def rulebook_event(version: str, event_name: str) -> str:
     return f"{EVENTS_ROOT}.rulebook.{version}.{event_name}"
+
+
+def resident_event(resident_id: str, event_name: str) -> str:
+    """``needle.events.resident.<id>.<type>``: facts about a resident (not about one issue)."""
+    return f"{EVENTS_ROOT}.resident.{resident_id}.{event_name}"
 
 
 def timer_schedule(task_id: str) -> str:

@@ -26,7 +26,9 @@ SAMPLES: dict[type[ev.Event], ev.Event] = {
     ev.IssueReported: ev.IssueReported(
         grid="wuxing-g1", category="road_damage", title="路面塌陷", description="井盖缺失", urgency="urgent",
         risk=("violence", "collective_petition"), location=ev.Location(lat=30.002, lon=122.1028, address="五星路"),
-        reporter="grid_worker:area:wuxing-g1", reported_at=T0, request_hash="ab" * 32, campaign="c1"),
+        reporter="grid_worker:area:wuxing-g1", reported_at=T0, request_hash="ab" * 32, campaign="c1",
+        resident=ev.ResidentRef(id="res_0123456789abcdef01234567", key_id="0a1b2c3d4e5f6071",
+                                ciphertext="c2VhbGVk", nonce="AAAAAAAAAAAAAAAA")),
     ev.IssueResolvedOnSite: ev.IssueResolvedOnSite(by="gw", note="扶正了"),
     ev.IssueRouted: ev.IssueRouted(level="district", owner_area="dinghai", reason="risk", rule="rulebook x: ...",
                                    rulebook_version="1a2b3c4d5e6f", caused_by=3),
@@ -54,6 +56,8 @@ SAMPLES: dict[type[ev.Event], ev.Event] = {
     ev.RulebookPublished: ev.RulebookPublished(rulebook_version="1a2b3c4d5e6f", source="deploy/rules/x.yaml",
                                                text="warn_at: 0.8\ncategories:\n  a: {start: grid}\n",
                                                categories=("a", "road_damage"), by="admin"),
+    ev.ResidentForgotten: ev.ResidentForgotten(resident_id="res_0123456789abcdef01234567",
+                                               key_ids=("0a1b2c3d4e5f6071",), by="admin", at=T0),
 }
 
 

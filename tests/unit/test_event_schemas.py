@@ -28,7 +28,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "issue_reported": {"grid": "zhanmao-g33", "category": "construction_nuisance", "title": "blasting at night",
                        "description": "dust and noise", "urgency": "urgent", "risk": ["collective_petition"],
                        "location": {"lat": 30.03, "lon": 122.24, "address": "张家宕"}, "reporter": "gw:33",
-                       "reported_at": T, "request_hash": "ab" * 32},
+                       "reported_at": T, "request_hash": "ab" * 32,
+                       "resident": {"id": "res_0123456789abcdef01234567", "key_id": "0a1b2c3d4e5f6071",
+                                    "ciphertext": "c2VhbGVk", "nonce": "AAAAAAAAAAAAAAAA"}},
     "issue_resolved_on_site": {"by": "gw:33", "note": "talked to the site manager"},
     "issue_routed": {"level": "community", "owner_area": "dazhan", "reason": "reported",
                      "rule": "construction_nuisance@community", "rulebook_version": "r1", "caused_by": 7},
@@ -52,6 +54,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "issue_urged": {"by": "sup:putuo", "note": "today please"},
     "rulebook_published": {"rulebook_version": "r1", "source": "deploy/rules/zhoushan.yaml", "text": "calendar: x",
                            "categories": ["sea_safety"], "by": "needle up"},
+    "resident_forgotten": {"resident_id": "res_0123456789abcdef01234567", "key_ids": ["0a1b2c3d4e5f6071"],
+                           "by": "admin", "at": T},
 }
 
 

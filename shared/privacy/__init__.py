@@ -1,0 +1,1 @@
+"""Residents' personal data: sealed per resident, keys outside the event stream, crypto-shredding."""
