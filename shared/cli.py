@@ -235,6 +235,40 @@ def rules_publish(file: Annotated[Path, typer.Argument(help="rulebook YAML", exi
     typer.echo(f"rulebook {rb.version} published at sequence {seq} ({len(rb.categories)} categories)")
 
 
+@app.command()
+def forget(resident: Annotated[str, typer.Argument(help="resident id, or the phone number it was reported with")],
+           data_dir: DataDir = None) -> None:
+    """个人信息删除: destroy a resident's data key in the running needle (crypto-shredding). The facts stay in
+    the stream; the resident's name and phone read "[erased]" everywhere. Idempotent."""
+    import nats
+
+    from shared.commanding import utcnow
+    from shared.privacy.keystore import ResidentKeys
+    from shared.privacy.residents import forget as do_forget
+
+    settings = _settings(data_dir)
+    info = attach(settings)
+
+    async def go() -> tuple[str, tuple[str, ...]]:
+        nc = await nats.connect(info["nats_url"])
+        try:
+            keys = ResidentKeys(nc, replicas=settings.stream_replicas)
+            await keys.start(watch=False)
+            out = await do_forget(nc, keys, resident, by=os.environ.get("USER", "cli"), now=utcnow())
+            return out.resident_id, out.key_ids
+        finally:
+            await nc.close()
+
+    try:
+        resident_id, key_ids = asyncio.run(go())
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if key_ids:
+        typer.echo(f"resident {resident_id} forgotten: key {', '.join(key_ids)} destroyed")
+    else:
+        typer.echo(f"resident {resident_id}: no key (unknown or already forgotten); nothing to do")
+
+
 @rules_app.command("check")
 def rules_check(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
     """Validate a rulebook file without publishing it."""

@@ -6,6 +6,7 @@ from typing import Any
 
 from shared.auth import TokenVerifier
 from shared.config import OrgTree, Rulebook
+from shared.privacy.keystore import ResidentKeys
 from shared.settings import Settings
 from shared.store.eventstore import EventStore
 
@@ -17,5 +18,6 @@ class AppContext:
     rulebook: Rulebook
     store: EventStore
     verifier: TokenVerifier
+    residents: ResidentKeys | None = None  # residents' data keys (None: reports cannot carry a resident)
     health: dict[str, bool] = field(default_factory=dict)  # component -> up
     extras: dict[str, Any] = field(default_factory=dict)  # read models, SSE hub, ... (added by other services)

@@ -14,10 +14,11 @@ from shared.auth import Principal
 from shared.commanding import execute, load_state, utcnow
 from shared.domain import commands as cmd
 from shared.domain import ids
-from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound, PreconditionFailed
+from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound, PreconditionFailed, Unavailable
 from shared.domain.issue import IssueState, decide, initial_state
 from shared.domain.levels import Level
 from shared.events.models import Event
+from shared.privacy.residents import Sealed, resident_view, reveal_events, seal_resident
 
 from . import problems
 from .context import AppContext
@@ -67,8 +68,22 @@ def validate_report(ctx: AppContext, body: ReportIssueBody) -> None:
                           field=f"risk.{i}")
 
 
-def request_hash(body: ReportIssueBody) -> str:
-    return hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
+def request_hash(body: ReportIssueBody, resident_fingerprint: str | None = None) -> str:
+    """What an Idempotency-Key replay must match. The resident enters only as an HMAC under their own
+    key: a plain hash of a phone number could be brute-forced out of the (immutable) event."""
+    dump = body.model_dump(mode="json")
+    if body.resident is not None:
+        dump["resident"] = {"id": body.resident.id, "fingerprint": resident_fingerprint}
+    return hashlib.sha256(orjson.dumps(dump, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+async def seal_report_resident(ctx: AppContext, body: ReportIssueBody) -> Sealed | None:
+    if body.resident is None:
+        return None
+    if ctx.residents is None:
+        raise Unavailable("residents' keys are not available in this process")
+    r = body.resident
+    return await seal_resident(ctx.residents, resident_id=r.id, name=r.name, phone=r.phone)
 
 
 @router.post("/v1/issues", status_code=201, response_model=Created,
@@ -101,14 +116,16 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
                         source: str) -> ReportOutcome:
     """The report use case, for every entry point (``POST /v1/issues``, Open311): a new issue, or the
     one this reporter's Idempotency-Key already created (same body), or 409 (another body)."""
-    rhash = request_hash(body)
+    sealed = await seal_report_resident(ctx, body)
+    rhash = request_hash(body, sealed.fingerprint if sealed else None)
     if key is not None:
         issue_id = ids.idempotent_issue_id(p.subject, ids.check_idempotency_key(key))
     else:
         issue_id = ids.new_issue_id(int(time.time() * 1000), secrets.randbits(80))
     command = cmd.ReportIssue(grid=body.grid, category=body.category, title=body.title,
                               description=body.description, urgency=body.urgency, risk=tuple(body.risk),
-                              location=body.location, reporter=p.subject, request_hash=rhash)
+                              location=body.location, reporter=p.subject, request_hash=rhash,
+                              resident=sealed.ref if sealed else None)
     now = utcnow()
     events: list[Event] = decide(initial_state(issue_id), command, now)
     try:
@@ -140,14 +157,15 @@ async def _readable(ctx: AppContext, p: Any, issue_id: str) -> tuple[IssueState,
 async def get_issue(issue_id: str, ctx: Ctx, p: Actor) -> Response:
     """The issue as of every write that returned 2xx (folded from the stream, not a read model)."""
     state, _ = await _readable(ctx, p, issue_id)
-    return json_response(issue_view(state), headers=state_headers(state, state.last_seq))
+    resident = await resident_view(ctx.residents, state.resident, p.role)
+    return json_response(issue_view(state, resident), headers=state_headers(state, state.last_seq))
 
 
 @router.get("/v1/issues/{issue_id}/events")
 async def get_issue_events(issue_id: str, ctx: Ctx, p: Actor) -> Response:
     """The issue's events as CloudEvents 1.0, oldest first."""
     state, envs = await _readable(ctx, p, issue_id)
-    return json_response([e.to_cloudevent() for e in envs], headers=state_headers(state, state.last_seq))
+    return json_response(await reveal_events(ctx.residents, envs, p.role), headers=state_headers(state, state.last_seq))
 
 
 @router.post("/v1/issues/{issue_id}/resolve-on-site")

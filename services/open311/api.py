@@ -28,7 +28,7 @@ from shared.domain.errors import Conflict, DomainError, NotFound
 
 from . import catalog, search, view
 from .formats import FORMATS, Format, Open311Error, check_format, error_response, render, split_format
-from .inputs import Params, attributes, first, place, read_params, risk_of, urgency_of
+from .inputs import Params, attributes, first, place, read_params, resident_of, risk_of, urgency_of
 
 router = APIRouter(tags=["open311"])
 log = structlog.get_logger("needle.open311")
@@ -145,13 +145,16 @@ async def _create(request: Request, fmt: Format) -> Response:
     if where.address is not None:  # an address without a point: keep it where the handler will read it
         description = f"{description}\n\n地址 (address): {where.address}" if description else \
             f"地址 (address): {where.address}"
-    # email, first_name, last_name, phone, device_id, account_id and media_url are accepted and not stored
+    # first_name, last_name and phone become the sealed resident; email, device_id, account_id and media_url
+    # are accepted and not stored
     try:
         body = ReportIssueBody(grid=where.grid, category=code, title=title, description=description,
-                               urgency=urgency, risk=list(risk), location=where.location)  # type: ignore[arg-type]
+                               urgency=urgency, risk=list(risk), location=where.location,  # type: ignore[arg-type]
+                               resident=resident_of(params))  # type: ignore[arg-type]
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err.get("loc", ())) or "request"
+        field = {"resident.phone": "phone", "resident.name": "first_name"}.get(field, field)
         raise Open311Error(400, f"{field}: {err.get('msg', 'invalid')}") from None
     validate_report(ctx, body)
     issue_id, replayed, seq = await _append(ctx, p, body, request.headers.get("idempotency-key"))

@@ -17,6 +17,7 @@ from nats.aio.client import Client as NATS
 
 from shared import auth
 from shared.config import OrgTree, Rulebook, load_org, load_rulebook
+from shared.privacy.keystore import ResidentKeys
 from shared.settings import Settings
 from shared.store.eventstore import JetStreamEventStore
 from shared.store.streams import StreamOptions, ensure_streams
@@ -38,6 +39,7 @@ class Stack:
     rulebook: Rulebook
     nc: NATS | None = None
     store: JetStreamEventStore | None = None
+    residents: ResidentKeys | None = None
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     health: dict[str, bool] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
@@ -64,6 +66,9 @@ class Stack:
                                                     duplicate_window_s=self.settings.duplicate_window_s))
         self.store = JetStreamEventStore(self.nc)
         await self.store.start()
+        self.residents = ResidentKeys(self.nc, replicas=self.settings.stream_replicas)
+        await self.residents.start()
+        self.closers.append(self.residents.close)
         await self._rules_in_force()
 
     async def _rules_in_force(self) -> None:
@@ -127,7 +132,8 @@ class Stack:
         key = auth.load_or_create_key(self.settings.data_dir)
         assert self.store is not None
         ctx = AppContext(settings=self.settings, org=self.org, rulebook=self.rulebook, store=self.store,
-                         verifier=auth.TokenVerifier(key), health=self.health, extras=self.extras)
+                         verifier=auth.TokenVerifier(key), residents=self.residents, health=self.health,
+                         extras=self.extras)
         routers = tuple(self.extras.get("routers", ()))
 
         def hold(rb: Rulebook) -> None:

@@ -115,3 +115,30 @@ async def test_integrator_has_no_core_subscription_to_the_event_subjects(nats_fa
     finally:
         await nc.close()
     assert any("permissions violation" in str(e).lower() for e in errors), errors
+
+
+async def test_integrator_cannot_read_residents_keys(nats_factory: Callable[[], Any]) -> None:
+    """Residents' data keys live outside the event stream, out of integrators' reach."""
+    from shared.privacy.keystore import BUCKET, KV_STREAM, ResidentKeys
+
+    server, _ = await _seeded(nats_factory)
+    admin = await nats.connect(server.url)
+    keys = ResidentKeys(admin)
+    await keys.start(watch=False)
+    made = await keys.key_for_id("res_perm")
+    assert (await keys.lookup("res_perm")) == made  # the needle user reads it
+    nc = await nats.connect(server.integrator_url, error_cb=_ignore)
+    try:
+        js = nc.jetstream(timeout=1)
+        with pytest.raises(Exception):  # noqa: B017
+            await js.stream_info(KV_STREAM)
+        with pytest.raises(Exception):  # noqa: B017
+            await (await js.key_value(BUCKET)).get("r.res_perm")
+        with pytest.raises(Exception):  # noqa: B017
+            await js.get_msg(KV_STREAM, seq=1, direct=True)
+        with pytest.raises(Exception):  # noqa: B017
+            await js.pull_subscribe(f"$KV.{BUCKET}.>", durable="peek", stream=KV_STREAM)
+    finally:
+        await nc.close()
+        await keys.close()
+        await admin.close()

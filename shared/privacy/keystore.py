@@ -1,0 +1,266 @@
+"""Residents' data keys, kept OUTSIDE the event stream in the JetStream KV bucket NEEDLE_RESIDENT_KEYS.
+
+Why a KV bucket and not Postgres: Postgres holds read models that may be dropped and rebuilt at any
+time (losing the keys would shred everyone), and a deleted Postgres row lives on in dead tuples and
+WAL. The bucket is its own stream (``KV_NEEDLE_RESIDENT_KEYS``), so a backup or mirror of
+NEEDLE_EVENTS never holds a key; it keeps one revision per key (history 1) and, unlike the KV streams
+nats-py creates, allows deleting a message, so that forgetting a resident *erases* the message that
+held the key (``STREAM.MSG.DELETE`` overwrites it on disk) before purging the key (a purge marker
+tells every process's cache).
+
+Keys of the bucket:
+
+* ``r.<resident id>`` -> ``{"key_id", "key" (base64), "index"}``: the resident's AES-256 data key.
+* ``p.<HMAC(index secret, phone)>`` -> resident id: the phone index, so one phone's reports share a
+  key and ``needle forget`` may be given the phone. It is purged with the key: after a forget nothing
+  links the (random) resident id left in the stream to a phone, and a new report of the same phone
+  makes a new resident with a new key.
+* ``meta.index-secret``: the HMAC secret of the phone index, made once (create-if-absent).
+
+Creating is race-safe: ``create`` is "only if absent" (an expected-last-sequence of 0), so two first
+reports of one new phone at once end with one resident and one key (the loser reads the winner's).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from shared.events.subjects import valid_token
+
+from . import sealing
+
+log = structlog.get_logger("needle.residents")
+
+BUCKET = "NEEDLE_RESIDENT_KEYS"
+KV_STREAM = f"KV_{BUCKET}"
+KV_PREFIX = f"$KV.{BUCKET}."
+SECRET_KEY = "meta.index-secret"
+CACHE_TTL_S = 30.0  # bound on a stale key in another process should its watch be down (normally ~ms)
+CACHE_MAX = 50_000
+
+
+def bucket_config(replicas: int = 1) -> dict[str, object]:
+    return {
+        "name": KV_STREAM,
+        "subjects": [f"{KV_PREFIX}>"],
+        "storage": "file",
+        "retention": "limits",
+        "num_replicas": replicas,
+        "max_msgs_per_subject": 1,  # history 1: no old revision of a key is kept
+        "max_msgs": -1, "max_bytes": -1, "max_age": 0, "max_msg_size": -1, "max_consumers": -1,
+        "discard": "new",
+        "allow_rollup_hdrs": True,
+        "deny_delete": False,  # forgetting erases the key's message (secure delete), see the module doc
+        "deny_purge": False,
+        "allow_direct": True,
+        "duplicate_window": 120 * 10**9,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class ResidentKey:
+    resident_id: str
+    key_id: str
+    key: bytes
+    index: str | None  # the phone index entry pointing here, if any
+    revision: int = 0
+
+    def encode(self) -> bytes:
+        return orjson.dumps({"key_id": self.key_id, "key": sealing.b64(self.key), "index": self.index})
+
+    @classmethod
+    def decode(cls, resident_id: str, raw: bytes, revision: int) -> ResidentKey:
+        d = orjson.loads(raw)
+        return cls(resident_id, d["key_id"], sealing.unb64(d["key"]), d.get("index"), revision)
+
+
+@dataclass(frozen=True, slots=True)
+class Forgotten:
+    resident_id: str
+    key_ids: tuple[str, ...]  # empty: there was no key (unknown resident, or already forgotten)
+
+
+class KeyStoreError(RuntimeError):
+    pass
+
+
+async def ensure_bucket(nc: NATS, replicas: int = 1) -> None:
+    cfg = bucket_config(replicas)
+    for verb in ("CREATE", "UPDATE"):
+        resp = json.loads((await nc.request(f"$JS.API.STREAM.{verb}.{KV_STREAM}", json.dumps(cfg).encode(),
+                                            timeout=10)).data)
+        err = resp.get("error")
+        if not err:
+            return
+        if err.get("err_code") != 10058:  # anything but "already in use"
+            raise KeyStoreError(f"bucket {BUCKET}: {err.get('description')} (err_code {err.get('err_code')})")
+    raise KeyStoreError(f"bucket {BUCKET}: could not be created or updated")
+
+
+def new_resident_id() -> str:
+    return "res_" + secrets.token_hex(12)
+
+
+class ResidentKeys:
+    """The keys of one needle, with a small cache that a watch on the bucket invalidates at once (any
+    change of ``r.<id>``) and that never serves an entry older than CACHE_TTL_S."""
+
+    def __init__(self, nc: NATS, *, replicas: int = 1, ttl_s: float = CACHE_TTL_S) -> None:
+        self.nc, self.replicas, self.ttl_s = nc, replicas, ttl_s
+        self._kv: KeyValue | None = None
+        self._secret: bytes | None = None
+        self._cache: dict[str, tuple[ResidentKey | None, float]] = {}
+        self._watch: Any = None
+
+    async def start(self, watch: bool = True) -> None:
+        await ensure_bucket(self.nc, self.replicas)
+        self._kv = await self.nc.jetstream().key_value(BUCKET)
+        if watch:
+            self._watch = await self.nc.jetstream().subscribe(
+                f"{KV_PREFIX}r.>", stream=KV_STREAM, cb=self._on_change, ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, headers_only=True))
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            with contextlib.suppress(Exception):
+                await self._watch.unsubscribe()
+            self._watch = None
+
+    async def _on_change(self, msg: Msg) -> None:
+        self._cache.pop(msg.subject[len(KV_PREFIX) + 2:], None)
+
+    @property
+    def kv(self) -> KeyValue:
+        if self._kv is None:
+            raise KeyStoreError("resident keys not started")
+        return self._kv
+
+    # -- reading ------------------------------------------------------------------------------------
+    async def _entry(self, key: str) -> Any:
+        try:
+            return await self.kv.get(key)
+        except KeyNotFoundError:
+            return None
+
+    async def lookup(self, resident_id: str) -> ResidentKey | None:
+        """The resident's current key, or None once forgotten (cached, see the class doc)."""
+        now = time.monotonic()
+        hit = self._cache.get(resident_id)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        entry = await self._entry(f"r.{resident_id}")
+        key = ResidentKey.decode(resident_id, entry.value, entry.revision) if entry is not None else None
+        self._remember(resident_id, key)
+        return key
+
+    def _remember(self, resident_id: str, key: ResidentKey | None) -> None:
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[resident_id] = (key, time.monotonic() + self.ttl_s)
+
+    async def index_secret(self) -> bytes:
+        if self._secret is None:
+            entry = await self._entry(SECRET_KEY)
+            if entry is None:
+                with contextlib.suppress(KeyWrongLastSequenceError):  # another process made it first
+                    await self.kv.create(SECRET_KEY, sealing.b64(secrets.token_bytes(32)).encode())
+                entry = await self._entry(SECRET_KEY)
+                if entry is None:
+                    raise KeyStoreError("the phone index secret could not be read back")
+            self._secret = sealing.unb64(entry.value.decode())
+        return self._secret
+
+    async def resident_of_phone(self, phone_e164: str) -> tuple[str, str, Any]:
+        """(index key, resident id or "", index entry or None) for a normalized phone."""
+        index = f"p.{sealing.index_digest(await self.index_secret(), phone_e164)}"
+        entry = await self._entry(index)
+        return index, entry.value.decode() if entry is not None else "", entry
+
+    # -- creating -----------------------------------------------------------------------------------
+    async def _create_key(self, resident_id: str, index: str | None) -> ResidentKey | None:
+        """A fresh key for ``resident_id``, or None when it already has one."""
+        key = ResidentKey(resident_id, secrets.token_hex(8), secrets.token_bytes(sealing.KEY_BYTES), index)
+        try:
+            rev = await self.kv.create(f"r.{resident_id}", key.encode())
+        except KeyWrongLastSequenceError:
+            return None
+        key = ResidentKey(key.resident_id, key.key_id, key.key, key.index, rev)
+        self._remember(resident_id, key)
+        return key
+
+    async def key_for_id(self, resident_id: str) -> ResidentKey:
+        """The key of a resident known by a caller-given id (created on first use)."""
+        for _ in range(5):
+            found = await self.lookup(resident_id)
+            if found is not None:
+                return found
+            made = await self._create_key(resident_id, None)
+            if made is not None:
+                return made
+            self._cache.pop(resident_id, None)  # someone else created it: read theirs
+        raise KeyStoreError(f"no key could be made for resident {resident_id}")
+
+    async def key_for_phone(self, phone_e164: str) -> ResidentKey:
+        """The key of the resident with this phone; a new resident (random id, new key) the first time
+        and after a forget. Race-safe: concurrent first reports end with one resident."""
+        for _ in range(5):
+            index, resident_id, entry = await self.resident_of_phone(phone_e164)
+            if resident_id:
+                found = await self.lookup(resident_id)
+                if found is not None:
+                    return found
+            made = await self._create_key(new_resident_id(), index)
+            assert made is not None  # a random id is never taken
+            try:
+                if entry is None:
+                    await self.kv.create(index, made.resident_id.encode())
+                else:  # the index points at a forgotten resident: replace it, unless someone else did
+                    await self.kv.update(index, made.resident_id.encode(), last=entry.revision)
+                return made
+            except KeyWrongLastSequenceError:  # lost the race: drop our key, use the winner's
+                await self.kv.purge(f"r.{made.resident_id}")
+                self._cache.pop(made.resident_id, None)
+        raise KeyStoreError("no key could be made for this phone")
+
+    # -- forgetting ---------------------------------------------------------------------------------
+    async def find(self, who: str) -> tuple[str, ResidentKey | None]:
+        """A resident id or a phone number -> (resident id, current key or None)."""
+        resident_id = who
+        if not who.startswith("res_") and any(c.isdigit() for c in who):
+            with contextlib.suppress(ValueError):
+                _, rid, _ = await self.resident_of_phone(sealing.normalize_phone(who))
+                if rid:
+                    resident_id = rid
+        if not valid_token(resident_id):
+            raise ValueError("neither a resident id nor a known phone number")
+        self._cache.pop(resident_id, None)
+        return resident_id, await self.lookup(resident_id)
+
+    async def destroy(self, key: ResidentKey) -> None:
+        """Erase the key's message on disk, then purge the key and its phone index entry (the purge
+        markers tell every process's cache). Idempotent."""
+        if key.revision:
+            try:
+                await self.nc.jetstream().delete_msg(KV_STREAM, key.revision)  # secure erase (no_erase: false)
+            except Exception as exc:  # already gone (a concurrent forget): the purge below still holds
+                log.info("key message not erased", resident=key.resident_id, error=repr(exc))
+        await self.kv.purge(f"r.{key.resident_id}")
+        self._cache.pop(key.resident_id, None)
+        if key.index:
+            entry = await self._entry(key.index)
+            if entry is not None and entry.value.decode() == key.resident_id:
+                with contextlib.suppress(Exception):
+                    await self.nc.jetstream().delete_msg(KV_STREAM, entry.revision)
+                await self.kv.purge(key.index)

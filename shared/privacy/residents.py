@@ -1,0 +1,97 @@
+"""The resident use cases shared by every entry point: seal a reported resident, show one to a reader,
+forget one (crypto-shredding)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from nats.aio.client import Client as NATS
+
+from shared.events import subjects as sj
+from shared.events.codec import Envelope, encode
+from shared.events.models import IssueReported, ResidentForgotten, ResidentRef
+
+from . import sealing
+from .keystore import Forgotten, ResidentKeys
+
+# Who reads residents in clear: everyone who may read the issue (its grid's workers, handlers of its
+# tasks, supervisors above its grid, admins) except integrators, who see the resident's id only.
+CLEAR_READERS = frozenset({"grid_worker", "handler", "supervisor", "admin"})
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    ref: ResidentRef
+    fingerprint: str  # HMAC of the clear data under the resident's key (idempotency checks)
+
+
+async def seal_resident(keys: ResidentKeys, *, resident_id: str | None, name: str | None,
+                        phone: str | None) -> Sealed:
+    """Find or make the resident's key (by the given id, else by phone, else a new resident) and seal
+    ``name`` and ``phone`` (already normalized) with it."""
+    if resident_id:
+        key = await keys.key_for_id(resident_id)
+    elif phone:
+        key = await keys.key_for_phone(phone)
+    else:  # a name alone: a resident of its own, forgotten by its id
+        from .keystore import new_resident_id
+
+        key = await keys.key_for_id(new_resident_id())
+    data = sealing.ResidentData(name=name, phone=phone)
+    ref = sealing.seal(key.key, os.urandom(sealing.NONCE_BYTES), key.resident_id, key.key_id, data)
+    return Sealed(ref, sealing.fingerprint(key.key, data))
+
+
+async def resident_view(keys: ResidentKeys | None, ref: ResidentRef | None, role: str) -> dict[str, Any] | None:
+    """What ``role`` sees of a sealed resident: {id} for integrators; {id, name, phone} for the others
+    while the key exists; name and phone "[erased]" once it was destroyed."""
+    if ref is None:
+        return None
+    if role not in CLEAR_READERS or keys is None:
+        return {"id": ref.id}
+    key = await keys.lookup(ref.id)
+    if key is not None and key.key_id == ref.key_id:
+        try:
+            data = sealing.unseal(key.key, ref)
+            return {"id": ref.id, "name": data.name, "phone": data.phone, "erased": False}
+        except sealing.Unreadable:
+            pass
+    return {"id": ref.id, "name": sealing.ERASED, "phone": sealing.ERASED, "erased": True}
+
+
+async def reveal_events(keys: ResidentKeys | None, envs: list[Envelope], role: str) -> list[dict[str, Any]]:
+    """CloudEvents of an issue for a reader: a reported resident is shown as ``resident_view`` shows it."""
+    out: list[dict[str, Any]] = []
+    for env in envs:
+        ce = env.to_cloudevent()
+        if isinstance(env.data, IssueReported) and env.data.resident is not None:
+            ce["data"]["resident"] = await resident_view(keys, env.data.resident, role)
+        out.append(ce)
+    return out
+
+
+def forgotten_envelope(resident_id: str, key_ids: tuple[str, ...], by: str, now: datetime) -> Envelope:
+    event = ResidentForgotten(resident_id=resident_id, key_ids=key_ids, by=by, at=now)
+    return Envelope(id=f"resident.{resident_id}.{'.'.join(key_ids) or 'none'}", source="needle/residents",
+                    subject=resident_id, time=now, data=event, actor=by)
+
+
+async def forget(nc: NATS, keys: ResidentKeys, who: str, *, by: str, now: datetime) -> Forgotten:
+    """Forget a resident (id or phone): record ``resident_forgotten`` (no personal data), then destroy
+    the key. The event goes first, so a crash in between leaves a key that a retry destroys; the
+    Nats-Msg-Id makes a retry within the duplicate window one event. Forgetting a resident with no key
+    (unknown, or already forgotten) changes nothing and records nothing."""
+    resident_id, key = await keys.find(who)
+    if key is None:
+        return Forgotten(resident_id, ())
+    env = forgotten_envelope(resident_id, (key.key_id,), by, now)
+    msg = await nc.request(sj.resident_event(resident_id, ResidentForgotten.name), encode(env),
+                           headers={"Nats-Msg-Id": env.id}, timeout=5)
+    ack = orjson.loads(msg.data)
+    if "error" in ack:
+        raise RuntimeError(f"recording resident_forgotten failed: {ack['error']}")
+    await keys.destroy(key)
+    return Forgotten(resident_id, (key.key_id,))
