@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 from shared.domain.errors import Invalid, NotFound, Unavailable
 from shared.events import schemas
 from shared.events import subjects as sj
-from shared.events.models import BY_NAME, IssueReported, RulebookPublished
+from shared.events.models import BY_NAME, IssueReported
 from shared.store.eventstore import EventStore
 from shared.store.grid_cache import GridCache as LruGridCache
 
@@ -121,13 +121,13 @@ def parse_types(types: str | None) -> list[str]:
 
 
 def filter_subjects(names: list[str], area: str | None) -> list[str]:
-    """Event names -> JetStream filter subjects; rulebook events belong to no area."""
+    """Event names -> JetStream filter subjects; rulebook and resident events belong to no area."""
     if not names:
         return [sj.ISSUE_EVENTS] if area else [sj.ALL_EVENTS]
-    out = [sj.rulebook_event("*", n) if n == RulebookPublished.name else sj.events_of_type(n)
-           for n in names if not (area and n == RulebookPublished.name)]
+    out = [sj.filter_of_type(n) for n in names if not (area and n in sj.NON_ISSUE_EVENTS)]
     if not out:
-        raise Invalid("rulebook events belong to no area: drop `area` or add issue event types", field="types")
+        raise Invalid("rulebook and resident events belong to no area: drop `area` or add issue event types",
+                      field="types")
     return out
 
 

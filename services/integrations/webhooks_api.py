@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.intake.security import Actor, Ctx, require_role
 from shared.auth import Principal
 from shared.domain.errors import Invalid, NotFound, Unavailable
-from shared.events.models import BY_NAME, RulebookPublished
+from shared.events import subjects as sj
+from shared.events.models import BY_NAME
 
 from .registry import Webhook
 from .webhooks import WebhookService
@@ -59,8 +60,9 @@ def validate_types(types: list[str], area: str | None) -> tuple[str, ...]:
     for n in names:
         if n not in BY_NAME:
             raise Invalid(f"unknown event type {n!r} (known: {', '.join(BY_NAME)})", field="types")
-    if area is not None and RulebookPublished.name in names:
-        raise Invalid("rulebook events belong to no area: drop `area` or rulebook_published", field="types")
+    if area is not None and any(n in sj.NON_ISSUE_EVENTS for n in names):
+        raise Invalid("rulebook and resident events belong to no area: drop `area` or rulebook_published and "
+                      "resident_forgotten", field="types")
     return names
 
 
