@@ -28,6 +28,7 @@ from shared.domain.errors import Invalid, NotFound, Unavailable
 from shared.events import schemas
 from shared.events import subjects as sj
 from shared.events.models import BY_NAME, IssueReported
+from shared.privacy.residents import resident_id_only
 from shared.store.eventstore import EventStore
 from shared.store.grid_cache import GridCache as LruGridCache
 
@@ -187,8 +188,8 @@ class StreamClient:
             if not inside:
                 self.last_queued = seq
                 return
-        if b"\n" in data or b"\r" in data:  # SSE data must be one line
-            data = orjson.dumps(ce)
+        if (b'"resident":{' in data and resident_id_only(ce)) or b"\n" in data or b"\r" in data:
+            data = orjson.dumps(ce)  # SSE data must be one line; a reported resident goes out as {id} only
         try:
             self.queue.put_nowait((seq, _frame(seq, str(ce.get("type", "")), data)))
         except asyncio.QueueFull:

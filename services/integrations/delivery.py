@@ -32,6 +32,7 @@ from shared.config import OrgTree
 from shared.events import subjects as sj
 from shared.events.codec import decode
 from shared.events.models import IssueReported
+from shared.privacy.residents import resident_id_only
 from shared.store.grid_cache import GridCache
 
 from . import signing
@@ -82,13 +83,15 @@ class Payload:
 
 
 def render(data: bytes, seq: int) -> Payload:
-    """A stored event -> the CloudEvent JSON sent to receivers (upcast, with its stream ``sequence``)."""
+    """A stored event -> the CloudEvent JSON sent to receivers (upcast, with its stream ``sequence``; a
+    reported resident as ``{id}``)."""
     grid: str | None = None
     try:
         env = decode(data, seq)
         ce = env.to_cloudevent()
         if isinstance(env.data, IssueReported):
             grid = env.data.grid
+            resident_id_only(ce)  # receivers are integrators: the resident's id, never even the sealed data
     except ValueError:  # a type this needle does not know: pass the stored CloudEvent on as it is
         ce = orjson.loads(data)
         ce["sequence"] = seq

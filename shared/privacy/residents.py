@@ -73,6 +73,19 @@ async def reveal_events(keys: ResidentKeys | None, envs: list[Envelope], role: s
     return out
 
 
+def resident_id_only(ce: dict[str, Any]) -> bool:
+    """Reduce a CloudEvent's sealed resident to ``{id}`` (what push channels carry: webhooks and SSE go
+    to integrators). True when it changed ``ce``."""
+    data = ce.get("data")
+    if not isinstance(data, dict):
+        return False
+    resident = data.get("resident")
+    if isinstance(resident, dict) and set(resident) != {"id"}:
+        data["resident"] = {"id": resident.get("id")}
+        return True
+    return False
+
+
 def forgotten_envelope(resident_id: str, key_ids: tuple[str, ...], by: str, now: datetime) -> Envelope:
     event = ResidentForgotten(resident_id=resident_id, key_ids=key_ids, by=by, at=now)
     return Envelope(id=f"resident.{resident_id}.{'.'.join(key_ids) or 'none'}", source="needle/residents",

@@ -16,6 +16,7 @@ import orjson
 
 from shared.events import subjects as sj
 from shared.privacy import sealing
+from tests.integration.test_event_stream import read
 from tests.support import NeedleHandle
 
 GW1 = ("grid_worker", "area:wuxing-g1")
@@ -120,6 +121,9 @@ async def test_resident_sealed_readable_then_forgotten_everywhere(needle_factory
     assert (await get_issue(h, first, INTEGRATOR))["resident"] == {"id": rid}  # integrators: the id only
     assert (await reported_resident(h, first, GW1))["name"] == name
     assert await reported_resident(h, first, INTEGRATOR) == {"id": rid}
+    for who in (INTEGRATOR, SUP):  # the SSE push channel carries the id only, to integrators and supervisors
+        got = await read(h, h.auth(*who), params={"types": "issue_reported"}, until=lambda evs: len(evs) >= 2)
+        assert [orjson.loads(e.data)["data"]["resident"] for e in got] == [{"id": rid}, {"id": rid}]
 
     # no clear name or phone in the stream, nor in any file the servers wrote (the scan does see the title)
     payloads = await stream_payloads(h)

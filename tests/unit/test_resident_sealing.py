@@ -144,3 +144,17 @@ def test_resident_events_have_their_own_subject_family() -> None:
     assert sj.filter_of_type("resident_forgotten") == "needle.events.resident.*.resident_forgotten"
     assert sj.filter_of_type("rulebook_published") == "needle.events.rulebook.*.rulebook_published"
     assert sj.filter_of_type("task_dispatched") == sj.events_of_type("task_dispatched")
+
+
+def test_webhook_payloads_carry_the_resident_id_only() -> None:
+    import orjson
+
+    from services.integrations.delivery import render
+    from shared.events.codec import Envelope, encode
+
+    [event] = decide(initial_state("I1"), cmd.ReportIssue(grid="g", category="c", title="t", reporter="gw",
+                                                           resident=sealed()), T0)
+    env = Envelope(id="I1.1", source="needle/intake", subject="I1", time=T0, data=event)
+    payload = render(encode(env), 7)
+    ce = orjson.loads(payload.body)
+    assert ce["data"]["resident"] == {"id": "res_1"} and ce["sequence"] == 7
