@@ -39,7 +39,7 @@ def normalize_phone(raw: str) -> str:
     """A phone number as E.164 (``+8613800138000``); ValueError (without the number) when it is not one."""
     try:
         number = phonenumbers.parse(raw, REGION)
-    except phonenumbers.NumberParseException:
+    except Exception:  # NumberParseException, and whatever odd input makes the parser trip on
         raise ValueError("not a phone number") from None
     if not phonenumbers.is_valid_number(number):
         raise ValueError("not a valid phone number (a Chinese mobile is 1[3-9] and 9 more digits)")
