@@ -259,9 +259,11 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
         finally:
             await nc.close()
 
+    from shared.domain.errors import DomainError
+
     try:
         resident_id, key_ids = asyncio.run(go())
-    except ValueError as exc:
+    except (ValueError, DomainError) as exc:
         raise _fail(str(exc)) from None
     if key_ids:
         typer.echo(f"resident {resident_id} forgotten: key {', '.join(key_ids)} destroyed")

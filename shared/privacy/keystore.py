@@ -33,10 +33,12 @@ import orjson
 import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from shared.domain.errors import Unavailable
 from shared.events.subjects import valid_token
 
 from . import sealing
@@ -153,6 +155,8 @@ class ResidentKeys:
             return await self.kv.get(key)
         except KeyNotFoundError:
             return None
+        except (NatsError, TimeoutError) as exc:  # NATS down or slow: retrying helps (503), never a 500
+            raise Unavailable("residents' keys did not answer in time") from exc
 
     async def lookup(self, resident_id: str) -> ResidentKey | None:
         """The resident's current key, or None once forgotten (cached, see the class doc)."""
@@ -196,6 +200,8 @@ class ResidentKeys:
             rev = await self.kv.create(f"r.{resident_id}", key.encode())
         except KeyWrongLastSequenceError:
             return None
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("residents' keys could not be written in time") from exc
         key = ResidentKey(key.resident_id, key.key_id, key.key, key.index, rev)
         self._remember(resident_id, key)
         return key

@@ -9,13 +9,15 @@ from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
+from nats.errors import Error as NatsError
 
+from shared.domain.errors import Unavailable
 from shared.events import subjects as sj
 from shared.events.codec import Envelope, encode
 from shared.events.models import IssueReported, ResidentForgotten, ResidentRef
 
 from . import sealing
-from .keystore import Forgotten, ResidentKeys
+from .keystore import Forgotten, KeyStoreError, ResidentKeys, new_resident_id
 
 # Who reads residents in clear: everyone who may read the issue (its grid's workers, handlers of its
 # tasks, supervisors above its grid, admins) except integrators, who see the resident's id only.
@@ -32,14 +34,15 @@ async def seal_resident(keys: ResidentKeys, *, resident_id: str | None, name: st
                         phone: str | None) -> Sealed:
     """Find or make the resident's key (by the given id, else by phone, else a new resident) and seal
     ``name`` and ``phone`` (already normalized) with it."""
-    if resident_id:
-        key = await keys.key_for_id(resident_id)
-    elif phone:
-        key = await keys.key_for_phone(phone)
-    else:  # a name alone: a resident of its own, forgotten by its id
-        from .keystore import new_resident_id
-
-        key = await keys.key_for_id(new_resident_id())
+    try:
+        if resident_id:
+            key = await keys.key_for_id(resident_id)
+        elif phone:
+            key = await keys.key_for_phone(phone)
+        else:  # a name alone: a resident of its own, forgotten by its id
+            key = await keys.key_for_id(new_resident_id())
+    except (NatsError, TimeoutError, KeyStoreError) as exc:
+        raise Unavailable("residents' keys are not available; retry") from exc
     data = sealing.ResidentData(name=name, phone=phone)
     ref = sealing.seal(key.key, os.urandom(sealing.NONCE_BYTES), key.resident_id, key.key_id, data)
     return Sealed(ref, sealing.fingerprint(key.key, data))
@@ -101,10 +104,13 @@ async def forget(nc: NATS, keys: ResidentKeys, who: str, *, by: str, now: dateti
     if key is None:
         return Forgotten(resident_id, ())
     env = forgotten_envelope(resident_id, (key.key_id,), by, now)
-    msg = await nc.request(sj.resident_event(resident_id, ResidentForgotten.name), encode(env),
-                           headers={"Nats-Msg-Id": env.id}, timeout=5)
-    ack = orjson.loads(msg.data)
-    if "error" in ack:
-        raise RuntimeError(f"recording resident_forgotten failed: {ack['error']}")
-    await keys.destroy(key)
+    try:
+        msg = await nc.request(sj.resident_event(resident_id, ResidentForgotten.name), encode(env),
+                               headers={"Nats-Msg-Id": env.id}, timeout=5)
+        ack = orjson.loads(msg.data)
+        if "error" in ack:
+            raise Unavailable(f"recording resident_forgotten failed: {ack['error']}")
+        await keys.destroy(key)
+    except (NatsError, TimeoutError) as exc:
+        raise Unavailable("the resident could not be forgotten now; retry (it is idempotent)") from exc
     return Forgotten(resident_id, (key.key_id,))

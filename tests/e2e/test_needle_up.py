@@ -215,6 +215,8 @@ def test_restart_on_the_same_data_dir_keeps_every_issue(launch: Callable[..., Up
     key = f"form-{uuid.uuid4()}"
     bodies = [({"grid": "wuxing-g1", "category": "road_damage", "title": f"路面破损 {i}",
                 "location": {"lat": 30.002, "lon": 122.1028}}, gw) for i in range(3)]
+    phone = "139" + str(uuid.uuid4().int)[:8]
+    bodies[0][0]["resident"] = {"name": "陈大爷", "phone": phone}  # its key must survive the restart too
     bodies += [({"grid": "wuxing-g2", "category": "neighbour_dispute", "title": f"邻里纠纷 {i}"}, gw2)
                for i in range(2)]
     ids = []
@@ -241,8 +243,15 @@ def test_restart_on_the_same_data_dir_keeps_every_issue(launch: Callable[..., Up
         assert r.json() == before[issue_id]
         assert client.get(f"/v1/issues/{issue_id}/events", headers=admin).json() == events_before[issue_id]
 
+    assert before[ids[0]]["resident"]["phone"] == f"+86{phone}"
     replay = client.post("/v1/issues", json=bodies[0][0], headers=gw | {"Idempotency-Key": key})
     assert replay.status_code in (200, 201) and replay.json()["id"] == ids[0], replay.text
+
+    # `needle forget` finds the running needle through DIR/runtime.json
+    r = subprocess.run([str(NEEDLE), "forget", phone, "--data-dir", str(data)], capture_output=True, text=True,
+                       env=clean_env(), timeout=60)
+    assert r.returncode == 0 and "forgotten" in r.stdout, (r.stdout, r.stderr)
+    assert poll(lambda: client.get(f"/v1/issues/{ids[0]}", headers=gw).json()["resident"]["name"] == "[erased]", 10)
     fresh = client.post("/v1/issues", json={"grid": "wuxing-g1", "category": "road_damage", "title": "after restart"},
                         headers=gw)
     assert fresh.status_code == 201, fresh.text

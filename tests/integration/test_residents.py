@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from shared.events import subjects as sj
 from shared.privacy import sealing
@@ -263,3 +264,21 @@ async def test_open311_requester_fields_become_the_sealed_resident(needle_factor
     assert b"xm@example.cn" not in b"".join(await stream_payloads(h))
     r = await h.client.post("/open311/v2/requests.json", data=params | {"phone": "123"})
     assert r.status_code == 400 and "phone" in r.json()[0]["description"], r.text
+
+
+async def test_keys_out_of_reach_are_unavailable_not_a_crash(nats_factory: Callable[[], Any]) -> None:
+    """Reading or sealing a resident while NATS is gone is a retryable Unavailable (503), never a 500."""
+    import nats
+
+    from shared.domain.errors import Unavailable
+    from shared.privacy.keystore import ResidentKeys
+    from shared.privacy.residents import seal_resident
+
+    nc = await nats.connect(nats_factory().url, max_reconnect_attempts=0)
+    keys = ResidentKeys(nc)
+    await keys.start(watch=False)
+    await nc.close()
+    with pytest.raises(Unavailable):
+        await keys.lookup("res_gone")
+    with pytest.raises(Unavailable):
+        await seal_resident(keys, resident_id=None, name="x", phone="+8613800138000")
