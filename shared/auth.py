@@ -14,6 +14,8 @@ from pathlib import Path
 
 import jwt
 
+from shared.revocation import Revocations
+
 ROLES = ("grid_worker", "handler", "supervisor", "integrator", "admin")
 ISSUER = "needle"
 KEY_FILE = "secrets/token.key"
@@ -29,6 +31,7 @@ class Principal:
     role: str
     scope: str  # "area:<id>", "dept:<id>", "*" or ""
     token_id: str
+    issued_at: float = 0.0  # the token's ``iat`` (a subject's revocation covers tokens issued before it)
 
     @property
     def scope_kind(self) -> str:
@@ -81,18 +84,29 @@ def issue_token(key: bytes, *, role: str, scope: str, subject: str | None = None
 
 
 class TokenVerifier:
-    """Verifies tokens; remembers recent good ones so the hot path skips the HMAC."""
+    """Verifies tokens; remembers recent good ones so the hot path skips the HMAC. ``revocations`` is
+    consulted on every call, cache hit or not (the bucket follower updates it in place)."""
 
-    def __init__(self, key: bytes, cache_size: int = 10_000) -> None:
+    def __init__(self, key: bytes, cache_size: int = 10_000, revocations: Revocations | None = None) -> None:
         self._key = key
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._cache_size = cache_size
-        self.revoked: set[str] = set()
+        self.revocations = revocations if revocations is not None else Revocations()
+
+    @property
+    def revoked(self) -> set[str]:
+        """The revoked token ids (the revocations' set itself: adding to it revokes)."""
+        return self.revocations.jtis
+
+    def is_revoked(self, p: Principal) -> bool:
+        return self.revocations.is_revoked(p.token_id, p.subject, p.issued_at)
 
     def verify(self, token: str, now: float | None = None) -> Principal:
         now = time.time() if now is None else now
         hit = self._cache.get(token)
-        if hit is not None and hit[1] > now and hit[0].token_id not in self.revoked:
+        if hit is not None and hit[1] > now:
+            if self.is_revoked(hit[0]):
+                raise TokenError("token revoked")
             return hit[0]
         try:  # expiry is checked against ``now`` below, not against the library's clock
             claims = jwt.decode(token, self._key, algorithms=["HS256"], issuer=ISSUER,
@@ -105,8 +119,11 @@ class TokenVerifier:
         role, scope = claims.get("role"), claims.get("scope", "")
         if role not in ROLES or not isinstance(scope, str):
             raise TokenError("token has no valid role")
-        p = Principal(subject=str(claims["sub"]), role=role, scope=scope, token_id=str(claims["jti"]))
-        if p.token_id in self.revoked:
+        if not isinstance(claims.get("iat"), int | float):
+            raise TokenError("invalid token")
+        p = Principal(subject=str(claims["sub"]), role=role, scope=scope, token_id=str(claims["jti"]),
+                      issued_at=float(claims["iat"]))
+        if self.is_revoked(p):
             raise TokenError("token revoked")
         if len(self._cache) >= self._cache_size:
             self._cache.clear()

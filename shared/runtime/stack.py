@@ -18,6 +18,7 @@ from nats.aio.client import Client as NATS
 from shared import auth
 from shared.config import OrgTree, Rulebook, load_org, load_rulebook
 from shared.privacy.keystore import ResidentKeys
+from shared.revocation import Revocations
 from shared.settings import Settings
 from shared.store.eventstore import JetStreamEventStore
 from shared.store.streams import StreamOptions, ensure_streams
@@ -45,6 +46,7 @@ class Stack:
     extras: dict[str, Any] = field(default_factory=dict)
     closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
     rule_holders: list[Callable[[Rulebook], None]] = field(default_factory=list)
+    revocations: Revocations = field(default_factory=Revocations)  # followed from NEEDLE_REVOKED
 
     @classmethod
     def from_settings(cls, settings: Settings, urls: Urls) -> Stack:
@@ -69,7 +71,17 @@ class Stack:
         self.residents = ResidentKeys(self.nc, replicas=self.settings.stream_replicas)
         await self.residents.start()
         self.closers.append(self.residents.close)
+        await self._follow_revocations()
         await self._rules_in_force()
+
+    async def _follow_revocations(self) -> None:
+        """Every revoked token known before this returns; later revocations as they are written."""
+        from shared.store.revocations import RevocationFollower, open_bucket
+
+        assert self.nc is not None
+        follower = RevocationFollower(await open_bucket(self.nc, self.settings.stream_replicas), self.revocations)
+        await follower.start()
+        self.closers.append(follower.stop)
 
     async def _rules_in_force(self) -> None:
         """The rulebook file takes effect unless it is already the newest one recorded; then follow
@@ -132,7 +144,8 @@ class Stack:
         key = auth.load_or_create_key(self.settings.data_dir)
         assert self.store is not None
         ctx = AppContext(settings=self.settings, org=self.org, rulebook=self.rulebook, store=self.store,
-                         verifier=auth.TokenVerifier(key), residents=self.residents, health=self.health,
+                         verifier=auth.TokenVerifier(key, revocations=self.revocations), residents=self.residents,
+                         health=self.health,
                          extras=self.extras)
         routers = tuple(self.extras.get("routers", ()))
 
