@@ -38,3 +38,8 @@ class Settings(BaseSettings):
     log_level: str = "info"
     log_json: bool = False
     sync_always: bool = False  # fsync every JetStream write (survives power loss, slower)
+    # per token subject, in each HTTP process (docs/SECURITY.md); a rate of 0 switches that limit off
+    rate_limit_per_s: float = Field(default=50.0, ge=0)  # writes (POST, PUT, PATCH, DELETE)
+    rate_limit_burst: int = Field(default=200, ge=1)
+    rate_limit_read_per_s: float = Field(default=200.0, ge=0)  # reads (GET, HEAD)
+    rate_limit_read_burst: int = Field(default=1000, ge=1)

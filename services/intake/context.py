@@ -7,6 +7,7 @@ from typing import Any
 from shared.auth import TokenVerifier
 from shared.config import OrgTree, Rulebook
 from shared.privacy.keystore import ResidentKeys
+from shared.ratelimit import Rate, RateLimiter
 from shared.settings import Settings
 from shared.store.eventstore import EventStore
 
@@ -21,3 +22,9 @@ class AppContext:
     residents: ResidentKeys | None = None  # residents' data keys (None: reports cannot carry a resident)
     health: dict[str, bool] = field(default_factory=dict)  # component -> up
     extras: dict[str, Any] = field(default_factory=dict)  # read models, SSE hub, ... (added by other services)
+    limiter: RateLimiter = field(default_factory=lambda: RateLimiter(Rate(0, 1), Rate(0, 1)))  # off unless given
+
+    @staticmethod
+    def limiter_for(settings: Settings) -> RateLimiter:
+        return RateLimiter(reads=Rate(settings.rate_limit_read_per_s, settings.rate_limit_read_burst),
+                           writes=Rate(settings.rate_limit_per_s, settings.rate_limit_burst))

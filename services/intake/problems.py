@@ -64,6 +64,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(_: Request, exc: DomainError) -> Response:
         headers = {"Retry-After": "1"} if exc.retryable and exc.status >= 500 else None
+        if exc.status == 429:
+            headers = {"Retry-After": str(exc.extra.get("retry_after", 1))}
         return problem(exc.status, exc.title, exc.detail, field=exc.field, headers=headers, **exc.extra)
 
     @app.exception_handler(TokenError)

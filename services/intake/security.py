@@ -1,14 +1,16 @@
 """Who may do what: the bearer token dependency and the scope rules of DESIGN.md."""
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from shared.auth import Principal, TokenError
 from shared.config import OrgTree
-from shared.domain.errors import NotAllowed
+from shared.domain.errors import NotAllowed, RateLimited
 from shared.domain.issue import IssueState, TaskState
+from shared.ratelimit import retry_after
 
 from .context import AppContext
 
@@ -32,7 +34,22 @@ async def get_principal(request: Request) -> Principal:
     if scheme.lower() != "bearer" or not token:
         raise TokenError("Authorization must be 'Bearer <token>'")
     ctx: AppContext = request.app.state.ctx
-    return ctx.verifier.verify(token.strip())
+    p = ctx.verifier.verify(token.strip())
+    check_rate(ctx, p, write=request.method not in SAFE_METHODS)
+    return p
+
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def check_rate(ctx: AppContext, p: Principal, *, write: bool) -> None:
+    """The token subject's bucket for reads or writes; 429 with Retry-After when it is empty."""
+    wait = ctx.limiter.check(p.subject, write=write, now=time.monotonic())
+    if wait > 0:
+        kind = "writes" if write else "reads"
+        rate = ctx.limiter.writes if write else ctx.limiter.reads
+        raise RateLimited(f"too many {kind} for this token (limit {rate.per_s:g}/s, burst {rate.burst:g}); "
+                          f"retry in {wait:.1f} s", retry_after=retry_after(wait))
 
 
 Ctx = Annotated[AppContext, Depends(get_ctx)]

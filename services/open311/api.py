@@ -20,11 +20,11 @@ from pydantic import ValidationError
 from services.intake.context import AppContext
 from services.intake.issues_api import record_report, validate_report
 from services.intake.schemas import ReportIssueBody
-from services.intake.security import ctx_of, in_area
+from services.intake.security import check_rate, ctx_of, in_area
 from shared.auth import Principal, TokenError
 from shared.commanding import load_state, utcnow
 from shared.domain import ids
-from shared.domain.errors import Conflict, DomainError, NotFound
+from shared.domain.errors import Conflict, DomainError, NotFound, RateLimited
 
 from . import catalog, search, view
 from .formats import FORMATS, Format, Open311Error, check_format, error_response, render, split_format
@@ -105,6 +105,10 @@ def _principal(ctx: AppContext, request: Request, params: Params) -> Principal:
         raise Open311Error(403, f"api_key is not valid ({e})") from None
     if p.role not in KEY_ROLES:
         raise Open311Error(403, f"api_key of role {p.role} may not submit requests (needs {', '.join(KEY_ROLES)})")
+    try:
+        check_rate(ctx, p, write=True)
+    except RateLimited as e:
+        raise Open311Error(429, e.detail, {"Retry-After": str(e.extra["retry_after"])}) from None
     return p
 
 

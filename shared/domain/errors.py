@@ -68,3 +68,11 @@ class Unavailable(DomainError):
     retryable = True
     status = 503
     title = "Service unavailable"
+
+
+class RateLimited(DomainError):
+    """Too many requests for one token; ``retry_after`` (whole seconds) says when to come back."""
+
+    retryable = True
+    status = 429
+    title = "Too many requests"

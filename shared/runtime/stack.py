@@ -145,8 +145,7 @@ class Stack:
         assert self.store is not None
         ctx = AppContext(settings=self.settings, org=self.org, rulebook=self.rulebook, store=self.store,
                          verifier=auth.TokenVerifier(key, revocations=self.revocations), residents=self.residents,
-                         health=self.health,
-                         extras=self.extras)
+                         health=self.health, extras=self.extras, limiter=AppContext.limiter_for(self.settings))
         routers = tuple(self.extras.get("routers", ()))
 
         def hold(rb: Rulebook) -> None:
