@@ -4,9 +4,10 @@ Built once in the entry point (CLI) and passed down; nothing else reads the envi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -43,3 +44,17 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=200, ge=1)
     rate_limit_read_per_s: float = Field(default=200.0, ge=0)  # reads (GET, HEAD)
     rate_limit_read_burst: int = Field(default=1000, ge=1)
+    # browser origins allowed to call the API (CORS), comma-separated or a JSON list; none by default
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: object) -> object:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [o.strip() for o in text.split(",") if o.strip()]
+        return v

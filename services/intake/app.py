@@ -10,6 +10,10 @@ from . import campaigns_api, events_api, issues_api, problems, residents_api, ta
 from .context import AppContext
 from .issues_api import json_response
 
+CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match", "Needle-Min-Seq",
+                        "Last-Event-ID", "Accept", "Accept-Language"]
+CORS_RESPONSE_HEADERS = ["ETag", "Location", "Needle-Seq", "Retry-After", "Idempotent-Replayed"]
+
 
 def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastAPI:
     app = FastAPI(
@@ -38,7 +42,10 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
                 "rulebook_version": ctx.rulebook.version}
         return json_response(body, 200 if not down else 503)
 
-    app.add_middleware(CORSMiddleware, allow_origins=[], allow_methods=["GET", "POST"], allow_headers=["*"])
+    # browsers of the listed origins only (NEEDLE_CORS_ORIGINS, none by default); bearer tokens, no cookies
+    app.add_middleware(CORSMiddleware, allow_origins=ctx.settings.cors_origins, allow_credentials=False,
+                       allow_methods=["GET", "POST", "DELETE"], allow_headers=CORS_REQUEST_HEADERS,
+                       expose_headers=CORS_RESPONSE_HEADERS, max_age=600)
     app.add_middleware(problems.BodyLimit, limit=ctx.settings.max_body_bytes)
     app.add_middleware(problems.SecurityHeaders)
     return app
