@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.intake.context import AppContext
-from services.intake.security import Actor, Ctx, in_area
+from services.intake.security import Actor, Ctx, check_rate, in_area
 from shared.auth import Principal, TokenError
 from shared.domain.errors import Invalid, NotAllowed, NotFound, Unavailable
 
@@ -149,10 +149,13 @@ async def changes(ctx: AppContext, token: str, area: str) -> AsyncIterator[Serve
 
 @router.get("/dashboard/stream")
 async def dashboard_stream(ctx: Ctx,
-                           access_token: Annotated[str, Query(min_length=1, max_length=4096)],
+                           access_token: Annotated[str | None, Query(max_length=4096)] = None,
                            area: Annotated[str | None, Query(max_length=64)] = None) -> Response:
     """Live nudges for one area (EventSource: the token rides in ``access_token``)."""
+    if not access_token:  # no token is 401 as everywhere else (was a 422 for the missing parameter)
+        raise TokenError("missing access_token")
     p = ctx.verifier.verify(access_token)
+    check_rate(ctx, p, write=False)
     a = supervisor_area(ctx, p, area)
     if ctx.extras.get("projection") is None or ctx.extras.get("pool") is None:
         raise Unavailable("read models are not running in this process")
