@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import orjson
+import structlog
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -22,6 +23,8 @@ from .registry import Webhook
 from .webhooks import WebhookService
 
 router = APIRouter(tags=["webhooks"])
+# webhook changes are no issue events: each is a line of the audit log, naming the caller
+audit = structlog.get_logger("needle.audit")
 URL_MAX = 2000
 
 
@@ -84,6 +87,7 @@ async def create_webhook(body: WebhookBody, ctx: Ctx, p: Actor) -> Response:
         raise Invalid(f"unknown area {body.area!r}", field="area")
     types = validate_types(body.types, body.area)
     hook = await _service(ctx).register(url=url, types=types, area=body.area, secret=body.secret, owner=p.subject)
+    audit.info("webhook registered", actor=p.subject, webhook=hook.id, url=url, types=list(types), area=body.area)
     return _json(hook.public(), 201, headers={"Location": f"/v1/webhooks/{hook.id}"})
 
 
@@ -106,7 +110,9 @@ async def get_webhook(hook_id: str, ctx: Ctx, p: Actor) -> Response:
 async def delete_webhook(hook_id: str, ctx: Ctx, p: Actor) -> Response:
     require_role(p, "integrator")
     svc = _service(ctx)
-    await svc.remove(await _owned(svc, p, hook_id))
+    hook = await _owned(svc, p, hook_id)
+    await svc.remove(hook)
+    audit.info("webhook deleted", actor=p.subject, webhook=hook.id, owner=hook.owner)
     return Response(status_code=204)
 
 
@@ -127,5 +133,8 @@ async def replay(hook_id: str, ctx: Ctx, p: Actor) -> Response:
     failure); delivered ones leave the list. Returns ``{replayed, still_failing}``."""
     require_role(p, "integrator")
     svc = _service(ctx)
-    result = await svc.replay(await _owned(svc, p, hook_id))
+    hook = await _owned(svc, p, hook_id)
+    result = await svc.replay(hook)
+    audit.info("webhook dead letters replayed", actor=p.subject, webhook=hook.id, replayed=result.replayed,
+               still_failing=result.still_failing)
     return _json({"replayed": result.replayed, "still_failing": result.still_failing})

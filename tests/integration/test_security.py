@@ -237,3 +237,21 @@ async def test_security_headers_on_api_answers_and_errors(h: NeedleHandle) -> No
     assert (await whoami(h.client, t)).headers["cache-control"] == "no-store"  # personal data: no shared cache
     schemas = await h.client.get("/v1/schemas")
     assert schemas.headers["cache-control"].startswith("public")  # a route's own caching is kept
+
+
+# -- audit of writes that are not issue events --------------------------------------------------------------------
+async def test_webhook_changes_are_audit_log_lines_naming_the_caller(h: NeedleHandle) -> None:
+    from structlog.testing import capture_logs
+
+    who = f"integrator-{uuid.uuid4().hex[:6]}"
+    t = bearer(token(h, role="integrator", scope="", subject=who))
+    with capture_logs() as logs:
+        r = await h.client.post("/v1/webhooks", headers=t, json={
+            "url": "http://127.0.0.1:9/hook", "types": ["issue_reported"], "secret": "audit-secret-0123456789"})
+        assert r.status_code == 201, r.text
+        hook = r.json()["id"]
+        assert (await h.client.post(f"/v1/webhooks/{hook}/dead-letters/replay", headers=t)).status_code == 200
+        assert (await h.client.delete(f"/v1/webhooks/{hook}", headers=t)).status_code == 204
+    lines = [(e["event"], e["actor"], e["webhook"]) for e in logs if e.get("webhook") == hook]
+    assert lines == [("webhook registered", who, hook), ("webhook dead letters replayed", who, hook),
+                     ("webhook deleted", who, hook)], logs
