@@ -229,6 +229,13 @@ def test_restart_on_the_same_data_dir_keeps_every_issue(launch: Callable[..., Up
         assert poll(lambda i=issue_id: bool(client.get(f"/v1/issues/{i}", headers=admin).json()["tasks"]), 10)
         before[issue_id] = client.get(f"/v1/issues/{issue_id}", headers=admin).json()
     events_before = {i: client.get(f"/v1/issues/{i}/events", headers=admin).json() for i in ids}
+    # `needle token revoke` finds the running needle through the data dir; the token is refused at once
+    revoked = bearer(auth.issue_token(key_, role="grid_worker", scope="area:wuxing-g1", subject="leaver"))
+    assert client.get(f"/v1/issues/{ids[0]}", headers=revoked).status_code == 200
+    r = subprocess.run([str(NEEDLE), "token", "revoke", "--subject", "leaver", "--data-dir", str(data)],
+                       capture_output=True, text=True, env=clean_env(), timeout=30)
+    assert r.returncode == 0 and "revoked" in r.stdout, r.stderr
+    assert poll(lambda: client.get(f"/v1/issues/{ids[0]}", headers=revoked).status_code == 401, 5)
     client.close()
 
     rc, took = up.stop(signal.SIGTERM, 20)
@@ -242,6 +249,8 @@ def test_restart_on_the_same_data_dir_keeps_every_issue(launch: Callable[..., Up
         assert r.status_code == 200, r.text  # the old tokens still work: the key lives in the data dir
         assert r.json() == before[issue_id]
         assert client.get(f"/v1/issues/{issue_id}/events", headers=admin).json() == events_before[issue_id]
+    r = client.get(f"/v1/issues/{ids[0]}", headers=revoked)  # still revoked after the restart, from the first request
+    assert r.status_code == 401 and r.json()["detail"] == "token revoked", r.text
 
     assert before[ids[0]]["resident"]["phone"] == f"+86{phone}"
     replay = client.post("/v1/issues", json=bodies[0][0], headers=gw | {"Idempotency-Key": key})
