@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import cache
 from typing import Annotated, Any
 
@@ -45,7 +45,7 @@ SEND_TIMEOUT_S = 60.0  # a client that accepts no bytes for this long is dropped
 BATCH_BYTES = 64 * 1024  # events already waiting are sent in one write up to about this size
 GRID_CACHE_MAX = 50_000  # issue -> grid entries kept for the area filter
 MAX_STREAMS = 5_000  # open streams per process; more get 503
-_IDLE_CHECK_S = 5.0  # how often an idle stream checks that NATS is still connected
+_IDLE_CHECK_S = 5.0  # how often an idle stream checks that NATS is still connected and its token not revoked
 
 
 # -- schemas ---------------------------------------------------------------------------------------
@@ -149,8 +149,9 @@ class StreamClient:
     """One SSE client: its ordered consumer, its bounded queue and what it was last sent."""
 
     def __init__(self, nc: NATS, store: EventStore, org: Any, grids: GridCache, *, area: str | None,
-                 after: int, queue_max: int) -> None:
+                 after: int, queue_max: int, revoked: Callable[[], bool] = lambda: False) -> None:
         self.nc, self.store, self.org, self.grids, self.area = nc, store, org, grids, area
+        self.revoked = revoked  # the client's token was revoked: the stream ends (a reconnect gets 401)
         self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=max(1, queue_max))
         self.last_queued = after  # highest sequence taken from the consumer (dedupes replays after a reset)
         self.delivered = after  # highest sequence handed to the client's connection
@@ -220,13 +221,15 @@ class StreamClient:
         self._stopper = asyncio.create_task(self._stop_consumer())
 
     async def _next(self) -> tuple[int, bytes] | None:
+        if self.revoked():
+            return None
         if not self.queue.empty():
             return self.queue.get_nowait()
         while True:
             try:
                 return await asyncio.wait_for(self.queue.get(), _IDLE_CHECK_S)
             except TimeoutError:
-                if self.nc.is_closed or self.nc.is_draining:
+                if self.nc.is_closed or self.nc.is_draining or self.revoked():
                     return None
 
     async def frames(self) -> AsyncIterator[bytes]:
@@ -319,7 +322,8 @@ async def event_stream(request: Request, ctx: Ctx, p: Actor,
     try:
         if after is None:
             after = (await nc.jetstream().stream_info(sj.EVENTS_STREAM)).state.last_seq if live else 0
-        client = StreamClient(nc, ctx.store, ctx.org, hub.grids, area=area, after=after, queue_max=QUEUE_MAX)
+        client = StreamClient(nc, ctx.store, ctx.org, hub.grids, area=area, after=after, queue_max=QUEUE_MAX,
+                              revoked=lambda: ctx.verifier.is_revoked(p))
         await client.start(subjects)
     except Exception as exc:
         raise Unavailable(f"could not open the event stream: {exc!r}") from exc

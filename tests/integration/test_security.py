@@ -255,3 +255,21 @@ async def test_webhook_changes_are_audit_log_lines_naming_the_caller(h: NeedleHa
     lines = [(e["event"], e["actor"], e["webhook"]) for e in logs if e.get("webhook") == hook]
     assert lines == [("webhook registered", who, hook), ("webhook dead letters replayed", who, hook),
                      ("webhook deleted", who, hook)], logs
+
+
+async def test_an_open_event_stream_ends_when_its_token_is_revoked(h: NeedleHandle,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.intake import events_api
+
+    monkeypatch.setattr(events_api, "_IDLE_CHECK_S", 0.2)  # an idle stream looks at its token this often
+    t = token(h, role="integrator", scope="")
+    jti = auth.TokenVerifier(auth.load_or_create_key(h.stack.settings.data_dir)).verify(t).token_id
+    async with asyncio.timeout(20), h.client.stream("GET", "/v1/events/stream", params={"live": "true"},
+                                                    headers=bearer(t)) as r:
+        assert r.status_code == 200
+        await revoke(h, jti)
+        t0 = time.monotonic()
+        async for _ in r.aiter_bytes():  # pings or events until the server ends the stream
+            pass
+        assert time.monotonic() - t0 < 10
+    assert (await h.client.get("/v1/events/stream", headers=bearer(t))).status_code == 401
