@@ -368,3 +368,16 @@ async def test_the_audit_view_shows_each_writer(stack: tuple[NeedleHandle, World
                             lambda b: any(i.get("seq") == int(r.headers["Needle-Seq"]) for i in b["items"]))
     row = next(i for i in body["items"] if i["seq"] == int(r.headers["Needle-Seq"]))
     assert (row["type"], row["actor"]) == ("issue_urged", w.subjects["sup_street"]), row
+
+
+async def test_by_default_no_origin_is_allowed_and_the_dashboard_keeps_its_own_csp(
+        stack: tuple[NeedleHandle, World]) -> None:
+    h, _ = stack  # this stack runs the default settings (CORS with NEEDLE_CORS_ORIGINS: test_security.py)
+    r = await h.client.options("/v1/issues", headers={"Origin": "https://ops.example.org",
+                                                      "Access-Control-Request-Method": "GET"})
+    assert r.status_code == 400 and "access-control-allow-origin" not in r.headers
+    page = await h.client.get("/dashboard")
+    assert page.status_code == 200
+    csp = page.headers.get_list("content-security-policy")
+    assert len(csp) == 1 and "script-src 'self'" in csp[0] and "'unsafe-inline'" not in csp[0]
+    assert page.headers["x-frame-options"] == "DENY"
