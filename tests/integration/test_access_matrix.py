@@ -139,6 +139,8 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("DELETE", "/v1/webhooks/{hook_id}"): Case(only("integrator", "admin"), fresh_hook=True),
     ("GET", "/v1/webhooks/{hook_id}/dead-letters"): Case(only("integrator", "admin")),
     ("POST", "/v1/webhooks/{hook_id}/dead-letters/replay"): Case(only("integrator", "admin")),
+    # residents' personal data: only an admin forgets a resident (an unknown one: 204, nothing recorded)
+    ("DELETE", "/v1/residents/{resident_id}"): Case(only("admin")),
     # Open311: public reads; submissions with an api_key of a grid worker (its own grid), integrator or admin,
     # refused in the GeoReport form (403, also for a missing or bad key)
     ("GET", "/open311/v2/discovery.{fmt}"): Case(public()),
@@ -264,7 +266,7 @@ def fill(method: str, path: str, w: World) -> str:
     issue_id, task_id = w.own.get((method, path), (w.issue, w.lead_task))
     values = {"issue_id": issue_id, "task_id": task_id, "cid": w.cid, "hook_id": w.hook,
               "ce_type": "needle.issue.reported.v1", "fmt": "json", "name": "road_damage.json",
-              "rest": "v3/whatever"}
+              "rest": "v3/whatever", "resident_id": "res_matrix"}
     if path.startswith("/open311/v2/requests/") or path.startswith("/open311/v2/tokens/"):
         values["name"] = f"{w.issue}.json"
     if path.startswith("/dashboard/static/"):
