@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     # browser origins allowed to call the API (CORS), comma-separated or a JSON list; none by default
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
+    # /healthz turns 503 when the router or the projections are more than this many messages or seconds behind
+    health_max_lag: int = 10_000
+    health_max_lag_s: float = 120.0
+    lag_sample_s: float = 1.0  # how often the HTTP process reads the consumers' lag from JetStream
+    metrics_token: str | None = None  # when set, GET /metrics needs "Authorization: Bearer <token>"
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, v: object) -> object:

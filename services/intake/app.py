@@ -9,6 +9,7 @@ from services.open311.api import router as open311_router
 from . import campaigns_api, events_api, issues_api, problems, residents_api, tasks_api
 from .context import AppContext
 from .issues_api import json_response
+from .observability import LagMonitor, Metrics, TraceAndMeasure, metrics_router
 
 CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match", "Needle-Min-Seq",
                         "Last-Event-ID", "Accept", "Accept-Language"]
@@ -31,15 +32,27 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     app.include_router(open311_router)  # answers errors in the GeoReport form, declared in its own routes
     for r in extra_routers:  # read models, dashboard, webhooks: problem+json errors too
         app.include_router(r, responses=problems.RESPONSES)  # type: ignore[arg-type]
+    monitor: LagMonitor | None = ctx.extras.get("lag")
+    metrics = Metrics(monitor, ctx.extras.get("pool"))
+    app.state.metrics = metrics
+    app.include_router(metrics_router(metrics, ctx.settings, ctx.extras.get("nc")), responses=problems.RESPONSES)
 
     @app.get("/healthz", tags=["ops"],
              responses={503: {"description": "degraded: the same body, naming what is down",
                               "content": {"application/json": {}}}})
     async def healthz() -> Response:
-        """200 when NATS, Postgres and every worker are up; 503 naming what is down otherwise."""
+        """200 when NATS, Postgres and every worker are up and no consumer is further behind than
+        NEEDLE_HEALTH_MAX_LAG messages / NEEDLE_HEALTH_MAX_LAG_S seconds; 503 naming what is down
+        (``lag:<consumer>`` for one too far behind) otherwise. ``lag`` gives each consumer's backlog."""
         down = sorted(k for k, ok in ctx.health.items() if not ok)
-        body = {"status": "ok" if not down else "degraded", "components": ctx.health, "down": down,
-                "rulebook_version": ctx.rulebook.version}
+        body: dict[str, object] = {"status": "ok", "components": ctx.health, "down": down,
+                                   "rulebook_version": ctx.rulebook.version}
+        if monitor is not None:
+            down += [f"lag:{name}" for name in monitor.behind()]
+            body["lag"] = {name: lg.as_dict() for name, lg in sorted(monitor.lags.items()) if lg.present}
+            body["lag_limits"] = {"messages": ctx.settings.health_max_lag, "seconds": ctx.settings.health_max_lag_s}
+        if down:
+            body["status"] = "degraded"
         return json_response(body, 200 if not down else 503)
 
     # browsers of the listed origins only (NEEDLE_CORS_ORIGINS, none by default); bearer tokens, no cookies
@@ -48,4 +61,5 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
                        expose_headers=CORS_RESPONSE_HEADERS, max_age=600)
     app.add_middleware(problems.BodyLimit, limit=ctx.settings.max_body_bytes)
     app.add_middleware(problems.SecurityHeaders)
+    app.add_middleware(TraceAndMeasure, metrics=metrics)  # outermost: sees every request and its route
     return app

@@ -185,9 +185,12 @@ class ProjectionWorker(Progress):
             if not m.subject.startswith(f"{sj.EVENTS_ROOT}.issue."):
                 continue
             try:
-                envs.append(decode(m.data, m.metadata.sequence.stream))
+                env = decode(m.data, m.metadata.sequence.stream)
             except (UnknownEventType, ValueError) as exc:  # written by a newer needle: skip, loudly
                 log.error("event skipped by projections", subject=m.subject, error=str(exc))
+                continue
+            envs.append(env)
+            log.debug("projecting", issue=env.subject, trace_id=env.correlationid, seq=env.seq, type=env.type)
         last = msgs[-1].metadata.sequence.stream
         delay = 0.2
         while True:  # hold the batch until it is committed: never ack, never move on without it

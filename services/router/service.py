@@ -30,7 +30,7 @@ from shared.domain.errors import ConcurrencyConflict, DomainError
 from shared.domain.ids import issue_of_task
 from shared.domain.issue import IssueState, evolve, initial_state
 from shared.events import subjects as sj
-from shared.events.codec import UnknownEventType, decode
+from shared.events.codec import Envelope, UnknownEventType, decode
 from shared.events.models import IssueReported, TaskDispatched
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
 
@@ -97,11 +97,15 @@ class Router:
             assert isinstance(env.data, TaskDispatched)
             d = env.data
             at = min(d.acknowledge_warn, d.resolve_warn, d.acknowledge_due, d.resolve_due)
-            await self.schedule(d.task_id, at)
+            await self.schedule(d.task_id, at, env.correlationid)
             return
         if name not in REACTS_TO:
             return
         env = decode(msg.data, seq)
+        with structlog.contextvars.bound_contextvars(trace_id=env.correlationid, issue=issue_id):
+            await self._react(issue_id, name, env, seq)
+
+    async def _react(self, issue_id: str, name: str, env: Envelope, seq: int) -> None:
         for _ in range(5):
             state, _ = await load_state(self.store, issue_id)
             now = utcnow()
@@ -111,19 +115,23 @@ class Router:
             try:
                 res = await self.store.append(issue_id, events, expected_last_seq=state.last_seq,
                                               version=state.version, now=now, actor="router",
-                                              msg_id=f"route:{issue_id}:{seq}", causation=env.id, source=SOURCE)
+                                              msg_id=f"route:{issue_id}:{seq}", causation=env.id, source=SOURCE,
+                                              correlation=env.correlationid)
                 self.states.put(_after(state, res.envelopes))
-                log.debug("reacted", issue=issue_id, cue=name, seq=seq, events=[e.name for e in events])
+                log.info("reacted", cue=name, seq=seq, events=[e.name for e in events])
                 return
             except ConcurrencyConflict:
                 continue
         raise ConcurrencyConflict(f"issue {issue_id}: could not react to seq {seq}")
 
     # -- timers ------------------------------------------------------------------------------------------------
-    async def schedule(self, task_id: str, at: datetime) -> None:
+    async def schedule(self, task_id: str, at: datetime, trace: str | None = None) -> None:
         fire = datetime.fromtimestamp(math.floor((at - EARLY).timestamp()), UTC)
+        body: dict[str, str] = {"task": task_id, "at": at.isoformat()}
+        if trace:  # the trace id of the flow that dispatched the task: the SLA events carry it too
+            body["trace"] = trace
         await self.js.publish(
-            sj.timer_schedule(task_id), orjson.dumps({"task": task_id, "at": at.isoformat()}),
+            sj.timer_schedule(task_id), orjson.dumps(body),
             headers={"Nats-Schedule": f"@at {fire.strftime('%Y-%m-%dT%H:%M:%SZ')}",
                      "Nats-Schedule-Target": sj.timer_fired(task_id)})
 
@@ -139,7 +147,12 @@ class Router:
     async def handle_timer(self, msg: Msg) -> None:
         body = orjson.loads(msg.data)
         task_id: str = body["task"]
+        trace: str | None = body.get("trace")
         issue_id = issue_of_task(task_id)
+        with structlog.contextvars.bound_contextvars(trace_id=trace, issue=issue_id):
+            await self._on_timer(issue_id, task_id, trace)
+
+    async def _on_timer(self, issue_id: str, task_id: str, trace: str | None) -> None:
         for attempt in range(5):
             cached = self.states.get(issue_id) if attempt == 0 else None
             if cached is not None and any(t.id == task_id for t in cached.tasks):
@@ -151,20 +164,21 @@ class Router:
             if events:
                 try:
                     res = await self.store.append(issue_id, events, expected_last_seq=state.last_seq,
-                                                  version=state.version, now=now, actor="router", source=SOURCE)
+                                                  version=state.version, now=now, actor="router", source=SOURCE,
+                                                  correlation=trace)
                 except ConcurrencyConflict:
                     self.states.drop(issue_id)
                     continue
                 for e in res.envelopes:
                     state = evolve(state, e.data, e.seq)
                 self.states.put(state)
-                log.info("sla", issue=issue_id, task=task_id, events=[e.name for e in events])
+                log.info("sla", task=task_id, events=[e.name for e in events])
             try:
                 nxt = next_edge(state.task(task_id))
             except DomainError:
                 nxt = None
             if nxt is not None:
-                await self.schedule(task_id, nxt[0])
+                await self.schedule(task_id, nxt[0], trace)
             return
 
     # -- consumer loops ----------------------------------------------------------------------------------------
@@ -267,7 +281,7 @@ class Router:
                 events = react(state, env.data, seq, self.rules, utcnow())
                 states[issue_id] = state
                 req = AppendRequest(issue_id, tuple(events), state.last_seq, state.version, "router",
-                                    causation=env.id) if events else None
+                                    causation=env.id, correlation=env.correlationid) if events else None
                 return issue_id, msg, req
             except Exception:
                 return None  # the one-message path will handle (and report) it
@@ -289,6 +303,8 @@ class Router:
             else:
                 for (_, _, req), res in zip(chunk, results, strict=True):
                     self.states.put(_after(states[req.issue_id], res.envelopes))
+                    log.info("reacted", issue=req.issue_id, trace_id=req.correlation, cause=req.causation,
+                             seq=res.envelopes[0].seq, events=[e.name for e in req.events])
                 await asyncio.gather(*(m.ack() for _, m, _ in chunk))
                 done.update(i for i, _, _ in chunk)
                 self.processed += len(chunk)

@@ -38,6 +38,7 @@ class Envelope:
     actor: str | None = None
     causationid: str | None = None
     seq: int = 0  # stream sequence, 0 until stored
+    correlationid: str | None = None  # the trace id of the request whose flow it belongs to (shared/tracing.py)
 
     @property
     def type(self) -> str:
@@ -59,6 +60,8 @@ class Envelope:
             ce["actor"] = self.actor
         if self.causationid:
             ce["causationid"] = self.causationid
+        if self.correlationid:
+            ce["correlationid"] = self.correlationid
         if self.seq:
             ce["sequence"] = self.seq
         return ce
@@ -93,4 +96,5 @@ def decode(raw: bytes, seq: int = 0) -> Envelope:
         actor=ce.get("actor"),
         causationid=ce.get("causationid"),
         seq=seq,
+        correlationid=ce.get("correlationid"),
     )

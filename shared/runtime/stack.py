@@ -140,9 +140,14 @@ class Stack:
     def build_app(self) -> Any:
         from services.intake.app import create_app
         from services.intake.context import AppContext
+        from services.intake.observability import LagMonitor
 
         key = auth.load_or_create_key(self.settings.data_dir)
-        assert self.store is not None
+        assert self.store is not None and self.nc is not None
+        if "lag" not in self.extras:  # read from JetStream and the checkpoint: see observability.py
+            monitor = LagMonitor(self.nc, self.extras.get("projection"), self.settings)
+            self.extras["lag"] = monitor
+            self.tasks.append(asyncio.create_task(monitor.run(), name="lag-monitor"))
         ctx = AppContext(settings=self.settings, org=self.org, rulebook=self.rulebook, store=self.store,
                          verifier=auth.TokenVerifier(key, revocations=self.revocations), residents=self.residents,
                          health=self.health, extras=self.extras, limiter=AppContext.limiter_for(self.settings))

@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 
+from shared import tracing
 from shared.domain.errors import ConcurrencyConflict, Unavailable
 from shared.events import subjects as sj
 from shared.events.codec import Envelope, decode, encode
@@ -55,6 +56,7 @@ class AppendRequest:
     actor: str | None = None
     msg_id: str | None = None
     causation: str | None = None
+    correlation: str | None = None  # trace id; None: the current request's (shared/tracing.py)
 
     def occ_headers(self) -> dict[str, str]:
         h = {"Nats-Expected-Last-Subject-Sequence": str(self.expected_last_seq),
@@ -65,12 +67,13 @@ class AppendRequest:
 
     def envelopes(self, now: datetime, source: str) -> list[Envelope]:
         return make_envelopes(self.issue_id, list(self.events), version=self.version, now=now, actor=self.actor,
-                              causation=self.causation, source=source)
+                              causation=self.causation, source=source,
+                              correlation=self.correlation or tracing.current.get())
 
 
 def _stored(env: Envelope, seq: int) -> Envelope:
     return Envelope(id=env.id, source=env.source, subject=env.subject, time=env.time, data=env.data,
-                    actor=env.actor, causationid=env.causationid, seq=seq)
+                    actor=env.actor, causationid=env.causationid, seq=seq, correlationid=env.correlationid)
 
 
 class EventStore(Protocol):
@@ -78,15 +81,16 @@ class EventStore(Protocol):
 
     async def append(self, issue_id: str, events: list[Event], *, expected_last_seq: int, version: int,
                      now: datetime, actor: str | None = None, msg_id: str | None = None,
-                     causation: str | None = None, source: str = "needle") -> Appended: ...
+                     causation: str | None = None, source: str = "needle",
+                     correlation: str | None = None) -> Appended: ...
 
 
 def make_envelopes(issue_id: str, events: list[Event], *, version: int, now: datetime, actor: str | None,
-                   causation: str | None, source: str) -> list[Envelope]:
+                   causation: str | None, source: str, correlation: str | None = None) -> list[Envelope]:
     """CloudEvent ids are ``<issue>.<n>``: the n-th event of the issue, unique because of OCC."""
     return [
         Envelope(id=f"{issue_id}.{version + i + 1}", source=source, subject=issue_id, time=now, data=e,
-                 actor=actor, causationid=causation)
+                 actor=actor, causationid=causation, correlationid=correlation)
         for i, e in enumerate(events)
     ]
 
@@ -137,10 +141,12 @@ class JetStreamEventStore:
     # -- writing -------------------------------------------------------------------------------
     async def append(self, issue_id: str, events: list[Event], *, expected_last_seq: int, version: int,
                      now: datetime, actor: str | None = None, msg_id: str | None = None,
-                     causation: str | None = None, source: str = "needle") -> Appended:
+                     causation: str | None = None, source: str = "needle",
+                     correlation: str | None = None) -> Appended:
         if not events:
             raise ValueError("nothing to append")
-        req = AppendRequest(issue_id, tuple(events), expected_last_seq, version, actor, msg_id, causation)
+        req = AppendRequest(issue_id, tuple(events), expected_last_seq, version, actor, msg_id, causation,
+                            correlation)
         if len(events) == 1:
             env = req.envelopes(now, source)[0]
             ack = await self._request(sj.issue_event(issue_id, events[0].name), encode(env), req.occ_headers())
