@@ -406,6 +406,12 @@ def bench(ctx: typer.Context) -> None:
     bench_main(list(ctx.args))
 
 
+from shared import cli_ops  # noqa: E402  (its commands use the helpers above)
+
+app.command()(cli_ops.backup)
+app.command()(cli_ops.restore)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

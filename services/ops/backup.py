@@ -1,0 +1,138 @@
+"""``needle backup`` / ``needle restore``: every stream needle owns, snapshotted through JetStream's API
+into a directory with a manifest, and restored into an empty needle, whose read models are then
+rebuilt from the restored events.
+
+Layout of a backup directory::
+
+    backup.json             manifest: format, when, and per stream its config, state (first/last
+                            sequence, message count, bytes), file name, size and sha256
+    NEEDLE_EVENTS.tar.s2    the server's snapshot of each stream (with its consumers)
+    NEEDLE_TIMERS.tar.s2    pending SLA timers (message schedules) and the router's timer consumer
+    KV_NEEDLE_WEBHOOKS.tar.s2, KV_NEEDLE_WEBHOOK_DLQ.tar.s2   webhook registrations, dead letters
+
+Postgres is not in it: the read models are derived and are rebuilt on restore. Secrets (the token key,
+NATS passwords) are not in it either: tokens of the old needle are not accepted by a new data dir."""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+
+from shared.events import subjects as sj
+from shared.store import snapshots as snap
+
+FORMAT = "needle-backup/1"
+MANIFEST = "backup.json"
+STATE_KEYS = ("messages", "bytes", "first_seq", "last_seq", "num_subjects", "consumer_count")
+# the source of truth first: a failure later leaves the most important stream restored
+ORDER = (sj.EVENTS_STREAM, sj.TIMERS_STREAM)
+Announce = Callable[[str, int], Callable[[int], None]]  # (stream, total bytes) -> progress(bytes done)
+
+
+class BackupError(RuntimeError):
+    pass
+
+
+def owned(name: str) -> bool:
+    """The streams needle owns: NEEDLE_* and the KV buckets NEEDLE_* (KV_NEEDLE_*)."""
+    return name.startswith("NEEDLE_") or name.startswith("KV_NEEDLE_")
+
+
+def _ordered(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+async def backup(nc: NATS, target: Path, *, announce: Announce | None = None, consumers: bool = True
+                 ) -> dict[str, Any]:
+    """Snapshot every stream needle owns into ``target`` (created; must hold no backup yet)."""
+    if (target / MANIFEST).exists():
+        raise BackupError(f"{target} already holds a backup ({MANIFEST}); choose an empty directory")
+    target.mkdir(parents=True, exist_ok=True)
+    names = _ordered([n for n in await snap.stream_names(nc) if owned(n)])
+    if sj.EVENTS_STREAM not in names:
+        raise BackupError(f"no {sj.EVENTS_STREAM} stream on this server: nothing to back up")
+    entries = []
+    for name in names:
+        info = await snap.stream_info(nc, name)
+        total = int((info or {}).get("state", {}).get("bytes", 0))
+        tick = announce(name, total) if announce else None
+        path = target / f"{name}.tar.s2"
+        with open(path, "wb") as out:
+            s = await snap.snapshot(nc, name, out, consumers=consumers, progress=tick)
+        entries.append({"name": name, "file": path.name, "size": s.bytes, "sha256": s.sha256, "config": s.config,
+                        "state": {k: s.state.get(k) for k in STATE_KEYS if k in s.state}})
+    manifest = {"format": FORMAT, "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+                "consumers": consumers, "streams": entries}
+    (target / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    return manifest
+
+
+def read_manifest(source: Path) -> dict[str, Any]:
+    """The manifest of a backup directory, with every file checked against its size and sha256."""
+    path = source / MANIFEST
+    if not path.exists():
+        raise BackupError(f"{source} is not a needle backup (no {MANIFEST})")
+    manifest: dict[str, Any] = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise BackupError(f"{path}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
+    for entry in manifest["streams"]:
+        file = source / entry["file"]
+        if not file.exists():
+            raise BackupError(f"{file} is missing")
+        if file.stat().st_size != entry["size"] or _sha256(file) != entry["sha256"]:
+            raise BackupError(f"{file} does not match its sha256 in {MANIFEST}: the backup is damaged")
+    return manifest
+
+
+async def restore(nc: NATS, source: Path, *, force: bool = False, announce: Announce | None = None
+                  ) -> dict[str, Any]:
+    """Restore every stream of the backup in ``source``. Refuses when one of them exists, unless
+    ``force`` (then the existing stream is deleted first). Returns the manifest."""
+    manifest = read_manifest(source)
+    existing = set(await snap.stream_names(nc))
+    clash = [e["name"] for e in manifest["streams"] if e["name"] in existing]
+    if clash and not force:
+        raise BackupError(f"refusing to overwrite existing streams {', '.join(clash)} (restore into an empty "
+                          "needle, or pass --force to delete them first)")
+    for entry in manifest["streams"]:
+        name = entry["name"]
+        if name in existing:
+            await snap.delete_stream(nc, name)
+        tick = announce(name, int(entry["size"])) if announce else None
+        with open(source / entry["file"], "rb") as src:
+            info = await snap.restore(nc, entry["config"], entry["state"], src, progress=tick)
+        got = info.get("state", {})
+        keys = ("messages", "first_seq", "last_seq") if entry["state"].get("messages") else ("messages", "last_seq")
+        for key in keys:  # (an empty stream's first_seq is 0 or 1 depending on who asks)
+            if key in entry["state"] and got.get(key) != entry["state"][key]:
+                raise BackupError(f"restored {name} has {key} {got.get(key)}, the backup says {entry['state'][key]}")
+    return manifest
+
+
+async def rebuild_read_models(nc: NATS, database_url: str, org: Any, tz: Any,
+                              progress: Callable[[int, int, float], None] | None = None) -> dict[str, float]:
+    """Bring the read-model schema up to date and rebuild it from the (restored) stream."""
+    from services.projections.migrate import upgrade
+    from services.projections.rebuild import rebuild
+    from services.projections.service import open_pool
+    from services.projections.worker import ProjectionWriter
+
+    await upgrade(database_url)
+    pool = await open_pool(database_url)
+    try:
+        return await rebuild(pool, nc.jetstream(), ProjectionWriter(org, tz), progress)
+    finally:
+        await pool.close()

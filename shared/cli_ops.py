@@ -1,0 +1,167 @@
+"""``needle backup`` and ``needle restore`` (registered on the ``needle`` app in cli.py)."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from shared.settings import Settings
+
+# the same option as cli.py's (shared.cli is imported lazily: `python -m shared.cli` runs it as __main__,
+# and a module-level import from here would load a second, half-initialised copy)
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data directory (default: per-user data dir)")]
+
+
+def _running(settings: Settings) -> dict[str, str] | None:
+    """The servers of a live ``needle up`` on the data dir (or NEEDLE_NATS_URL), None when there is none."""
+    import json
+
+    from shared.cli import RUNTIME_FILE, attach
+
+    if settings.nats_url:
+        return attach(settings)
+    path = settings.data_dir / RUNTIME_FILE
+    if not path.exists():
+        return None
+    info: dict[str, str] = json.loads(path.read_text())
+    try:
+        os.kill(int(info.get("pid", 0)), 0)
+    except (ProcessLookupError, ValueError, PermissionError):
+        return None  # left behind by a needle up that was killed
+    return attach(settings)
+
+
+@contextlib.contextmanager
+def _servers(settings: Settings, *, database: bool) -> Iterator[dict[str, str]]:
+    """URLs of the needle on the data dir: the running one, or embedded servers started on the data
+    dir just for this command (stopped when it ends)."""
+    from shared.runtime.embedded import EmbeddedNats, EmbeddedPostgres
+
+    info = _running(settings)
+    if info is not None:
+        yield info
+        return
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    started: list[EmbeddedNats | EmbeddedPostgres] = []
+    try:
+        n = EmbeddedNats(settings.data_dir, sync_always=settings.sync_always)
+        n.start()
+        started.append(n)
+        urls = {"nats_url": n.url}
+        if database:
+            if settings.database_url:
+                urls["database_url"] = settings.database_url
+            else:
+                pg = EmbeddedPostgres(settings.data_dir)
+                pg.start()
+                started.append(pg)
+                urls["database_url"] = pg.url
+        yield urls
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+def _bytes_bar() -> Any:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    return Progress(TextColumn("{task.description:<28}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+
+
+def backup(target: Annotated[Path, typer.Argument(help="directory to write the backup to (empty or new)")],
+           data_dir: DataDir = None,
+           no_consumers: Annotated[bool, typer.Option("--no-consumers", help="leave the consumers out")] = False,
+           ) -> None:
+    """Snapshot every stream needle owns (events, timers, webhook buckets) into TARGET with a manifest
+    (configs, states, sha256). Works against a running `needle up` or on a stopped data dir."""
+    import nats
+
+    from services.ops.backup import BackupError
+    from services.ops.backup import backup as do_backup
+    from shared.cli import _fail, _settings
+
+    settings = _settings(data_dir)
+    if _running(settings) is None and not (settings.data_dir / "nats").exists():
+        raise _fail(f"no needle data in {settings.data_dir}")
+
+    async def go(url: str) -> dict[str, Any]:
+        nc = await nats.connect(url)
+        try:
+            with _bytes_bar() as bar:
+                def announce(name: str, total: int) -> Any:
+                    task = bar.add_task(name, total=max(total, 1))
+                    return lambda n: bar.advance(task, n)
+
+                return await do_backup(nc, target, announce=announce, consumers=not no_consumers)
+        finally:
+            await nc.close()
+
+    try:
+        with _servers(settings, database=False) as info:
+            manifest = asyncio.run(go(info["nats_url"]))
+    except BackupError as exc:
+        raise _fail(str(exc)) from None
+    for e in manifest["streams"]:
+        st = e["state"]
+        typer.echo(f"{e['name']}: {st.get('messages', 0):,} messages, sequences {st.get('first_seq')}.."
+                   f"{st.get('last_seq')}, {e['size']:,} bytes")
+    typer.echo(f"backup written to {target}")
+
+
+def restore(source: Annotated[Path, typer.Argument(help="a directory written by `needle backup`")],
+            data_dir: DataDir = None,
+            force: Annotated[bool, typer.Option("--force", help="delete existing streams first")] = False,
+            org: Annotated[Path | None, typer.Option(help="org tree YAML for the read models")] = None,
+            rules: Annotated[Path | None, typer.Option(help="rulebook YAML (its time zone)")] = None) -> None:
+    """Restore a backup into an empty needle (refuses existing streams unless --force), then rebuild
+    the read models from the restored events. Meant for a stopped needle: start `needle up` after."""
+    import nats
+
+    from services.ops.backup import BackupError, read_manifest, rebuild_read_models
+    from services.ops.backup import restore as do_restore
+    from shared.cli import _fail, _settings
+    from shared.config import ConfigError, load_org, load_rulebook
+
+    settings = _settings(data_dir, org=org, rules=rules)
+    try:
+        read_manifest(source)
+        org_tree, rb = load_org(settings.org), load_rulebook(settings.rules)
+    except (BackupError, ConfigError) as exc:
+        raise _fail(str(exc)) from None
+
+    async def go(info: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
+        nc = await nats.connect(info["nats_url"])
+        try:
+            with _bytes_bar() as bar:
+                def announce(name: str, total: int) -> Any:
+                    task = bar.add_task(name, total=max(total, 1))
+                    return lambda n: bar.advance(task, n)
+
+                manifest = await do_restore(nc, source, force=force, announce=announce)
+                task = bar.add_task("read models (events)", total=1)
+
+                def rebuilt(done: int, target: int, rate: float) -> None:
+                    bar.update(task, completed=done, total=max(target, 1))
+
+                figures = await rebuild_read_models(nc, info["database_url"], org_tree, rb.tz, rebuilt)
+            return manifest, figures
+        finally:
+            await nc.close()
+
+    try:
+        with _servers(settings, database=True) as info:
+            if not info.get("database_url"):
+                raise _fail("no database URL for the running needle (set NEEDLE_DATABASE_URL)")
+            manifest, figures = asyncio.run(go(info))
+    except BackupError as exc:
+        raise _fail(str(exc)) from None
+    for e in manifest["streams"]:
+        st = e["state"]
+        typer.echo(f"{e['name']}: {st.get('messages', 0):,} messages, sequences {st.get('first_seq')}.."
+                   f"{st.get('last_seq')}")
+    typer.echo(f"restored from {source}; read models rebuilt ({figures['events']:,.0f} events)")

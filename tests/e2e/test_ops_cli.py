@@ -1,0 +1,148 @@
+"""Operations from the command line against a real ``needle up`` process tree: JSON logs of the router
+child carry the request's trace id and the issue id; ``needle backup`` snapshots the running needle;
+``needle restore`` (slow) brings it back into a fresh data dir that `needle up` then serves."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from shared import auth
+from shared.runtime.processes import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+NEEDLE = Path(sys.executable).parent / "needle"
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("NEEDLE_")}
+    return {**e, "NEEDLE_LOG_JSON": "1", "NEEDLE_ORG": str(FIXTURES / "contract_org.yaml"),
+            "NEEDLE_RULES": str(FIXTURES / "contract_rules.yaml")}
+
+
+class Up:
+    def __init__(self, data: Path) -> None:
+        self.data, self.port = data, free_port()
+        data.mkdir(parents=True, exist_ok=True)
+        self.out = open(data.parent / f"{data.name}-up.out", "wb")
+        self.proc = subprocess.Popen([str(NEEDLE), "up", "--data-dir", str(data), "--port", str(self.port)],
+                                     stdout=self.out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env())
+        deadline = time.monotonic() + 90
+        while b"needle ready" not in Path(self.out.name).read_bytes():
+            assert self.proc.poll() is None, Path(self.out.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, "needle up not ready"
+            time.sleep(0.1)
+        self.client = httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=15)
+
+    def token(self, role: str, scope: str = "") -> dict[str, str]:
+        key = auth.load_or_create_key(self.data)
+        return {"Authorization": f"Bearer {auth.issue_token(key, role=role, scope=scope)}"}
+
+    def stop(self) -> None:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.out.close()
+
+
+def needle(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(NEEDLE), *args], capture_output=True, text=True, env=env(), timeout=timeout)
+
+
+def wait(predicate: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        got = predicate()
+        if got or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A ``needle up`` with JSON logs and one report sent with a W3C traceparent."""
+    data = tmp_path_factory.mktemp("ops") / "data"
+    up = Up(data)
+    try:
+        r = up.client.post("/v1/issues", headers={**up.token("grid_worker", "area:wuxing-g1"),
+                                                  "traceparent": f"00-{TRACE}-b7ad6b7169203331-01"},
+                           json={"grid": "wuxing-g1", "category": "road_damage", "title": "trace me"})
+        assert r.status_code == 201, r.text
+        issue_id = r.json()["id"]
+        sup = up.token("supervisor", "area:city")
+        assert wait(lambda: up.client.get(f"/v1/issues/{issue_id}", headers=sup).json().get("status")
+                    == "dispatched")
+        yield {"up": up, "data": data, "issue": issue_id}
+    finally:
+        up.stop()
+
+
+def test_router_json_log_line_has_the_requests_trace_id_and_the_issue(running: dict[str, Any]) -> None:
+    log = running["data"] / "logs" / "router.log"
+
+    def line() -> dict[str, Any] | None:
+        for raw in log.read_text().splitlines() if log.exists() else []:
+            if raw.startswith("{"):
+                rec = json.loads(raw)
+                if rec.get("event") == "reacted" and rec.get("issue") == running["issue"]:
+                    return dict(rec)
+        return None
+
+    rec = wait(line, 15)
+    assert rec is not None, log.read_text()[-2000:]
+    assert rec["trace_id"] == TRACE and rec["level"] == "info"
+    assert "issue_routed" in rec["events"] and "timestamp" in rec
+
+
+def test_backup_of_a_running_needle_writes_streams_and_manifest(running: dict[str, Any], tmp_path: Path) -> None:
+    target = tmp_path / "bk"
+    r = needle("backup", str(target), "--data-dir", str(running["data"]))
+    assert r.returncode == 0, r.stderr
+    assert "NEEDLE_EVENTS:" in r.stdout and f"backup written to {target}" in r.stdout
+    manifest = json.loads((target / "backup.json").read_text())
+    ev = manifest["streams"][0]
+    assert ev["name"] == "NEEDLE_EVENTS" and ev["state"]["messages"] >= 4
+    assert (target / ev["file"]).stat().st_size == ev["size"]
+    again = needle("backup", str(target), "--data-dir", str(running["data"]))
+    assert again.returncode == 2 and "already holds a backup" in again.stderr
+
+
+@pytest.mark.slow
+def test_restore_cli_into_a_fresh_data_dir_serves_the_same_issues(running: dict[str, Any], tmp_path: Path) -> None:
+    up: Up = running["up"]
+    sup = up.token("supervisor", "area:city")
+    target = tmp_path / "bk"
+    assert needle("backup", str(target), "--data-dir", str(running["data"])).returncode == 0
+    before = up.client.get("/v1/issues?limit=100", headers=sup).json()
+
+    fresh = tmp_path / "fresh"
+    r = needle("restore", str(target), "--data-dir", str(fresh))
+    assert r.returncode == 0, r.stderr
+    assert "read models rebuilt" in r.stdout
+    again = needle("restore", str(target), "--data-dir", str(fresh))
+    assert again.returncode == 2 and "refusing to overwrite" in again.stderr
+
+    restored = Up(fresh)
+    try:
+        after = restored.client.get("/v1/issues?limit=100", headers=restored.token("supervisor", "area:city")).json()
+        assert after == before
+        evs = restored.client.get(f"/v1/issues/{running['issue']}/events", headers=restored.token("admin")).json()
+        assert [e["correlationid"] for e in evs] == [TRACE] * len(evs)
+    finally:
+        restored.stop()
