@@ -301,10 +301,10 @@ class Router:
             except (ConcurrencyConflict, DomainError) as exc:
                 log.debug("batched append refused; reacting one by one", error=str(exc), issues=len(chunk))
             else:
-                for (_, _, req), res in zip(chunk, results, strict=True):
+                for (_, m, req), res in zip(chunk, results, strict=True):
                     self.states.put(_after(states[req.issue_id], res.envelopes))
-                    log.info("reacted", issue=req.issue_id, trace_id=req.correlation, cause=req.causation,
-                             seq=res.envelopes[0].seq, events=[e.name for e in req.events])
+                    log.info("reacted", issue=req.issue_id, trace_id=req.correlation, cue=m.subject.rsplit(".", 1)[1],
+                             seq=m.metadata.sequence.stream, events=[e.name for e in req.events])
                 await asyncio.gather(*(m.ack() for _, m, _ in chunk))
                 done.update(i for i, _, _ in chunk)
                 self.processed += len(chunk)
