@@ -32,6 +32,7 @@ from shared.store.lag import Lag
 
 log = structlog.get_logger("needle.http")
 UNMATCHED = "<unmatched>"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class LagMonitor:
@@ -173,6 +174,8 @@ class TraceAndMeasure:
             route = scope.get("route")
             template = getattr(route, "path", None) or UNMATCHED
             method = scope.get("method", "")
+            if method not in METHODS:  # any token is a method to HTTP: keep the label set bounded
+                method = "OTHER"
             elapsed = time.perf_counter() - t0
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(elapsed)
