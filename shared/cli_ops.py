@@ -121,6 +121,7 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
     """Restore a backup into an empty needle (refuses existing streams unless --force), then rebuild
     the read models from the restored events. Meant for a stopped needle: start `needle up` after."""
     import nats
+    from rich.progress import BarColumn, Progress, TextColumn
 
     from services.ops.backup import BackupError, read_manifest, rebuild_read_models
     from services.ops.backup import restore as do_restore
@@ -143,7 +144,9 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
                     return lambda n: bar.advance(task, n)
 
                 manifest = await do_restore(nc, source, force=force, announce=announce)
-                task = bar.add_task("read models (events)", total=1)
+            with Progress(TextColumn("{task.description:<28}"), BarColumn(),
+                          TextColumn("{task.completed:,.0f}/{task.total:,.0f} messages")) as bar:
+                task = bar.add_task("read models", total=1)
 
                 def rebuilt(done: int, target: int, rate: float) -> None:
                     bar.update(task, completed=done, total=max(target, 1))
