@@ -180,7 +180,7 @@ class TraceAndMeasure:
             self.metrics.requests.labels(method, template, str(status)).inc()
             self.metrics.latency.labels(method, template).observe(elapsed)
             log.debug("request", method=method, route=template, status=status, ms=round(elapsed * 1000, 2),
-                      trace_id=trace_id)
+                      trace_id=trace_id, issue=scope.get("path_params", {}).get("issue_id"))
 
 
 def metrics_router(metrics: Metrics, settings: Settings, nc: NATS | None) -> APIRouter:

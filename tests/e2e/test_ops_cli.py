@@ -146,3 +146,9 @@ def test_restore_cli_into_a_fresh_data_dir_serves_the_same_issues(running: dict[
         assert [e["correlationid"] for e in evs] == [TRACE] * len(evs)
     finally:
         restored.stop()
+    # a stopped data dir is backed up through an embedded nats-server started for the command
+    r = needle("backup", str(tmp_path / "bk2"), "--data-dir", str(fresh))
+    assert r.returncode == 0, r.stderr
+    first = json.loads((target / "backup.json").read_text())["streams"][0]["state"]
+    second = json.loads((tmp_path / "bk2" / "backup.json").read_text())["streams"][0]["state"]
+    assert second["last_seq"] >= first["last_seq"] and second["first_seq"] == 1

@@ -108,7 +108,8 @@ async def _until(h: NeedleHandle, want: Callable[[int, dict[str, Any]], bool], t
 async def test_health_turns_red_while_projections_lag_and_green_when_they_catch_up(
         needle_factory: Callable[..., Any]) -> None:
     h: NeedleHandle = await needle_factory(health_max_lag=5, lag_sample_s=0.1)
-    status, body = await _until(h, lambda s, b: s == 200 and "projections" in b.get("lag", {}))
+    status, body = await _until(  # once caught up with the start (the rulebook event)
+        h, lambda s, b: s == 200 and b.get("lag", {}).get("projections", {}).get("messages") == 0)
     assert status == 200 and body["status"] == "ok", body
     assert body["lag"]["projections"]["messages"] == 0 and body["lag_limits"]["messages"] == 5
 
