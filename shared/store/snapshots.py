@@ -4,7 +4,8 @@ Snapshot (``$JS.API.STREAM.SNAPSHOT.<stream>``): the request names an inbox; the
 stream's config and state; then the server sends the snapshot (a tar, s2-compressed, of the stream's
 files and, unless ``no_consumers``, its consumers) to that inbox in chunks. Each chunk has a reply
 subject: answering it is the flow-control ack (the server keeps a window of chunks in flight and waits
-for acks beyond it). An empty message ends the snapshot; one with a ``Status`` header reports a failure.
+for acks beyond it). An empty message ends the snapshot (bare, or with status 204 on recent servers);
+another ``Status`` reports a failure.
 
 Restore (``$JS.API.STREAM.RESTORE.<stream>`` with the config and state): the answer names a subject;
 each chunk is sent there as a request and acknowledged by the server (an ``-ERR`` answer is a
@@ -24,6 +25,7 @@ from nats.aio.client import Client as NATS
 
 CHUNK = 128 * 1024
 STREAM_EXISTS_RESTORE = 10130
+EOF_STATUS = "204"  # nats-server 2.15 ends a snapshot with an empty "204" message (older ones: a bare one)
 Progress = Callable[[int], None]  # bytes just transferred
 
 
@@ -91,10 +93,11 @@ async def snapshot(nc: NATS, stream: str, out: BinaryIO, *, consumers: bool = Tr
                 msg = await sub.next_msg(timeout=idle_timeout)
             except Exception as exc:
                 raise SnapshotError(f"snapshot of {stream} stalled after {size} bytes") from exc
-            hdrs = msg.headers or {}
-            if hdrs.get("Status"):
-                raise SnapshotError(f"snapshot of {stream} failed: {hdrs['Status']} {hdrs.get('Description', '')}")
-            if not msg.data:  # end of the snapshot
+            status = (msg.headers or {}).get("Status")
+            if status and status != EOF_STATUS:
+                desc = (msg.headers or {}).get("Description", "")
+                raise SnapshotError(f"snapshot of {stream} failed: {status} {desc}")
+            if not msg.data:  # end of the snapshot: an empty message, bare or with status 204
                 break
             out.write(msg.data)
             digest.update(msg.data)
