@@ -1,14 +1,17 @@
-"""Operations from the command line against a real ``needle up`` process tree: JSON logs of the router
-child carry the request's trace id and the issue id; ``needle backup`` snapshots the running needle;
-``needle restore`` (slow) brings it back into a fresh data dir that `needle up` then serves."""
+"""Operations from the command line, as real processes: JSON logs of the router process carry the
+request's trace id and the issue id; ``needle backup`` snapshots a running needle; (slow) ``needle
+restore`` brings a ``needle up``'s backup into a fresh data dir that ``needle up`` then serves, and a
+stopped data dir is backed up through embedded servers started for the command."""
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from asyncio.subprocess import PIPE
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -74,9 +77,76 @@ def wait(predicate: Any, timeout: float = 30.0) -> Any:
         time.sleep(0.1)
 
 
+async def test_router_child_logs_the_requests_trace_id_and_backup_cli_snapshots_its_streams(
+        needle_factory: Any, nats_factory: Any, tmp_path: Path) -> None:
+    """``needle run router`` as its own process with JSON logs (as ``needle up`` runs it), the HTTP
+    intake in this process: the router's line for a report carries the request's trace id and the
+    issue id. Then ``needle backup`` attaches to the same NATS (NEEDLE_NATS_URL) and snapshots it."""
+    server = nats_factory()
+    h = await needle_factory(nats_url=server.url, services=("intake", "projections"))
+    log = tmp_path / "router.log"
+    with open(log, "wb") as out:
+        router = await asyncio.create_subprocess_exec(
+            str(NEEDLE), "run", "router", "--data-dir", str(tmp_path / "router"), stdout=out, stderr=out,
+            env={**env(), "NEEDLE_NATS_URL": server.url})
+    try:
+        for _ in range(600):
+            if b"needle ready" in log.read_bytes():
+                break
+            assert router.returncode is None, log.read_text()[-2000:]
+            await asyncio.sleep(0.05)
+        r = await h.client.post("/v1/issues", headers={**h.auth("grid_worker", "area:wuxing-g1"),
+                                                       "traceparent": f"00-{TRACE}-b7ad6b7169203331-01"},
+                                json={"grid": "wuxing-g1", "category": "road_damage", "title": "trace me"})
+        assert r.status_code == 201, r.text
+        issue_id = r.json()["id"]
+
+        def line() -> dict[str, Any] | None:
+            for raw in log.read_text().splitlines():
+                if raw.startswith("{"):
+                    rec = json.loads(raw)
+                    if rec.get("event") == "reacted" and rec.get("issue") == issue_id:
+                        return dict(rec)
+            return None
+
+        rec = None
+        for _ in range(300):
+            rec = line()
+            if rec:
+                break
+            await asyncio.sleep(0.05)
+        assert rec is not None, log.read_text()[-2000:]
+        assert rec["trace_id"] == TRACE and rec["level"] == "info" and rec["cue"] == "issue_reported"
+        assert "issue_routed" in rec["events"] and "timestamp" in rec
+
+        target = tmp_path / "bk"
+        cli = {**env(), "NEEDLE_NATS_URL": server.url}
+        proc = await asyncio.create_subprocess_exec(str(NEEDLE), "backup", str(target), "--data-dir",
+                                                    str(tmp_path / "cli"), env=cli, stdout=PIPE, stderr=PIPE)
+        stdout, stderr = await proc.communicate()
+        assert proc.returncode == 0, stderr.decode()
+        assert b"NEEDLE_EVENTS:" in stdout and f"backup written to {target}".encode() in stdout
+        manifest = json.loads((target / "backup.json").read_text())
+        ev = manifest["streams"][0]
+        assert ev["name"] == "NEEDLE_EVENTS" and ev["state"]["messages"] >= 4
+        assert (target / ev["file"]).stat().st_size == ev["size"]
+        again = await asyncio.create_subprocess_exec(str(NEEDLE), "backup", str(target), env=cli, stdout=PIPE,
+                                                     stderr=PIPE)
+        _, stderr = await again.communicate()
+        assert again.returncode == 2 and b"already holds a backup" in stderr
+    finally:
+        if router.returncode is None:
+            router.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(router.wait(), 20)
+            except TimeoutError:
+                router.kill()
+                await router.wait()
+
+
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """A ``needle up`` with JSON logs and one report sent with a W3C traceparent."""
+    """A ``needle up`` with JSON logs and one report sent with a W3C traceparent (slow tests only)."""
     data = tmp_path_factory.mktemp("ops") / "data"
     up = Up(data)
     try:
@@ -91,36 +161,6 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         yield {"up": up, "data": data, "issue": issue_id}
     finally:
         up.stop()
-
-
-def test_router_json_log_line_has_the_requests_trace_id_and_the_issue(running: dict[str, Any]) -> None:
-    log = running["data"] / "logs" / "router.log"
-
-    def line() -> dict[str, Any] | None:
-        for raw in log.read_text().splitlines() if log.exists() else []:
-            if raw.startswith("{"):
-                rec = json.loads(raw)
-                if rec.get("event") == "reacted" and rec.get("issue") == running["issue"]:
-                    return dict(rec)
-        return None
-
-    rec = wait(line, 15)
-    assert rec is not None, log.read_text()[-2000:]
-    assert rec["trace_id"] == TRACE and rec["level"] == "info"
-    assert "issue_routed" in rec["events"] and "timestamp" in rec
-
-
-def test_backup_of_a_running_needle_writes_streams_and_manifest(running: dict[str, Any], tmp_path: Path) -> None:
-    target = tmp_path / "bk"
-    r = needle("backup", str(target), "--data-dir", str(running["data"]))
-    assert r.returncode == 0, r.stderr
-    assert "NEEDLE_EVENTS:" in r.stdout and f"backup written to {target}" in r.stdout
-    manifest = json.loads((target / "backup.json").read_text())
-    ev = manifest["streams"][0]
-    assert ev["name"] == "NEEDLE_EVENTS" and ev["state"]["messages"] >= 4
-    assert (target / ev["file"]).stat().st_size == ev["size"]
-    again = needle("backup", str(target), "--data-dir", str(running["data"]))
-    assert again.returncode == 2 and "already holds a backup" in again.stderr
 
 
 @pytest.mark.slow
