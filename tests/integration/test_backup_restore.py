@@ -73,6 +73,8 @@ async def test_round_trip_keeps_events_views_and_timers(needle_factory: Callable
 
     assert a.stack.nc is not None
     manifest = await bk.backup(a.stack.nc, target, announce=announce)
+    with pytest.raises(bk.BackupError, match="already holds a backup"):
+        await bk.backup(a.stack.nc, target)
     await a.close()
     names = [s["name"] for s in manifest["streams"]]
     assert names[:2] == [sj.EVENTS_STREAM, sj.TIMERS_STREAM] and "KV_NEEDLE_WEBHOOKS" in names

@@ -53,7 +53,7 @@ async def test_trace_id_of_the_request_is_echoed_and_carried_by_every_event_of_t
     assert len(r.headers["x-request-id"]) == 32  # made up when none is given
 
 
-async def test_metrics_move_with_reports(needle: NeedleHandle) -> None:
+async def test_metrics_move_with_reports_and_want_the_token_when_one_is_set(needle: NeedleHandle) -> None:
     h = needle
     before = await scrape(h)
     ids = [await report(h, "road_damage") for _ in range(3)]
@@ -79,14 +79,16 @@ async def test_metrics_move_with_reports(needle: NeedleHandle) -> None:
         assert ("needle_consumer_lag_messages", (("consumer", consumer),)) in after
     assert value(after, "needle_sla_breaches_total") == 0
 
-
-async def test_metrics_token_when_configured(needle_factory: Callable[..., Any]) -> None:
-    h: NeedleHandle = await needle_factory(metrics_token="s3cret")
-    r = await h.client.get("/metrics")
-    assert r.status_code == 401 and r.headers["content-type"].startswith("application/problem+json")
-    assert (await h.client.get("/metrics", headers={"Authorization": "Bearer nope"})).status_code == 401
-    samples = await scrape(h, {"Authorization": "Bearer s3cret"})
-    assert ("needle_consumer_lag_messages", (("consumer", "router"),)) in samples
+    # with NEEDLE_METRICS_TOKEN set, /metrics wants it (problem+json 401 otherwise)
+    h.stack.settings.metrics_token = "s3cret"
+    try:
+        r = await h.client.get("/metrics")
+        assert r.status_code == 401 and r.headers["content-type"].startswith("application/problem+json")
+        assert (await h.client.get("/metrics", headers={"Authorization": "Bearer nope"})).status_code == 401
+        samples = await scrape(h, {"Authorization": "Bearer s3cret"})
+        assert ("needle_consumer_lag_messages", (("consumer", "router"),)) in samples
+    finally:
+        h.stack.settings.metrics_token = None
 
 
 async def _health(h: NeedleHandle) -> tuple[int, dict[str, Any]]:
