@@ -76,7 +76,9 @@ def _bytes_bar() -> Any:
 def backup(target: Annotated[Path, typer.Argument(help="directory to write the backup to (empty or new)")],
            data_dir: DataDir = None,
            no_consumers: Annotated[bool, typer.Option("--no-consumers", help="leave the consumers out")] = False,
-           ) -> None:
+           no_resident_keys: Annotated[bool, typer.Option(
+               "--no-resident-keys", help="leave the residents' data keys out (a restore cannot read residents)")
+           ] = False) -> None:
     """Snapshot every stream needle owns (events, timers, webhook buckets) into TARGET with a manifest
     (configs, states, sha256). Works against a running `needle up` or on a stopped data dir."""
     import nats
@@ -97,7 +99,8 @@ def backup(target: Annotated[Path, typer.Argument(help="directory to write the b
                     task = bar.add_task(name, total=max(total, 1))
                     return lambda n: bar.advance(task, n)
 
-                return await do_backup(nc, target, announce=announce, consumers=not no_consumers)
+                return await do_backup(nc, target, announce=announce, consumers=not no_consumers,
+                                       resident_keys=not no_resident_keys)
         finally:
             await nc.close()
 
@@ -167,4 +170,6 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
         st = e["state"]
         typer.echo(f"{e['name']}: {st.get('messages', 0):,} messages, sequences {st.get('first_seq')}.."
                    f"{st.get('last_seq')}")
+    if manifest.get("forgotten_again"):
+        typer.echo(f"{manifest['forgotten_again']} forgotten residents' keys destroyed again")
     typer.echo(f"restored from {source}; read models rebuilt ({figures['events']:,.0f} events)")

@@ -8,10 +8,15 @@ Layout of a backup directory::
                             sequence, message count, bytes), file name, size and sha256
     NEEDLE_EVENTS.tar.s2    the server's snapshot of each stream (with its consumers)
     NEEDLE_TIMERS.tar.s2    pending SLA timers (message schedules) and the router's timer consumer
+    KV_NEEDLE_RESIDENT_KEYS.tar.s2   residents' data keys (unless --no-resident-keys): without them the
+                            sealed personal data in the events cannot be read after a restore
     KV_NEEDLE_WEBHOOKS.tar.s2, KV_NEEDLE_WEBHOOK_DLQ.tar.s2   webhook registrations, dead letters
 
-Postgres is not in it: the read models are derived and are rebuilt on restore. Secrets (the token key,
-NATS passwords) are not in it either: tokens of the old needle are not accepted by a new data dir."""
+Postgres is not in it: the read models are derived and are rebuilt on restore. With the residents' keys
+in it, a backup is as sensitive as the keys, and a resident forgotten after it was taken comes back
+with a restore: keep backups no longer than erasure requests may wait, or back up without the keys.
+Secrets (the token key, NATS passwords) are not in it: tokens of the old needle are not accepted by a new
+data dir."""
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from nats.aio.client import Client as NATS
 
 from shared.events import subjects as sj
@@ -31,6 +37,7 @@ MANIFEST = "backup.json"
 STATE_KEYS = ("messages", "bytes", "first_seq", "last_seq", "num_subjects", "consumer_count")
 # the source of truth first: a failure later leaves the most important stream restored
 ORDER = (sj.EVENTS_STREAM, sj.TIMERS_STREAM)
+KEYS_STREAM = "KV_NEEDLE_RESIDENT_KEYS"  # residents' data keys (shared/privacy/keystore.py)
 Announce = Callable[[str, int], Callable[[int], None]]  # (stream, total bytes) -> progress(bytes done)
 
 
@@ -55,13 +62,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-async def backup(nc: NATS, target: Path, *, announce: Announce | None = None, consumers: bool = True
-                 ) -> dict[str, Any]:
-    """Snapshot every stream needle owns into ``target`` (created; must hold no backup yet)."""
+async def backup(nc: NATS, target: Path, *, announce: Announce | None = None, consumers: bool = True,
+                 resident_keys: bool = True) -> dict[str, Any]:
+    """Snapshot every stream needle owns into ``target`` (created; must hold no backup yet). Without
+    ``resident_keys`` the residents' data keys are left out: a restore then cannot read any resident's
+    sealed personal data (everyone is shredded), but the backup holds no personal data in clear reach."""
     if (target / MANIFEST).exists():
         raise BackupError(f"{target} already holds a backup ({MANIFEST}); choose an empty directory")
     target.mkdir(parents=True, exist_ok=True)
-    names = _ordered([n for n in await snap.stream_names(nc) if owned(n)])
+    names = _ordered([n for n in await snap.stream_names(nc) if owned(n) and (resident_keys or n != KEYS_STREAM)])
     if sj.EVENTS_STREAM not in names:
         raise BackupError(f"no {sj.EVENTS_STREAM} stream on this server: nothing to back up")
     entries = []
@@ -119,7 +128,31 @@ async def restore(nc: NATS, source: Path, *, force: bool = False, announce: Anno
         for key in keys:  # (an empty stream's first_seq is 0 or 1 depending on who asks)
             if key in entry["state"] and got.get(key) != entry["state"][key]:
                 raise BackupError(f"restored {name} has {key} {got.get(key)}, the backup says {entry['state'][key]}")
+    if any(e["name"] == KEYS_STREAM for e in manifest["streams"]):
+        manifest["forgotten_again"] = await reapply_forgets(nc)
     return manifest
+
+
+async def reapply_forgets(nc: NATS) -> int:
+    """Destroy every key of a resident whom the restored events say was forgotten. A forget appends
+    resident_forgotten first and destroys the key next, and the streams are cut one after the other:
+    a backup may hold both. A restored needle never holds a key its own events say is gone."""
+    from shared.privacy.keystore import ResidentKeys
+
+    resp = orjson.loads((await nc.request(f"$JS.API.STREAM.INFO.{sj.EVENTS_STREAM}", orjson.dumps(
+        {"subjects_filter": sj.resident_event("*", "resident_forgotten")}), timeout=10)).data)
+    ids = sorted({subject.split(".")[3] for subject in (resp.get("state", {}).get("subjects") or {})})
+    if not ids:
+        return 0
+    keys = ResidentKeys(nc)
+    await keys.start(watch=False)
+    destroyed = 0
+    for resident_id in ids:
+        _, key = await keys.find(resident_id)
+        if key is not None:
+            await keys.destroy(key)
+            destroyed += 1
+    return destroyed
 
 
 async def rebuild_read_models(nc: NATS, database_url: str, org: Any, tz: Any,

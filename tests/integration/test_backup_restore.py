@@ -159,3 +159,37 @@ async def test_a_snapshot_larger_than_the_flow_control_window_round_trips(nats_f
     finally:
         await nc.close()
         await nc2.close()
+
+
+async def test_restore_destroys_again_the_keys_of_residents_the_events_say_were_forgotten(
+        nats_factory: Any, tmp_path: Path) -> None:
+    """A forget records resident_forgotten, then destroys the key; a backup cut in between holds both.
+    The restored needle must not hold a key its own events say is gone. Without the keys (opt-out) the
+    backup holds no KV_NEEDLE_RESIDENT_KEYS at all."""
+    from shared.privacy.keystore import ResidentKeys
+    from shared.store.streams import ensure_streams
+
+    src, dst = nats_factory(), nats_factory()
+    nc, nc2 = await nats.connect(src.url), await nats.connect(dst.url)
+    try:
+        await ensure_streams(nc)
+        keys = ResidentKeys(nc)
+        await keys.start(watch=False)
+        kept, forgotten = await keys.key_for_id("res_kept"), await keys.key_for_id("res_gone")
+        await nc.request(sj.resident_event("res_gone", "resident_forgotten"), b"{}", timeout=5)  # key not yet destroyed
+
+        bare = await bk.backup(nc, tmp_path / "no-keys", resident_keys=False)
+        assert bk.KEYS_STREAM not in [s["name"] for s in bare["streams"]]
+        manifest = await bk.backup(nc, tmp_path / "bk")
+        assert bk.KEYS_STREAM in [s["name"] for s in manifest["streams"]]
+
+        restored = await bk.restore(nc2, tmp_path / "bk")
+        assert restored["forgotten_again"] == 1
+        after = ResidentKeys(nc2)
+        await after.start(watch=False)
+        assert (await after.find("res_gone"))[1] is None
+        got = (await after.find("res_kept"))[1]
+        assert got is not None and got.key == kept.key and forgotten.key != kept.key
+    finally:
+        await nc.close()
+        await nc2.close()
