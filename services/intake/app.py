@@ -12,8 +12,9 @@ from .issues_api import json_response
 from .observability import LagMonitor, Metrics, TraceAndMeasure, metrics_router
 
 CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match", "Needle-Min-Seq",
-                        "Last-Event-ID", "Accept", "Accept-Language"]
-CORS_RESPONSE_HEADERS = ["ETag", "Location", "Needle-Seq", "Retry-After", "Idempotent-Replayed"]
+                        "Last-Event-ID", "Accept", "Accept-Language", "traceparent", "X-Request-Id"]
+CORS_RESPONSE_HEADERS = ["ETag", "Location", "Needle-Seq", "Retry-After", "Idempotent-Replayed", "X-Request-Id",
+                         "traceparent"]
 
 
 def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastAPI:

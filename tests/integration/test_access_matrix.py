@@ -85,6 +85,7 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/docs/oauth2-redirect"): Case(public()),
     ("GET", "/redoc"): Case(public()),
     ("GET", "/healthz"): Case(public()),
+    ("GET", "/metrics"): Case(public()),  # open unless NEEDLE_METRICS_TOKEN is set (test_observability.py)
     ("GET", "/v1/schemas"): Case(public()),
     ("GET", "/v1/schemas/{ce_type}"): Case(public()),
     ("GET", "/dashboard"): Case(public()),
