@@ -11,6 +11,7 @@ Layout of a backup directory::
     KV_NEEDLE_RESIDENT_KEYS.tar.s2   residents' data keys (unless --no-resident-keys): without them the
                             sealed personal data in the events cannot be read after a restore
     KV_NEEDLE_WEBHOOKS.tar.s2, KV_NEEDLE_WEBHOOK_DLQ.tar.s2   webhook registrations, dead letters
+    KV_NEEDLE_REVOKED.tar.s2   token revocations (and any other NEEDLE_* stream or KV_NEEDLE_* bucket)
 
 Postgres is not in it: the read models are derived and are rebuilt on restore. With the residents' keys
 in it, a backup is as sensitive as the keys, and a resident forgotten after it was taken comes back
