@@ -66,6 +66,18 @@ class Batch:
     stats: Counter[StatKey] = field(default_factory=Counter)
     audit: list[tuple[int, str, str, str | None, datetime, str]] = field(default_factory=list)
     last_seq: int = 0
+    tasks_of: dict[str, set[str]] = field(default_factory=dict)  # issue id -> its task ids (an index of ``tasks``)
+
+    def add_task(self, row: dict[str, Any]) -> None:
+        self.tasks[row["id"]] = row
+        self.tasks_of.setdefault(row["issue_id"], set()).add(row["id"])
+
+    def load(self, issues: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> None:
+        """Continue from rows stored by an earlier batch."""
+        for row in issues:
+            self.issues[row["id"]] = row
+        for row in tasks:
+            self.add_task(row)
 
     def _day(self, at: datetime) -> date:
         return at.astimezone(self.tz).date()
@@ -139,13 +151,13 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.IssueRouted():
             issue["level"], issue["owner_area"] = e.level, e.owner_area
         case ev.TaskDispatched():
-            batch.tasks[e.task_id] = {
+            batch.add_task({
                 "id": e.task_id, "issue_id": issue_id, "department": e.department, "role": e.role,
                 "level": e.level, "status": "dispatched", "clock": e.clock, "dispatched_at": e.dispatched_at,
                 "acknowledge_due": e.acknowledge_due, "resolve_due": e.resolve_due, "acknowledged_at": None,
                 "resolved_at": None, "returned_at": None, "breached": "", "extended": False,
                 "category": issue["category"], "title": issue["title"], "grid": issue["grid"], "seq": seq,
-            }
+            })
             batch.count_dept(e.department, at, "tasks_dispatched")
             if e.role == "lead":
                 batch.count_area(issue, at, "tasks_dispatched")
@@ -240,8 +252,9 @@ def apply(batch: Batch, env: Envelope) -> None:
 
 
 def _close_open_tasks(batch: Batch, issue_id: str, seq: int) -> None:
-    for t in batch.tasks.values():
-        if t["issue_id"] == issue_id and t["status"] in ("dispatched", "acknowledged"):
+    for tid in batch.tasks_of.get(issue_id, ()):
+        t = batch.tasks[tid]
+        if t["status"] in ("dispatched", "acknowledged"):
             t.update(status="superseded", seq=seq)
 
 

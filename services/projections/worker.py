@@ -73,10 +73,8 @@ class ProjectionWriter:
             batch = Batch(org=self.org, tz=self.tz)
             ids = list({e.subject for e in fresh})
             s = self.suffix
-            for row in await conn.fetch(f"SELECT * FROM issues{s} WHERE id = ANY($1)", ids):
-                batch.issues[row["id"]] = dict(row)
-            for row in await conn.fetch(f"SELECT * FROM tasks{s} WHERE issue_id = ANY($1)", ids):
-                batch.tasks[row["id"]] = dict(row)
+            batch.load([dict(r) for r in await conn.fetch(f"SELECT * FROM issues{s} WHERE id = ANY($1)", ids)],
+                       [dict(r) for r in await conn.fetch(f"SELECT * FROM tasks{s} WHERE issue_id = ANY($1)", ids)])
             issue_ids_before = set(batch.issues)
             for env in fresh:
                 apply(batch, env)

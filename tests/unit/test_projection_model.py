@@ -389,8 +389,7 @@ def test_folding_in_two_batches_equals_folding_in_one(cut: int) -> None:
     first, second = Batch(org=ORG, tz=BJ), Batch(org=ORG, tz=BJ)
     for env in whole.log[:cut]:
         apply(first, env)
-    second.issues = {k: dict(v) for k, v in first.issues.items()}
-    second.tasks = {k: dict(v) for k, v in first.tasks.items()}
+    second.load([dict(v) for v in first.issues.values()], [dict(v) for v in first.tasks.values()])
     for env in whole.log[cut:]:
         apply(second, env)
     assert second.issues == whole.batch.issues
@@ -454,3 +453,4 @@ def test_an_issue_escalated_after_its_lead_resolved_counts_as_resolved_once() ->
     g(acked(f"{ISSUE}-3"), resolved(f"{ISSUE}-3"), ev.IssueVerified(passed=True, by="gw"), closed())
     assert (g.area("city")["issues_dispatched"], g.area("city")["issues_resolved"]) == (1, 1)
     assert rates(g.area("city"))["resolution_rate"]["value"] == 1.0
+
