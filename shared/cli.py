@@ -5,7 +5,7 @@ import asyncio
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -365,7 +365,7 @@ def rebuild(data_dir: DataDir = None,
     org = load_org(info.get("org") or settings.org)
     rb = load_rulebook(info.get("rules") or settings.rules)
 
-    async def go() -> dict[str, float]:
+    async def go() -> dict[str, Any]:
         nc = await nats.connect(info["nats_url"])
         pool = await open_pool(info["database_url"])
         try:
@@ -376,7 +376,8 @@ def rebuild(data_dir: DataDir = None,
                 def progress(done: int, target: int, rate: float) -> None:
                     bar.update(task, completed=done, total=target, rate=rate)
 
-                return await do_rebuild(pool, nc.jetstream(), ProjectionWriter(org, rb.tz), progress)
+                return await do_rebuild(pool, nc.jetstream(), ProjectionWriter(org, rb.tz), progress,
+                                        database_url=info["database_url"])
         finally:
             await pool.close()
             await nc.close()

@@ -86,13 +86,17 @@ def projections_table(r: dict[str, Any]) -> Table:
 
     t.add_row(f"stream filled: events / issues (append_many {rb['fill']['publish_per_s']:,.0f}/s)",
               f"{rb['fill']['events']:,} / {rb['fill']['issues']:,}", "", "")
-    t.add_row("baseline: raw fetch(1000) + ack (events/s)", _f(rb["baseline"]["per_s"]), "", "")
+    t.add_row("baseline: the rebuild's reader alone, no decoding (events/s)", _f(rb["baseline"]["per_s"]), "", "")
+    t.add_row("baseline: durable fetch(1000) + ack (events/s)", _f(rb["baseline_fetch_ack"]["per_s"]), "", "")
     t.add_row("needle: rebuild() into a fresh database (events/s)", _f(rb["needle"]["events_per_s"]),
               f"≥ {tg['rebuild_per_s']:,}", ok(rb["meets"]["per_s"]))
-    t.add_row("ratio rebuild / raw", _f(rb["ratio_vs_raw"], 3), f"≥ {tg['rebuild_vs_raw']}", ok(rb["meets"]["vs_raw"]))
-    split = rb["needle"]["wall_split_s"]
-    t.add_row("rebuild wall s: reading (fetch+decode) / writing (fold+Postgres)",
-              f"{split['read_fetch_decode']} / {split['write_fold_postgres']}", "", "")
+    t.add_row("ratio rebuild / reader alone; / fetch+ack",
+              f"{_f(rb['ratio_vs_raw'], 3)}; {_f(rb['ratio_vs_fetch_ack'], 3)}", f"≥ {tg['rebuild_vs_raw']}",
+              ok(rb["meets"]["vs_raw"]))
+    split = rb["needle"]["split_s"]
+    t.add_row("rebuild s: reading / (child) decode+fold, waited for audit COPY, final COPY",
+              f"{split['read']} / {split['decode_fold_s']}, {split['waited_for_audit_copy_s']}, "
+              f"{split['finish_copy_s']}", "", "")
     t.add_row(f"POST /v1/issues at {v['rate']:.0f}/s for {v['duration_s']:.0f} s: achieved offer rate / statuses",
               f"{_f(v['achieved_offer_rate_per_s'])} / {v['statuses']}", "", "")
     t.add_row("POST latency p50 / p99 ms", f"{_f(v['post']['p50_ms'], 2)} / {_f(v['post']['p99_ms'], 2)}", "", "")

@@ -1,8 +1,9 @@
 """``needle bench projections``: the read models' numbers, each beside a baseline measured in the same run.
 
 1. rebuild: NEEDLE_EVENTS filled with ``history`` lives by concurrent ``append_many``, phase by phase (a batch holds
-   many issues' events, as in a steady stream); baseline = a pull consumer fetching 1000 and acking each batch;
-   needle = ``rebuild()`` into a fresh database. Diagnostics: read/write wall split; cProfile if a target is missed.
+   many issues' events, as in a steady stream); baselines = the rebuild's own ``StreamReader`` reading the stream
+   with no decoding, and a durable pull consumer fetching 1000 and acking each batch; needle = ``rebuild()`` into a
+   fresh database (its ratio is taken to the faster baseline). Diagnostics: wall split; cProfile if a target is missed.
 2. visibility: ``needle up`` (contract org/rules) takes POST /v1/issues at a fixed rate (open loop); every Nth
    report is followed by GET /v1/issues with ``Needle-Min-Seq: <its Needle-Seq>``: report -> visible.
 3. stats: stats_daily buckets of 1,000,000 issues of a district over a year (``history`` folded by ``model.apply``,
@@ -22,7 +23,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import asyncpg
 import nats
@@ -33,6 +33,7 @@ from services.projections import queries
 from services.projections import rebuild as rb
 from services.projections.migrate import upgrade
 from services.projections.model import Batch, apply
+from services.projections.reader import StreamReader
 from services.projections.service import open_pool
 from services.projections.worker import ProjectionWriter
 from shared.config import load_org, load_rulebook
@@ -147,15 +148,16 @@ async def raw_fetch_ack(js: Any, batch: int = 1000) -> dict[str, Any]:
     return {"events": n, "seconds": round(dt, 3), "per_s": round(n / dt, 1), "batch": batch}
 
 
-def _timed(cls: Any, name: str, acc: dict[str, float]) -> Any:
-    """Patch coroutine method ``cls.name`` (bench-side, for a ``with``) to add its wall time to ``acc[name]``."""
-    orig = getattr(cls, name)
-
-    async def wrapper(self: Any, *a: Any) -> Any:
-        t, r = time.perf_counter(), await orig(self, *a)
-        acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
-        return r
-    return mock.patch.object(cls, name, wrapper)
+async def raw_read(js: Any) -> dict[str, Any]:
+    """Baseline read the way the rebuild reads: the same ``StreamReader`` (consumer, batch size), no decoding."""
+    target, reader, n, t0 = await rb.stream_last_seq(js), StreamReader(js), 0, time.perf_counter()
+    try:
+        while reader.seq < target and time.perf_counter() - t0 < 300:
+            n += len(await reader.fetch(target))
+    finally:
+        await reader.close()
+    dt = time.perf_counter() - t0
+    return {"events": n, "seconds": round(dt, 3), "per_s": round(n / dt, 1), "batch": reader.size}
 
 
 async def fresh_db(admin_url: str, name: str) -> str:
@@ -168,16 +170,12 @@ async def fresh_db(admin_url: str, name: str) -> str:
 
 
 async def run_rebuild(admin_url: str, js: Any, name: str, profile: bool = False) -> dict[str, Any]:
-    pool = await open_pool(await fresh_db(admin_url, name))
+    pool = await open_pool(url := await fresh_db(admin_url, name))
     writer = ProjectionWriter(load_org(CONTRACT_ORG), load_rulebook(CONTRACT_RULES).tz)
-    split: dict[str, float] = {}
     prof = cProfile.Profile() if profile else None
     try:
-        with _timed(rb._Reader, "next_batch", split), _timed(ProjectionWriter, "write", split), \
-                prof or contextlib.nullcontext():
-            r: dict[str, Any] = await rb.rebuild(pool, js, writer)
-        r["wall_split_s"] = {"read_fetch_decode": round(split["next_batch"], 3),
-                             "write_fold_postgres": round(split["write"], 3)}
+        with prof or contextlib.nullcontext():  # the reading process's profile (the replay runs in a child)
+            r: dict[str, Any] = await rb.rebuild(pool, js, writer, database_url=url)
         r["rows"] = {t: await pool.fetchval(f"SELECT count(*) FROM {t}") for t in ("issues", "tasks", "audit")}
     finally:
         await pool.close()
@@ -198,14 +196,16 @@ async def bench_rebuild(nc: Any, admin_url: str, events: int, profile: str, say:
     say(f"rebuild: appending ~{events:,} events of realistic histories (append_many, 8 batches in flight) ...")
     filled = await fill(store, events)
     say(f"  {filled['events']:,} events of {filled['issues']:,} issues at {filled['publish_per_s']:,.0f}/s")
-    base = await raw_fetch_ack(js)
+    base, acked = await raw_read(js), await raw_fetch_ack(js)
     needle = await run_rebuild(admin_url, js, "bench_rebuild")
-    say(f"  baseline fetch(1000)+ack {base['per_s']:,.0f}/s; rebuild() {needle['events_per_s']:,.0f} events/s "
-        f"(wall split {needle['wall_split_s']})")
-    out: dict[str, Any] = {"fill": filled, "baseline": base, "needle": needle,
-                           "ratio_vs_raw": ratio(needle["events_per_s"], base["per_s"])}
+    say(f"  baseline: the rebuild's reader alone {base['per_s']:,.0f}/s, durable fetch(1000)+ack "
+        f"{acked['per_s']:,.0f}/s; rebuild() {needle['events_per_s']:,.0f} events/s (split {needle['split_s']})")
+    out: dict[str, Any] = {"fill": filled, "baseline": base, "baseline_fetch_ack": acked, "needle": needle,
+                           "ratio_vs_raw": ratio(needle["events_per_s"], base["per_s"]),
+                           "ratio_vs_fetch_ack": ratio(needle["events_per_s"], acked["per_s"])}
     out["meets"] = {"per_s": needle["events_per_s"] >= TARGETS["rebuild_per_s"],
-                    "vs_raw": (out["ratio_vs_raw"] or 0) >= TARGETS["rebuild_vs_raw"]}
+                    "vs_raw": min(out["ratio_vs_raw"] or 0, out["ratio_vs_fetch_ack"] or 0)
+                    >= TARGETS["rebuild_vs_raw"]}
     out["rows_ok"] = needle["rows"]["issues"] == filled["issues"] and needle["rows"]["audit"] == filled["events"]
     if profile == "yes" or (profile == "auto" and not all(out["meets"].values())):
         say("  profiling a second rebuild under cProfile ...")

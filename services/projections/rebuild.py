@@ -1,6 +1,10 @@
 """``needle rebuild``: replay the stream into fresh ``__rebuild`` tables while the live ones
 keep serving, then swap them in atomically.
 
+This process reads the stream (``reader.StreamReader``); the replay (``replay.py``: decode, fold the
+whole stream in memory with the pure model, COPY) runs in a child process when the database URL is
+given, so reading and folding use two cores, or in this process otherwise.
+
 The swap takes the writers' advisory lock (so the live worker is between batches), applies
 whatever the live worker committed since the replay's end to the new tables, then drops the
 old tables and renames the new ones, all in one transaction: readers see the old tables or
@@ -8,23 +12,23 @@ the new ones, never a mix. The live worker continues from the new checkpoint.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
 
 import asyncpg
 import structlog
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
 from shared.events import subjects as sj
-from shared.events.codec import Envelope, UnknownEventType, decode
 
+from .reader import StreamReader
+from .replay import MAX_ISSUES_IN_MEMORY, SUFFIX, ReplayInline, ReplayProcess, decode_all
 from .schema import TABLE_NAMES, tables
 from .worker import LOCK_KEY, ProjectionWriter, migrate
 
 log = structlog.get_logger("needle.rebuild")
-SUFFIX = "__rebuild"
 Progress = Callable[[int, int, float], None]  # (done seq, target seq, events/s)
 
 
@@ -38,86 +42,57 @@ async def stream_last_seq(js: JetStreamContext) -> int:
     return int(info.state.last_seq)
 
 
-class _Reader:
-    """An ephemeral, unacknowledged pull consumer over the whole stream (the fastest way to read it)."""
-
-    def __init__(self, js: JetStreamContext) -> None:
-        self.js = js
-        self.sub: Any = None
-        self.seq = 0
-
-    async def next_batch(self, upto: int, size: int = 2000) -> list[Envelope]:
-        if self.sub is None:
-            self.sub = await self.js.pull_subscribe(
-                sj.ALL_EVENTS, stream=sj.EVENTS_STREAM,
-                config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL,
-                                      inactive_threshold=60, max_waiting=1))
-        out: list[Envelope] = []
-        while self.seq < upto and len(out) < size:
-            try:
-                msgs = await self.sub.fetch(min(size, upto - self.seq), timeout=2)
-            except Exception as exc:
-                if "Timeout" in type(exc).__name__:
-                    break
-                raise
-            for m in msgs:
-                s = m.metadata.sequence.stream
-                self.seq = max(self.seq, s)
-                if s > upto or not m.subject.startswith(f"{sj.EVENTS_ROOT}.issue."):
-                    continue
-                try:
-                    out.append(decode(m.data, s))
-                except (UnknownEventType, ValueError) as exc:
-                    log.error("event skipped by rebuild", seq=s, error=str(exc))
-        return out
-
-    async def close(self) -> None:
-        if self.sub is not None:
-            try:
-                await self.sub.unsubscribe()
-            except Exception:  # the ephemeral consumer expires by itself
-                pass
-
-
 async def rebuild(pool: asyncpg.Pool, js: JetStreamContext, live: ProjectionWriter,
-                  progress: Progress | None = None) -> dict[str, float]:
-    """Replay everything into ``__rebuild`` tables and swap them in. Returns figures for the report."""
-    async with pool.acquire() as conn:
-        await _drop(conn, SUFFIX)
-    await migrate(pool, SUFFIX)
-    fresh = ProjectionWriter(live.org, live.tz, SUFFIX)
-    target = await stream_last_seq(js)
-    reader = _Reader(js)
-    t0 = time.perf_counter()
-    events = 0
+                  progress: Progress | None = None, *, database_url: str | None = None,
+                  max_issues: int = MAX_ISSUES_IN_MEMORY, read_batch: int = 2000) -> dict[str, Any]:
+    """Replay everything into ``__rebuild`` tables and swap them in. Returns figures for the report.
+
+    With ``database_url`` (the database of ``pool``) the replay runs in a child process while this one reads."""
+    replay = (ReplayProcess(database_url, live.org, live.tz, max_issues) if database_url
+              else ReplayInline(pool, live.org, live.tz, max_issues))
+    reader = StreamReader(js, read_batch)
     try:
+        async def prepare() -> None:
+            async with pool.acquire() as conn:
+                await _drop(conn, SUFFIX)
+            await migrate(pool, SUFFIX)
+
+        await asyncio.gather(prepare(), replay.start())
+        fresh = ProjectionWriter(live.org, live.tz, SUFFIX)
+        target = await stream_last_seq(js)
+        t0 = time.perf_counter()
+        read_s = 0.0
         while reader.seq < target:
-            envs = await reader.next_batch(target)
-            if not envs and reader.seq < target:
+            t = time.perf_counter()
+            raws = await reader.fetch(target)
+            read_s += time.perf_counter() - t
+            if not raws:
                 if reader.seq == 0:
                     break
                 continue
-            async with pool.acquire() as conn, conn.transaction():
-                await fresh.write(conn, envs, reader.seq)
-            events += len(envs)
+            await replay.fold(raws)
             if progress:
-                progress(reader.seq, target, events / max(time.perf_counter() - t0, 1e-9))
+                progress(reader.seq, target, reader.seq / max(time.perf_counter() - t0, 1e-9))
+        figures = await replay.finish(reader.seq)
         replay_s = time.perf_counter() - t0
+        events, spills = int(figures.pop("events")), int(figures.pop("spills"))
         async with pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY)
             live_seq, _ = await live.checkpoint(conn) if await _exists(conn, "checkpoints") else (0, None)
             while reader.seq < live_seq:  # catch up with what the live worker committed meanwhile
-                envs = await reader.next_batch(live_seq)
-                if not envs and reader.seq < live_seq:
-                    continue
-                await fresh.write(conn, envs, reader.seq)
-                events += len(envs)
+                raws = await reader.fetch(live_seq)
+                if raws:
+                    envs = decode_all(raws)
+                    await fresh.write(conn, envs, reader.seq)
+                    events += len(envs)
             await _swap(conn)
     finally:
+        await replay.close()
         await reader.close()
     total = time.perf_counter() - t0
     return {"events": events, "seconds": round(total, 3), "events_per_s": round(events / max(replay_s, 1e-9), 1),
-            "target_seq": target}
+            "target_seq": target, "in_child_process": database_url is not None, "spills": spills,
+            "split_s": {"read": round(read_s, 3)} | figures}
 
 
 async def _exists(conn: asyncpg.Connection, table: str) -> bool:

@@ -41,7 +41,7 @@ async def start_projections(stack: Stack) -> ProjectionWorker:
         from .rebuild import rebuild
 
         log.warning("projection code changed; rebuilding", stored=version, current=PROJECTION_VERSION)
-        await rebuild(pool, js, writer)
+        await rebuild(pool, js, writer, database_url=stack.urls.database)
     worker = ProjectionWorker(pool, js, writer, health=stack.health)
     stack.health["postgres"] = True
     _serve_reads(stack, pool, worker)

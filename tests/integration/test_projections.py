@@ -500,7 +500,9 @@ async def test_rebuild_during_live_traffic_ends_identical_to_the_live_tables(pro
         await asyncio.sleep(0.3)
         during_from = len(seen)
         before = await last_seq(h)
-        report = await rebuild(pool_of(h), h.stack.nc.jetstream(), worker.writer)  # type: ignore[union-attr]
+        # (the replay in a child process, as `needle rebuild` and the worker's start run it)
+        report = await rebuild(pool_of(h), h.stack.nc.jetstream(), worker.writer,  # type: ignore[union-attr]
+                               database_url=h.stack.urls.database)
         during = seen[during_from:]
         await asyncio.sleep(0.5)
     finally:
@@ -528,8 +530,12 @@ async def test_rebuild_during_live_traffic_ends_identical_to_the_live_tables(pro
         want[(scope, key)].update({m: n for m, n in metrics.items() if n and m not in KNOWN_WRONG})
     assert dict(got) == dict(want)
     await assert_rows_equal_the_aggregates(pool_of(h), [i for s in sims for i in s.issues])
-    # and a second rebuild from scratch, with no traffic, gives the very same tables
-    await rebuild(pool_of(h), h.stack.nc.jetstream(), worker.writer)  # type: ignore[union-attr]
+    assert report["in_child_process"] and report["spills"] == 0, report
+    # and a second rebuild from scratch, with no traffic, gives the very same tables, also when it runs in this
+    # process and spills its rows to Postgres past 10 issues (loading them back when their issue comes again)
+    again = await rebuild(pool_of(h), h.stack.nc.jetstream(), worker.writer,  # type: ignore[union-attr]
+                          max_issues=10, read_batch=100)
+    assert not again["in_child_process"] and again["spills"] >= 10, again
     assert await snapshot(pool_of(h)) == live
     # and the live worker carries on projecting after the swap
     extra = Sim(store_of(h), T0 + timedelta(days=30))
