@@ -24,7 +24,7 @@ from nats.js.client import JetStreamContext
 from shared.events import subjects as sj
 
 from .reader import StreamReader
-from .replay import MAX_ISSUES_IN_MEMORY, SUFFIX, ReplayInline, ReplayProcess, decode_all
+from .replay import DEFERRED_INDEXES, MAX_ISSUES_IN_MEMORY, SUFFIX, ReplayInline, ReplayProcess, decode_all
 from .schema import TABLE_NAMES, tables
 from .worker import LOCK_KEY, ProjectionWriter, migrate
 
@@ -55,7 +55,7 @@ async def rebuild(pool: asyncpg.Pool, js: JetStreamContext, live: ProjectionWrit
         async def prepare() -> None:
             async with pool.acquire() as conn:
                 await _drop(conn, SUFFIX)
-            await migrate(pool, SUFFIX)
+            await migrate(pool, SUFFIX, defer=DEFERRED_INDEXES)
 
         await asyncio.gather(prepare(), replay.start())
         fresh = ProjectionWriter(live.org, live.tz, SUFFIX)

@@ -28,7 +28,7 @@ from shared.events.codec import Envelope, UnknownEventType, decode
 
 from .model import Batch, apply
 from .reader import Raw
-from .schema import ISSUE_COLUMNS, PROJECTION, PROJECTION_VERSION, TASK_COLUMNS
+from .schema import ISSUE_COLUMNS, PROJECTION, PROJECTION_VERSION, TASK_COLUMNS, index_ddl
 from .worker import ProjectionWriter
 
 log = structlog.get_logger("needle.rebuild")
@@ -38,6 +38,7 @@ AUDIT_CHUNK = 20_000
 AUDIT_COLUMNS = ["seq", "issue_id", "type", "actor", "at", "summary"]
 STATS_COLUMNS = ["day", "scope", "key", "metric", "n"]
 ISSUE_PREFIX = f"{sj.EVENTS_ROOT}.issue."
+DEFERRED_INDEXES = ("issues", "tasks")  # built after their rows are COPYed (or before a spill's upserts need them)
 
 
 def decode_all(raws: list[Raw]) -> list[Envelope]:
@@ -120,14 +121,16 @@ class Replay:
         tasks = [tuple(r[c] for c in TASK_COLUMNS) for r in b.tasks.values()]
         stats = [(*k, n) for k, n in b.stats.items() if n]
         async with self.pool.acquire() as conn, conn.transaction():
-            if self.spills:  # some rows are there already: the live worker's upserts
-                await conn.executemany(w.sql_issue, issues)
-                await conn.executemany(w.sql_task, tasks)
-                await conn.executemany(w.sql_stats, stats)
-            else:  # fresh tables: COPY
+            if not self.spills:  # the rows of the stream, or of the first spill, into empty tables: then indexes
                 await conn.copy_records_to_table(f"issues{SUFFIX}", records=issues, columns=ISSUE_COLUMNS)
                 await conn.copy_records_to_table(f"tasks{SUFFIX}", records=tasks, columns=TASK_COLUMNS)
                 await conn.copy_records_to_table(f"stats_daily{SUFFIX}", records=stats, columns=STATS_COLUMNS)
+                for stmt in index_ddl(SUFFIX, DEFERRED_INDEXES):
+                    await conn.execute(stmt)
+            else:  # some rows are there already: the live worker's upserts
+                await conn.executemany(w.sql_issue, issues)
+                await conn.executemany(w.sql_task, tasks)
+                await conn.executemany(w.sql_stats, stats)
 
     async def finish(self, last_seq: int) -> dict[str, Any]:
         """Write what is left and the checkpoint ``last_seq``; figures for the report."""

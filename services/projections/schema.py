@@ -106,18 +106,28 @@ def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
     return md, {"issues": issues, "tasks": tasks, "stats_daily": stats, "audit": audit, "checkpoints": checkpoints}
 
 
-def ddl(suffix: str = "") -> list[str]:
-    """CREATE statements (IF NOT EXISTS) for every table and index of the read models."""
+def ddl(suffix: str = "", defer: tuple[str, ...] = ()) -> list[str]:
+    """CREATE statements (IF NOT EXISTS) for every table and index of the read models, but the secondary indexes
+    of the tables named in ``defer`` (a bulk load builds them afterwards: ``index_ddl``)."""
     from sqlalchemy.dialects import postgresql
 
-    md, _ = tables(suffix)
+    _, named = tables(suffix)
     dialect = postgresql.dialect()
     out: list[str] = []
-    for t in md.sorted_tables:
+    for name, t in named.items():
         out.append(str(CreateTable(t, if_not_exists=True).compile(dialect=dialect)))
-        for ix in t.indexes:
-            out.append(str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect)))
+        if name not in defer:
+            out += index_ddl(suffix, (name,))
     return out
+
+
+def index_ddl(suffix: str, names: tuple[str, ...]) -> list[str]:
+    """CREATE INDEX statements (IF NOT EXISTS) of the secondary indexes of the tables ``names``."""
+    from sqlalchemy.dialects import postgresql
+
+    _, named = tables(suffix)
+    dialect = postgresql.dialect()
+    return [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect)) for n in names for ix in named[n].indexes]
 
 
 TABLE_NAMES = ("issues", "tasks", "stats_daily", "audit", "checkpoints")

@@ -38,10 +38,10 @@ def _upsert(table: str, cols: list[str], key: str) -> str:
     return f"INSERT INTO {table} ({names}) VALUES ({params}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
 
 
-async def migrate(pool: asyncpg.Pool, suffix: str = "") -> None:
+async def migrate(pool: asyncpg.Pool, suffix: str = "", defer: tuple[str, ...] = ()) -> None:
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_KEY + 1)
-        for stmt in ddl(suffix):
+        for stmt in ddl(suffix, defer):
             await conn.execute(stmt)
 
 
