@@ -105,6 +105,9 @@ def projections_table(r: dict[str, Any]) -> Table:
     t.add_row(f"report → visible (Needle-Min-Seq) p50 / p99 / max ms, n={vis['n']}",
               f"{_f(vis['p50_ms'], 2)} / {_f(vis['p99_ms'], 2)} / {_f(vis['max_ms'], 2)}",
               f"p99 < {tg['visible_p99_ms']}", ok(vis["p99_ms"] is not None and vis["p99_ms"] < tg["visible_p99_ms"]))
+    cv = v["created_to_visible"]
+    t.add_row("  of which from the 201 to the answer p50 / p99 ms (read side alone)",
+              f"{_f(cv['p50_ms'], 2)} / {_f(cv['p99_ms'], 2)}", "", "")
     t.add_row(f"stats_daily rows for {st['issues']:,} issues ({st['district']}); reported in the window",
               f"{st['generation']['bucket_rows']:,}; {st['district_reported']:,}", "", "")
     t.add_row("baseline: SELECT 1 p50 / p99 ms",

@@ -306,6 +306,7 @@ async def _call(pool: asyncio.Queue[_Http], *args: Any) -> tuple[int, dict[str, 
 
 async def visibility_load(port: int, token: str, rate: float, secs: float, sample: int, conns: int = 32) -> dict:
     post_ms, vis_ms, late_ms, statuses = list[float](), list[float](), list[float](), Counter[str]()
+    after_post_ms = list[float]()  # from the 201 to the answer: the read side alone, without the intake's queue
     posts, gets = asyncio.Queue[_Http](), asyncio.Queue[_Http]()  # reads never queue behind writes
     for k in range(conns + conns // 2):
         (posts if k < conns else gets).put_nowait(_Http(port, token))
@@ -315,13 +316,15 @@ async def visibility_load(port: int, token: str, rate: float, secs: float, sampl
         late_ms.append((time.perf_counter() - t0) * 1000)
         try:
             status, hdrs = await _call(posts, "POST", "/v1/issues", body)
-            post_ms.append((time.perf_counter() - t0) * 1000)
+            t_201 = time.perf_counter()
+            post_ms.append((t_201 - t0) * 1000)
             statuses[str(status)] += 1
             while status == 201 and i % sample == 0:  # the query waits (5 s at most), else 503: ask again
                 got, _ = await _call(gets, "GET", f"/v1/issues?area={GRID}&limit=1", b"",
                                      f"Needle-Min-Seq: {hdrs['needle-seq']}\r\n")
                 if got == 200:
                     vis_ms.append((time.perf_counter() - t0) * 1000)
+                    after_post_ms.append((time.perf_counter() - t_201) * 1000)
                     return
                 statuses[f"GET {got}"] += 1
                 if got != 503 or time.perf_counter() - t0 > 60:
@@ -339,7 +342,8 @@ async def visibility_load(port: int, token: str, rate: float, secs: float, sampl
     return {"rate": rate, "duration_s": secs, "reports": total, "sample_every": sample, "statuses": {**statuses},
             "connections": conns, "achieved_offer_rate_per_s": round(total / offered, 1),
             "generator_cpu_s": round(time.process_time() - cpu0, 1), "late_at_start": _dist(late_ms),
-            "min_seq_503_retries": statuses["GET 503"], "post": _dist(post_ms), "report_to_visible": _dist(vis_ms)}
+            "min_seq_503_retries": statuses["GET 503"], "post": _dist(post_ms), "report_to_visible": _dist(vis_ms),
+            "created_to_visible": _dist(after_post_ms)}
 
 
 def bench_visibility(root: Path, rate: float, duration_s: float, sample: int, say: Say) -> dict[str, Any]:

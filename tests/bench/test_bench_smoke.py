@@ -145,11 +145,14 @@ def test_projections_bench_tiny(tmp_path: Path) -> None:
     r = run_projections_bench(events=2000, rate=20, duration_s=1, sample=4, stats_issues=10_000, stats_sample=200,
                               reps=3, profile="yes", workdir=tmp_path)
     rb, v, st = r["rebuild"], r["visibility"], r["stats"]
-    assert {"fill", "baseline", "needle", "ratio_vs_raw", "meets", "rows_ok", "profiled_run"} <= rb.keys()
+    assert {"fill", "baseline", "baseline_fetch_ack", "needle", "ratio_vs_raw", "ratio_vs_fetch_ack", "meets",
+            "rows_ok", "profiled_run"} <= rb.keys()
     assert rb["rows_ok"] and rb["baseline"]["events"] == rb["fill"]["events"] == rb["needle"]["events"]
-    assert {"read_fetch_decode", "write_fold_postgres"} <= rb["needle"]["wall_split_s"].keys()
+    assert rb["baseline_fetch_ack"]["events"] == rb["fill"]["events"]
+    assert rb["needle"]["in_child_process"] and rb["needle"]["spills"] == 0
+    assert {"read", "decode_fold_s", "waited_for_audit_copy_s", "finish_copy_s"} <= rb["needle"]["split_s"].keys()
     assert rb["profiled_run"]["top_tottime"] and rb["profiled_run"]["events_per_s_under_cprofile"] > 0
-    assert v["statuses"] == {"201": 20} and v["report_to_visible"]["n"] == 5
+    assert v["statuses"] == {"201": 20} and v["report_to_visible"]["n"] == v["created_to_visible"]["n"] == 5
     assert {"p50_ms", "p99_ms", "max_ms"} <= v["report_to_visible"].keys() and "generator_cpu_s" in v
     assert st["district_reported"] == 10_000 and st["query"]["n"] == 3 and st["baseline_select_1"]["n"] == 3
     projections_table(r)
