@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import math
+import time
 from collections import OrderedDict, defaultdict
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -35,7 +38,7 @@ from shared.events.models import IssueReported, TaskDispatched
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
 
 from .clocks import SlaClocks
-from .reactions import RouterRules, next_edge, on_timer, react
+from .reactions import RouterRules, issue_next_edge, on_issue_timer, react
 
 if TYPE_CHECKING:
     from shared.runtime.stack import Stack
@@ -73,6 +76,10 @@ class StateCache:
         while len(self._states) > self.size:
             self._states.popitem(last=False)
 
+    def peek(self, issue_id: str) -> IssueState | None:
+        """The cached state, if any, without counting a hit or a miss."""
+        return self._states.get(issue_id)
+
     def drop(self, issue_id: str) -> None:
         self._states.pop(issue_id, None)
 
@@ -95,9 +102,9 @@ class Router:
         if name == "task_dispatched":
             env = decode(msg.data, seq)
             assert isinstance(env.data, TaskDispatched)
-            d = env.data
-            at = min(d.acknowledge_warn, d.resolve_warn, d.acknowledge_due, d.resolve_due)
-            await self.schedule(d.task_id, at, env.correlationid)
+            at = self.schedule_for_dispatch(issue_id, seq, env.data)
+            if at is not None:
+                await self.schedule(issue_id, at)
             return
         if name not in REACTS_TO:
             return
@@ -125,61 +132,117 @@ class Router:
         raise ConcurrencyConflict(f"issue {issue_id}: could not react to seq {seq}")
 
     # -- timers ------------------------------------------------------------------------------------------------
-    async def schedule(self, task_id: str, at: datetime, trace: str | None = None) -> None:
+    async def schedule(self, issue_id: str, at: datetime) -> None:
+        """The issue's one pending timer, for its next clock edge (a new schedule replaces the old one)."""
         fire = datetime.fromtimestamp(math.floor((at - EARLY).timestamp()), UTC)
         body: dict[str, str] = {"task": task_id, "at": at.isoformat()}
         if trace:  # the trace id of the flow that dispatched the task: the SLA events carry it too
             body["trace"] = trace
         await self.js.publish(
-            sj.timer_schedule(task_id), orjson.dumps(body),
+            sj.timer_schedule(issue_id), orjson.dumps({"issue": issue_id, "at": at.isoformat()}),
             headers={"Nats-Schedule": f"@at {fire.strftime('%Y-%m-%dT%H:%M:%SZ')}",
-                     "Nats-Schedule-Target": sj.timer_fired(task_id)})
+                     "Nats-Schedule-Target": sj.timer_fired(issue_id)})
+
+    def schedule_for_dispatch(self, issue_id: str, seq: int, d: TaskDispatched) -> datetime | None:
+        """When the issue's timer must fire after the dispatch stored at ``seq``: from the state this router
+        wrote when it has seen that far (every open task counted), else from the task itself (the tasks of one
+        dispatch share their deadlines and it supersedes the open ones, so that is the issue's next edge)."""
+        cached = self.states.peek(issue_id)
+        if cached is not None and cached.last_seq >= seq:
+            return issue_next_edge(cached)
+        return min(d.acknowledge_warn, d.resolve_warn, d.acknowledge_due, d.resolve_due)
 
     @staticmethod
-    async def until_edge(msg: Msg) -> None:
-        """Wait out the last moments before the edge (schedules are set early). Holds no resource."""
-        with contextlib.suppress(Exception):
-            at = datetime.fromisoformat(orjson.loads(msg.data)["at"])
-            wait = (at - utcnow()).total_seconds()
-            if 0 < wait <= MAX_WAIT:
-                await asyncio.sleep(wait)
-
-    async def handle_timer(self, msg: Msg) -> None:
+    def timer_of(msg: Msg) -> tuple[str, float]:
+        """(issue id, edge as a timestamp) of a fired timer; timers of older versions name a task."""
         body = orjson.loads(msg.data)
-        task_id: str = body["task"]
-        trace: str | None = body.get("trace")
-        issue_id = issue_of_task(task_id)
-        with structlog.contextvars.bound_contextvars(trace_id=trace, issue=issue_id):
-            await self._on_timer(issue_id, task_id, trace)
+        issue_id = body["issue"] if "issue" in body else issue_of_task(body["task"])
+        return issue_id, datetime.fromisoformat(body["at"]).timestamp()
 
-    async def _on_timer(self, issue_id: str, task_id: str, trace: str | None) -> None:
-        for attempt in range(5):
-            cached = self.states.get(issue_id) if attempt == 0 else None
-            if cached is not None and any(t.id == task_id for t in cached.tasks):
-                state = cached
+    async def fire_issues(self, issue_ids: list[str]) -> dict[str, BaseException]:
+        """Fired timers, one per issue: load the states (cached, else direct gets in flight together), decide
+        purely, append every issue's reactions in ONE multi-issue atomic batch (each issue OCC-guarded), then
+        set each issue's next timer. A refused batch (some issue changed meanwhile) is decided again on fresh
+        states, then issue by issue. Returns the issues that failed, with their error (their timers come back)."""
+        failed: dict[str, BaseException] = {}
+        after: dict[str, IssueState] = {}
+        refused = await self._fire_together(issue_ids, after, failed, fresh=False)
+        if refused:
+            refused = await self._fire_together(refused, after, failed, fresh=True)
+        singles = await asyncio.gather(*(self.fire_one(i) for i in refused), return_exceptions=True)
+        for issue_id, one in zip(refused, singles, strict=True):
+            if isinstance(one, BaseException):
+                failed[issue_id] = one
             else:
+                after[issue_id] = one
+
+        async def next_timer(issue_id: str, st: IssueState) -> None:
+            nxt = issue_next_edge(st)
+            if nxt is not None:
+                await self.schedule(issue_id, nxt)
+
+        scheduled = await asyncio.gather(*(next_timer(i, st) for i, st in after.items()), return_exceptions=True)
+        for issue_id, outcome in zip(after, scheduled, strict=True):
+            if isinstance(outcome, BaseException):
+                failed[issue_id] = outcome
+        return failed
+
+    async def _fire_together(self, issue_ids: list[str], after: dict[str, IssueState],
+                             failed: dict[str, BaseException], *, fresh: bool) -> list[str]:
+        """One round of ``fire_issues``: fills ``after`` (state once handled) and ``failed``; returns the
+        issues of refused batches."""
+        async def state_of(issue_id: str) -> IssueState:
+            cached = None if fresh else self.states.get(issue_id)
+            if cached is not None:
+                return cached
+            async with self.sem:
+                return (await load_state(self.store, issue_id))[0]
+
+        loaded = await asyncio.gather(*(state_of(i) for i in issue_ids), return_exceptions=True)
+        now = utcnow()
+        pending: list[tuple[IssueState, AppendRequest]] = []
+        for issue_id, st in zip(issue_ids, loaded, strict=True):
+            if isinstance(st, BaseException):
+                failed[issue_id] = st
+            elif events := on_issue_timer(st, self.rules, now):
+                pending.append((st, AppendRequest(issue_id, tuple(events), st.last_seq, st.version, "router")))
+            else:
+                after[issue_id] = st
+        refused: list[str] = []
+        for chunk in _chunks(pending, 900):
+            try:
+                results = await self.store.append_many([r for _, r in chunk], now=now, source=SOURCE)
+            except DomainError as exc:
+                log.debug("batched timer append refused", error=str(exc), issues=len(chunk), fresh=fresh)
+                for _, r in chunk:
+                    self.states.drop(r.issue_id)
+                    refused.append(r.issue_id)
+                continue
+            for (st, req), res in zip(chunk, results, strict=True):
+                after[req.issue_id] = _after(st, res.envelopes)
+                self.states.put(after[req.issue_id])
+                log.info("sla", issue=req.issue_id, events=[e.name for e in req.events])
+        return refused
+
+    async def fire_one(self, issue_id: str) -> IssueState:
+        """One issue's fired timer on a fresh state, reloaded after each conflict."""
+        for _ in range(5):
+            async with self.sem:
                 state, _ = await load_state(self.store, issue_id)
             now = utcnow()
-            events = on_timer(state, task_id, self.rules, now)
-            if events:
-                try:
-                    res = await self.store.append(issue_id, events, expected_last_seq=state.last_seq,
-                                                  version=state.version, now=now, actor="router", source=SOURCE,
-                                                  correlation=trace)
-                except ConcurrencyConflict:
-                    self.states.drop(issue_id)
-                    continue
-                for e in res.envelopes:
-                    state = evolve(state, e.data, e.seq)
-                self.states.put(state)
-                log.info("sla", task=task_id, events=[e.name for e in events])
+            events = on_issue_timer(state, self.rules, now)
+            if not events:
+                return state
             try:
-                nxt = next_edge(state.task(task_id))
-            except DomainError:
-                nxt = None
-            if nxt is not None:
-                await self.schedule(task_id, nxt[0], trace)
-            return
+                res = await self.store.append(issue_id, events, expected_last_seq=state.last_seq,
+                                              version=state.version, now=now, actor="router", source=SOURCE)
+            except ConcurrencyConflict:
+                continue
+            state = _after(state, res.envelopes)
+            self.states.put(state)
+            log.info("sla", issue=issue_id, events=[e.name for e in events])
+            return state
+        raise ConcurrencyConflict(f"issue {issue_id}: timer not handled after 5 conflicts")
 
     # -- consumer loops ----------------------------------------------------------------------------------------
     async def _one(self, msg: Msg, handler: Any) -> None:
@@ -218,33 +281,70 @@ class Router:
             else:
                 await asyncio.gather(*(self._one(m, handler) for m in msgs))
 
-    async def run_timers(self, sub: Any, inflight: int = 20_000) -> None:
-        """Timers are pipelined: each fired timer waits for its exact edge in a task of its own (no
-        resource held), then takes a work slot; fetching goes on while up to ``inflight`` are waiting,
-        so a burst of timers never holds up the next ones nor the routing of new reports."""
+    async def run_timers(self, sub: Any, inflight: int = 100_000, batch: int = 1000) -> None:
+        """Fired timers are fetched ahead (schedules fire up to ~2 s before their edge) and held, without any
+        resource, in a heap by edge time; whatever is due is taken in batches of up to ``batch`` issues
+        (``fire_issues``), and each message is acked only once its issue's reactions and next timer are
+        stored. Up to ``inflight`` fired timers may be held; fetching goes on meanwhile."""
         room = asyncio.Semaphore(inflight)
-        running: set[asyncio.Task[None]] = set()
+        held: list[tuple[float, int, str, Msg]] = []
+        order = itertools.count()
+        wake = asyncio.Event()
 
-        async def one(msg: Msg) -> None:
-            try:
-                await self.until_edge(msg)
-                await self._one(msg, self.handle_timer)
-            finally:
-                room.release()
+        async def fetch() -> None:
+            while True:
+                try:
+                    msgs = await sub.fetch(self.batch, timeout=1)
+                except Exception as exc:
+                    if "Timeout" not in type(exc).__name__:
+                        log.warning("fetch failed", error=repr(exc))
+                        await asyncio.sleep(0.5)
+                    continue
+                for m in msgs:
+                    try:
+                        issue_id, at = self.timer_of(m)
+                    except (ValueError, KeyError, DomainError) as exc:
+                        log.warning("unprocessable timer terminated", subject=m.subject, error=str(exc))
+                        await m.term()
+                        continue
+                    await room.acquire()
+                    heapq.heappush(held, (at, next(order), issue_id, m))
+                wake.set()
 
-        while True:
-            try:
-                msgs = await sub.fetch(self.batch, timeout=1)
-            except Exception as exc:
-                if "Timeout" not in type(exc).__name__:
-                    log.warning("fetch failed", error=repr(exc))
-                    await asyncio.sleep(0.5)
-                continue
-            for m in msgs:
-                await room.acquire()
-                task = asyncio.create_task(one(m))
-                running.add(task)
-                task.add_done_callback(running.discard)
+        fetcher = asyncio.create_task(fetch())
+        try:
+            while True:
+                if fetcher.done():
+                    fetcher.result()
+                now = time.time()
+                due: dict[str, list[Msg]] = defaultdict(list)
+                while held and held[0][0] <= now and len(due) < batch:
+                    _, _, issue_id, m = heapq.heappop(held)
+                    due[issue_id].append(m)
+                if due:
+                    try:
+                        await self._fire_and_ack(due)
+                    finally:
+                        for _ in range(sum(map(len, due.values()))):
+                            room.release()
+                    continue
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), min(held[0][0] - now, MAX_WAIT) if held else MAX_WAIT)
+        finally:
+            fetcher.cancel()
+
+    async def _fire_and_ack(self, due: dict[str, list[Msg]]) -> None:
+        try:
+            failed = await self.fire_issues(list(due))
+        except Exception as batch_error:  # nothing stored for sure: every timer of the batch comes back
+            log.exception("timer batch failed; will retry")
+            failed = dict.fromkeys(due, batch_error)
+        for issue_id, error in failed.items():
+            log.warning("timer failed; will retry", issue=issue_id, error=repr(error))
+        acks = [m.nak(delay=1) if issue_id in failed else m.ack() for issue_id, ms in due.items() for m in ms]
+        await asyncio.gather(*acks, return_exceptions=True)
+        self.processed += sum(len(ms) for issue_id, ms in due.items() if issue_id not in failed)
 
     async def react_to_batch(self, msgs: list[Msg], handler: Any) -> None:
         """The fast path: the reactions of every issue in a fetch go into ONE multi-issue atomic append
@@ -260,10 +360,30 @@ class Router:
             done = await self._react_together(single)
 
         async def run_group(ms: list[Msg]) -> None:
+            if len(ms) > 1 and all(m.subject.endswith(".task_dispatched") for m in ms):
+                await self._dispatched_together(ms)  # a dispatch's tasks: one timer for the issue
+                return
             for m in ms:
                 await self._one(m, handler)
 
         await asyncio.gather(*(run_group(g) for issue, g in groups.items() if issue not in done))
+
+    async def _dispatched_together(self, ms: list[Msg]) -> None:
+        """Several task_dispatched of one issue in a fetch (lead and co-tasks): the issue's timer is set once,
+        from the last of them (the later dispatch wins), then every message is acked."""
+        async with self.sem:
+            try:
+                await self.handle_event(ms[-1])
+            except (UnknownEventType, ValueError) as exc:
+                log.warning("unprocessable message terminated", subject=ms[-1].subject, error=str(exc))
+                await asyncio.gather(*(m.term() for m in ms))
+                return
+            except Exception:
+                log.exception("router failed on a dispatch; will retry", subject=ms[-1].subject)
+                await asyncio.gather(*(m.nak(delay=2) for m in ms))
+                return
+            await asyncio.gather(*(m.ack() for m in ms))
+            self.processed += len(ms)
 
     async def _react_together(self, cues: dict[str, Msg]) -> set[str]:
         """Load, decide and append the reactions to one cue per issue at once; returns the issues done."""
@@ -321,6 +441,21 @@ class Router:
             size += len(req.events)
         await flush()
         return done
+
+
+def _chunks(items: list[tuple[IssueState, AppendRequest]], max_events: int) -> list[list[tuple[IssueState,
+                                                                                             AppendRequest]]]:
+    """Consecutive runs of ``items`` of at most ``max_events`` events each (an atomic batch holds 1,000)."""
+    out: list[list[tuple[IssueState, AppendRequest]]] = []
+    size = max_events
+    for item in items:
+        n = len(item[1].events)
+        if size + n > max_events:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
+    return out
 
 
 def _after(state: IssueState, envs: tuple[Any, ...]) -> IssueState:
