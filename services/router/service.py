@@ -3,10 +3,12 @@
 * ``router`` consumes every issue event; reactions (routing, escalation, fallback) are
   appended with OCC and marked ``caused_by`` the cue, so a redelivery or a second router
   changes nothing. Several router processes bind the same durable consumer to share work.
-* Dispatched tasks get a durable timer: a JetStream message schedule in NEEDLE_TIMERS, one
-  pending per task, always for its next clock edge. It is set a little before the edge and
-  the router waits out the rest itself, so lag is not bound to the scheduler's 1 s grain.
-  A fired timer re-checks the issue, warns or breaches (and escalates), then sets the next.
+* An issue with clocks running has one durable timer: a JetStream message schedule in NEEDLE_TIMERS
+  (work-queue retention: gone once handled), always for the earliest edge over its open tasks. It is
+  set a little before the edge and the router holds the fired timer until the edge itself, so lag is
+  not bound to the scheduler's 1 s grain. Due timers are handled in batches: the issues' states, the
+  pure ``on_issue_timer``, one multi-issue atomic append, the next timers, then the acks. A fired
+  timer re-checks the issue's state, so handling it twice changes nothing.
 """
 from __future__ import annotations
 
@@ -94,6 +96,7 @@ class Router:
         self.sem = asyncio.Semaphore(concurrency)
         self.processed = 0
         self.states = StateCache()
+        self.timers_set: OrderedDict[str, int] = OrderedDict()  # issue -> the state's last seq its timer is from
 
     # -- reacting to events ------------------------------------------------------------------------------------
     async def handle_event(self, msg: Msg) -> None:
@@ -102,6 +105,8 @@ class Router:
         if name == "task_dispatched":
             env = decode(msg.data, seq)
             assert isinstance(env.data, TaskDispatched)
+            if self.timers_set.get(issue_id, 0) >= seq:
+                return  # set when this router appended the dispatch
             at = self.schedule_for_dispatch(issue_id, seq, env.data)
             if at is not None:
                 await self.schedule(issue_id, at)
@@ -143,6 +148,18 @@ class Router:
             headers={"Nats-Schedule": f"@at {fire.strftime('%Y-%m-%dT%H:%M:%SZ')}",
                      "Nats-Schedule-Target": sj.timer_fired(issue_id)})
 
+    async def schedule_from(self, state: IssueState) -> None:
+        """Set the issue's timer from a state this router wrote, and remember that it did: the task_dispatched
+        events of that state then need no schedule of their own (a router that restarted, or another one,
+        does not remember and sets it again from the event: the same timer, harmless)."""
+        nxt = issue_next_edge(state)
+        if nxt is not None:
+            await self.schedule(state.id, nxt)
+        self.timers_set[state.id] = state.last_seq
+        self.timers_set.move_to_end(state.id)
+        while len(self.timers_set) > self.states.size:
+            self.timers_set.popitem(last=False)
+
     def schedule_for_dispatch(self, issue_id: str, seq: int, d: TaskDispatched) -> datetime | None:
         """When the issue's timer must fire after the dispatch stored at ``seq``: from the state this router
         wrote when it has seen that far (every open task counted), else from the task itself (the tasks of one
@@ -176,12 +193,7 @@ class Router:
             else:
                 after[issue_id] = one
 
-        async def next_timer(issue_id: str, st: IssueState) -> None:
-            nxt = issue_next_edge(st)
-            if nxt is not None:
-                await self.schedule(issue_id, nxt)
-
-        scheduled = await asyncio.gather(*(next_timer(i, st) for i, st in after.items()), return_exceptions=True)
+        scheduled = await asyncio.gather(*(self.schedule_from(st) for st in after.values()), return_exceptions=True)
         for issue_id, outcome in zip(after, scheduled, strict=True):
             if isinstance(outcome, BaseException):
                 failed[issue_id] = outcome
@@ -421,10 +433,13 @@ class Router:
             except (ConcurrencyConflict, DomainError) as exc:
                 log.debug("batched append refused; reacting one by one", error=str(exc), issues=len(chunk))
             else:
-                for (_, m, req), res in zip(chunk, results, strict=True):
-                    self.states.put(_after(states[req.issue_id], res.envelopes))
-                    log.info("reacted", issue=req.issue_id, trace_id=req.correlation, cue=m.subject.rsplit(".", 1)[1],
-                             seq=m.metadata.sequence.stream, events=[e.name for e in req.events])
+                written = [_after(states[req.issue_id], res.envelopes)
+                           for (_, _, req), res in zip(chunk, results, strict=True)]
+                for st in written:
+                    self.states.put(st)
+                # the issues' timers are set before the cues are acked (a timer that failed to be set is set
+                # when the task_dispatched comes through the consumer)
+                await asyncio.gather(*(self.schedule_from(st) for st in written), return_exceptions=True)
                 await asyncio.gather(*(m.ack() for _, m, _ in chunk))
                 done.update(i for i, _, _ in chunk)
                 self.processed += len(chunk)
