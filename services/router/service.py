@@ -293,7 +293,7 @@ class Router:
             else:
                 await asyncio.gather(*(self._one(m, handler) for m in msgs))
 
-    async def run_timers(self, sub: Any, inflight: int = 100_000, batch: int = 1000) -> None:
+    async def run_timers(self, sub: Any, inflight: int = 20_000, batch: int = 1000) -> None:
         """Fired timers are fetched ahead (schedules fire up to ~2 s before their edge) and held, without any
         resource, in a heap by edge time; whatever is due is taken in batches of up to ``batch`` issues
         (``fire_issues``), and each message is acked only once its issue's reactions and next timer are
