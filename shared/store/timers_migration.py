@@ -4,15 +4,19 @@ Streams made by earlier versions use limits retention and keep every fired copy 
 refuses to change a stream's retention to or from work-queue (err 10052), so the stream is recreated.
 Its pending schedules (and the fired copies the router has not acknowledged yet) are durable timers:
 they are first copied into a plain backup stream, then the old stream is deleted, the new one
-created and the copies replayed into it, and only then the backup deleted. A start that finds a
-backup finishes that work: if the old stream is still there the copy was not complete (it is made
-again); otherwise the backup is replayed again (a schedule replaces the pending one on its subject,
-and a fired timer handled twice changes nothing: the router re-checks the issue's state).
+created and the copies replayed into it, and only then the backup deleted. The backup stream, marked
+with the migrating process's token, is the lock between processes starting at once (``needle up`` and
+its workers): the others wait until it is gone. One that stops moving was left by a process that died:
+if the old stream is still there the copy was not complete (it is made again); otherwise the backup is
+replayed again (a schedule replaces the pending one on its subject, and a fired timer handled twice
+changes nothing: the router re-checks the issue's state).
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import uuid
 from typing import Any
 
 import structlog
@@ -82,14 +86,21 @@ async def _acked_floor(nc: NATS) -> int:
     return int(info.ack_floor.stream_seq) if info.ack_floor else 0
 
 
-async def _back_up(nc: NATS, replicas: int) -> int:
-    """Copy the timers still to handle from the old stream into the backup stream; returns how many."""
-    await _delete_stream(nc, BACKUP_STREAM)  # a partial copy from an interrupted start
+async def _create_backup(nc: NATS, replicas: int, token: str) -> bool:
+    """Create the backup stream, marked with ``token``: the lock of the migration (False: another has it)."""
     resp = await _api(nc, f"$JS.API.STREAM.CREATE.{BACKUP_STREAM}", {
-        "name": BACKUP_STREAM, "subjects": [f"{BACKUP_ROOT}.>"], "storage": "file", "retention": "limits",
-        "num_replicas": replicas, "discard": "old"})
-    if resp.get("error"):
-        raise RuntimeError(f"stream {BACKUP_STREAM}: {resp['error'].get('description')}")
+        "name": BACKUP_STREAM, "description": token, "subjects": [f"{BACKUP_ROOT}.>"], "storage": "file",
+        "retention": "limits", "num_replicas": replicas, "discard": "old"})
+    err = resp.get("error")
+    if err and err.get("err_code") == 10058:  # in use (with another description)
+        return False
+    if err:
+        raise RuntimeError(f"stream {BACKUP_STREAM}: {err.get('description')}")
+    return True
+
+
+async def _copy_to_backup(nc: NATS) -> int:
+    """Copy the timers still to handle from the old stream into the backup stream; returns how many."""
     floor = await _acked_floor(nc)
     js = nc.jetstream()
     n = 0
@@ -118,26 +129,59 @@ async def _replay(nc: NATS) -> int:
     return n
 
 
-async def migrate_timers_stream(nc: NATS, config: dict[str, object]) -> bool:
+async def _stalled(nc: NATS, stall_s: float) -> bool:
+    """Wait while another process migrates: False once its backup is gone (done), True when neither stream
+    has moved for ``stall_s`` (it died: take over)."""
+    last: tuple[Any, ...] | None = None
+    quiet = 0.0
+    while (backup := await stream_info(nc, BACKUP_STREAM)) is not None:
+        timers = await stream_info(nc, sj.TIMERS_STREAM)
+        mark = (backup["state"].get("last_seq"), backup["config"].get("description"),
+                timers and timers["state"].get("last_seq"), timers and timers["config"].get("retention"))
+        if mark != last:
+            last, quiet = mark, 0.0
+        elif quiet >= stall_s:
+            return True
+        await asyncio.sleep(0.25)
+        quiet += 0.25
+    return False
+
+
+async def migrate_timers_stream(nc: NATS, config: dict[str, object], *, stall_s: float = 15.0) -> bool:
     """Recreate NEEDLE_TIMERS with ``config`` (work-queue retention) when it has another retention, keeping
-    its pending timers; finish an interrupted migration. Returns True when it migrated or finished one."""
-    old = await stream_info(nc, sj.TIMERS_STREAM)
-    backup = await stream_info(nc, BACKUP_STREAM)
-    if old is not None and old["config"].get("retention") == config["retention"] and backup is None:
-        return False
-    if old is None and backup is None:
-        return False
+    its pending timers; finish an interrupted migration. Several processes starting at once (``needle up``
+    and its workers) do it once: the backup stream is the lock, the others wait for it to go, and take
+    over when it stops moving for ``stall_s``. Returns True when this process migrated."""
+    token = f"needle timers migration {uuid.uuid4().hex}"
     replicas = int(str(config.get("num_replicas", 1)))
-    if old is not None and old["config"].get("retention") != config["retention"]:
-        copied = await _back_up(nc, replicas)
-        await _delete_stream(nc, sj.TIMERS_STREAM)
-        log.warning("NEEDLE_TIMERS: recreating with work-queue retention", timers_kept=copied,
-                    old_messages=old["state"].get("messages"))
-    if await stream_info(nc, sj.TIMERS_STREAM) is None:
-        resp = await _api(nc, f"$JS.API.STREAM.CREATE.{sj.TIMERS_STREAM}", dict(config))
-        if resp.get("error"):
-            raise RuntimeError(f"stream {sj.TIMERS_STREAM}: {resp['error'].get('description')}")
-    replayed = await _replay(nc)
-    await _delete_stream(nc, BACKUP_STREAM)
-    log.warning("NEEDLE_TIMERS: migrated to work-queue retention", timers_replayed=replayed)
-    return True
+    migrated = False
+    while True:
+        old = await stream_info(nc, sj.TIMERS_STREAM)
+        backup = await stream_info(nc, BACKUP_STREAM)
+        converted = old is not None and old["config"].get("retention") == config["retention"]
+        if backup is None:
+            if old is None or converted:
+                return migrated
+            if not await _create_backup(nc, replicas, token):
+                continue  # another process has just started: wait for it
+            copied = await _copy_to_backup(nc)
+            await _delete_stream(nc, sj.TIMERS_STREAM)
+            log.warning("NEEDLE_TIMERS: recreating with work-queue retention", timers_kept=copied,
+                        old_messages=old["state"].get("messages"))
+        elif backup["config"].get("description") != token:
+            if not await _stalled(nc, stall_s):
+                continue  # the other process finished
+            if old is not None and not converted:  # its copy may be incomplete: start again
+                await _delete_stream(nc, BACKUP_STREAM)
+                continue
+            resp = await _api(nc, f"$JS.API.STREAM.UPDATE.{BACKUP_STREAM}", {**backup["config"], "description": token})
+            if resp.get("error"):
+                continue
+        if await stream_info(nc, sj.TIMERS_STREAM) is None:
+            resp = await _api(nc, f"$JS.API.STREAM.CREATE.{sj.TIMERS_STREAM}", dict(config))
+            if resp.get("error") and resp["error"].get("err_code") != 10058:
+                raise RuntimeError(f"stream {sj.TIMERS_STREAM}: {resp['error'].get('description')}")
+        replayed = await _replay(nc)
+        await _delete_stream(nc, BACKUP_STREAM)
+        log.warning("NEEDLE_TIMERS: migrated to work-queue retention", timers_replayed=replayed)
+        migrated = True

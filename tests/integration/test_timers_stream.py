@@ -16,7 +16,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from shared.events import subjects as sj
 from shared.store.streams import StreamOptions, _create_or_update, ensure_streams, timers_stream_config
-from shared.store.timers_migration import BACKUP_ROOT, BACKUP_STREAM, stream_info
+from shared.store.timers_migration import BACKUP_ROOT, BACKUP_STREAM, migrate_timers_stream, stream_info
 
 FAR = (datetime.now(UTC) + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -78,6 +78,24 @@ async def test_a_limits_timers_stream_is_recreated_as_a_work_queue_keeping_its_t
         await nc.close()
 
 
+async def test_processes_starting_at_once_migrate_once(nats_factory: Callable[[], Any]) -> None:
+    # given an old stream, and needle up's three processes starting together on it
+    url = nats_factory().url
+    nc = await nats.connect(url)
+    others = [await nats.connect(url) for _ in range(2)]
+    try:
+        await old_timers_stream(nc)
+        results = await asyncio.gather(*(migrate_timers_stream(c, timers_stream_config(StreamOptions()))
+                                         for c in (nc, *others)))
+        assert sorted(results) == [False, False, True]  # one of them migrated, the others waited for it
+        assert await subjects(nc, sj.TIMERS_STREAM) == {
+            sj.timer_schedule("task-1"): 1, sj.timer_schedule("issue-2"): 1, sj.timer_fired("todo-1"): 1}
+        assert await stream_info(nc, BACKUP_STREAM) is None
+    finally:
+        for c in (nc, *others):
+            await c.close()
+
+
 async def test_an_interrupted_migration_is_finished_at_the_next_start(nats_factory: Callable[[], Any]) -> None:
     # given a start that died after deleting the old stream: only the backup holds the pending timer
     nc = await nats.connect(nats_factory().url)
@@ -87,6 +105,8 @@ async def test_an_interrupted_migration_is_finished_at_the_next_start(nats_facto
         await nc.jetstream().publish(f"{BACKUP_ROOT}.1", b'{"issue": "i"}', headers={
             "Needle-Subject": sj.timer_schedule("i"), "Needle-Schedule": f"@at {FAR}",
             "Needle-Schedule-Target": sj.timer_fired("i")})
+        # (its owner is gone: the backup stops moving, and is taken over after ``stall_s``)
+        assert await migrate_timers_stream(nc, timers_stream_config(StreamOptions()), stall_s=0.5)
         await ensure_streams(nc)
         assert await subjects(nc, sj.TIMERS_STREAM) == {sj.timer_schedule("i"): 1}
         assert await stream_info(nc, BACKUP_STREAM) is None
