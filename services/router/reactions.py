@@ -24,6 +24,7 @@ from datetime import datetime
 
 from shared.config import OrgTree, Rulebook
 from shared.domain import ids
+from shared.domain.errors import DomainError
 from shared.domain.issue import IssueState, TaskState, evolve
 from shared.domain.levels import Level
 from shared.events import models as ev
@@ -215,14 +216,33 @@ def _at_edge(state: IssueState, t: TaskState, edge: TimerEdge, rules: RouterRule
     return out
 
 
-# -- one timer per issue -----------------------------------------------------------------------------------------
-def issue_next_edge(state: IssueState) -> datetime | None:
-    """When the issue's timer must fire next: the earliest edge still to fire over its open tasks (None when
-    no clock runs). One timer per issue, so that the lead and co-tasks of a dispatch (same deadlines) are
-    handled together instead of racing each other for the issue (OCC)."""
+# -- one timer per dispatch -------------------------------------------------------------------------------------
+def dispatch_of(state: IssueState, task_id: str) -> tuple[TaskState, ...]:
+    """The tasks dispatched together with ``task_id`` (one append: same time and level; lead first). They share
+    their deadlines, and a dispatch supersedes every task still open, so at most one dispatch has clocks."""
+    t = state.task(task_id)
+    return tuple(x for x in state.tasks if x.dispatched_at == t.dispatched_at and x.level == t.level)
+
+
+def dispatch_timer(state: IssueState, task_id: str) -> tuple[str, datetime] | None:
+    """The timer of the dispatch ``task_id`` belongs to: (its first task, the earliest edge still to fire over
+    its open tasks), or None when its clocks are done. One timer per dispatch, not per task: the lead and the
+    co-tasks would race each other for the issue (OCC). Not one per issue either: a timer set from a state that
+    missed a new dispatch would replace the new dispatch's earlier one. A state that missed events of the same
+    dispatch gives an earlier edge (acks, warnings, extensions only move edges later): early, never late."""
     if not state.exists or state.status == "closed":
         return None
-    return min((nxt[0] for t in state.open_tasks if (nxt := next_edge(t)) is not None), default=None)
+    try:
+        group = dispatch_of(state, task_id)
+    except DomainError:
+        return None
+    nxt = min((e[0] for t in group if (e := next_edge(t)) is not None), default=None)
+    return None if nxt is None else (group[0].id, nxt)
+
+
+def latest_dispatch_timer(state: IssueState) -> tuple[str, datetime] | None:
+    """The timer of the issue's latest dispatch (the one whose tasks may be open)."""
+    return dispatch_timer(state, state.tasks[-1].id) if state.tasks else None
 
 
 def on_issue_timer(state: IssueState, rules: RouterRules, now: datetime) -> list[ev.Event]:

@@ -3,12 +3,13 @@
 * ``router`` consumes every issue event; reactions (routing, escalation, fallback) are
   appended with OCC and marked ``caused_by`` the cue, so a redelivery or a second router
   changes nothing. Several router processes bind the same durable consumer to share work.
-* An issue with clocks running has one durable timer: a JetStream message schedule in NEEDLE_TIMERS
-  (work-queue retention: gone once handled), always for the earliest edge over its open tasks. It is
-  set a little before the edge and the router holds the fired timer until the edge itself, so lag is
-  not bound to the scheduler's 1 s grain. Due timers are handled in batches: the issues' states, the
-  pure ``on_issue_timer``, one multi-issue atomic append, the next timers, then the acks. A fired
-  timer re-checks the issue's state, so handling it twice changes nothing.
+* A dispatch (lead and co-tasks, same deadlines) has one durable timer: a JetStream message schedule in
+  NEEDLE_TIMERS (work-queue retention: gone once handled), keyed by its lead task, always for the earliest
+  edge over its open tasks; a dispatch supersedes the open tasks, so an issue has one live timer. It is set
+  a little before the edge and the router holds the fired timer until the edge itself, so lag is not bound
+  to the scheduler's 1 s grain. Due timers are handled in batches: the issues' states, the pure
+  ``on_issue_timer``, one multi-issue atomic append, the next timers, then the acks. A fired timer
+  re-checks the issue's state, so handling it twice changes nothing.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import itertools
 import math
 import time
 from collections import OrderedDict, defaultdict
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -40,7 +42,7 @@ from shared.events.models import IssueReported, TaskDispatched
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
 
 from .clocks import SlaClocks
-from .reactions import RouterRules, issue_next_edge, on_issue_timer, react
+from .reactions import RouterRules, dispatch_timer, latest_dispatch_timer, on_issue_timer, react
 
 if TYPE_CHECKING:
     from shared.runtime.stack import Stack
@@ -105,11 +107,11 @@ class Router:
         if name == "task_dispatched":
             env = decode(msg.data, seq)
             assert isinstance(env.data, TaskDispatched)
-            if self.timers_set.get(issue_id, 0) >= seq:
-                return  # set when this router appended the dispatch
-            at = self.schedule_for_dispatch(issue_id, seq, env.data)
-            if at is not None:
-                await self.schedule(issue_id, at)
+            if env.data.role != "lead" or self.timers_set.get(issue_id, 0) >= seq:
+                return  # the lead's event sets its dispatch's timer, unless this router did when it appended
+            timer = self.timer_for_dispatch(issue_id, seq, env.data)
+            if timer is not None:
+                await self.schedule(issue_id, *timer)
             return
         if name not in REACTS_TO:
             return
@@ -137,53 +139,56 @@ class Router:
         raise ConcurrencyConflict(f"issue {issue_id}: could not react to seq {seq}")
 
     # -- timers ------------------------------------------------------------------------------------------------
-    async def schedule(self, issue_id: str, at: datetime) -> None:
-        """The issue's one pending timer, for its next clock edge (a new schedule replaces the old one)."""
+    async def schedule(self, issue_id: str, key: str, at: datetime) -> None:
+        """The pending timer of the dispatch whose first task is ``key``, for its next clock edge (a new
+        schedule replaces the pending one on its subject)."""
         fire = datetime.fromtimestamp(math.floor((at - EARLY).timestamp()), UTC)
         body: dict[str, str] = {"task": task_id, "at": at.isoformat()}
         if trace:  # the trace id of the flow that dispatched the task: the SLA events carry it too
             body["trace"] = trace
         await self.js.publish(
-            sj.timer_schedule(issue_id), orjson.dumps({"issue": issue_id, "at": at.isoformat()}),
+            sj.timer_schedule(key), orjson.dumps({"issue": issue_id, "task": key, "at": at.isoformat()}),
             headers={"Nats-Schedule": f"@at {fire.strftime('%Y-%m-%dT%H:%M:%SZ')}",
-                     "Nats-Schedule-Target": sj.timer_fired(issue_id)})
+                     "Nats-Schedule-Target": sj.timer_fired(key)})
 
-    async def schedule_from(self, state: IssueState) -> None:
-        """Set the issue's timer from a state this router wrote, and remember that it did: the task_dispatched
-        events of that state then need no schedule of their own (a router that restarted, or another one,
-        does not remember and sets it again from the event: the same timer, harmless)."""
-        nxt = issue_next_edge(state)
-        if nxt is not None:
-            await self.schedule(state.id, nxt)
+    async def schedule_from(self, state: IssueState, keys: Iterable[str] = ()) -> None:
+        """Set the timers of the issue's latest dispatch and of the dispatches of ``keys`` (fired timers) from a
+        state this router wrote or read, and remember it: the task_dispatched events up to that state then need
+        no schedule of their own (a router that restarted, or another one, does not remember and sets it again
+        from the event: the same timer)."""
+        timers = {t[0]: t[1] for t in (latest_dispatch_timer(state), *(dispatch_timer(state, k) for k in keys))
+                  if t is not None}
+        await asyncio.gather(*(self.schedule(state.id, key, at) for key, at in timers.items()))
         self.timers_set[state.id] = state.last_seq
         self.timers_set.move_to_end(state.id)
         while len(self.timers_set) > self.states.size:
             self.timers_set.popitem(last=False)
 
-    def schedule_for_dispatch(self, issue_id: str, seq: int, d: TaskDispatched) -> datetime | None:
-        """When the issue's timer must fire after the dispatch stored at ``seq``: from the state this router
-        wrote when it has seen that far (every open task counted), else from the task itself (the tasks of one
-        dispatch share their deadlines and it supersedes the open ones, so that is the issue's next edge)."""
+    def timer_for_dispatch(self, issue_id: str, seq: int, d: TaskDispatched) -> tuple[str, datetime] | None:
+        """The timer of the dispatch whose lead's task_dispatched is stored at ``seq``: from the state this
+        router holds when it has seen that far, else from the event (the tasks of a dispatch share deadlines)."""
         cached = self.states.peek(issue_id)
         if cached is not None and cached.last_seq >= seq:
-            return issue_next_edge(cached)
-        return min(d.acknowledge_warn, d.resolve_warn, d.acknowledge_due, d.resolve_due)
+            return dispatch_timer(cached, d.task_id)
+        return d.task_id, min(d.acknowledge_warn, d.resolve_warn, d.acknowledge_due, d.resolve_due)
 
     @staticmethod
-    def timer_of(msg: Msg) -> tuple[str, float]:
-        """(issue id, edge as a timestamp) of a fired timer; timers of older versions name a task."""
+    def timer_of(msg: Msg) -> tuple[str, str, float]:
+        """(issue id, the dispatch's first task, edge as a timestamp) of a fired timer. Timers of earlier
+        versions were per task (co-tasks too): handled as their dispatch's."""
         body = orjson.loads(msg.data)
-        issue_id = body["issue"] if "issue" in body else issue_of_task(body["task"])
-        return issue_id, datetime.fromisoformat(body["at"]).timestamp()
+        task: str = body["task"]
+        return body.get("issue") or issue_of_task(task), task, datetime.fromisoformat(body["at"]).timestamp()
 
-    async def fire_issues(self, issue_ids: list[str]) -> dict[str, BaseException]:
-        """Fired timers, one per issue: load the states (cached, else direct gets in flight together), decide
-        purely, append every issue's reactions in ONE multi-issue atomic batch (each issue OCC-guarded), then
-        set each issue's next timer. A refused batch (some issue changed meanwhile) is decided again on fresh
-        states, then issue by issue. Returns the issues that failed, with their error (their timers come back)."""
+    async def fire_issues(self, fired: dict[str, set[str]]) -> dict[str, BaseException]:
+        """Fired timers (issue -> the dispatches they are for): load the states (cached, else direct gets in
+        flight together), decide purely, append every issue's reactions in ONE multi-issue atomic batch (each
+        issue OCC-guarded), then set the next timers (of the fired dispatches and of each issue's latest one).
+        A refused batch (some issue changed meanwhile) is decided again on fresh states, then issue by issue.
+        Returns the issues that failed, with their error (their timers come back)."""
         failed: dict[str, BaseException] = {}
         after: dict[str, IssueState] = {}
-        refused = await self._fire_together(issue_ids, after, failed, fresh=False)
+        refused = await self._fire_together(list(fired), after, failed, fresh=False)
         if refused:
             refused = await self._fire_together(refused, after, failed, fresh=True)
         singles = await asyncio.gather(*(self.fire_one(i) for i in refused), return_exceptions=True)
@@ -193,7 +198,8 @@ class Router:
             else:
                 after[issue_id] = one
 
-        scheduled = await asyncio.gather(*(self.schedule_from(st) for st in after.values()), return_exceptions=True)
+        scheduled = await asyncio.gather(*(self.schedule_from(st, fired[i]) for i, st in after.items()),
+                                         return_exceptions=True)
         for issue_id, outcome in zip(after, scheduled, strict=True):
             if isinstance(outcome, BaseException):
                 failed[issue_id] = outcome
@@ -299,7 +305,7 @@ class Router:
         (``fire_issues``), and each message is acked only once its issue's reactions and next timer are
         stored. Up to ``inflight`` fired timers may be held; fetching goes on meanwhile."""
         room = asyncio.Semaphore(inflight)
-        held: list[tuple[float, int, str, Msg]] = []
+        held: list[tuple[float, int, str, str, Msg]] = []
         order = itertools.count()
         wake = asyncio.Event()
 
@@ -314,13 +320,13 @@ class Router:
                     continue
                 for m in msgs:
                     try:
-                        issue_id, at = self.timer_of(m)
+                        issue_id, key, at = self.timer_of(m)
                     except (ValueError, KeyError, DomainError) as exc:
                         log.warning("unprocessable timer terminated", subject=m.subject, error=str(exc))
                         await m.term()
                         continue
                     await room.acquire()
-                    heapq.heappush(held, (at, next(order), issue_id, m))
+                    heapq.heappush(held, (at, next(order), issue_id, key, m))
                 wake.set()
 
         fetcher = asyncio.create_task(fetch())
@@ -329,10 +335,10 @@ class Router:
                 if fetcher.done():
                     fetcher.result()
                 now = time.time()
-                due: dict[str, list[Msg]] = defaultdict(list)
+                due: dict[str, list[tuple[str, Msg]]] = defaultdict(list)
                 while held and held[0][0] <= now and len(due) < batch:
-                    _, _, issue_id, m = heapq.heappop(held)
-                    due[issue_id].append(m)
+                    _, _, issue_id, key, m = heapq.heappop(held)
+                    due[issue_id].append((key, m))
                 if due:
                     try:
                         await self._fire_and_ack(due)
@@ -346,15 +352,15 @@ class Router:
         finally:
             fetcher.cancel()
 
-    async def _fire_and_ack(self, due: dict[str, list[Msg]]) -> None:
+    async def _fire_and_ack(self, due: dict[str, list[tuple[str, Msg]]]) -> None:
         try:
-            failed = await self.fire_issues(list(due))
+            failed = await self.fire_issues({issue_id: {key for key, _ in ms} for issue_id, ms in due.items()})
         except Exception as batch_error:  # nothing stored for sure: every timer of the batch comes back
             log.exception("timer batch failed; will retry")
             failed = dict.fromkeys(due, batch_error)
         for issue_id, error in failed.items():
             log.warning("timer failed; will retry", issue=issue_id, error=repr(error))
-        acks = [m.nak(delay=1) if issue_id in failed else m.ack() for issue_id, ms in due.items() for m in ms]
+        acks = [m.nak(delay=1) if issue_id in failed else m.ack() for issue_id, ms in due.items() for _, m in ms]
         await asyncio.gather(*acks, return_exceptions=True)
         self.processed += sum(len(ms) for issue_id, ms in due.items() if issue_id not in failed)
 
@@ -381,17 +387,18 @@ class Router:
         await asyncio.gather(*(run_group(g) for issue, g in groups.items() if issue not in done))
 
     async def _dispatched_together(self, ms: list[Msg]) -> None:
-        """Several task_dispatched of one issue in a fetch (lead and co-tasks): the issue's timer is set once,
-        from the last of them (the later dispatch wins), then every message is acked."""
+        """Several task_dispatched of one issue in a fetch (a dispatch's lead and co-tasks): handled in order
+        under one work slot (only a lead's sets a timer), then every message is acked."""
         async with self.sem:
             try:
-                await self.handle_event(ms[-1])
+                for m in ms:
+                    await self.handle_event(m)
             except (UnknownEventType, ValueError) as exc:
-                log.warning("unprocessable message terminated", subject=ms[-1].subject, error=str(exc))
+                log.warning("unprocessable message terminated", subject=ms[0].subject, error=str(exc))
                 await asyncio.gather(*(m.term() for m in ms))
                 return
             except Exception:
-                log.exception("router failed on a dispatch; will retry", subject=ms[-1].subject)
+                log.exception("router failed on a dispatch; will retry", subject=ms[0].subject)
                 await asyncio.gather(*(m.nak(delay=2) for m in ms))
                 return
             await asyncio.gather(*(m.ack() for m in ms))

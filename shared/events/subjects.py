@@ -57,15 +57,15 @@ def resident_event(resident_id: str, event_name: str) -> str:
     return f"{EVENTS_ROOT}.resident.{resident_id}.{event_name}"
 
 
-def timer_schedule(issue_id: str) -> str:
-    """One pending schedule per issue: always its next clock edge over its open tasks (a new one replaces
-    the old). Earlier versions kept one per task, keyed by the task id; those still fire into
-    ``timer_fired(task_id)`` and are handled as their issue's timer."""
-    return f"{TIMERS_ROOT}.schedule.{issue_id}"
+def timer_schedule(task_id: str) -> str:
+    """One pending schedule per dispatch, keyed by its first (lead) task: always the next clock edge over the
+    dispatch's open tasks (a new one replaces the old). Earlier versions kept one per task (co-tasks too);
+    those still fire and are handled as their dispatch's timer."""
+    return f"{TIMERS_ROOT}.schedule.{task_id}"
 
 
-def timer_fired(issue_id: str) -> str:
-    return f"{TIMERS_ROOT}.fired.{issue_id}"
+def timer_fired(task_id: str) -> str:
+    return f"{TIMERS_ROOT}.fired.{task_id}"
 
 
 def parse_issue_subject(subject: str) -> tuple[str, str]:

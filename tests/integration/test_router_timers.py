@@ -46,6 +46,10 @@ async def dispatched_long_ago(store: JetStreamEventStore, n: int) -> IssueState:
     return state
 
 
+async def subjects_of(js: Any, subject: str) -> dict[str, int]:
+    return dict((await js.stream_info(sj.TIMERS_STREAM, subjects_filter=subject)).state.subjects or {})
+
+
 def kinds(state: IssueState, task_id: str) -> tuple[frozenset[str], frozenset[str]]:
     t = state.task(task_id)
     return frozenset(t.warned), frozenset(t.breached)
@@ -66,7 +70,8 @@ async def test_fired_timers_are_handled_in_one_batch_once_each_and_a_stale_state
         ack = decide(stale, cmd.AcknowledgeTask(lead, by="roads"), utcnow())
         await store.append(stale.id, ack, expected_last_seq=stale.last_seq, version=stale.version, now=utcnow())
 
-        failed = await router.fire_issues([stale.id, late_a.id, late_b.id])
+        fired = {i.id: {i.tasks[0].id} for i in (stale, late_a, late_b)}  # the dispatches' timers fired
+        failed = await router.fire_issues(fired)
 
         assert failed == {}
         # the acknowledged lead is neither warned nor breached (the cached state said it was unacknowledged);
@@ -85,15 +90,20 @@ async def test_fired_timers_are_handled_in_one_batch_once_each_and_a_stale_state
         js = nc.jetstream()
         city_lead = (await load_state(store, late_a.id))[0].lead
         assert city_lead is not None and city_lead.department == "city-center"
-        for issue_id, at in ((stale.id, now_stale.task(lead).resolve_warn), (late_a.id, city_lead.acknowledge_warn)):
-            body = orjson.loads((await js.get_last_msg(sj.TIMERS_STREAM, sj.timer_schedule(issue_id))).data)
-            assert body == {"issue": issue_id, "at": at.isoformat()}
+        for issue_id, key, at in ((stale.id, lead, now_stale.task(lead).resolve_warn),
+                                  (late_a.id, city_lead.id, city_lead.acknowledge_warn)):
+            body = orjson.loads((await js.get_last_msg(sj.TIMERS_STREAM, sj.timer_schedule(key))).data)
+            assert body == {"issue": issue_id, "task": key, "at": at.isoformat()}
+        # one timer per issue: none for the superseded district dispatches
+        late_b_city = (await load_state(store, late_b.id))[0].tasks[-1].id
+        assert set(await subjects_of(js, sj.TIMER_SCHEDULES)) == {
+            sj.timer_schedule(k) for k in (lead, city_lead.id, late_b_city)}
 
         # the same timers handled again (a redelivery, another router): nothing more is recorded
         before = {i: len(await store.load(i)) for i in (stale.id, late_a.id, late_b.id)}
-        assert await router.fire_issues([stale.id, late_a.id, late_b.id]) == {}
+        assert await router.fire_issues(fired) == {}
         router.states = type(router.states)()
-        assert await router.fire_issues([stale.id, late_a.id, late_b.id]) == {}
+        assert await router.fire_issues(fired) == {}
         assert {i: len(await store.load(i)) for i in before} == before
     finally:
         await nc.close()
