@@ -440,13 +440,10 @@ class Router:
             except (ConcurrencyConflict, DomainError) as exc:
                 log.debug("batched append refused; reacting one by one", error=str(exc), issues=len(chunk))
             else:
-                written = [_after(states[req.issue_id], res.envelopes)
-                           for (_, _, req), res in zip(chunk, results, strict=True)]
-                for st in written:
-                    self.states.put(st)
-                # the issues' timers are set before the cues are acked (a timer that failed to be set is set
-                # when the task_dispatched comes through the consumer)
-                await asyncio.gather(*(self.schedule_from(st) for st in written), return_exceptions=True)
+                for (_, _, req), res in zip(chunk, results, strict=True):
+                    self.states.put(_after(states[req.issue_id], res.envelopes))
+                # the timers are set when the leads' task_dispatched come through the consumer: setting them
+                # here, before the acks, held up the next fetch (routed/s 0.155 x raw vs 0.286 on main)
                 await asyncio.gather(*(m.ack() for _, m, _ in chunk))
                 done.update(i for i, _, _ in chunk)
                 self.processed += len(chunk)
