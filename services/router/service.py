@@ -67,7 +67,7 @@ class Router(TimerMixin):
                 return  # the lead's event sets its dispatch's timer, unless this router did when it appended
             timer = self.timer_for_dispatch(issue_id, seq, env.data)
             if timer is not None:
-                await self.schedule(issue_id, *timer)
+                await self.schedule(issue_id, *timer, env.correlationid)
             return
         if name not in REACTS_TO:
             return

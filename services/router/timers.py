@@ -79,23 +79,27 @@ class TimerMixin:
     processed: int
     batch: int
 
-    async def schedule(self, issue_id: str, key: str, at: datetime) -> None:
+    async def schedule(self, issue_id: str, key: str, at: datetime, trace: str | None = None) -> None:
         """The pending timer of the dispatch whose first task is ``key``, for its next clock edge (a new
-        schedule replaces the pending one on its subject)."""
+        schedule replaces the pending one on its subject). ``trace``: the trace id of the flow that dispatched
+        it, carried by the SLA events the timer causes."""
         fire = datetime.fromtimestamp(math.floor((at - EARLY).timestamp()), UTC)
+        body: dict[str, str] = {"issue": issue_id, "task": key, "at": at.isoformat()}
+        if trace:
+            body["trace"] = trace
         await self.js.publish(
-            sj.timer_schedule(key), orjson.dumps({"issue": issue_id, "task": key, "at": at.isoformat()}),
+            sj.timer_schedule(key), orjson.dumps(body),
             headers={"Nats-Schedule": f"@at {fire.strftime('%Y-%m-%dT%H:%M:%SZ')}",
                      "Nats-Schedule-Target": sj.timer_fired(key)})
 
-    async def schedule_from(self, state: IssueState, keys: Iterable[str] = ()) -> None:
+    async def schedule_from(self, state: IssueState, keys: Iterable[str] = (), trace: str | None = None) -> None:
         """Set the timers of the issue's latest dispatch and of the dispatches of ``keys`` (fired timers) from a
         state this router wrote or read, and remember it: the task_dispatched events up to that state then need
         no schedule of their own (a router that restarted, or another one, does not remember and sets it again
         from the event: the same timer)."""
         timers = {t[0]: t[1] for t in (latest_dispatch_timer(state), *(dispatch_timer(state, k) for k in keys))
                   if t is not None}
-        await asyncio.gather(*(self.schedule(state.id, key, at) for key, at in timers.items()))
+        await asyncio.gather(*(self.schedule(state.id, key, at, trace) for key, at in timers.items()))
         self.timers_set[state.id] = state.last_seq
         self.timers_set.move_to_end(state.id)
         while len(self.timers_set) > self.states.size:
@@ -110,39 +114,43 @@ class TimerMixin:
         return d.task_id, min(d.acknowledge_warn, d.resolve_warn, d.acknowledge_due, d.resolve_due)
 
     @staticmethod
-    def timer_of(msg: Msg) -> tuple[str, str, float]:
-        """(issue id, the dispatch's first task, edge as a timestamp) of a fired timer. Timers of earlier
-        versions were per task (co-tasks too): handled as their dispatch's."""
+    def timer_of(msg: Msg) -> tuple[str, str, float, str | None]:
+        """(issue id, the dispatch's first task, edge as a timestamp, trace id) of a fired timer. Timers of
+        earlier versions were per task (co-tasks too): handled as their dispatch's."""
         body = orjson.loads(msg.data)
         task: str = body["task"]
-        return body.get("issue") or issue_of_task(task), task, datetime.fromisoformat(body["at"]).timestamp()
+        return (body.get("issue") or issue_of_task(task), task, datetime.fromisoformat(body["at"]).timestamp(),
+                body.get("trace"))
 
-    async def fire_issues(self, fired: dict[str, set[str]]) -> dict[str, BaseException]:
+    async def fire_issues(self, fired: dict[str, set[str]], traces: dict[str, str | None] | None = None
+                          ) -> dict[str, BaseException]:
         """Fired timers (issue -> the dispatches they are for): load the states (cached, else direct gets in
         flight together), decide purely, append every issue's reactions in ONE multi-issue atomic batch (each
         issue OCC-guarded), then set the next timers (of the fired dispatches and of each issue's latest one).
         A refused batch (some issue changed meanwhile) is decided again on fresh states, then issue by issue.
-        Returns the issues that failed, with their error (their timers come back)."""
+        Returns the issues that failed, with their error (their timers come back). ``traces``: each issue's
+        trace id (the flow that dispatched it), carried by the events and the next timers."""
+        traces = traces or {}
         failed: dict[str, BaseException] = {}
         after: dict[str, IssueState] = {}
-        refused = await self._fire_together(list(fired), after, failed, fresh=False)
+        refused = await self._fire_together(list(fired), traces, after, failed, fresh=False)
         if refused:
-            refused = await self._fire_together(refused, after, failed, fresh=True)
-        singles = await asyncio.gather(*(self.fire_one(i) for i in refused), return_exceptions=True)
+            refused = await self._fire_together(refused, traces, after, failed, fresh=True)
+        singles = await asyncio.gather(*(self.fire_one(i, traces.get(i)) for i in refused), return_exceptions=True)
         for issue_id, one in zip(refused, singles, strict=True):
             if isinstance(one, BaseException):
                 failed[issue_id] = one
             else:
                 after[issue_id] = one
 
-        scheduled = await asyncio.gather(*(self.schedule_from(st, fired[i]) for i, st in after.items()),
+        scheduled = await asyncio.gather(*(self.schedule_from(st, fired[i], traces.get(i)) for i, st in after.items()),
                                          return_exceptions=True)
         for issue_id, outcome in zip(after, scheduled, strict=True):
             if isinstance(outcome, BaseException):
                 failed[issue_id] = outcome
         return failed
 
-    async def _fire_together(self, issue_ids: list[str], after: dict[str, IssueState],
+    async def _fire_together(self, issue_ids: list[str], traces: dict[str, str | None], after: dict[str, IssueState],
                              failed: dict[str, BaseException], *, fresh: bool) -> list[str]:
         """One round of ``fire_issues``: fills ``after`` (state once handled) and ``failed``; returns the
         issues of refused batches."""
@@ -160,7 +168,8 @@ class TimerMixin:
             if isinstance(st, BaseException):
                 failed[issue_id] = st
             elif events := on_issue_timer(st, self.rules, now):
-                pending.append((st, AppendRequest(issue_id, tuple(events), st.last_seq, st.version, "router")))
+                pending.append((st, AppendRequest(issue_id, tuple(events), st.last_seq, st.version, "router",
+                                                  correlation=traces.get(issue_id))))
             else:
                 after[issue_id] = st
         refused: list[str] = []
@@ -176,10 +185,10 @@ class TimerMixin:
             for (st, req), res in zip(chunk, results, strict=True):
                 after[req.issue_id] = _after(st, res.envelopes)
                 self.states.put(after[req.issue_id])
-                log.info("sla", issue=req.issue_id, events=[e.name for e in req.events])
+                log.info("sla", issue=req.issue_id, trace_id=req.correlation, events=[e.name for e in req.events])
         return refused
 
-    async def fire_one(self, issue_id: str) -> IssueState:
+    async def fire_one(self, issue_id: str, trace: str | None = None) -> IssueState:
         """One issue's fired timer on a fresh state, reloaded after each conflict."""
         for _ in range(5):
             async with self.sem:
@@ -190,12 +199,13 @@ class TimerMixin:
                 return state
             try:
                 res = await self.store.append(issue_id, events, expected_last_seq=state.last_seq,
-                                              version=state.version, now=now, actor="router", source=SOURCE)
+                                              version=state.version, now=now, actor="router", source=SOURCE,
+                                              correlation=trace)
             except ConcurrencyConflict:
                 continue
             state = _after(state, res.envelopes)
             self.states.put(state)
-            log.info("sla", issue=issue_id, events=[e.name for e in events])
+            log.info("sla", issue=issue_id, trace_id=trace, events=[e.name for e in events])
             return state
         raise ConcurrencyConflict(f"issue {issue_id}: timer not handled after 5 conflicts")
 
@@ -205,7 +215,7 @@ class TimerMixin:
         (``fire_issues``), and each message is acked only once its issue's reactions and next timer are
         stored. Up to ``inflight`` fired timers may be held; fetching goes on meanwhile."""
         room = asyncio.Semaphore(inflight)
-        held: list[tuple[float, int, str, str, Msg]] = []
+        held: list[tuple[float, int, str, str, str | None, Msg]] = []
         order = itertools.count()
         wake = asyncio.Event()
 
@@ -220,13 +230,13 @@ class TimerMixin:
                     continue
                 for m in msgs:
                     try:
-                        issue_id, key, at = self.timer_of(m)
+                        issue_id, key, at, trace = self.timer_of(m)
                     except (ValueError, KeyError, DomainError) as exc:
                         log.warning("unprocessable timer terminated", subject=m.subject, error=str(exc))
                         await m.term()
                         continue
                     await room.acquire()
-                    heapq.heappush(held, (at, next(order), issue_id, key, m))
+                    heapq.heappush(held, (at, next(order), issue_id, key, trace, m))
                 wake.set()
 
         fetcher = asyncio.create_task(fetch())
@@ -235,10 +245,10 @@ class TimerMixin:
                 if fetcher.done():
                     fetcher.result()
                 now = time.time()
-                due: dict[str, list[tuple[str, Msg]]] = defaultdict(list)
+                due: dict[str, list[tuple[str, str | None, Msg]]] = defaultdict(list)
                 while held and held[0][0] <= now and len(due) < batch:
-                    _, _, issue_id, key, m = heapq.heappop(held)
-                    due[issue_id].append((key, m))
+                    _, _, issue_id, key, trace, m = heapq.heappop(held)
+                    due[issue_id].append((key, trace, m))
                 if due:
                     try:
                         await self._fire_and_ack(due)
@@ -252,15 +262,17 @@ class TimerMixin:
         finally:
             fetcher.cancel()
 
-    async def _fire_and_ack(self, due: dict[str, list[tuple[str, Msg]]]) -> None:
+    async def _fire_and_ack(self, due: dict[str, list[tuple[str, str | None, Msg]]]) -> None:
         try:
-            failed = await self.fire_issues({issue_id: {key for key, _ in ms} for issue_id, ms in due.items()})
+            failed = await self.fire_issues({issue_id: {key for key, _, _ in ms} for issue_id, ms in due.items()},
+                                            {issue_id: next((t for _, t, _ in ms if t), None)
+                                             for issue_id, ms in due.items()})
         except Exception as batch_error:  # nothing stored for sure: every timer of the batch comes back
             log.exception("timer batch failed; will retry")
             failed = dict.fromkeys(due, batch_error)
         for issue_id, error in failed.items():
             log.warning("timer failed; will retry", issue=issue_id, error=repr(error))
-        acks = [m.nak(delay=1) if issue_id in failed else m.ack() for issue_id, ms in due.items() for _, m in ms]
+        acks = [m.nak(delay=1) if issue_id in failed else m.ack() for issue_id, ms in due.items() for _, _, m in ms]
         await asyncio.gather(*acks, return_exceptions=True)
         self.processed += sum(len(ms) for issue_id, ms in due.items() if issue_id not in failed)
 
