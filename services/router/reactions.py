@@ -24,7 +24,8 @@ from datetime import datetime
 
 from shared.config import OrgTree, Rulebook
 from shared.domain import ids
-from shared.domain.issue import IssueState, TaskState
+from shared.domain.errors import DomainError
+from shared.domain.issue import IssueState, TaskState, evolve
 from shared.domain.levels import Level
 from shared.events import models as ev
 
@@ -194,13 +195,75 @@ def on_timer(state: IssueState, task_id: str, rules: RouterRules, now: datetime)
     for at, edge in pending_edges(t):
         if at > now:
             break
-        due = t.acknowledge_due if edge.clock == "acknowledge" else t.resolve_due
-        if edge.edge == "warn":
-            out.append(ev.SlaWarned(task_id=t.id, clock=edge.clock, due=due))  # type: ignore[arg-type]
-            continue
-        out.append(ev.SlaBreached(task_id=t.id, clock=edge.clock, due=due))  # type: ignore[arg-type]
-        if t.role == "lead" and f"{edge.clock}_breach" in rules.rulebook.escalate_on and state.lead is t:
-            escalation = _escalate(state, rules, now, cause=f"{edge.clock}_breach", caused_by=0)
-            if escalation:  # the escalation supersedes the other tasks: record their breaches first
-                return out + _breaches_of_others(state, t, now) + escalation
+        answer = _at_edge(state, t, edge, rules, now)
+        out += answer
+        if any(isinstance(e, ev.IssueEscalated) for e in answer):
+            break
+    return out
+
+
+def _at_edge(state: IssueState, t: TaskState, edge: TimerEdge, rules: RouterRules, now: datetime) -> list[ev.Event]:
+    """The events of one clock edge of ``t`` that is past: a warning, or a breach (and, for the lead when the
+    rulebook says so, the breaches already due on the other tasks and the escalation that supersedes them)."""
+    due = t.acknowledge_due if edge.clock == "acknowledge" else t.resolve_due
+    if edge.edge == "warn":
+        return [ev.SlaWarned(task_id=t.id, clock=edge.clock, due=due)]  # type: ignore[arg-type]
+    out: list[ev.Event] = [ev.SlaBreached(task_id=t.id, clock=edge.clock, due=due)]  # type: ignore[arg-type]
+    if t.role == "lead" and f"{edge.clock}_breach" in rules.rulebook.escalate_on and state.lead is t:
+        escalation = _escalate(state, rules, now, cause=f"{edge.clock}_breach", caused_by=0)
+        if escalation:  # the escalation supersedes the other tasks: record their breaches first
+            return out + _breaches_of_others(state, t, now) + escalation
+    return out
+
+
+# -- one timer per dispatch -------------------------------------------------------------------------------------
+def dispatch_of(state: IssueState, task_id: str) -> tuple[TaskState, ...]:
+    """The tasks dispatched together with ``task_id`` (one append: same time and level; lead first). They share
+    their deadlines, and a dispatch supersedes every task still open, so at most one dispatch has clocks."""
+    t = state.task(task_id)
+    return tuple(x for x in state.tasks if x.dispatched_at == t.dispatched_at and x.level == t.level)
+
+
+def dispatch_timer(state: IssueState, task_id: str) -> tuple[str, datetime] | None:
+    """The timer of the dispatch ``task_id`` belongs to: (its first task, the earliest edge still to fire over
+    its open tasks), or None when its clocks are done. One timer per dispatch, not per task: the lead and the
+    co-tasks would race each other for the issue (OCC). Not one per issue either: a timer set from a state that
+    missed a new dispatch would replace the new dispatch's earlier one. A state that missed events of the same
+    dispatch gives an earlier edge (acks, warnings, extensions only move edges later): early, never late."""
+    if not state.exists or state.status == "closed":
+        return None
+    try:
+        group = dispatch_of(state, task_id)
+    except DomainError:
+        return None
+    nxt = min((e[0] for t in group if (e := next_edge(t)) is not None), default=None)
+    return None if nxt is None else (group[0].id, nxt)
+
+
+def latest_dispatch_timer(state: IssueState) -> tuple[str, datetime] | None:
+    """The timer of the issue's latest dispatch (the one whose tasks may be open)."""
+    return dispatch_timer(state, state.tasks[-1].id) if state.tasks else None
+
+
+def on_issue_timer(state: IssueState, rules: RouterRules, now: datetime) -> list[ev.Event]:
+    """The issue's timer fired: every clock edge now past, over all its open tasks, in time order (warnings
+    before breaches at the same instant); a breach that escalates ends the answer (the escalation supersedes
+    the other tasks). Looks only at the current state, so a fired timer handled twice answers nothing more
+    the second time, and a task acknowledged before its deadline is never breached."""
+    if not state.exists or state.status == "closed":
+        return []
+    out: list[ev.Event] = []
+    s = state
+    for _ in range(4 * len(state.tasks) + 1):  # each round records one edge: bounded
+        past = [(at, edge.edge == "due", i, edge, t) for i, t in enumerate(s.open_tasks)
+                for at, edge in pending_edges(t) if at <= now]
+        if not past:
+            break
+        *_, edge, t = min(past, key=lambda p: p[:3])
+        answer = _at_edge(s, t, edge, rules, now)
+        out += answer
+        if any(isinstance(e, ev.IssueEscalated) for e in answer):
+            break
+        for e in answer:
+            s = evolve(s, e, 0)
     return out

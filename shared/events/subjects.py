@@ -58,7 +58,9 @@ def resident_event(resident_id: str, event_name: str) -> str:
 
 
 def timer_schedule(task_id: str) -> str:
-    """One pending schedule per task: always its next clock edge (a new one replaces the old)."""
+    """One pending schedule per dispatch, keyed by its first (lead) task: always the next clock edge over the
+    dispatch's open tasks (a new one replaces the old). Earlier versions kept one per task (co-tasks too);
+    those still fire and are handled as their dispatch's timer."""
     return f"{TIMERS_ROOT}.schedule.{task_id}"
 
 

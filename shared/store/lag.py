@@ -100,7 +100,7 @@ async def checkpoint_lag(nc: NATS, checkpoint: int, *, now: float | None = None)
 
 
 async def timers_pending(nc: NATS) -> int:
-    """SLA timers waiting to fire: one schedule message per task (the server removes it when it fires)."""
+    """SLA timers waiting to fire: one schedule message per dispatch (the server removes it when it fires)."""
     state = await stream_state(nc, sj.TIMERS_STREAM, sj.TIMER_SCHEDULES)
     if state is None:
         return 0

@@ -11,6 +11,8 @@ from nats.aio.client import Client as NATS
 
 from shared.events import subjects as sj
 
+from .timers_migration import migrate_timers_stream
+
 
 @dataclass(frozen=True)
 class StreamOptions:
@@ -35,11 +37,15 @@ def events_stream_config(opts: StreamOptions) -> dict[str, object]:
 
 
 def timers_stream_config(opts: StreamOptions) -> dict[str, object]:
+    """Work-queue retention bounds the stream: it holds the pending schedules (one per issue with a clock
+    running) and the fired timers the router has not acknowledged yet; an acked one is deleted. (Message
+    schedules are allowed on a work-queue stream; max_age would also expire pending schedules, and interest
+    retention drops messages no consumer is interested in, which pending schedules are.)"""
     return {
         "name": sj.TIMERS_STREAM,
         "subjects": [f"{sj.TIMERS_ROOT}.>"],
         "storage": "file",
-        "retention": "limits",
+        "retention": "workqueue",
         "num_replicas": opts.replicas,
         "allow_msg_schedules": True,
         "allow_direct": True,
@@ -67,4 +73,6 @@ async def _create_or_update(nc: NATS, config: dict[str, object]) -> dict[str, ob
 async def ensure_streams(nc: NATS, opts: StreamOptions | None = None) -> None:
     opts = opts or StreamOptions()
     await _create_or_update(nc, events_stream_config(opts))
-    await _create_or_update(nc, timers_stream_config(opts))
+    timers = timers_stream_config(opts)
+    await migrate_timers_stream(nc, timers)  # streams of earlier versions: limits retention
+    await _create_or_update(nc, timers)

@@ -74,7 +74,7 @@ async def test_metrics_move_with_reports_and_want_the_token_when_one_is_set(need
     assert value(after, "needle_http_request_duration_seconds_count", **post) >= 4
     # each report is reported + routed + 2 tasks dispatched (road_damage: a lead and a co-handler)
     assert value(after, "needle_events_appended_total") - value(before, "needle_events_appended_total") >= 12
-    assert value(after, "needle_timers_pending") >= 6  # a clock per dispatched task, hours away
+    assert value(after, "needle_timers_pending") >= 3  # a timer per dispatch (lead + co-task), hours away
     for consumer in ("router", "router-timers", "projections"):
         assert ("needle_consumer_lag_messages", (("consumer", consumer),)) in after
     assert value(after, "needle_sla_breaches_total") == 0

@@ -10,7 +10,17 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.router.clocks import SlaClocks
-from services.router.reactions import RouterRules, TimerEdge, next_edge, on_timer, pending_edges, react
+from services.router.reactions import (
+    RouterRules,
+    TimerEdge,
+    dispatch_timer,
+    latest_dispatch_timer,
+    next_edge,
+    on_issue_timer,
+    on_timer,
+    pending_edges,
+    react,
+)
 from shared.config import load_org, load_rulebook, parse_rulebook
 from shared.domain import commands as cmd
 from shared.domain.calendar import WorkCalendar
@@ -527,6 +537,84 @@ def test_an_approved_extension_moves_the_resolve_due_so_the_old_due_does_nothing
     assert on_timer(story.state, t(1), CONTRACT, T0 + 24 * HOUR) == []
     # and the new edges fire at their new times
     assert on_timer(story.state, t(1), CONTRACT, warn) == [ev.SlaWarned(task_id=t(1), clock="resolve", due=due)]
+
+
+# -- one timer per dispatch, handled per issue -------------------------------------------------------------------
+def test_a_dispatch_has_one_timer_for_the_earliest_edge_over_its_open_tasks() -> None:
+    # given lead and co-task of one dispatch (same deadlines): one timer, keyed by the lead
+    story = dispatched()
+    assert latest_dispatch_timer(story.state) == dispatch_timer(story.state, t(2)) == (t(1), T0 + 24 * MIN)
+    # when the lead acknowledges, the co-task's acknowledge warning is still the next edge
+    story.act(cmd.AcknowledgeTask(t(1), by="roads"), T0 + MIN)
+    assert latest_dispatch_timer(story.state) == (t(1), T0 + 24 * MIN)
+    # when both acknowledged, the next edge is the resolve warning
+    story.act(cmd.AcknowledgeTask(t(2), by="police"), T0 + 2 * MIN)
+    assert latest_dispatch_timer(story.state) == (t(1), T0 + 19 * HOUR + 12 * MIN)
+    # and an issue with no clock running has no timer
+    story.act(cmd.ResolveTask(t(1), by="roads"), T0 + 3 * MIN)
+    story.act(cmd.VerifyIssue(passed=True, by="gw"), T0 + 5 * MIN)
+    assert latest_dispatch_timer(story.state) is None
+    assert latest_dispatch_timer(reported().state) is None
+    assert dispatch_timer(dispatched().state, "garbage") is None
+
+
+def test_a_superseded_dispatch_has_no_timer_left_and_never_replaces_the_new_ones() -> None:
+    # given the district dispatch escalated to the city by a breach
+    story = dispatched()
+    story.timer(t(1), T0 + 30 * MIN)
+    city = story.state.task(t(3))
+    # then the district dispatch's timer is done, and the city's runs under its own key
+    assert dispatch_timer(story.state, t(1)) is None and dispatch_timer(story.state, t(2)) is None
+    assert latest_dispatch_timer(story.state) == (t(3), city.acknowledge_warn)
+
+
+def test_the_issue_timer_warns_every_open_task_at_once_and_only_once() -> None:
+    story = dispatched()
+    warn = T0 + 24 * MIN
+    assert on_issue_timer(story.state, CONTRACT, warn - MS) == []
+    out = on_issue_timer(story.state, CONTRACT, warn)
+    assert out == [ev.SlaWarned(task_id=t(1), clock="acknowledge", due=T0 + 30 * MIN),
+                   ev.SlaWarned(task_id=t(2), clock="acknowledge", due=T0 + 30 * MIN)]
+    story.record(out)
+    assert on_issue_timer(story.state, CONTRACT, warn + MIN) == []  # a redelivered timer adds nothing
+    assert latest_dispatch_timer(story.state) == (t(1), T0 + 30 * MIN)
+
+
+def test_a_late_issue_timer_records_every_past_edge_in_time_order_then_escalates() -> None:
+    # given nobody watched the clocks until long after the acknowledge deadline
+    story = dispatched()
+    out = on_issue_timer(story.state, CONTRACT, T0 + 2 * HOUR)
+    # then both warnings, then both breaches (the lead's first), then the escalation superseding both tasks
+    assert [(type(e).__name__, getattr(e, "task_id", None)) for e in out[:5]] == [
+        ("SlaWarned", t(1)), ("SlaWarned", t(2)), ("SlaBreached", t(1)), ("SlaBreached", t(2)),
+        ("IssueEscalated", None)]
+    assert [e.task_id for e in of(out, ev.TaskSuperseded)] == [t(1), t(2)]  # type: ignore[attr-defined]
+    assert tasks(out) == [(t(3), "city-center", "lead")]
+    story.record(out)
+    # and the city lead's clock is the issue's timer now
+    assert latest_dispatch_timer(story.state) == (t(3), story.state.task(t(3)).acknowledge_warn)
+
+
+def test_the_issue_timer_breaches_the_co_task_whatever_the_lead_did() -> None:
+    # given the lead acknowledged in time and the co-handler did not
+    story = dispatched()
+    story.act(cmd.AcknowledgeTask(t(1), by="roads"), T0 + 30 * MIN - MS)
+    out = on_issue_timer(story.state, CONTRACT, T0 + 30 * MIN)
+    # then the co-task is warned and breached, the lead nothing, and nothing escalates
+    assert out == [ev.SlaWarned(task_id=t(2), clock="acknowledge", due=T0 + 30 * MIN),
+                   ev.SlaBreached(task_id=t(2), clock="acknowledge", due=T0 + 30 * MIN)]
+
+
+def test_an_issue_acknowledged_one_ms_before_its_deadline_is_never_escalated_by_its_timer() -> None:
+    story = dispatched()
+    story.timer(t(1), T0 + 24 * MIN)
+    story.timer(t(2), T0 + 24 * MIN)
+    due = T0 + 30 * MIN
+    story.act(cmd.AcknowledgeTask(t(1), by="roads"), due - MS)
+    story.act(cmd.AcknowledgeTask(t(2), by="police"), due - MS)
+    for now in (due, due + MS, due + 2 * MIN):
+        assert on_issue_timer(story.state, CONTRACT, now) == []
+    assert latest_dispatch_timer(story.state) == (t(1), T0 + 19 * HOUR + 12 * MIN)
 
 
 @pytest.mark.parametrize("task", [t(9), "garbage"])
