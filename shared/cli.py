@@ -259,11 +259,11 @@ def token_nats(data_dir: DataDir = None) -> None:
     (read needle.events.>, own durable consumers; no publishing, no timers)."""
     from urllib.parse import urlsplit
 
-    from shared.runtime.nats_users import load_or_create_passwords, url_for
+    from shared.runtime.nats_users import load_or_create_passwords, nats_servers, url_for
 
     settings = _settings(data_dir)
     info = attach(settings)
-    port = urlsplit(info["nats_url"]).port or 4222
+    port = urlsplit(nats_servers(info["nats_url"])[0]).port or 4222
     typer.echo(url_for("integrator", load_or_create_passwords(settings.data_dir)["integrator"], port))
 
 
@@ -276,6 +276,7 @@ def rules_publish(file: Annotated[Path, typer.Argument(help="rulebook YAML", exi
 
     from shared import rulebooks
     from shared.config import ConfigError, load_rulebook
+    from shared.runtime.nats_users import nats_servers
 
     settings = _settings(data_dir)
     try:
@@ -285,7 +286,7 @@ def rules_publish(file: Annotated[Path, typer.Argument(help="rulebook YAML", exi
     info = attach(settings)
 
     async def go() -> int:
-        nc = await nats.connect(info["nats_url"])
+        nc = await nats.connect(nats_servers(info["nats_url"]))
         try:
             return await rulebooks.publish(nc, rb, file.read_text(), str(file), by=os.environ.get("USER", "cli"))
         finally:
@@ -355,6 +356,7 @@ def rebuild(data_dir: DataDir = None,
     from services.projections.service import open_pool
     from services.projections.worker import ProjectionWriter
     from shared.config import load_org, load_rulebook
+    from shared.runtime.nats_users import nats_servers
 
     if projection != PROJECTION:
         raise _fail(f"unknown projection {projection!r} (known: {PROJECTION})")
@@ -366,7 +368,7 @@ def rebuild(data_dir: DataDir = None,
     rb = load_rulebook(info.get("rules") or settings.rules)
 
     async def go() -> dict[str, float]:
-        nc = await nats.connect(info["nats_url"])
+        nc = await nats.connect(nats_servers(info["nats_url"]))
         pool = await open_pool(info["database_url"])
         try:
             with Progress(TextColumn("rebuild"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
