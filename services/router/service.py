@@ -26,7 +26,7 @@ from nats.js.client import JetStreamContext
 
 from shared.commanding import load_state, utcnow
 from shared.domain.calendar import WorkCalendar, load_holiday_file
-from shared.domain.errors import ConcurrencyConflict, DomainError
+from shared.domain.errors import ConcurrencyConflict, DomainError, Unavailable
 from shared.domain.ids import issue_of_task
 from shared.domain.issue import IssueState, evolve, initial_state
 from shared.events import subjects as sj
@@ -77,6 +77,9 @@ class StateCache:
         self._states.pop(issue_id, None)
 
 
+STALE_RELOADS = 20  # ~10 s of reloads before a cue is nak'ed
+
+
 class Router:
     def __init__(self, store: JetStreamEventStore, js: JetStreamContext, rules: RouterRules, *,
                  batch: int = 256, concurrency: int = 64) -> None:
@@ -107,7 +110,7 @@ class Router:
 
     async def _react(self, issue_id: str, name: str, env: Envelope, seq: int) -> None:
         for _ in range(5):
-            state, _ = await load_state(self.store, issue_id)
+            state = await self.load_including(issue_id, seq)
             now = utcnow()
             events = react(state, env.data, seq, self.rules, now)
             if not events:
@@ -123,6 +126,19 @@ class Router:
             except ConcurrencyConflict:
                 continue
         raise ConcurrencyConflict(f"issue {issue_id}: could not react to seq {seq}")
+
+    async def load_including(self, issue_id: str, seq: int) -> IssueState:
+        """The issue's state with the event at ``seq`` (the cue being handled) folded in. On an R3
+        stream a direct get may be answered by a replica that has not applied that event yet (a node
+        just restarted): the history it returns is stale, and reacting to it would do nothing and ack
+        the cue (found by the fault suite: an issue reported while a node caught up was never routed).
+        Reload until the cue is there; Unavailable (nak, redelivered) if it never shows."""
+        for attempt in range(STALE_RELOADS):
+            state, _ = await load_state(self.store, issue_id)
+            if state.last_seq >= seq:
+                return state
+            await asyncio.sleep(0.05 * (attempt + 1))
+        raise Unavailable(f"issue {issue_id}: the event store answered without seq {seq}; retry later")
 
     # -- timers ------------------------------------------------------------------------------------------------
     async def schedule(self, task_id: str, at: datetime, trace: str | None = None) -> None:
@@ -159,6 +175,11 @@ class Router:
                 state = cached
             else:
                 state, _ = await load_state(self.store, issue_id)
+                if not any(t.id == task_id for t in state.tasks):
+                    # a timer is scheduled after its task's dispatch is stored: a history without the
+                    # task comes from a replica that is behind (see load_including)
+                    await asyncio.sleep(0.05 * (attempt + 1))
+                    continue
             now = utcnow()
             events = on_timer(state, task_id, self.rules, now)
             if events:
@@ -180,6 +201,7 @@ class Router:
             if nxt is not None:
                 await self.schedule(task_id, nxt[0], trace)
             return
+        raise Unavailable(f"timer of task {task_id}: no current state of issue {issue_id} after 5 tries; retry later")
 
     # -- consumer loops ----------------------------------------------------------------------------------------
     async def _one(self, msg: Msg, handler: Any) -> None:
@@ -277,7 +299,7 @@ class Router:
                     state = evolve(initial_state(issue_id), env.data, seq)
                 else:
                     async with self.sem:
-                        state, _ = await load_state(self.store, issue_id)
+                        state = await self.load_including(issue_id, seq)
                 events = react(state, env.data, seq, self.rules, utcnow())
                 states[issue_id] = state
                 req = AppendRequest(issue_id, tuple(events), state.last_seq, state.version, "router",
