@@ -176,7 +176,7 @@ def check_projections(c: Check, t: StreamTally, counts: dict[str, Any]) -> None:
             c.problems.append(f"audit rows of {etype}: {got} != {n} in the stream")
 
 
-async def quiesce(t: StreamTally, database_url: str, timeout: float = 180.0) -> dict[str, Any]:
+async def quiesce(t: StreamTally, database_url: str, timeout: float = 150.0) -> dict[str, Any]:
     """Wait until every reported issue is routed and the projection checkpoint is the stream's last
     sequence (nothing left to do), then return the read models' counts."""
     deadline = time.monotonic() + timeout
@@ -191,6 +191,6 @@ async def quiesce(t: StreamTally, database_url: str, timeout: float = 180.0) -> 
             if counts and counts["checkpoint"] >= t.last_issue_seq and await t.last_seq() == last:
                 return counts
         await asyncio.sleep(0.5)
-    raise AssertionError(f"not quiet after {timeout:.0f} s: last checkpoint {counts.get('checkpoint')}, "
-                         f"stream at {await t.last_seq()}, unrouted "
+    raise AssertionError(f"not quiet after {timeout:.0f} s: projection checkpoint {counts.get('checkpoint')}, "
+                         f"last issue event {t.last_issue_seq}, stream at {await t.last_seq()}, unrouted "
                          f"{sum(1 for i in t.reported if t.routed[i] == 0)}")

@@ -132,6 +132,7 @@ def assert_clean(rows: list[Row], totals: Check, text: str, ledger_failures: lis
 
 
 # -- the quick smoke: one NATS node killed under load ------------------------------------------------------------
+@pytest.mark.timeout(240)
 async def test_smoke_nats_node_kill_under_load_loses_and_duplicates_nothing(tmp_path: Path, pg_url: str) -> None:
     """A follower, not the leader: no election to wait out in the quick run, but the restarted node
     still serves reads while it catches up (the stale-replica case the router must not trust)."""
@@ -142,8 +143,9 @@ async def test_smoke_nats_node_kill_under_load_loses_and_duplicates_nothing(tmp_
         async def kill_follower(r: Rig) -> str:
             return await r.kill_nats_node(down_s=1.0, leader=False)
 
-        rows, totals, text = await run_phases(rig, [("nats node kill -9", kill_follower)], rate=10, before_s=1.5,
-                                              after_s=2.0)
+        async with asyncio.timeout(180):  # inside the test, so that the logs below are printed
+            rows, totals, text = await run_phases(rig, [("nats node kill -9", kill_follower)], rate=10,
+                                                  before_s=1.5, after_s=2.0)
         print("\n" + text)
         assert_clean(rows, totals, text)
         assert rows[0].reports > 0 and rows[0].acks > 0
