@@ -78,6 +78,7 @@ class StateCache:
 
 
 STALE_RELOADS = 20  # ~10 s of reloads before a cue is nak'ed
+STALE_BACKOFF_S = 0.05
 
 
 class Router:
@@ -137,7 +138,7 @@ class Router:
             state, _ = await load_state(self.store, issue_id)
             if state.last_seq >= seq:
                 return state
-            await asyncio.sleep(0.05 * (attempt + 1))
+            await asyncio.sleep(STALE_BACKOFF_S * (attempt + 1))
         raise Unavailable(f"issue {issue_id}: the event store answered without seq {seq}; retry later")
 
     # -- timers ------------------------------------------------------------------------------------------------
