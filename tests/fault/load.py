@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 GRID, CATEGORY = "wuxing-g1", "road_damage"
-RETRYABLE = {502, 503, 504}
+RETRYABLE = {502, 503, 504}  # and 429 (rate limited), waited out as its Retry-After says
 GIVE_UP_S = 180.0
 
 
@@ -104,12 +104,12 @@ class Load:
             if r is not None and not self._retryable(r):
                 self.ledger.failures.append(f"POST /v1/issues -> {r.status_code} {r.text[:200]}")
                 return None
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(_backoff(r))
         self.ledger.gave_up += 1
         return None
 
     def _retryable(self, r: httpx.Response) -> bool:
-        if r.status_code in RETRYABLE:
+        if r.status_code in RETRYABLE or r.status_code == 429:  # 429: the per-token rate limit, after a storm
             self.ledger.retries[str(r.status_code)] += 1
             return True
         if r.status_code == 409 and r.json().get("title") == "Concurrent update":  # ConcurrencyConflict: retryable
@@ -125,7 +125,7 @@ class Load:
                 leads = [t for t in r.json().get("tasks", []) if t["role"] == "lead"]
                 if leads:
                     return leads[0]
-            elif r is not None and r.status_code not in (404, *RETRYABLE):  # 404: a replica not caught up yet
+            elif r is not None and r.status_code not in (404, 429, *RETRYABLE):  # 404: a replica not caught up
                 self.ledger.failures.append(f"GET /v1/issues/{issue_id} -> {r.status_code} {r.text[:200]}")
                 return None
             await asyncio.sleep(0.3)
@@ -151,6 +151,15 @@ class Load:
             if r is not None and not self._retryable(r):
                 self.ledger.failures.append(f"acknowledge {task['id']} -> {r.status_code} {r.text[:200]}")
                 return
-            tried = True
-            await asyncio.sleep(0.25)
+            tried = r is None or r.status_code != 429 or tried  # a 429 was refused before anything was done
+            await asyncio.sleep(_backoff(r))
         self.ledger.gave_up += 1
+
+
+def _backoff(r: httpx.Response | None) -> float:
+    if r is not None and r.status_code == 429:
+        try:
+            return min(float(r.headers.get("Retry-After", "1")), 5.0)
+        except ValueError:
+            return 1.0
+    return 0.25
