@@ -12,6 +12,7 @@ import typer
 if TYPE_CHECKING:
     from shared.runtime.supervisor import Child
 
+from shared.runtime.nats_users import nats_servers
 from shared.settings import Settings
 
 app = typer.Typer(help="needle — 千条线穿进一根针: event-sourced issue escalation for grid governance.",
@@ -235,7 +236,7 @@ def token_revoke(
     by = os.environ.get("USER", "cli")
 
     async def go() -> int:
-        nc = await nats.connect(info["nats_url"], connect_timeout=5, max_reconnect_attempts=1)
+        nc = await nats.connect(nats_servers(info["nats_url"]), connect_timeout=5, max_reconnect_attempts=1)
         try:
             kv = await open_bucket(nc, settings.stream_replicas)
             if token_id is not None:
@@ -259,7 +260,7 @@ def token_nats(data_dir: DataDir = None) -> None:
     (read needle.events.>, own durable consumers; no publishing, no timers)."""
     from urllib.parse import urlsplit
 
-    from shared.runtime.nats_users import load_or_create_passwords, nats_servers, url_for
+    from shared.runtime.nats_users import load_or_create_passwords, url_for
 
     settings = _settings(data_dir)
     info = attach(settings)
@@ -276,7 +277,6 @@ def rules_publish(file: Annotated[Path, typer.Argument(help="rulebook YAML", exi
 
     from shared import rulebooks
     from shared.config import ConfigError, load_rulebook
-    from shared.runtime.nats_users import nats_servers
 
     settings = _settings(data_dir)
     try:
@@ -311,7 +311,7 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
     info = attach(settings)
 
     async def go() -> tuple[str, tuple[str, ...]]:
-        nc = await nats.connect(info["nats_url"])
+        nc = await nats.connect(nats_servers(info["nats_url"]))
         try:
             keys = ResidentKeys(nc, replicas=settings.stream_replicas)
             await keys.start(watch=False)
@@ -356,7 +356,6 @@ def rebuild(data_dir: DataDir = None,
     from services.projections.service import open_pool
     from services.projections.worker import ProjectionWriter
     from shared.config import load_org, load_rulebook
-    from shared.runtime.nats_users import nats_servers
 
     if projection != PROJECTION:
         raise _fail(f"unknown projection {projection!r} (known: {PROJECTION})")
