@@ -12,6 +12,7 @@ import typer
 if TYPE_CHECKING:
     from shared.runtime.supervisor import Child
 
+from shared.runtime.nats_users import nats_servers
 from shared.settings import Settings
 
 app = typer.Typer(help="needle — 千条线穿进一根针: event-sourced issue escalation for grid governance.",
@@ -235,7 +236,7 @@ def token_revoke(
     by = os.environ.get("USER", "cli")
 
     async def go() -> int:
-        nc = await nats.connect(info["nats_url"], connect_timeout=5, max_reconnect_attempts=1)
+        nc = await nats.connect(nats_servers(info["nats_url"]), connect_timeout=5, max_reconnect_attempts=1)
         try:
             kv = await open_bucket(nc, settings.stream_replicas)
             if token_id is not None:
@@ -263,7 +264,7 @@ def token_nats(data_dir: DataDir = None) -> None:
 
     settings = _settings(data_dir)
     info = attach(settings)
-    port = urlsplit(info["nats_url"]).port or 4222
+    port = urlsplit(nats_servers(info["nats_url"])[0]).port or 4222
     typer.echo(url_for("integrator", load_or_create_passwords(settings.data_dir)["integrator"], port))
 
 
@@ -285,7 +286,7 @@ def rules_publish(file: Annotated[Path, typer.Argument(help="rulebook YAML", exi
     info = attach(settings)
 
     async def go() -> int:
-        nc = await nats.connect(info["nats_url"])
+        nc = await nats.connect(nats_servers(info["nats_url"]))
         try:
             return await rulebooks.publish(nc, rb, file.read_text(), str(file), by=os.environ.get("USER", "cli"))
         finally:
@@ -310,7 +311,7 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
     info = attach(settings)
 
     async def go() -> tuple[str, tuple[str, ...]]:
-        nc = await nats.connect(info["nats_url"])
+        nc = await nats.connect(nats_servers(info["nats_url"]))
         try:
             keys = ResidentKeys(nc, replicas=settings.stream_replicas)
             await keys.start(watch=False)
@@ -366,7 +367,7 @@ def rebuild(data_dir: DataDir = None,
     rb = load_rulebook(info.get("rules") or settings.rules)
 
     async def go() -> dict[str, Any]:
-        nc = await nats.connect(info["nats_url"])
+        nc = await nats.connect(nats_servers(info["nats_url"]))
         pool = await open_pool(info["database_url"])
         try:
             with Progress(TextColumn("rebuild"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),

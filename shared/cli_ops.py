@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
+from shared.runtime.nats_users import nats_servers
 from shared.settings import Settings
 
 # the same option as cli.py's (shared.cli is imported lazily: `python -m shared.cli` runs it as __main__,
@@ -92,7 +93,7 @@ def backup(target: Annotated[Path, typer.Argument(help="directory to write the b
         raise _fail(f"no needle data in {settings.data_dir}")
 
     async def go(url: str) -> dict[str, Any]:
-        nc = await nats.connect(url)
+        nc = await nats.connect(nats_servers(url))
         try:
             with _bytes_bar() as bar:
                 def announce(name: str, total: int) -> Any:
@@ -139,7 +140,7 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
         raise _fail(str(exc)) from None
 
     async def go(info: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
-        nc = await nats.connect(info["nats_url"])
+        nc = await nats.connect(nats_servers(info["nats_url"]))
         try:
             with _bytes_bar() as bar:
                 def announce(name: str, total: int) -> Any:

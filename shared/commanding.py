@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from shared.domain.errors import ConcurrencyConflict
+from shared.domain.errors import ConcurrencyConflict, DomainError
 from shared.domain.issue import IssueState, evolve, initial_state
 from shared.events.codec import Envelope
 from shared.events.models import Event
@@ -23,11 +23,22 @@ class Outcome:
 
 
 async def load_state(store: EventStore, issue_id: str) -> tuple[IssueState, list[Envelope]]:
+    """The issue as the replica that answers knows it (see ``load_current_state``)."""
     envs = await store.load(issue_id)
     state = initial_state(issue_id)
     for e in envs:
         state = evolve(state, e.data, e.seq)
     return state, envs
+
+
+async def load_current_state(store: EventStore, issue_id: str, attempts: int = 5
+                             ) -> tuple[IssueState, list[Envelope]]:
+    """The issue with every event the stream leader has: reloaded while the leader knows more."""
+    for _ in range(attempts - 1):
+        state, envs = await load_state(store, issue_id)
+        if await store.is_current(issue_id, state.last_seq):
+            return state, envs
+    return await load_state(store, issue_id)
 
 
 def utcnow() -> datetime:
@@ -41,7 +52,13 @@ async def execute(store: EventStore, issue_id: str, decide: Callable[[IssueState
     for attempt in range(MAX_ATTEMPTS):
         state, _ = await load_state(store, issue_id)
         now = clock()
-        events = decide(state, now)
+        try:
+            events = decide(state, now)
+        except DomainError as exc:
+            # a refusal must come from the whole history, not from a replica that is behind
+            if exc.retryable or attempt == MAX_ATTEMPTS - 1 or await store.is_current(issue_id, state.last_seq):
+                raise
+            continue
         if not events:
             return Outcome(state=state, seq=state.last_seq, envelopes=())
         try:

@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)
     host: str = "127.0.0.1"
     port: int = 8000
-    nats_url: str | None = None  # use an existing NATS instead of the embedded one
+    nats_url: str | None = None  # use an existing NATS instead of the embedded one; a cluster: URLs comma-separated
+    nats_ping_interval_s: float = 5.0  # a hung NATS server is left after ~3 intervals
     database_url: str | None = None  # use an existing Postgres instead of the embedded one
     org: Path = REPO_DEPLOY / "org" / "zhoushan.yaml"
     rules: Path = REPO_DEPLOY / "rules" / "zhoushan.yaml"

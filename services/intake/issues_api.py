@@ -11,7 +11,7 @@ import orjson
 from fastapi import APIRouter, Header, Response
 
 from shared.auth import Principal
-from shared.commanding import execute, load_state, utcnow
+from shared.commanding import execute, load_current_state, load_state, utcnow
 from shared.domain import commands as cmd
 from shared.domain import ids
 from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound, PreconditionFailed, Unavailable
@@ -137,7 +137,7 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
         if key is None:  # a random id collided: astronomically unlikely
             raise
     # the key was used before: same body -> the same issue, another body -> 409
-    state, _ = await load_state(ctx.store, issue_id)
+    state, _ = await load_current_state(ctx.store, issue_id)
     if not state.exists:
         raise ConcurrencyConflict("issue being created concurrently; retry")
     if state.request_hash != rhash:
@@ -147,6 +147,8 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
 
 async def _readable(ctx: AppContext, p: Any, issue_id: str) -> tuple[IssueState, list[Any]]:
     state, envs = await load_state(ctx.store, ids.check_issue_id(issue_id))
+    if not state.exists:  # or the replica that answered is behind: ask the leader before a 404
+        state, envs = await load_current_state(ctx.store, issue_id)
     if not state.exists:
         raise NotFound(f"issue {issue_id} not found", field="id")
     require_read(ctx.org, p, state)

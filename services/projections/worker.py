@@ -28,6 +28,7 @@ from .progress import Progress
 from .schema import ISSUE_COLUMNS, PROJECTION, PROJECTION_VERSION, TASK_COLUMNS, ddl
 
 log = structlog.get_logger("needle.projections")
+RECREATE_AFTER_FAILURES = 12  # fetch errors in a row (~6 s) before the consumer is recreated
 LOCK_KEY = 7_311_001  # advisory lock: one writer per read-model set (the worker, or a rebuild swap)
 
 
@@ -135,27 +136,24 @@ class ProjectionWorker(Progress):
         while True:
             try:
                 msgs: list[Msg] = await self.fetch(sub)
-                failures = 0
+                failures = self._fetch_recovered(failures)
             except Exception as exc:
                 if "Timeout" in type(exc).__name__:
-                    failures = 0
+                    failures = self._fetch_recovered(failures)
                     continue
                 failures += 1
                 log.warning("fetch failed", error=repr(exc), failures=failures)
                 await asyncio.sleep(0.5)
-                if failures >= 3:  # the consumer is gone (deleted, stream restored...): recreate it
-                    self.health["projections"] = False
+                if failures < 3:
+                    continue
+                self.health["projections"] = False
+                # the consumer is gone (deleted, stream restored...): recreate it. One that still exists is
+                # electing a leader (a node died, ~5 s in a cluster): deleting it then would fail; wait
+                if failures >= RECREATE_AFTER_FAILURES or not await self._consumer_exists():
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
-                    try:
-                        self.seq = max(self.seq, await self._checkpoint())
-                        sub = await self.subscribe(self.seq + 1)
-                        if on_subscribed is not None:
-                            on_subscribed(sub)
-                        self.health["projections"] = True
-                        failures = 0
-                    except Exception as again:
-                        log.warning("cannot recreate the consumer yet", error=repr(again))
+                    sub = await self._resubscribe(on_subscribed)
+                    failures = 0
                 continue
             msgs = [m for m in msgs if m.metadata.sequence.stream > self.seq]  # redeliveries already committed
             if not msgs:
@@ -190,6 +188,42 @@ class ProjectionWorker(Progress):
             except Exception as exc:  # the first one goes on alone; the next fetch sees what this one could not
                 log.debug("fetch of the pending messages failed", error=repr(exc))
         return msgs
+
+    def _fetch_recovered(self, failures: int) -> int:
+        if failures >= 3:  # health went red over the fetch errors: the consumer answers again
+            self.health["projections"] = True
+        return 0
+
+    async def _consumer_exists(self) -> bool:
+        try:
+            await self.js.consumer_info(sj.EVENTS_STREAM, self.durable, timeout=2)
+        except NotFoundError:
+            return False
+        except Exception:  # no answer: JetStream is busy electing; the consumer is presumably there
+            return True
+        return True
+
+    async def _resubscribe(self, on_subscribed: Any) -> Any:
+        """Recreate the consumer at the checkpoint, retrying until it works. (It used to go back to
+        fetching on the subscription it had just unsubscribed when one attempt failed: every fetch
+        then timed out, silently, forever — found by the fault suite when a node that led the
+        consumer was killed: the read models stopped at the checkpoint of that moment.)"""
+        delay = 0.5
+        while True:
+            try:
+                self.seq = max(self.seq, await self._checkpoint())
+                sub = await self.subscribe(self.seq + 1)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("cannot recreate the consumer yet", error=repr(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if on_subscribed is not None:
+                on_subscribed(sub)
+            self.health["projections"] = True
+            return sub
 
     async def commit(self, msgs: list[Msg]) -> None:
         envs: list[Envelope] = []

@@ -25,7 +25,7 @@ from nats.js.client import JetStreamContext
 
 from shared.commanding import load_state, utcnow
 from shared.domain.calendar import WorkCalendar, load_holiday_file
-from shared.domain.errors import ConcurrencyConflict, DomainError
+from shared.domain.errors import ConcurrencyConflict, DomainError, Unavailable
 from shared.domain.issue import IssueState, evolve, initial_state
 from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
@@ -34,7 +34,7 @@ from shared.store.eventstore import AppendRequest, JetStreamEventStore
 
 from .clocks import SlaClocks
 from .reactions import RouterRules, react
-from .timers import SOURCE, StateCache, TimerMixin, _after
+from .timers import SOURCE, STALE_BACKOFF_S, STALE_RELOADS, StateCache, TimerMixin, _after
 
 if TYPE_CHECKING:
     from shared.runtime.stack import Stack
@@ -77,7 +77,7 @@ class Router(TimerMixin):
 
     async def _react(self, issue_id: str, name: str, env: Envelope, seq: int) -> None:
         for _ in range(5):
-            state, _ = await load_state(self.store, issue_id)
+            state = await self.load_including(issue_id, seq)
             now = utcnow()
             events = react(state, env.data, seq, self.rules, now)
             if not events:
@@ -93,6 +93,19 @@ class Router(TimerMixin):
             except ConcurrencyConflict:
                 continue
         raise ConcurrencyConflict(f"issue {issue_id}: could not react to seq {seq}")
+
+    async def load_including(self, issue_id: str, seq: int) -> IssueState:
+        """The issue's state with the event at ``seq`` (the cue being handled) folded in. On an R3
+        stream a direct get may be answered by a replica that has not applied that event yet (a node
+        just restarted): the history it returns is stale, and reacting to it would do nothing and ack
+        the cue (found by the fault suite: an issue reported while a node caught up was never routed).
+        Reload until the cue is there; Unavailable (nak, redelivered) if it never shows."""
+        for attempt in range(STALE_RELOADS):
+            state, _ = await load_state(self.store, issue_id)
+            if state.last_seq >= seq:
+                return state
+            await asyncio.sleep(STALE_BACKOFF_S * (attempt + 1))
+        raise Unavailable(f"issue {issue_id}: the event store answered without seq {seq}; retry later")
 
     # -- consumer loops ----------------------------------------------------------------------------------------
     async def _one(self, msg: Msg, handler: Any) -> None:
@@ -183,7 +196,7 @@ class Router(TimerMixin):
                     state = evolve(initial_state(issue_id), env.data, seq)
                 else:
                     async with self.sem:
-                        state, _ = await load_state(self.store, issue_id)
+                        state = await self.load_including(issue_id, seq)
                 events = react(state, env.data, seq, self.rules, utcnow())
                 states[issue_id] = state
                 req = AppendRequest(issue_id, tuple(events), state.last_seq, state.version, "router",

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.js.client import JetStreamContext
 
 from shared.commanding import load_state, utcnow
-from shared.domain.errors import ConcurrencyConflict, DomainError
+from shared.domain.errors import ConcurrencyConflict, DomainError, Unavailable
 from shared.domain.ids import issue_of_task
 from shared.domain.issue import IssueState, evolve
 from shared.events import subjects as sj
@@ -34,6 +34,8 @@ log = structlog.get_logger("needle.router")
 SOURCE = "needle/router"
 EARLY = timedelta(seconds=2)  # schedules fire up to ~1.3 s late on a 1 s grain: set them early, wait the rest
 MAX_WAIT = 10.0
+STALE_RELOADS = 20  # ~10 s of reloads of a replica that is behind before a cue or timer is nak'ed
+STALE_BACKOFF_S = 0.05
 
 
 class StateCache:
@@ -133,10 +135,11 @@ class TimerMixin:
         traces = traces or {}
         failed: dict[str, BaseException] = {}
         after: dict[str, IssueState] = {}
-        refused = await self._fire_together(list(fired), traces, after, failed, fresh=False)
+        refused = await self._fire_together(list(fired), fired, traces, after, failed, fresh=False)
         if refused:
-            refused = await self._fire_together(refused, traces, after, failed, fresh=True)
-        singles = await asyncio.gather(*(self.fire_one(i, traces.get(i)) for i in refused), return_exceptions=True)
+            refused = await self._fire_together(refused, fired, traces, after, failed, fresh=True)
+        singles = await asyncio.gather(*(self.fire_one(i, traces.get(i), fired.get(i, ())) for i in refused),
+                                       return_exceptions=True)
         for issue_id, one in zip(refused, singles, strict=True):
             if isinstance(one, BaseException):
                 failed[issue_id] = one
@@ -150,16 +153,16 @@ class TimerMixin:
                 failed[issue_id] = outcome
         return failed
 
-    async def _fire_together(self, issue_ids: list[str], traces: dict[str, str | None], after: dict[str, IssueState],
-                             failed: dict[str, BaseException], *, fresh: bool) -> list[str]:
+    async def _fire_together(self, issue_ids: list[str], fired: dict[str, set[str]], traces: dict[str, str | None],
+                             after: dict[str, IssueState], failed: dict[str, BaseException], *,
+                             fresh: bool) -> list[str]:
         """One round of ``fire_issues``: fills ``after`` (state once handled) and ``failed``; returns the
         issues of refused batches."""
         async def state_of(issue_id: str) -> IssueState:
             cached = None if fresh else self.states.get(issue_id)
-            if cached is not None:
+            if cached is not None and _holds(cached, fired.get(issue_id, ())):
                 return cached
-            async with self.sem:
-                return (await load_state(self.store, issue_id))[0]
+            return await self.load_with_tasks(issue_id, fired.get(issue_id, ()))
 
         loaded = await asyncio.gather(*(state_of(i) for i in issue_ids), return_exceptions=True)
         now = utcnow()
@@ -188,11 +191,24 @@ class TimerMixin:
                 log.info("sla", issue=req.issue_id, trace_id=req.correlation, events=[e.name for e in req.events])
         return refused
 
-    async def fire_one(self, issue_id: str, trace: str | None = None) -> IssueState:
-        """One issue's fired timer on a fresh state, reloaded after each conflict."""
-        for _ in range(5):
+    async def load_with_tasks(self, issue_id: str, tasks: Iterable[str] = ()) -> IssueState:
+        """The issue's state from the stream, holding the fired dispatches' tasks. A timer is scheduled only
+        after its dispatch is stored, so a history without the task comes from an R3 replica that is behind
+        (a node just restarted; found by the fault suite): read again, and give up retryably (the timer is
+        nak'ed and comes back) rather than decide on a stale history."""
+        wanted = tuple(tasks)
+        for attempt in range(STALE_RELOADS):
             async with self.sem:
                 state, _ = await load_state(self.store, issue_id)
+            if _holds(state, wanted):
+                return state
+            await asyncio.sleep(STALE_BACKOFF_S * (attempt + 1))
+        raise Unavailable(f"issue {issue_id}: the event store answered without the timer's dispatch; retry later")
+
+    async def fire_one(self, issue_id: str, trace: str | None = None, tasks: Iterable[str] = ()) -> IssueState:
+        """One issue's fired timer on a fresh state, reloaded after each conflict."""
+        for _ in range(5):
+            state = await self.load_with_tasks(issue_id, tasks)
             now = utcnow()
             events = on_issue_timer(state, self.rules, now)
             if not events:
@@ -275,6 +291,11 @@ class TimerMixin:
         acks = [m.nak(delay=1) if issue_id in failed else m.ack() for issue_id, ms in due.items() for _, _, m in ms]
         await asyncio.gather(*acks, return_exceptions=True)
         self.processed += sum(len(ms) for issue_id, ms in due.items() if issue_id not in failed)
+
+
+def _holds(state: IssueState, tasks: Iterable[str]) -> bool:
+    have = {t.id for t in state.tasks}
+    return all(t in have for t in tasks)
 
 
 def _chunks(items: list[tuple[IssueState, AppendRequest]], max_events: int) -> list[list[tuple[IssueState,

@@ -49,11 +49,12 @@ def pg_bin_dir() -> Path:
 
 
 def nats_config(*, port: int, store_dir: Path, sync_always: bool, monitor_port: int | None = None,
-                authorization: str = "") -> str:
+                authorization: str = "", server_name: str = "needle-embedded", cluster: str = "") -> str:
+    """One nats-server's configuration; ``cluster`` is a ``cluster {...}`` block (see cluster.py)."""
     lines = [
         "# written by `needle up`; regenerated at every start",
         f"listen: 127.0.0.1:{port}",
-        "server_name: needle-embedded",
+        f"server_name: {server_name}",
         "max_payload: 1MB",
         "jetstream {",
         f'  store_dir: "{store_dir}"',
@@ -63,6 +64,8 @@ def nats_config(*, port: int, store_dir: Path, sync_always: bool, monitor_port: 
     ]
     if monitor_port:
         lines.insert(2, f"http: 127.0.0.1:{monitor_port}")
+    if cluster:
+        lines.append(cluster)
     if authorization:
         lines.append(authorization)
     return "\n".join(lines) + "\n"

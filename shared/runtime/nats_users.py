@@ -58,15 +58,20 @@ def load_or_create_passwords(data_dir: Path) -> dict[str, str]:
     return data
 
 
-def authorization_block(passwords: dict[str, str]) -> str:
+def authorization_block(passwords: dict[str, str], *, from_env: bool = False) -> str:
+    """The ``authorization {...}`` block; ``from_env`` writes the values of ``passwords`` as
+    nats-server environment references (``$NEEDLE_NATS_PASSWORD``) instead of literals."""
+    def pw(user: str) -> str:
+        return f"${passwords[user]}" if from_env else json.dumps(passwords[user])
+
     def arr(items: list[str]) -> str:
         return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
     return "\n".join([
         "authorization {",
         "  users: [",
-        f'    {{user: "needle", password: {json.dumps(passwords["needle"])}}}',
-        f'    {{user: "integrator", password: {json.dumps(passwords["integrator"])},',
+        f'    {{user: "needle", password: {pw("needle")}}}',
+        f'    {{user: "integrator", password: {pw("integrator")},',
         f"      permissions: {{publish: {{allow: {arr(INTEGRATOR_PUBLISH)}, deny: {arr(INTEGRATOR_DENY_PUBLISH)}}},",
         f"                    subscribe: {{allow: {arr(INTEGRATOR_SUBSCRIBE)}}}}}}}",
         "  ]",
@@ -76,3 +81,12 @@ def authorization_block(passwords: dict[str, str]) -> str:
 
 def url_for(user: str, password: str, port: int, host: str = "127.0.0.1") -> str:
     return f"nats://{user}:{password}@{host}:{port}"
+
+
+def nats_servers(url: str) -> list[str]:
+    """``NEEDLE_NATS_URL`` may name several servers of one cluster, comma-separated; nats-py wants
+    a list (a single string is taken as one server)."""
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    if not servers:
+        raise ValueError("empty NATS URL")
+    return servers

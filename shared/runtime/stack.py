@@ -23,6 +23,8 @@ from shared.settings import Settings
 from shared.store.eventstore import JetStreamEventStore
 from shared.store.streams import StreamOptions, ensure_streams
 
+from .nats_users import nats_servers
+
 log = structlog.get_logger("needle.stack")
 
 
@@ -59,9 +61,12 @@ class Stack:
         async def reconnected() -> None:
             self.health["nats"] = True
 
-        self.nc = await nats.connect(self.urls.nats, name="needle", max_reconnect_attempts=-1,
+        # a server that hangs (SIGSTOP, a frozen VM) keeps its TCP connection open: pings find it within
+        # ~3 intervals and the client moves to another node of the cluster
+        self.nc = await nats.connect(nats_servers(self.urls.nats), name="needle", max_reconnect_attempts=-1,
                                      reconnect_time_wait=0.5, disconnected_cb=disconnected,
-                                     reconnected_cb=reconnected, pending_size=64 * 1024 * 1024)
+                                     reconnected_cb=reconnected, pending_size=64 * 1024 * 1024,
+                                     ping_interval=self.settings.nats_ping_interval_s, max_outstanding_pings=2)
         self.health["nats"] = True
         self.extras["nc"] = self.nc
         await ensure_streams(self.nc, StreamOptions(replicas=self.settings.stream_replicas,

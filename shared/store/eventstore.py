@@ -79,6 +79,8 @@ def _stored(env: Envelope, seq: int) -> Envelope:
 class EventStore(Protocol):
     async def load(self, issue_id: str) -> list[Envelope]: ...
 
+    async def is_current(self, issue_id: str, last_seq: int) -> bool: ...
+
     async def append(self, issue_id: str, events: list[Event], *, expected_last_seq: int, version: int,
                      now: datetime, actor: str | None = None, msg_id: str | None = None,
                      causation: str | None = None, source: str = "needle",
@@ -137,6 +139,22 @@ class JetStreamEventStore:
                 self._mux.close(token)
             if not more:
                 return out
+
+    async def is_current(self, issue_id: str, last_seq: int) -> bool:
+        """Whether the issue has no event after ``last_seq``, asked of the stream leader. ``load`` reads
+        through direct gets, which any replica of an R3 stream may answer, one that is behind included
+        (a node just restarted): a refusal decided on such a history ("no such task") would be wrong."""
+        req = orjson.dumps({"seq": last_seq + 1, "next_by_subj": sj.issue_events(issue_id)})
+        try:
+            msg = await self._nc.request(f"$JS.API.STREAM.MSG.GET.{sj.EVENTS_STREAM}", req, timeout=self._timeout)
+        except (NatsTimeout, TimeoutError, NoRespondersError) as exc:
+            raise Unavailable("the event store's leader did not answer in time") from exc
+        err = orjson.loads(msg.data).get("error")
+        if isinstance(err, dict):
+            if err.get("code") == 404:  # no message after last_seq
+                return True
+            raise Unavailable(f"event store: {err.get('description')} ({err.get('err_code')})")
+        return False
 
     # -- writing -------------------------------------------------------------------------------
     async def append(self, issue_id: str, events: list[Event], *, expected_last_seq: int, version: int,

