@@ -41,6 +41,30 @@ def test_compose_file_validates_against_the_compose_spec_schema(compose: dict[st
     assert not errors, errors
 
 
+def _compose_command() -> list[str] | None:
+    """Docker's own validator when the machine has one: the compose plugin, else Debian's docker-compose."""
+    import shutil
+
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    return None
+
+
+def test_docker_compose_config_accepts_the_file() -> None:
+    """`docker compose -f deploy/compose.yaml config` (or docker-compose 1.29, `apt-get install docker-compose`)."""
+    cmd = _compose_command()
+    if cmd is None:
+        pytest.skip("neither `docker compose` nor `docker-compose` here; the schema test above still runs")
+    env = {**os.environ, **ENV, "POSTGRES_PASSWORD": "pg-secret"}
+    run = subprocess.run([*cmd, "-f", str(DEPLOY / "compose.yaml"), "config"], capture_output=True, text=True,
+                         env=env, timeout=60)
+    assert run.returncode == 0, run.stderr
+    services = set(yaml.safe_load(run.stdout)["services"])
+    assert {"n1", "n2", "n3", "postgres", "intake", "router", "projections"} <= services
+
+
 def test_the_schema_check_catches_a_broken_compose_file(compose: dict[str, Any]) -> None:
     broken = copy.deepcopy(compose)
     broken["services"]["router"]["restart_policy"] = "always"  # not a service key
