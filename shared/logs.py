@@ -36,5 +36,5 @@ def configure(level: str = "info", json: bool = False) -> None:
             logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
             cache_logger_on_first_use=True,
         )
-    for noisy in ("uvicorn.access",):
+    for noisy in ("uvicorn.access", "alembic.runtime.plugins"):  # the latter: 7 "setup plugin" lines per start
         logging.getLogger(noisy).setLevel(logging.WARNING)
