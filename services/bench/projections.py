@@ -387,14 +387,15 @@ async def _servers_part(root: Path, events: int, profile: str, stats_issues: int
 def run_projections_bench(*, events: int = 200_000, rate: float = 500.0, duration_s: float = 60.0, sample: int = 10,
                           stats_issues: int = 1_000_000, stats_sample: int = 20_000, reps: int = 50,
                           profile: str = "auto", workdir: Path | None = None, keep: bool = False,
-                          say: Say = _quiet) -> dict[str, Any]:
+                          say: Say = _quiet, only: str = "all") -> dict[str, Any]:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="needle-bench-projections-"))
     root.mkdir(parents=True, exist_ok=True)
     if warning := busy_warning():
         say(f"WARNING: {warning}")
     result: dict[str, Any] = {"benchmark": "projections", "machine": machine(), "targets": TARGETS}
     try:
-        result |= asyncio.run(_servers_part(root, events, profile, stats_issues, stats_sample, reps, say))
+        if only != "visible":  # --only visible: the report -> visible run alone (no rebuild, no stats)
+            result |= asyncio.run(_servers_part(root, events, profile, stats_issues, stats_sample, reps, say))
         result["visibility"] = bench_visibility(root, rate, duration_s, sample, say)
     finally:
         if not keep and workdir is None:
