@@ -23,6 +23,7 @@ from shared.config import OrgTree
 from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
 
+from .follower import CHANNEL
 from .model import Batch, apply
 from .progress import Progress
 from .schema import ISSUE_COLUMNS, PROJECTION, PROJECTION_VERSION, TASK_COLUMNS, ddl
@@ -37,6 +38,11 @@ def _upsert(table: str, cols: list[str], key: str) -> str:
     params = ", ".join(f"${i}" for i in range(1, len(cols) + 1))
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c != key)
     return f"INSERT INTO {table} ({names}) VALUES ({params}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
+
+
+def _row(r: dict[str, Any], cols: list[str]) -> tuple[Any, ...]:
+    """A row as the upsert's parameters; lists copied, so a snapshot does not follow in-place changes."""
+    return tuple(list(v) if isinstance(v, list) else v for v in (r[c] for c in cols))
 
 
 async def migrate(pool: asyncpg.Pool, suffix: str = "", defer: tuple[str, ...] = ()) -> None:
@@ -58,6 +64,9 @@ class ProjectionWriter:
                           f"ON CONFLICT (scope, key, day, metric) DO UPDATE SET n = stats_daily{s}.n + EXCLUDED.n")
         self.sql_checkpoint = (f"INSERT INTO checkpoints{s} (projection, seq, version) VALUES ($1, $2, $3) "
                                f"ON CONFLICT (projection) DO UPDATE SET seq = EXCLUDED.seq, version = EXCLUDED.version")
+        if not s:  # the live tables: tell the followers (delivered at the commit, in the same round trip)
+            self.sql_checkpoint = (f"WITH c AS ({self.sql_checkpoint} RETURNING seq) "
+                                   f"SELECT pg_notify('{CHANNEL}', seq::text) FROM c")
 
     async def checkpoint(self, conn: asyncpg.Connection) -> tuple[int, int | None]:
         row = await conn.fetchrow(f"SELECT seq, version FROM checkpoints{self.suffix} WHERE projection = $1",
@@ -76,12 +85,15 @@ class ProjectionWriter:
             s = self.suffix
             batch.load([dict(r) for r in await conn.fetch(f"SELECT * FROM issues{s} WHERE id = ANY($1)", ids)],
                        [dict(r) for r in await conn.fetch(f"SELECT * FROM tasks{s} WHERE issue_id = ANY($1)", ids)])
-            issue_ids_before = set(batch.issues)
+            # rows as stored, to write back only those the batch changed (or created): every task of every
+            # touched issue used to be upserted again, most of them unchanged
+            stored_issues = {i: _row(r, ISSUE_COLUMNS) for i, r in batch.issues.items()}
+            stored_tasks = {t: _row(r, TASK_COLUMNS) for t, r in batch.tasks.items()}
             for env in fresh:
                 apply(batch, env)
-            touched = {e.subject for e in fresh} | issue_ids_before
-            issues = [tuple(batch.issues[i][c] for c in ISSUE_COLUMNS) for i in touched if i in batch.issues]
-            tasks = [tuple(t[c] for c in TASK_COLUMNS) for t in batch.tasks.values() if t["issue_id"] in touched]
+            issues = [row for i, r in batch.issues.items()
+                      if (row := _row(r, ISSUE_COLUMNS)) != stored_issues.get(i)]
+            tasks = [row for t, r in batch.tasks.items() if (row := _row(r, TASK_COLUMNS)) != stored_tasks.get(t)]
             if issues:
                 await conn.executemany(self.sql_issue, issues)
             if tasks:
