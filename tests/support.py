@@ -113,8 +113,10 @@ async def ensure_database(pg_admin_url: str, database: str) -> str:
 
 
 async def start_needle(data_dir: Path, *, org: Path, rules: Path, nats_url: str, pg_admin_url: str, database: str,
-                       services: tuple[str, ...] = ("intake", "router", "projections"), **overrides: Any
-                       ) -> NeedleHandle:
+                       services: tuple[str, ...] = ("intake", "router", "projections"), read_api: bool = False,
+                       **overrides: Any) -> NeedleHandle:
+    """``read_api``: without the projection worker in this process, serve the read models another process keeps
+    (the checkpoint follower), as ``needle up``'s intake does."""
     db_url = await ensure_database(pg_admin_url, database)
     data_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(data_dir=data_dir, org=org, rules=rules, nats_url=nats_url, database_url=db_url,
@@ -123,6 +125,10 @@ async def start_needle(data_dir: Path, *, org: Path, rules: Path, nats_url: str,
     await stack.connect()
     if "projections" in services:
         await stack.start_projections()
+    elif read_api:
+        from services.projections.service import start_read_api
+
+        await start_read_api(stack)
     if "router" in services:
         await stack.start_router()
     base = f"http://127.0.0.1:{settings.port}"
