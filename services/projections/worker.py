@@ -13,6 +13,7 @@ import contextlib
 from typing import Any
 
 import asyncpg
+import orjson
 import structlog
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -38,6 +39,28 @@ def _upsert(table: str, cols: list[str], key: str) -> str:
     params = ", ".join(f"${i}" for i in range(1, len(cols) + 1))
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c != key)
     return f"INSERT INTO {table} ({names}) VALUES ({params}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
+
+
+STATS_COLUMNS = ["day", "scope", "key", "metric", "n"]
+AUDIT_COLUMNS = ["seq", "issue_id", "type", "actor", "at", "summary"]
+
+
+def _insert_json(table: str, cols: list[str], param: str) -> str:
+    """INSERT the rows of a JSON array of objects (``_json``), typed by the table's own row type."""
+    names = ", ".join(cols)
+    return f"INSERT INTO {table} ({names}) SELECT {names} FROM jsonb_populate_recordset(NULL::{table}, {param}::jsonb)"
+
+
+def _upsert_json(table: str, cols: list[str], key: str, param: str) -> str:
+    updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in cols if c != key)
+    return f"{_insert_json(table, cols, param)} ON CONFLICT ({key}) DO UPDATE SET {updates}"
+
+
+def _json(cols: list[str], rows: list[tuple[Any, ...]]) -> str:
+    """Rows as a JSON array of objects (column names are SQLAlchemy's quoted_name, a str subclass: NON_STR_KEYS);
+    datetimes to the microsecond with their offset (naive ones as UTC, as asyncpg's timestamptz codec takes them)."""
+    opts = orjson.OPT_NAIVE_UTC | orjson.OPT_NON_STR_KEYS
+    return orjson.dumps([dict(zip(cols, r, strict=True)) for r in rows], option=opts).decode()
 
 
 def _row(r: dict[str, Any], cols: list[str]) -> tuple[Any, ...]:
@@ -67,6 +90,17 @@ class ProjectionWriter:
         if not s:  # the live tables: tell the followers (delivered at the commit, in the same round trip)
             self.sql_checkpoint = (f"WITH c AS ({self.sql_checkpoint} RETURNING seq) "
                                    f"SELECT pg_notify('{CHANNEL}', seq::text) FROM c")
+        # a batch's rows, counters, audit and checkpoint in ONE statement (one round trip instead of an
+        # executemany per table, a COPY and the checkpoint: each one a wait for the CPU on a busy machine)
+        self.sql_batch = (
+            f"WITH i AS ({_upsert_json(f'issues{s}', ISSUE_COLUMNS, 'id', '$1')}), "
+            f"t AS ({_upsert_json(f'tasks{s}', TASK_COLUMNS, 'id', '$2')}), "
+            f"st AS ({_insert_json(f'stats_daily{s}', STATS_COLUMNS, '$3')} ON CONFLICT (scope, key, day, metric) "
+            f"DO UPDATE SET n = stats_daily{s}.n + EXCLUDED.n), "
+            f"a AS ({_insert_json(f'audit{s}', AUDIT_COLUMNS, '$4')}), "
+            f"c AS (INSERT INTO checkpoints{s} (projection, seq, version) VALUES ($5, $6, $7) ON CONFLICT (projection) "
+            f"DO UPDATE SET seq = EXCLUDED.seq, version = EXCLUDED.version RETURNING seq) "
+            + (f"SELECT pg_notify('{CHANNEL}', seq::text) FROM c" if not s else "SELECT seq FROM c"))
 
     async def checkpoint(self, conn: asyncpg.Connection) -> tuple[int, int | None]:
         row = await conn.fetchrow(f"SELECT seq, version FROM checkpoints{self.suffix} WHERE projection = $1",
@@ -94,16 +128,11 @@ class ProjectionWriter:
             issues = [row for i, r in batch.issues.items()
                       if (row := _row(r, ISSUE_COLUMNS)) != stored_issues.get(i)]
             tasks = [row for t, r in batch.tasks.items() if (row := _row(r, TASK_COLUMNS)) != stored_tasks.get(t)]
-            if issues:
-                await conn.executemany(self.sql_issue, issues)
-            if tasks:
-                await conn.executemany(self.sql_task, tasks)
-            if batch.stats:
-                await conn.executemany(self.sql_stats, [(*k, n) for k, n in batch.stats.items() if n])
-            if batch.audit:
-                await conn.copy_records_to_table(f"audit{s}", records=batch.audit,
-                                                 columns=["seq", "issue_id", "type", "actor", "at", "summary"])
-        if last_seq > done:
+            stats = [(*k, n) for k, n in batch.stats.items() if n]
+            await conn.execute(self.sql_batch, _json(ISSUE_COLUMNS, issues), _json(TASK_COLUMNS, tasks),
+                               _json(STATS_COLUMNS, stats), _json(AUDIT_COLUMNS, batch.audit),
+                               PROJECTION, max(last_seq, done), PROJECTION_VERSION)
+        elif last_seq > done:
             await conn.execute(self.sql_checkpoint, PROJECTION, last_seq, PROJECTION_VERSION)
         return len(fresh)
 
