@@ -22,6 +22,7 @@ reports of one new phone at once end with one resident and one key (the loser re
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -111,6 +112,24 @@ async def ensure_bucket(nc: NATS, replicas: int = 1) -> None:
     raise KeyStoreError(f"bucket {BUCKET}: could not be created or updated")
 
 
+async def _bucket(nc: NATS, wait_s: float = 15.0) -> KeyValue:
+    """The bucket just ensured. On a cluster a stream that was just created (by this process or another
+    one starting at the same moment) may not answer STREAM.INFO until its Raft group has a leader: a
+    service then died at start-up with BucketNotFoundError (seen in the fault smoke). Ask again a while."""
+    from nats.js.errors import BucketNotFoundError
+
+    deadline = asyncio.get_running_loop().time() + wait_s
+    delay = 0.1
+    while True:
+        try:
+            return await nc.jetstream().key_value(BUCKET)
+        except BucketNotFoundError:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
 def new_resident_id() -> str:
     return "res_" + secrets.token_hex(12)
 
@@ -128,7 +147,7 @@ class ResidentKeys:
 
     async def start(self, watch: bool = True) -> None:
         await ensure_bucket(self.nc, self.replicas)
-        self._kv = await self.nc.jetstream().key_value(BUCKET)
+        self._kv = await _bucket(self.nc)
         if watch:
             self._watch = await self.nc.jetstream().subscribe(
                 f"{KV_PREFIX}r.>", stream=KV_STREAM, cb=self._on_change, ordered_consumer=True,
