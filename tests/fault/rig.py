@@ -58,11 +58,17 @@ class Rig:
             admin = self.pg.url
         self.database_url = await ensure_database(admin, f"needle_fault_{free_port()}")
         self.port = free_port()
+        # the router first: it creates the streams and buckets on the fresh cluster. Three processes creating
+        # them at once while the cluster elects their leaders could kill one at start-up (a stream just
+        # created answering STREAM.INFO "not found"), which compose's restart policy or needle up's
+        # supervisor would restart, but this rig does not: the faults under test come after the start.
+        self.start_service("router")
+        await asyncio.to_thread(self.children["router"].wait_line, "needle ready", 90)
         for name in SERVICES:
-            self.start_service(name)
+            if name != "router":
+                self.start_service(name)
         await asyncio.to_thread(self.children["intake"].wait_http, f"{self.base_url}/healthz", 90)
-        for name in ("router", "projections"):
-            await asyncio.to_thread(self.children[name].wait_line, "needle ready", 90)
+        await asyncio.to_thread(self.children["projections"].wait_line, "needle ready", 90)
 
     def env(self) -> dict[str, str]:
         return {
