@@ -110,11 +110,17 @@ def backup(target: Annotated[Path, typer.Argument(help="directory to write the b
             manifest = asyncio.run(go(info["nats_url"]))
     except BackupError as exc:
         raise _fail(str(exc)) from None
+    _echo_streams(manifest, sizes=True)
+    typer.echo(f"backup written to {target}")
+
+def _echo_streams(manifest: dict[str, Any], *, sizes: bool) -> None:
+    """One line a stream of a backup manifest: messages, sequence range (and the file's size)."""
     for e in manifest["streams"]:
         st = e["state"]
+        size = f", {e['size']:,} bytes" if sizes else ""
         typer.echo(f"{e['name']}: {st.get('messages', 0):,} messages, sequences {st.get('first_seq')}.."
-                   f"{st.get('last_seq')}, {e['size']:,} bytes")
-    typer.echo(f"backup written to {target}")
+                   f"{st.get('last_seq')}{size}")
+
 
 
 def restore(source: Annotated[Path, typer.Argument(help="a directory written by `needle backup`")],
@@ -167,10 +173,7 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
             manifest, figures = asyncio.run(go(info))
     except BackupError as exc:
         raise _fail(str(exc)) from None
-    for e in manifest["streams"]:
-        st = e["state"]
-        typer.echo(f"{e['name']}: {st.get('messages', 0):,} messages, sequences {st.get('first_seq')}.."
-                   f"{st.get('last_seq')}")
+    _echo_streams(manifest, sizes=False)
     if manifest.get("forgotten_again"):
         typer.echo(f"{manifest['forgotten_again']} forgotten residents' keys destroyed again")
     typer.echo(f"restored from {source}; read models rebuilt ({figures['events']:,.0f} events)")
