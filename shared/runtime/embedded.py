@@ -17,6 +17,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,26 +106,61 @@ class EmbeddedNats:
         stop(self.proc, signal.SIGTERM)
 
 
+def _runnable_pg_install(user: str) -> Path:
+    """Postgres binaries ``user`` can reach. The wheel's copy sits inside the venv, and a venv under a
+    private directory (``git clone . "$(mktemp -d)/x"``: the parent is 0700) cannot be read by the
+    unprivileged user. So, as root, the install is copied once into a root-owned, world-readable
+    cache (``NEEDLE_PG_INSTALL_CACHE``, default /var/lib/needle/pginstall), keyed by the wheel's
+    postgres binary, and renamed into place whole so a half-made copy is never used."""
+    src = pg_bin_dir().parent
+    libs = src.parent.parent / "pgserver.libs"  # the wheel's vendored libpq, found by RPATH $ORIGIN/../../../
+    probe = (src / "bin" / "postgres").stat()
+    key = f"{probe.st_size:x}-{int(probe.st_mtime):x}"
+    base = Path(os.environ.get("NEEDLE_PG_INSTALL_CACHE", "/var/lib/needle/pginstall"))
+    dest = base / key
+    install = dest / "pgserver" / "pginstall"
+    if (install / "bin" / "postgres").exists():
+        return install
+    base.mkdir(parents=True, exist_ok=True)
+    for p in [*reversed(dest.parents)]:
+        mode = p.stat().st_mode
+        if mode & 0o005 != 0o005:
+            p.chmod(mode | 0o055)
+    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=base))
+    try:
+        shutil.copytree(src, staging / "pgserver" / "pginstall", symlinks=True)
+        if libs.is_dir():
+            shutil.copytree(libs, staging / "pgserver.libs", symlinks=True)
+        for dirpath, dirnames, filenames in os.walk(staging):
+            for name in dirnames + filenames:
+                full = Path(dirpath) / name
+                if not full.is_symlink():
+                    mode = full.stat().st_mode
+                    full.chmod(mode | 0o044 | (0o011 if mode & stat.S_IXUSR else 0))
+        staging.chmod(0o755)
+        try:
+            staging.rename(dest)
+        except OSError:  # another start copied it first
+            if not (install / "bin" / "postgres").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return install
+
+
 def _prepare_for_system_user(pgdata: Path, user: str) -> None:
     """Postgres refuses to run as root: run it as an unprivileged user that owns pgdata."""
     try:
-        entry = pwd.getpwnam(user)
+        pwd.getpwnam(user)
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", user], check=True,
                        capture_output=True)
-        entry = pwd.getpwnam(user)
-    rx = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
-    for p in [*reversed(pgdata.parents), pg_bin_dir().parent]:
+    entry = pwd.getpwnam(user)
+    for p in reversed(pgdata.parents):
         if p.exists() and p.is_dir():
             mode = p.stat().st_mode
-            if mode & rx != rx:
-                p.chmod(mode | rx)
-    for dirpath, dirnames, filenames in os.walk(pg_bin_dir().parent):
-        for name in dirnames + filenames:
-            full = Path(dirpath) / name
-            if not full.is_symlink():
-                full.chmod(full.stat().st_mode | stat.S_IRGRP | stat.S_IROTH
-                           | (stat.S_IXGRP | stat.S_IXOTH if full.stat().st_mode & stat.S_IXUSR else 0))
+            if mode & 0o001 != 0o001:  # search (not list) is all postgres needs to reach its data
+                p.chmod(mode | 0o011)
     os.chown(pgdata, entry.pw_uid, entry.pw_gid)
 
 
@@ -134,6 +170,7 @@ class EmbeddedPostgres:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     user: str | None = field(default=None)
+    bins: Path = field(default_factory=pg_bin_dir)
 
     @property
     def pgdata(self) -> Path:
@@ -150,10 +187,12 @@ class EmbeddedPostgres:
         if os.geteuid() == 0:
             self.user = PG_SYSTEM_USER
             _prepare_for_system_user(self.pgdata, self.user)
+            bins = _runnable_pg_install(self.user) / "bin"
             log.parent.mkdir(parents=True, exist_ok=True)
             log.touch()
             entry = pwd.getpwnam(self.user)
             os.chown(log, entry.pw_uid, entry.pw_gid)
+        self.bins = bins
         if not (self.pgdata / "PG_VERSION").exists():
             subprocess.run([str(bins / "initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8",
                             "--locale=C", "-U", "postgres"], check=True, capture_output=True, user=self.user)
@@ -184,7 +223,7 @@ class EmbeddedPostgres:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"postgres exited with code {self.proc.returncode}; see {log}")
-            ok = subprocess.run([str(pg_bin_dir() / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
+            ok = subprocess.run([str(self.bins / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port),
                                  "-U", "postgres", "-q"], capture_output=True).returncode == 0
             if ok:
                 return

@@ -1,0 +1,31 @@
+"""As root, Postgres runs as an unprivileged user that may not reach the venv (a clone under a
+0700 ``mktemp -d``): the binaries are copied to a world-readable cache it can run."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from shared.runtime import embedded
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the copy is made only when running as root")
+
+
+def test_the_copied_install_runs_as_the_postgres_user(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("NEEDLE_PG_INSTALL_CACHE", str(cache))
+    try:
+        subprocess.run(["id", embedded.PG_SYSTEM_USER], check=True, capture_output=True)
+    except subprocess.CalledProcessError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin",
+                        embedded.PG_SYSTEM_USER], check=True, capture_output=True)
+    install = embedded._runnable_pg_install(embedded.PG_SYSTEM_USER)
+    assert install.is_relative_to(cache)
+    out = subprocess.run([str(install / "bin" / "initdb"), "--version"], capture_output=True, text=True,
+                         user=embedded.PG_SYSTEM_USER, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert "PostgreSQL" in out.stdout
+    # a second start reuses the copy rather than making another
+    assert embedded._runnable_pg_install(embedded.PG_SYSTEM_USER) == install
+    assert [p.name for p in cache.iterdir()] == [install.parent.parent.name]
