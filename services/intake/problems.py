@@ -60,17 +60,24 @@ def _field_of(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def render(exc: DomainError | TokenError) -> Response:
+    """The problem a domain error or a refused token is answered with (here and by ``fastpath``)."""
+    if isinstance(exc, TokenError):
+        return problem(401, "Unauthorized", str(exc), headers={"WWW-Authenticate": 'Bearer realm="needle"'})
+    headers = {"Retry-After": "1"} if exc.retryable and exc.status >= 500 else None
+    if exc.status == 429:
+        headers = {"Retry-After": str(exc.extra.get("retry_after", 1))}
+    return problem(exc.status, exc.title, exc.detail, field=exc.field, headers=headers, **exc.extra)
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def domain_error(_: Request, exc: DomainError) -> Response:
-        headers = {"Retry-After": "1"} if exc.retryable and exc.status >= 500 else None
-        if exc.status == 429:
-            headers = {"Retry-After": str(exc.extra.get("retry_after", 1))}
-        return problem(exc.status, exc.title, exc.detail, field=exc.field, headers=headers, **exc.extra)
+        return render(exc)
 
     @app.exception_handler(TokenError)
     async def token_error(_: Request, exc: TokenError) -> Response:
-        return problem(401, "Unauthorized", str(exc), headers={"WWW-Authenticate": 'Bearer realm="needle"'})
+        return render(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:

@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import jwt
+import orjson
 import pytest
 
 from shared import auth
@@ -132,6 +133,45 @@ async def test_report_returns_201_with_location_etag_and_needle_seq(h: NeedleHan
     assert r.headers["Location"] == f"/v1/issues/{body['id']}"
     assert r.headers["ETag"] == '"1"'
     assert int(r.headers["Needle-Seq"]) > 0
+
+
+async def test_a_plain_report_takes_the_fast_path_and_answers_as_the_route_does(
+        h: NeedleHandle, monkeypatch: pytest.MonkeyPatch) -> None:
+    """services/intake/fastpath.py answers a plain report without the framework; the FastAPI route answers
+    the rest (here: a ``+json`` media type, which the route accepts and the fast path leaves to it). Both
+    answers carry the same status, headers and body shape; errors are still worded by the route."""
+    from services.intake import fastpath
+
+    taken: list[str] = []
+    real = fastpath.record_report
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        out = await real(*args, **kwargs)
+        taken.append(out.issue_id)
+        return out
+
+    monkeypatch.setattr(fastpath, "record_report", counting)
+    fast = await report(h, road(title="fast"), key=f"fp-{uuid.uuid4()}")
+    assert fast.status_code == 201, fast.text
+    assert taken == [fast.json()["id"]]
+    routed = await h.client.post("/v1/issues", content=orjson.dumps(road(title="routed")),
+                                 headers=h.auth(*GW1) | {"Content-Type": "application/vnd.needle+json"})
+    assert routed.status_code == 201, routed.text
+    assert taken == [fast.json()["id"]]  # the route recorded it, not the fast path
+    skip = {"date", "content-length", "location", "needle-seq", "x-request-id", "traceparent"}
+    assert {k for k in fast.headers if k not in skip} == {k for k in routed.headers if k not in skip}
+    for name in ("content-type", "etag", "cache-control", "x-content-type-options", "content-security-policy"):
+        assert fast.headers[name] == routed.headers[name], name
+    assert fast.headers["x-request-id"] and fast.headers["Location"] == f"/v1/issues/{fast.json()['id']}"
+    assert set(fast.json()) == set(routed.json()) and fast.json()["status"] == routed.json()["status"]
+    # a replay through the fast path says so, as the route does
+    replay = await report(h, road(title="fast"), key=fast.request.headers["Idempotency-Key"])
+    assert replay.status_code == 201 and replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json()["id"] == fast.json()["id"]
+    # refused input never reaches the fast path's recording: the route words the problem
+    problem(await report(h, road(colour="red")), 422, "colour")
+    problem(await report(h, road(grid="wuxing-g2")), 403)
+    assert len(taken) == 2
 
 
 async def test_get_reflects_the_write_immediately(h: NeedleHandle) -> None:
