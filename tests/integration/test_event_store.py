@@ -219,3 +219,33 @@ async def test_concurrent_loads_of_different_issues_do_not_cross(js: Js) -> None
         assert len(envs) == 1 + i % 3
         assert {e.subject for e in envs} == {f"many{i}"}
         assert {e.data.by for e in envs} == {f"by{i}"}  # type: ignore[attr-defined]
+
+
+async def test_is_current_asks_whether_the_issue_has_an_event_after_a_seq(js: Js) -> None:
+    """The leader's answer through ``last_by_subj`` (the per-subject index), with other issues' events after."""
+    first = await new_issue(js.store, "cur")
+    assert await js.store.is_current("cur", first.seq)
+    await new_issue(js.store, "cur-other")  # a later event of another issue changes nothing
+    assert await js.store.is_current("cur", first.seq)
+    second = await js.store.append("cur", [urged("x"), urged("y")], expected_last_seq=first.seq, version=1, now=NOW)
+    assert not await js.store.is_current("cur", first.seq)
+    assert await js.store.is_current("cur", second.seq)
+    assert await js.store.is_current("never-reported", 0)
+
+
+async def test_load_of_an_issue_whose_types_repeat_among_many_other_issues(js: Js) -> None:
+    """``load`` gathers the last event of each of the issue's subjects, then each subject's events: a type
+    repeated (urged thrice) and types interleaved with other issues come back whole and in order."""
+    first = await new_issue(js.store, "mix")
+    seq, version = first.seq, 1
+    for i in range(3):
+        for j in range(5):
+            await new_issue(js.store, f"mix-noise-{i}-{j}")
+        res = await js.store.append("mix", [urged(f"u{i}")], expected_last_seq=seq, version=version, now=NOW)
+        seq, version = res.seq, version + 1
+    envs = await js.store.load("mix")
+    assert [type(e.data).__name__ for e in envs] == ["IssueReported"] + ["IssueUrged"] * 3
+    assert [e.data.by for e in envs[1:]] == ["u0", "u1", "u2"]  # type: ignore[attr-defined]
+    assert [e.seq for e in envs] == sorted(e.seq for e in envs) and envs[-1].seq == seq
+    assert [e.seq for e in await js.store.load("mix", after_seq=envs[1].seq)] == [e.seq for e in envs[2:]]
+    assert await js.store.load("mix", after_seq=seq) == []
