@@ -218,13 +218,16 @@ def timers(
     baseline: Annotated[int | None, typer.Option(help="raw schedules in the baseline (default min(tasks, "
                                                  "100000); 0 skips it)")] = None,
     grace: Annotated[float, typer.Option(help="seconds to wait past the last breach edge")] = 60.0,
+    rate: Annotated[float | None, typer.Option(help="reports per second, open loop (default: as fast as "
+                                               "possible: every edge due within the dispatch burst)")] = None,
     out: Annotated[Path, typer.Option(help="JSON output")] = Path("artifacts/bench-timers.json"),
     keep: Annotated[bool, typer.Option("--keep", help="keep the temp data dir and logs")] = False,
 ) -> None:
     """N durable SLA timers in `needle run router`: pending schedules, RSS, and lag of the warn/breach edges."""
     from .timers import run_timers_bench, timers_table
 
-    result = run_timers_bench(tasks=tasks, ack_s=ack_seconds, baseline=baseline, grace_s=grace, keep=keep, say=_say)
+    result = run_timers_bench(tasks=tasks, ack_s=ack_seconds, baseline=baseline, grace_s=grace, keep=keep, say=_say,
+                              rate=rate)
     console.print(timers_table(result))
     if result["router_log"]["error_lines"]:
         console.print(f"[red]the router logged errors[/red] (see {result['router_log']['path']}):")

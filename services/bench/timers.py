@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,25 @@ async def pool(n: int, one: Callable[[int], Awaitable[Any]], window: int = 256) 
     return n / (time.perf_counter() - t0)
 
 
+async def paced(n: int, rate: float, one: Callable[[int], Coroutine[Any, Any, Any]], window: int = 256) -> float:
+    """``one(i)`` for i < n started at ``rate`` per second (open loop: item i at t0 + i / rate, whatever the
+    earlier ones do; at most ``window`` in flight); items/s achieved."""
+    room = asyncio.Semaphore(window)
+    running: set[asyncio.Task[Any]] = set()
+    t0 = time.perf_counter()
+    for i in range(n):
+        ahead = t0 + i / rate - time.perf_counter()
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+        await room.acquire()
+        task: asyncio.Task[Any] = asyncio.create_task(one(i))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        task.add_done_callback(lambda _: room.release())
+    await asyncio.gather(*running)
+    return n / (time.perf_counter() - t0)
+
+
 async def calibrate(nc: NATS, url: str, root: Path, n: int, say: Say) -> dict[str, Any]:
     """`needle run router` (contract rules) on a backlog of ``n`` reports: routed/s, and drained/s
     (routed AND every task's timer scheduled: the router's consumer has nothing left)."""
@@ -130,9 +149,11 @@ async def scratch_runs(root: Path, cal_issues: int, baseline_k: int, say: Say) -
     return cal, base
 
 
-def choose_ack_seconds(issues: int, rate: float) -> int:
-    """X with X/2 >= 1.5 x the expected dispatch+schedule time + 10 s, rounded up to 10 s."""
-    return int(max(20, 10 * math.ceil(2 * (1.5 * issues / rate + 10) / 10)))
+def choose_ack_seconds(issues: int, rate: float, report_rate: float | None = None) -> int:
+    """X with X/2 >= 1.5 x the expected dispatch+schedule time + 10 s, rounded up to 10 s; with reports paced
+    at ``report_rate``, X/2 >= the reporting time x 1.1 + 20 s (every timer pending before the first edge)."""
+    span = 1.5 * issues / rate if report_rate is None else 1.1 * issues / min(rate, report_rate) + 10
+    return int(max(20, 10 * math.ceil(2 * (span + 10) / 10)))
 
 
 async def schedule_baseline(nc: NATS, k: int, say: Say) -> dict[str, Any]:
@@ -298,11 +319,11 @@ async def _after(js: Any, start_seq: int) -> dict[str, Any]:
 
 
 async def _run(tasks: int, ack_s: int | None, baseline_k: int, grace_s: float, root: Path,
-               say: Say) -> dict[str, Any]:
+               say: Say, report_rate: float | None = None) -> dict[str, Any]:
     issues = tasks // 2
     cal, base = await scratch_runs(root, 0 if ack_s else min(issues, 5000), baseline_k, say)
     if ack_s is None:
-        ack_s = choose_ack_seconds(issues, cal["drained_per_s"])
+        ack_s = choose_ack_seconds(issues, cal["drained_per_s"], report_rate)
         say(f"  router: {cal['routed_per_s']:,.0f} issues/s routed, {cal['drained_per_s']:,.0f}/s routed and "
             f"scheduled -> acknowledge PT{ack_s}S (first edge after {ack_s * WARN_AT:.0f} s)")
     embedded = EmbeddedNats(root / "nats-data")
@@ -325,7 +346,8 @@ async def _run(tasks: int, ack_s: int | None, baseline_k: int, grace_s: float, r
             start_seq = int((await js.stream_info(sj.EVENTS_STREAM)).state.last_seq) + 1
             say(f"needle: {issues:,} reports -> {tasks:,} tasks / timers (acknowledge PT{ack_s}S) ...")
             t_pub = time.time()
-            publish_rate = await pool(issues, lambda _: append_report(store, _issue_id()))
+            publish_rate = await (pool(issues, lambda _: append_report(store, _issue_id())) if report_rate is None
+                                  else paced(issues, report_rate, lambda _: append_report(store, _issue_id())))
             say(f"  published at {publish_rate:,.0f}/s; waiting for every dispatch ...")
             first_edge = t_pub + ack_s * WARN_AT
             d = await poll(js, sj.EVENTS_STREAM, sj.events_of_type("task_dispatched"), tasks,
@@ -357,6 +379,7 @@ async def _run(tasks: int, ack_s: int | None, baseline_k: int, grace_s: float, r
         "calibration": cal, "acknowledge_s": ack_s, "warn_at": WARN_AT, "baseline": base,
         "needle": {
             "issues": issues, "tasks_dispatched": d, "publish_per_s": round(publish_rate, 1),
+            "report_rate": report_rate,
             "dispatch_span_s": round(max(at) - min(at), 2), "first_edge_after_s": ack_s * WARN_AT,
             "all_dispatched_before_first_edge": t_disp < first_edge,
             "all_scheduled_before_first_edge": p >= issues and t_pending < first_edge,
@@ -406,7 +429,7 @@ def timers_table(r: dict[str, Any]) -> Table:
 
 def run_timers_bench(*, tasks: int = 100_000, ack_s: int | None = None, baseline: int | None = None,
                      grace_s: float = 60.0, workdir: Path | None = None, keep: bool = False,
-                     say: Say = lambda _: None) -> dict[str, Any]:
+                     say: Say = lambda _: None, rate: float | None = None) -> dict[str, Any]:
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="needle-bench-timers-"))
     root.mkdir(parents=True, exist_ok=True)
     facts = machine()
@@ -414,7 +437,7 @@ def run_timers_bench(*, tasks: int = 100_000, ack_s: int | None = None, baseline
         say(f"WARNING: {warning}")
     k = min(tasks, 100_000) if baseline is None else baseline
     try:
-        out = asyncio.run(_run(tasks - tasks % 2, ack_s, k, grace_s, root, say))
+        out = asyncio.run(_run(tasks - tasks % 2, ack_s, k, grace_s, root, say, rate))
     finally:
         if not keep and workdir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -149,27 +149,27 @@ class JetStreamEventStore:
         out: list[tuple[int, str, bytes]] = []
         req = dict(request)
         while True:
-            reply, q, token = self._mux.open()
+            reply, done, token = self._mux.open_batch()
             try:
                 await self._nc.publish(f"$JS.API.DIRECT.GET.{sj.EVENTS_STREAM}", orjson.dumps(req), reply=reply)
-                more = False
-                while True:
-                    try:
-                        msg = await asyncio.wait_for(q.get(), self._timeout)
-                    except TimeoutError as exc:
-                        raise Unavailable("event store did not answer in time") from exc
-                    hdrs = msg.headers or {}
-                    status = hdrs.get("Status")
-                    if status == "404":
-                        return out
-                    if status == "204":  # end of batch
-                        more = int(hdrs.get("Nats-Num-Pending", "0")) > 0
-                        break
-                    if status:
-                        raise Unavailable(f"direct get failed: {status} {hdrs.get('Description', '')}")
-                    out.append((int(hdrs["Nats-Sequence"]), hdrs.get("Nats-Subject", ""), msg.data))
+                try:
+                    msgs = await asyncio.wait_for(done, self._timeout)
+                except TimeoutError as exc:
+                    raise Unavailable("event store did not answer in time") from exc
             finally:
                 self._mux.close(token)
+            more = False
+            for msg in msgs:
+                hdrs = msg.headers or {}
+                status = hdrs.get("Status")
+                if status == "404":
+                    return out
+                if status == "204":  # end of batch
+                    more = int(hdrs.get("Nats-Num-Pending", "0")) > 0
+                    break
+                if status:
+                    raise Unavailable(f"direct get failed: {status} {hdrs.get('Description', '')}")
+                out.append((int(hdrs["Nats-Sequence"]), hdrs.get("Nats-Subject", ""), msg.data))
             if not more or page_subject is None:
                 return out
             req = {"seq": out[-1][0] + 1, "next_by_subj": page_subject, "batch": BATCH_MAX}

@@ -14,7 +14,7 @@ class ReplyMux:
     def __init__(self, nc: NATS) -> None:
         self._nc = nc
         self._prefix = nc.new_inbox()
-        self._queues: dict[str, asyncio.Queue[Msg]] = {}
+        self._batches: dict[str, tuple[list[Msg], asyncio.Future[list[Msg]]]] = {}
         self._ids = itertools.count()
         self._sub: Subscription | None = None
 
@@ -23,15 +23,21 @@ class ReplyMux:
             self._sub = await self._nc.subscribe(f"{self._prefix}.*", cb=self._on_msg, pending_msgs_limit=1_000_000)
 
     async def _on_msg(self, msg: Msg) -> None:
-        q = self._queues.get(msg.subject.rsplit(".", 1)[1])
-        if q is not None:
-            q.put_nowait(msg)
+        token = msg.subject.rsplit(".", 1)[1]
+        batch = self._batches.get(token)
+        if batch is not None:
+            msgs, done = batch
+            msgs.append(msg)
+            if msg.headers and "Status" in msg.headers and not done.done():  # end of batch, or an error
+                done.set_result(msgs)
 
-    def open(self) -> tuple[str, asyncio.Queue[Msg], str]:
+    def open_batch(self) -> tuple[str, asyncio.Future[list[Msg]], str]:
+        """A reply subject whose messages are gathered until one carries a status (a batch direct get's
+        end-of-batch 204, or 404 / an error): one future per request, not one wait per message."""
         token = str(next(self._ids))
-        q: asyncio.Queue[Msg] = asyncio.Queue()
-        self._queues[token] = q
-        return f"{self._prefix}.{token}", q, token
+        done: asyncio.Future[list[Msg]] = asyncio.get_running_loop().create_future()
+        self._batches[token] = ([], done)
+        return f"{self._prefix}.{token}", done, token
 
     def close(self, token: str) -> None:
-        self._queues.pop(token, None)
+        self._batches.pop(token, None)

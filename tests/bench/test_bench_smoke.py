@@ -122,7 +122,7 @@ def test_router_bench_tiny(tmp_path: Path) -> None:
 def test_timers_bench_tiny(tmp_path: Path) -> None:
     from services.bench.timers import run_timers_bench, timers_table
 
-    r = run_timers_bench(tasks=40, ack_s=6, baseline=20, grace_s=15, workdir=tmp_path)
+    r = run_timers_bench(tasks=40, ack_s=6, baseline=20, grace_s=15, workdir=tmp_path, rate=100)
     assert {"benchmark", "machine", "tasks", "acknowledge_s", "baseline", "needle", "edges", "after", "samples",
             "router_log"} <= r.keys()
     assert r["baseline"]["schedules"] == 20 and {"fired", "fire_spread_s", "stored_after_at"} <= r["baseline"].keys()
