@@ -53,14 +53,14 @@ ROUTER_FILTER = f"{sj.EVENTS_ROOT}.issue.>"
 
 class Router(TimerMixin):
     def __init__(self, store: JetStreamEventStore, js: JetStreamContext, rules: RouterRules, *,
-                 batch: int = 256, concurrency: int = 64) -> None:
+                 batch: int = 256, concurrency: int = 64, cache_size: int = 10_000) -> None:
         self.store = store
         self.js = js
         self.rules = rules
         self.batch = batch
         self.sem = asyncio.Semaphore(concurrency)
         self.processed = 0
-        self.states = StateCache()
+        self.states = StateCache(cache_size)
         self.timers_set: OrderedDict[str, int] = OrderedDict()  # issue -> the state's last seq its timer is from
 
     # -- reacting to events ------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ async def start_router(stack: Stack) -> Router:
     calendar = WorkCalendar(stack.rulebook.calendar, holidays)
     rules = RouterRules(org=stack.org, rulebook=stack.rulebook, clocks=SlaClocks(calendar))
     stack.extras["deadlines"] = rules.clocks
-    router = Router(stack.store, js, rules)
+    router = Router(stack.store, js, rules, cache_size=stack.settings.router_state_cache)
     await _migrate_router_filter(js)
     events_sub = await js.pull_subscribe(
         ROUTER_FILTER, durable="router", stream=sj.EVENTS_STREAM,

@@ -43,7 +43,7 @@ class StateCache:
     the stream (a handler acted since), never ahead: every decision made from it is appended under OCC
     against its sequence, so a stale entry costs one refused append and a reload, never a wrong event."""
 
-    def __init__(self, size: int = 50_000) -> None:
+    def __init__(self, size: int = 10_000) -> None:
         self.size = size
         self._states: OrderedDict[str, IssueState] = OrderedDict()
         self.hits = self.misses = 0
