@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from pydantic import ValidationError
 from starlette.routing import BaseRoute
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared.auth import Principal, TokenError
 from shared.domain.errors import DomainError
@@ -54,7 +54,7 @@ class ReportFastPath:
             return
         accepted = self._accept(authorization, content_type, body)
         if accepted is None:  # the route checks it all again and words the error
-            await self.app(scope, _replay(body, receive), send)
+            await self.app(scope, problems.replay_body(body, receive), send)
             return
         principal, report = accepted
         scope["route"] = self.route  # for the metrics' route label, as the router would set it
@@ -111,16 +111,3 @@ async def _read_body(receive: Receive) -> bytes | None:
         chunks.append(msg.get("body", b""))
         if not msg.get("more_body", False):
             return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
