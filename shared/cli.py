@@ -99,6 +99,7 @@ def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[s
     from shared.config import ConfigError
     from shared.logs import configure
     from shared.runtime.embedded import EmbeddedNats, EmbeddedPostgres
+    from shared.runtime.loop import run
     from shared.runtime.stack import Stack, Urls, print_ready, run_stack
 
     configure(settings.log_level, settings.log_json)
@@ -127,7 +128,7 @@ def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[s
         if owner:
             write_runtime(settings, stack.urls.nats, stack.urls.database, services + child_services)
         children = _start_children(settings, stack.urls.nats, stack.urls.database, child_services)
-        asyncio.run(run_stack(stack, services=services, on_ready=print_ready, children=children))
+        run(run_stack(stack, services=services, on_ready=print_ready, children=children), settings.event_loop)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:

@@ -4,7 +4,7 @@ Built once in the entry point (CLI) and passed down; nothing else reads the envi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     workers: int = 1  # uvicorn worker processes for the HTTP API
     projections: bool = True  # run the projection worker (and the read-model API)
     workers_in_process: bool = False  # `needle up` runs router + projections in its own process (debugging)
+    # the event loop of every long-running process: uvloop when installed (auto), or the standard asyncio loop
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     log_level: str = "info"
     log_json: bool = False
     sync_always: bool = False  # fsync every JetStream write (survives power loss, slower)
