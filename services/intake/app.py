@@ -3,13 +3,12 @@ from __future__ import annotations
 
 from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.routing import APIRoute
 
 from services.open311.api import router as open311_router
 
 from . import campaigns_api, events_api, issues_api, problems, residents_api, tasks_api
 from .context import AppContext
-from .fastpath import ReportFastPath
+from .fastpath import NeedleAPI
 from .issues_api import json_response
 from .observability import LagMonitor, Metrics, TraceAndMeasure, metrics_router
 
@@ -20,7 +19,7 @@ CORS_RESPONSE_HEADERS = ["ETag", "Location", "Needle-Seq", "Retry-After", "Idemp
 
 
 def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastAPI:
-    app = FastAPI(
+    app = NeedleAPI(
         title="needle",
         version="0.1.0",
         description="千条线穿进一根针 — event-sourced issue escalation for grid-based community governance.",
@@ -58,10 +57,8 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
             body["status"] = "degraded"
         return json_response(body, 200 if not down else 503)
 
-    # innermost of ours: a plain report skips the framework (see fastpath.py); everything else reaches the routes
-    app.add_middleware(ReportFastPath, ctx=ctx, route=next(
-        r for r in issues_api.router.routes
-        if isinstance(r, APIRoute) and r.path == "/v1/issues" and "POST" in (r.methods or ())))
+    # a plain report is answered ahead of the framework (see fastpath.py); everything else takes the whole stack
+    app.take_reports_first(ctx, metrics)
     # browsers of the listed origins only (NEEDLE_CORS_ORIGINS, none by default); bearer tokens, no cookies
     app.add_middleware(CORSMiddleware, allow_origins=ctx.settings.cors_origins, allow_credentials=False,
                        allow_methods=["GET", "POST", "DELETE"], allow_headers=CORS_REQUEST_HEADERS,

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import hmac
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import structlog
@@ -85,7 +85,18 @@ class Metrics(Collector):
                                  buckets=(.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.monitor, self.pool = monitor, pool
         self.scraped: dict[str, float] = {}
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.registry.register(self)
+
+    def observe(self, method: str, template: str, status: int, elapsed: float) -> None:
+        """Count one request and its latency (label children are looked up once per label set)."""
+        key = (method, template, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(method, template, str(status)),
+                                               self.latency.labels(method, template))
+        children[0].inc()
+        children[1].observe(elapsed)
 
     async def refresh(self, nc: NATS | None) -> None:
         """What is read at scrape time (cheap, but not worth a background loop)."""
@@ -144,17 +155,7 @@ class TraceAndMeasure:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        traceparent = request_id = None
-        for name, value in scope.get("headers", ()):
-            if name == b"traceparent":
-                traceparent = value.decode("latin-1")
-            elif name == b"x-request-id":
-                request_id = value.decode("latin-1")
-        trace_id = tracing.choose(traceparent, request_id)
-        echo = [(b"x-request-id", trace_id.encode())]
-        tp = tracing.traceparent_for(trace_id)
-        if tp:
-            echo.append((b"traceparent", tp.encode()))
+        trace_id, echo = trace_of(scope.get("headers", ()))
         status = 500
 
         async def send_traced(msg: Message) -> None:
@@ -177,10 +178,26 @@ class TraceAndMeasure:
             if method not in METHODS:  # any token is a method to HTTP: keep the label set bounded
                 method = "OTHER"
             elapsed = time.perf_counter() - t0
-            self.metrics.requests.labels(method, template, str(status)).inc()
-            self.metrics.latency.labels(method, template).observe(elapsed)
+            self.metrics.observe(method, template, status, elapsed)
             log.debug("request", method=method, route=template, status=status, ms=round(elapsed * 1000, 2),
                       trace_id=trace_id, issue=scope.get("path_params", {}).get("issue_id"))
+
+
+def trace_of(headers: Iterable[tuple[bytes, bytes]]) -> tuple[str, list[tuple[bytes, bytes]]]:
+    """The request's trace id (W3C ``traceparent``, else ``X-Request-Id``, else a new one) and the
+    response headers that echo it."""
+    traceparent = request_id = None
+    for name, value in headers:
+        if name == b"traceparent":
+            traceparent = value.decode("latin-1")
+        elif name == b"x-request-id":
+            request_id = value.decode("latin-1")
+    trace_id = tracing.choose(traceparent, request_id)
+    echo = [(b"x-request-id", trace_id.encode())]
+    tp = tracing.traceparent_for(trace_id)
+    if tp:
+        echo.append((b"traceparent", tp.encode()))
+    return trace_id, echo
 
 
 def metrics_router(metrics: Metrics, settings: Settings, nc: NATS | None) -> APIRouter:

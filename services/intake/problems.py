@@ -3,6 +3,7 @@
 The mapping from domain errors to status codes lives here and nowhere else."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
@@ -178,6 +179,18 @@ class SecurityHeaders:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
+    @classmethod
+    def add(cls, headers: Iterable[tuple[bytes, bytes]], authorized: bool) -> list[tuple[bytes, bytes]]:
+        """``headers`` with the security headers added (the fast path's answers get them here too)."""
+        out = list(headers)
+        names = {name.lower(): value for name, value in out}
+        out.extend(cls.HEADERS)
+        if b"content-security-policy" not in names and not names.get(b"content-type", b"").startswith(b"text/html"):
+            out.append(cls.CSP)
+        if authorized and b"cache-control" not in names:
+            out.append(cls.NO_STORE)
+        return out
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -186,15 +199,7 @@ class SecurityHeaders:
 
         async def send_with_headers(msg: Message) -> None:
             if msg["type"] == "http.response.start":
-                headers = list(msg.get("headers", []))
-                names = {name.lower(): value for name, value in headers}
-                headers.extend(self.HEADERS)
-                if b"content-security-policy" not in names and not names.get(b"content-type", b"").startswith(
-                        b"text/html"):
-                    headers.append(self.CSP)
-                if authorized and b"cache-control" not in names:
-                    headers.append(self.NO_STORE)
-                msg["headers"] = headers
+                msg["headers"] = self.add(msg.get("headers", []), authorized)
             await send(msg)
 
         await self.app(scope, receive, send_with_headers)
