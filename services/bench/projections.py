@@ -192,7 +192,7 @@ def _profile_summary(prof: cProfile.Profile, top: int = 25) -> dict[str, Any]:
 
 async def bench_rebuild(nc: Any, admin_url: str, events: int, profile: str, say: Say) -> dict[str, Any]:
     await ensure_streams(nc)
-    store, js = JetStreamEventStore(nc), nc.jetstream()  # appends need no start() (that is for load's replies)
+    store, js = JetStreamEventStore(nc), nc.jetstream()
     say(f"rebuild: appending ~{events:,} events of realistic histories (append_many, 8 batches in flight) ...")
     filled = await fill(store, events)
     say(f"  {filled['events']:,} events of {filled['issues']:,} issues at {filled['publish_per_s']:,.0f}/s")

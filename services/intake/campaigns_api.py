@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import secrets
 import time
 from collections import Counter
 from typing import Annotated, Any
@@ -21,6 +20,7 @@ import orjson
 from fastapi import APIRouter, Header, Query, Response
 from pydantic import Field
 
+from shared import entropy
 from shared.commanding import load_state, utcnow
 from shared.domain import commands as cmd
 from shared.domain import ids
@@ -54,7 +54,7 @@ def campaign_id(subject: str, idempotency_key: str | None) -> str:
     if idempotency_key is not None:
         key = ids.check_idempotency_key(idempotency_key)
         return "c" + ids.idempotent_issue_id(subject, f"campaign\x00{key}")[1:]
-    return "c" + ids.new_issue_id(int(time.time() * 1000), secrets.randbits(80))[1:]
+    return "c" + ids.new_issue_id(int(time.time() * 1000), entropy.randbits(80))[1:]
 
 
 def check_campaign_id(value: str) -> str:

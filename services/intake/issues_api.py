@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -10,6 +9,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Header, Response
 
+from shared import entropy
 from shared.auth import Principal
 from shared.commanding import execute, load_current_state, load_state, utcnow
 from shared.domain import commands as cmd
@@ -121,7 +121,7 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
     if key is not None:
         issue_id = ids.idempotent_issue_id(p.subject, ids.check_idempotency_key(key))
     else:
-        issue_id = ids.new_issue_id(int(time.time() * 1000), secrets.randbits(80))
+        issue_id = ids.new_issue_id(int(time.time() * 1000), entropy.randbits(80))
     command = cmd.ReportIssue(grid=body.grid, category=body.category, title=body.title,
                               description=body.description, urgency=body.urgency, risk=tuple(body.risk),
                               location=body.location, reporter=p.subject, request_hash=rhash,

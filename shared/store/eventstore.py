@@ -148,6 +148,8 @@ class JetStreamEventStore:
         the server says more is pending (``next_by_subj`` from the sequence after the last one received)."""
         out: list[tuple[int, str, bytes]] = []
         req = dict(request)
+        if not self._mux.started:
+            await self._mux.start()
         while True:
             reply, done, token = self._mux.open_batch()
             try:
@@ -240,7 +242,7 @@ class JetStreamEventStore:
 
     async def _request(self, subject: str, payload: bytes, headers: dict[str, str]) -> dict[str, object]:
         try:
-            msg = await self._nc.request(subject, payload, headers=headers, timeout=self._timeout)
+            msg = await self._mux.request(subject, payload, headers=headers, timeout=self._timeout)
         except (NatsTimeout, TimeoutError) as exc:
             raise Unavailable("JetStream did not acknowledge the write in time") from exc
         except NoRespondersError as exc:

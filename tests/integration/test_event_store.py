@@ -249,3 +249,32 @@ async def test_load_of_an_issue_whose_types_repeat_among_many_other_issues(js: J
     assert [e.seq for e in envs] == sorted(e.seq for e in envs) and envs[-1].seq == seq
     assert [e.seq for e in await js.store.load("mix", after_seq=envs[1].seq)] == [e.seq for e in envs[2:]]
     assert await js.store.load("mix", after_seq=seq) == []
+
+
+async def test_an_unstarted_store_appends_and_loads_and_concurrent_appends_get_their_own_acks(
+        js: Js, nats_factory: Callable[[], Any]) -> None:
+    """Appends wait for their ack through the store's reply inbox (not nats-py's request): a store nobody
+    started subscribes on first use, once, and each of many appends in flight gets its own ack."""
+    server = nats_factory()
+    nc = await nats.connect(server.url)
+    try:
+        await ensure_streams(nc, StreamOptions(duplicate_window_s=120))
+        store = JetStreamEventStore(nc)  # no start()
+        ids = [f"01hzinbox{n:017d}" for n in range(50)]
+        acks = await asyncio.gather(*(new_issue(store, i) for i in ids))
+        assert sorted(a.seq for a in acks) == list(range(1, 51))  # one ack each, none shared
+        for issue_id, ack in zip(ids, acks, strict=True):
+            envs = await store.load(issue_id)
+            assert [e.seq for e in envs] == [ack.seq]
+    finally:
+        await nc.close()
+
+
+async def test_an_append_with_nothing_listening_is_unavailable_not_a_hang(js: Js) -> None:
+    """A subject no stream captures: the server says no responders, the store says Unavailable at once."""
+    from shared.domain.errors import Unavailable
+
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(Unavailable, match="not available"):
+        await js.store._request("needle.nowhere.at.all", b"{}", {})
+    assert asyncio.get_running_loop().time() - t0 < 2.0
