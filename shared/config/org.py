@@ -79,6 +79,7 @@ class OrgTree:
     _children: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
     _by_area: dict[str, tuple[Department, ...]] = field(init=False, repr=False, compare=False)
     _root: str = field(init=False, repr=False, compare=False)
+    _lineage: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)  # is_under's memo
 
     def __post_init__(self) -> None:
         children: dict[str, list[str]] = {aid: [] for aid in self.areas}
@@ -94,6 +95,7 @@ class OrgTree:
         object.__setattr__(self, "_children", {k: tuple(v) for k, v in children.items()})
         object.__setattr__(self, "_by_area", {k: tuple(v) for k, v in by_area.items()})
         object.__setattr__(self, "_root", roots[0] if roots else "")
+        object.__setattr__(self, "_lineage", {})
 
     # -- areas ------------------------------------------------------------------------------------------------
     @property
@@ -131,9 +133,12 @@ class OrgTree:
 
     def is_under(self, area_id: str, ancestor_id: str) -> bool:
         """True when ``ancestor_id`` is ``area_id`` or one of its ancestors; False for unknown ids."""
-        if area_id not in self.areas or ancestor_id not in self.areas:
-            return False
-        return any(a.id == ancestor_id for a in self.ancestors(area_id))
+        lineage = self._lineage.get(area_id)  # every report asks it: the area's chain is walked once
+        if lineage is None:
+            if area_id not in self.areas:
+                return False
+            lineage = self._lineage[area_id] = frozenset(a.id for a in self.ancestors(area_id))
+        return ancestor_id in lineage
 
     def subtree(self, area_id: str) -> list[Area]:
         """The area and everything under it, parents before children, in file order."""

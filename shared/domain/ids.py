@@ -15,12 +15,18 @@ from .errors import Invalid, NotFound
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 
 
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # 10 bits -> two digits: half the steps of one by one
+
+
 def _b32(value: int, length: int) -> str:
+    """The low ``5 * length`` bits of ``value`` as ``length`` digits, most significant first."""
     out = []
-    for _ in range(length):
+    for _ in range(length // 2):
+        out.append(_PAIRS[value & 1023])
+        value >>= 10
+    if length % 2:
         out.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(out))
+    return "".join(reversed(out)) if length % 2 == 0 else out.pop() + "".join(reversed(out))
 
 
 def new_issue_id(now_ms: int, random80: int) -> str:
