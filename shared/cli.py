@@ -40,23 +40,59 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 RUNTIME_FILE = "runtime.json"
 
 
+def _child_env(settings: Settings, nats_url: str, database_url: str | None) -> dict[str, str]:
+    env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_DATA_DIR": str(settings.data_dir),
+           "NEEDLE_ORG": str(settings.org), "NEEDLE_RULES": str(settings.rules),
+           "NEEDLE_HOLIDAYS": str(settings.holidays), "NEEDLE_LOG_LEVEL": settings.log_level,
+           "NEEDLE_WORKERS": "1"}
+    if database_url:
+        env["NEEDLE_DATABASE_URL"] = database_url
+    return env
+
+
 def _start_children(settings: Settings, nats_url: str, database_url: str | None,
                     names: tuple[str, ...]) -> list[Child]:
     """Start ``needle run NAME`` for each name, on the same servers and files, and wait until each is
     ready (the projections have migrated their tables; the router follows its consumers)."""
     from shared.runtime.supervisor import Child
 
-    env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_DATA_DIR": str(settings.data_dir),
-           "NEEDLE_ORG": str(settings.org), "NEEDLE_RULES": str(settings.rules),
-           "NEEDLE_HOLIDAYS": str(settings.holidays), "NEEDLE_LOG_LEVEL": settings.log_level}
-    if database_url:
-        env["NEEDLE_DATABASE_URL"] = database_url
+    env = _child_env(settings, nats_url, database_url)
     children = [Child(name, env, settings.data_dir / "logs" / f"{name}.log") for name in names]
     for c in children:
         c.start()
     for c in children:
         c.wait_ready(90)
     return children
+
+
+def _start_intake_workers(settings: Settings, nats_url: str, database_url: str | None) -> list[Child]:
+    """The extra HTTP intake processes of NEEDLE_WORKERS (``intake-2`` ...): each binds the same port with
+    SO_REUSEPORT and serves the whole API; they deliver no webhooks (this process does: one deliverer)."""
+    from shared.runtime.supervisor import Child
+
+    env = {**_child_env(settings, nats_url, database_url), "NEEDLE_HOST": settings.host,
+           "NEEDLE_PORT": str(settings.port), "NEEDLE_WORKERS": "1", "NEEDLE_REUSE_PORT": "true",
+           "NEEDLE_WEBHOOK_DELIVERY": "false", "NEEDLE_METRICS_DIR": str(settings.metrics_dir or "")}
+    children = [Child(f"intake-{n}", env, settings.data_dir / "logs" / f"intake-{n}.log", service="intake")
+                for n in range(2, settings.workers + 1)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.wait_ready(90)
+    return children
+
+
+def prepare_metrics_dir(settings: Settings) -> None:
+    """One directory of Prometheus multiprocess files for the intake workers, emptied at start (files of
+    processes gone would count again). prometheus_client reads its variable when first imported, which
+    is later: when the app is built."""
+    import shutil
+
+    path = settings.metrics_dir or settings.data_dir / "metrics"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True, mode=0o700)
+    settings.metrics_dir = path
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
 
 
 def write_runtime(settings: Settings, nats_url: str, database_url: str | None, services: tuple[str, ...]) -> None:
@@ -127,7 +163,14 @@ def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[s
             stack.urls.database = embedded_pg.url
         if owner:
             write_runtime(settings, stack.urls.nats, stack.urls.database, services + child_services)
+        if "intake" in services and settings.workers > 1:
+            settings.reuse_port = True  # this process and every extra intake worker share the port
+            prepare_metrics_dir(settings)
+        elif settings.metrics_dir:  # an extra intake worker: the files its parent prepared
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.metrics_dir)
         children = _start_children(settings, stack.urls.nats, stack.urls.database, child_services)
+        if "intake" in services and settings.workers > 1:
+            children += _start_intake_workers(settings, stack.urls.nats, stack.urls.database)
         run(run_stack(stack, services=services, on_ready=print_ready, children=children), settings.event_loop)
     except KeyboardInterrupt:
         pass
@@ -151,25 +194,30 @@ def up(
     demo: Annotated[bool, typer.Option("--demo", help="load the Zhoushan demo org and rulebook")] = False,
     org: Annotated[Path | None, typer.Option(help="org tree YAML")] = None,
     rules: Annotated[Path | None, typer.Option(help="rulebook YAML")] = None,
+    workers: Annotated[int | None, typer.Option(help="HTTP intake processes on the port (default: "
+                                                       "NEEDLE_WORKERS, else 1)", min=1, max=64)] = None,
 ) -> None:
     """Start everything (embedded NATS + Postgres, intake, router, projections); Ctrl-C stops it all."""
-    settings = _settings(data_dir, port=port, org=org, rules=rules)
+    settings = _settings(data_dir, port=port, org=org, rules=rules, workers=workers)
     if demo and (org or rules):
         raise _fail("--demo loads the Zhoushan org and rulebook; leave out --org/--rules or --demo")
-    workers = ("router",) + (("projections",) if settings.projections else ())
+    background = ("router",) + (("projections",) if settings.projections else ())
     if settings.workers_in_process:
-        _boot(settings, ("intake", *workers), owner=True)
+        _boot(settings, ("intake", *background), owner=True)
     else:  # the default: the HTTP intake keeps this process; the workers get processes of their own
-        _boot(settings, ("intake",), child_services=workers, owner=True)
+        _boot(settings, ("intake",), child_services=background, owner=True)
 
 
 @app.command()
 def run(service: Annotated[str, typer.Argument(help="intake | router | projections")],
-        data_dir: DataDir = None, port: Annotated[int, typer.Option()] = 8000) -> None:
+        data_dir: DataDir = None,
+        port: Annotated[int | None, typer.Option(help="HTTP port (default: NEEDLE_PORT, else 8000)")] = None,
+        workers: Annotated[int | None, typer.Option(help="intake: HTTP processes on the port (default: "
+                                                           "NEEDLE_WORKERS, else 1)", min=1, max=64)] = None) -> None:
     """Run one service alone (scale-out). Needs NEEDLE_NATS_URL (and NEEDLE_DATABASE_URL for projections)."""
     if service not in ("intake", "router", "projections"):
         raise _fail(f"unknown service {service!r} (intake, router, projections)")
-    _boot(_settings(data_dir, port=port), (service,))
+    _boot(_settings(data_dir, port=port, workers=workers), (service,))
 
 
 @token_app.command("issue")

@@ -34,7 +34,12 @@ class Settings(BaseSettings):
     stream_replicas: int = 1
     duplicate_window_s: float = 120.0
     max_body_bytes: int = 64 * 1024
-    workers: int = 1  # uvicorn worker processes for the HTTP API
+    # HTTP intake processes on the one port (SO_REUSEPORT: the kernel spreads connections over them). The
+    # first is the process that runs `needle up` / `needle run intake`; the others are its supervised children
+    workers: int = Field(default=1, ge=1, le=64)
+    reuse_port: bool = False  # bind the HTTP port with SO_REUSEPORT (set for every intake when workers > 1)
+    webhook_delivery: bool = True  # this process delivers webhooks (an extra intake worker does not: one deliverer)
+    metrics_dir: Path | None = None  # Prometheus multiprocess files, shared by the intake workers (set by needle)
     projections: bool = True  # run the projection worker (and the read-model API)
     workers_in_process: bool = False  # `needle up` runs router + projections in its own process (debugging)
     # the event loop of every long-running process: uvloop when installed (auto), or the standard asyncio loop

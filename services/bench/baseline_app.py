@@ -5,7 +5,7 @@ intake (one worker, ``log_level="warning"``, ``access_log=False``, ``lifespan="o
 * ``POST /echo`` -> 201: parses and validates a small JSON body with pydantic, the fairer
   baseline for a POST (same body as a report, no auth, no event store).
 
-Run: ``python -m services.bench.baseline_app --port 8001``."""
+Run: ``python -m services.bench.baseline_app --port 8001 [--workers N]``."""
 from __future__ import annotations
 
 import argparse
@@ -41,7 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args(argv)
+    if args.workers > 1:  # uvicorn's own multi-process mode needs the app as an import string
+        uvicorn.run("services.bench.baseline_app:create_app", factory=True, workers=args.workers, host=args.host,
+                    port=args.port, log_level="warning", access_log=False, lifespan="off")
+        return
     uvicorn.run(create_app(), host=args.host, port=args.port, log_level="warning", access_log=False,
                 lifespan="off")
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 app = typer.Typer(help="Benchmarks, reported as ratios to a baseline measured in the same run on this machine.",
                   no_args_is_help=True, add_completion=False)
-console = Console()
+console = Console(width=max(Console().width, 120))  # the tables stay readable in a pipe
 
 
 _T0 = time.monotonic()
@@ -31,13 +31,15 @@ def _f(v: Any, digits: int = 1) -> str:
 
 def intake_table(r: dict[str, Any]) -> Table:
     t = Table(min_width=100, title=f"needle bench intake — {r['load_generator']}, {r['connections']} connections, "
-                    f"{r['duration_s']:.0f} s, {r['machine']['cpus']} CPUs")
+                    f"{r['duration_s']:.0f} s, {r['machine']['cpus']} CPUs, needle workers: {r.get('workers', 1)}")
     t.add_column("run", no_wrap=True)
     for col in ("req/s", "vs hello", "vs echo", "p50 ms", "p99 ms", "non-2xx", "sock err"):
         t.add_column(col, justify="right")
     hello = r["baseline"]["hello"]["rps"]
     echo = r["baseline"]["echo"]["rps"]
     rows = [("baseline GET /hello", r["baseline"]["hello"]), ("baseline POST /echo", r["baseline"]["echo"]),
+            *([(f"baseline GET /hello, {r['workers']} workers", r["baseline"]["hello_workers"])]
+              if "hello_workers" in r["baseline"] else []),
             ("needle up: POST /v1/issues", r["needle"]["report"]),
             ("needle up: + Idempotency-Key", r["needle"]["report_idempotent"])]
     if "intake_alone" in r:
@@ -154,12 +156,14 @@ def intake(
     alone: Annotated[bool, typer.Option("--alone", help="also measure `needle run intake` alone (diagnostic: "
                                                          "no router/projections in its process)")] = False,
     keep: Annotated[bool, typer.Option("--keep", help="keep the temp data dir and logs")] = False,
+    workers: Annotated[int, typer.Option(help="NEEDLE_WORKERS for needle; with more than 1 the baseline is "
+                                              "also measured with that many uvicorn workers", min=1)] = 1,
 ) -> None:
     """POST /v1/issues on `needle up` vs a bare FastAPI app (GET /hello, POST /echo), same uvicorn settings."""
     from .intake import run_intake_bench
 
     result = run_intake_bench(duration_s=duration, connections=connections, threads=threads, warmup_s=warmup,
-                              tool=tool, alone=alone, keep=keep, say=_say)
+                              tool=tool, alone=alone, keep=keep, workers=workers, say=_say)
     console.print(intake_table(result))
     if not result["precise"]:
         console.print("[yellow]load generator: Python asyncio+httpx — LESS PRECISE than wrk (install wrk)[/yellow]")

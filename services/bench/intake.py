@@ -79,7 +79,8 @@ class _Runner:
     """Warm-up + measured runs with one load generator and one set of settings."""
 
     def __init__(self, tool: str, duration_s: float, warmup_s: float, connections: int, threads: int,
-                 workdir: Path, say: Say) -> None:
+                 workdir: Path, say: Say, workers: int = 1) -> None:
+        self.workers = workers
         self.tool, self.duration_s, self.warmup_s = tool, duration_s, warmup_s
         self.connections, self.threads, self.workdir, self.say = connections, threads, workdir, say
 
@@ -140,7 +141,8 @@ def _needle_up(r: _Runner, root: Path, say: Say) -> dict[str, Any]:
     t0 = time.monotonic()
     child = Child.start("needle up", needle_argv("up", "--data-dir", str(data_dir), "--port", str(port), "--org",
                                                  str(CONTRACT_ORG), "--rules", str(CONTRACT_RULES)),
-                        root / "logs" / "needle-up.log", env={"NEEDLE_LOG_LEVEL": "warning"})
+                        root / "logs" / "needle-up.log",
+                        env={"NEEDLE_LOG_LEVEL": "warning", "NEEDLE_WORKERS": str(r.workers)})
     with running(child):
         child.wait_line("needle ready", 120)
         startup = round(time.monotonic() - t0, 2)
@@ -160,7 +162,7 @@ def _intake_alone(r: _Runner, root: Path, say: Say) -> dict[str, Any]:
         url = f"http://127.0.0.1:{port}"
         say(f"diagnostic: `needle run intake` alone on {url} (own nats-server, no router/projections)")
         env = {"NEEDLE_NATS_URL": nats_server.url, "NEEDLE_ORG": str(CONTRACT_ORG),
-               "NEEDLE_RULES": str(CONTRACT_RULES), "NEEDLE_LOG_LEVEL": "warning"}
+               "NEEDLE_RULES": str(CONTRACT_RULES), "NEEDLE_LOG_LEVEL": "warning", "NEEDLE_WORKERS": str(r.workers)}
         child = Child.start("needle run intake", needle_argv("run", "intake", "--data-dir", str(data_dir), "--port",
                                                              str(port)), root / "logs" / "intake-alone.log", env=env)
         with running(child):
@@ -171,9 +173,29 @@ def _intake_alone(r: _Runner, root: Path, say: Say) -> dict[str, Any]:
         nats_server.stop()
 
 
+def _baseline(r: _Runner, root: Path, say: Say, workers: int = 1) -> dict[str, Any]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    say(f"baseline: bare FastAPI + uvicorn ({workers} worker{'s' if workers > 1 else ''}) on {base}")
+    argv = [sys.executable, "-m", "services.bench.baseline_app", "--port", str(port), "--workers", str(workers)]
+    baseline = Child.start("baseline app", argv, root / "logs" / f"baseline-{workers}.log")
+    with running(baseline):
+        baseline.wait_http(f"{base}/hello", 30)
+        hello_t = Target(url=f"{base}/hello", label=f"baseline-hello-{workers}")
+        r.warm(hello_t)
+        out = {"hello": r.measure(hello_t)}
+        if workers == 1:
+            echo_t = Target(url=f"{base}/echo", method="POST", body=REPORT_BODY, label="baseline-echo")
+            r.warm(echo_t)
+            out["echo"] = r.measure(echo_t)
+        return out
+
+
 def run_intake_bench(*, duration_s: float = 15.0, connections: int = 32, threads: int = 2, warmup_s: float = 2.0,
                      tool: str = "auto", alone: bool = False, workdir: Path | None = None, keep: bool = False,
-                     say: Say = _quiet) -> dict[str, Any]:
+                     workers: int = 1, say: Say = _quiet) -> dict[str, Any]:
+    """``workers``: NEEDLE_WORKERS for needle; the baseline is measured with 1 uvicorn worker, and also with
+    ``workers`` when more than one (ratios against both)."""
     """Run the whole intake benchmark; returns every number (see tests/bench/README.md)."""
     tool = choose_tool(tool, say)
     if warning := busy_warning():
@@ -183,24 +205,15 @@ def run_intake_bench(*, duration_s: float = 15.0, connections: int = 32, threads
     result: dict[str, Any] = {
         "benchmark": "intake", "machine": machine(), "load_generator": tool,
         "precise": tool == "wrk", "duration_s": duration_s, "warmup_s": warmup_s,
-        "connections": connections, "threads": threads if tool == "wrk" else 1, "workers": 1,
+        "connections": connections, "threads": threads if tool == "wrk" else 1, "workers": workers,
     }
-    r = _Runner(tool, duration_s, warmup_s, connections, threads, root, say)
+    r = _Runner(tool, duration_s, warmup_s, connections, threads, root, say, workers=workers)
     try:
-        port = free_port()
-        base = f"http://127.0.0.1:{port}"
-        say(f"baseline: bare FastAPI + uvicorn (1 worker) on {base}")
-        argv = [sys.executable, "-m", "services.bench.baseline_app", "--port", str(port)]
-        baseline = Child.start("baseline app", argv, root / "logs" / "baseline.log")
-        with running(baseline):
-            baseline.wait_http(f"{base}/hello", 30)
-            hello_t = Target(url=f"{base}/hello", label="baseline-hello")
-            echo_t = Target(url=f"{base}/echo", method="POST", body=REPORT_BODY, label="baseline-echo")
-            r.warm(hello_t)
-            hello = r.measure(hello_t)
-            r.warm(echo_t)
-            echo = r.measure(echo_t)
-        result["baseline"] = {"hello": hello, "echo": echo}
+        result["baseline"] = _baseline(r, root, say)
+        bases: tuple[str, ...] = ("hello", "echo")
+        if workers > 1:
+            result["baseline"]["hello_workers"] = _baseline(r, root, say, workers)["hello"]
+            bases = ("hello", "echo", "hello_workers")
 
         up = _needle_up(r, root, say)
         result["needle"] = up["runs"]
@@ -208,12 +221,12 @@ def run_intake_bench(*, duration_s: float = 15.0, connections: int = 32, threads
         result["needle_startup_s"] = up["startup_s"]
         result["needle_log"] = up["log"]
         result["ratios"] = {f"{name}_vs_{b}": ratio(run["rps"], result["baseline"][b]["rps"])
-                            for name, run in up["runs"].items() for b in ("hello", "echo")}
+                            for name, run in up["runs"].items() for b in bases}
         if alone:
             result["intake_alone"] = _intake_alone(r, root, say)
             result["ratios"].update({f"alone_{name}_vs_{b}": ratio(run["rps"], result["baseline"][b]["rps"])
                                      for name, run in result["intake_alone"]["runs"].items()
-                                     for b in ("hello", "echo")})
+                                     for b in bases})
         return result
     finally:
         if not keep and workdir is None:

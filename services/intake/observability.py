@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import os
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from fastapi import APIRouter, Request, Response
 from nats.aio.client import Client as NATS
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -78,10 +80,16 @@ class Metrics(Collector):
 
     def __init__(self, monitor: LagMonitor | None, pool: Any) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
+        # several intake workers (NEEDLE_WORKERS): each writes its counts to the shared directory and a
+        # scrape, whichever worker answers it, sums them all (prometheus_client's multiprocess mode)
+        shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        own = None if shared_dir else self.registry
+        if shared_dir:
+            MultiProcessCollector(self.registry, shared_dir)
         self.requests = Counter("needle_http_requests", "HTTP requests by route template and status",
-                                ["method", "route", "status"], registry=self.registry)
+                                ["method", "route", "status"], registry=own)
         self.latency = Histogram("needle_http_request_duration_seconds", "HTTP request latency by route template",
-                                 ["method", "route"], registry=self.registry,
+                                 ["method", "route"], registry=own,
                                  buckets=(.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.monitor, self.pool = monitor, pool
         self.scraped: dict[str, float] = {}

@@ -37,7 +37,8 @@ class ReplayResult:
 
 class WebhookService:
     def __init__(self, nc: NATS, org: OrgTree, registry: Registry, sender: Sender, config: DeliveryConfig,
-                 health: dict[str, bool] | None = None) -> None:
+                 health: dict[str, bool] | None = None, deliver: bool = True) -> None:
+        self.deliver = deliver  # False in an extra intake worker: it registers, the first process delivers
         self.nc, self.js, self.org = nc, nc.jetstream(), org
         self.registry, self.sender, self.config = registry, sender, config
         self.grids = GridCache()
@@ -49,9 +50,32 @@ class WebhookService:
 
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
-        for hook in await self.registry.all():
-            self._launch(Deliverer(hook, self.js, self.org, self.grids, self.sender, self.registry, self._config))
+        if self.deliver:
+            await self.sync()
         self.health["webhooks"] = True
+
+    async def sync(self) -> None:
+        """Deliver for every registered webhook and for no other (registrations made by another process)."""
+        hooks = await self.registry.all()
+        for hook in hooks:
+            if hook.id not in self.running:
+                self._launch(Deliverer(hook, self.js, self.org, self.grids, self.sender, self.registry,
+                                       self._config))
+        gone = set(self.running) - {h.id for h in hooks}
+        for hook_id in gone:
+            await self._stop(hook_id)
+
+    async def follow_registry(self, interval_s: float = 2.0) -> None:
+        """With several intake workers a webhook may be registered or removed by another process: the
+        delivering process picks that up within ``interval_s``."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # NATS away: the next round tries again
+                log.warning("webhook registry not read", error=repr(exc))
 
     def _launch(self, d: Deliverer) -> None:
         if d.hook.id in self.running:
@@ -95,7 +119,8 @@ class WebhookService:
         d = Deliverer(hook, self.js, self.org, self.grids, self.sender, self.registry, self._config)
         with contextlib.suppress(Exception):  # if it fails here the loop keeps trying from hook.start_seq
             await d.subscribe()
-        self._launch(d)
+        if self.deliver:
+            self._launch(d)
         return hook
 
     async def remove(self, hook: Webhook) -> None:
@@ -159,10 +184,13 @@ async def start_webhooks(stack: Stack, config: DeliveryConfig | None = None,
     config = config or DeliveryConfig.from_settings(stack.settings)
     registry = await Registry.open(stack.nc.jetstream(), replicas=stack.settings.stream_replicas)
     sender = sender or Sender.pooled()
-    service = WebhookService(stack.nc, stack.org, registry, sender, config, health=stack.health)
+    service = WebhookService(stack.nc, stack.org, registry, sender, config, health=stack.health,
+                             deliver=stack.settings.webhook_delivery)
     stack.closers.append(sender.client.aclose)
     stack.closers.append(service.close)  # closers run last-first: the loops stop before the client closes
     await service.start()
+    if service.deliver and stack.settings.workers > 1:  # the other workers register and remove webhooks too
+        stack.spawn("webhook-registry", service.follow_registry())
     stack.extras["webhooks"] = service
     stack.extras.setdefault("routers", []).append(router)
     return service

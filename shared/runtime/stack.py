@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -212,6 +213,7 @@ async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callab
             config = uvicorn.Config(stack.build_app(), host=s.host, port=s.port, log_level="warning",
                                     access_log=False, lifespan="off", timeout_graceful_shutdown=5)
             server = uvicorn.Server(config)
+            sockets = [reuse_port_socket(s.host, s.port)] if s.reuse_port else None
             # our own signal handling: uvicorn's re-raises SIGTERM after serve() returns, which would kill
             # the process before the workers are stopped and NATS drained
             server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
@@ -228,7 +230,7 @@ async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callab
                 on_ready(f"http://{s.host}:{s.port}")
 
             announcer = asyncio.create_task(announce())
-            await server.serve()
+            await server.serve(sockets=sockets)
             announcer.cancel()
         else:
             _freeze_startup_heap()
@@ -245,3 +247,20 @@ async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callab
 def print_ready(url: str) -> None:
     print(f"needle ready {url}", flush=True)
     sys.stdout.flush()
+
+
+def reuse_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket with SO_REUSEPORT: every intake worker binds one on the same port and the
+    kernel spreads new connections over them (NEEDLE_WORKERS)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock

@@ -29,10 +29,11 @@ class Child:
     restarts: int = 0
     _offset: int = 0
     started_at: float = field(default=0.0)
+    service: str = ""  # what it runs (``needle run SERVICE``): its name unless told (intake workers: intake-2 ...)
 
     @property
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "shared.cli", "run", self.name]
+        return [sys.executable, "-m", "shared.cli", "run", self.service or self.name]
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)

@@ -63,11 +63,12 @@ def poll(condition: Callable[[], bool], timeout: float, step: float = 0.05) -> b
 class Up:
     """One ``needle up`` process; its output is drained by a thread (a full pipe would stall it)."""
 
-    def __init__(self, data_dir: Path, port: int, org: Path = ORG, rules: Path = RULES) -> None:
+    def __init__(self, data_dir: Path, port: int, org: Path = ORG, rules: Path = RULES,
+                 extra: tuple[str, ...] = ()) -> None:
         self.data_dir, self.port = data_dir, port
         self.proc = subprocess.Popen(
             [str(NEEDLE), "up", "--data-dir", str(data_dir), "--port", str(port), "--org", str(org),
-             "--rules", str(rules)],
+             "--rules", str(rules), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env(), cwd=ROOT)
         self.lines: list[str] = []
         self._ready = threading.Event()
@@ -362,3 +363,33 @@ def test_sigkill_of_needle_up_takes_its_worker_processes_too(launch: Callable[..
     os.kill(up.proc.pid, signal.SIGKILL)
     up.proc.wait(10)
     assert poll(lambda: not any(_alive(pid) for pid in workers), 15), workers
+
+
+def _reported_201s(metrics_text: str) -> float:
+    m = re.search(r'^needle_http_requests_total\{method="POST",route="/v1/issues",status="201"\} (\S+)$',
+                  metrics_text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_workers_share_the_port_and_the_metrics_and_stop_together(launch: Callable[..., Up]) -> None:
+    """``needle up --workers 2``: a second intake process binds the same port (SO_REUSEPORT), both answer
+    reports, /metrics sums both whichever answers the scrape, and SIGTERM takes both down."""
+    up = launch(extra=("--workers", "2"))
+    up.wait_ready().close()
+    intakes = {pid: cmd for pid, cmd in _children_of(up.proc.pid).items() if cmd.endswith("shared.cli run intake")}
+    assert len(intakes) == 1, _children_of(up.proc.pid)
+    gw = token(up.data_dir, "grid_worker", "area:wuxing-g1")
+    body = {"grid": "wuxing-g1", "category": "road_damage", "title": "workers"}
+    for _ in range(40):  # a connection each: the kernel spreads new connections over the two sockets
+        with httpx.Client(base_url=f"http://127.0.0.1:{up.port}", timeout=10) as c:
+            r = c.post("/v1/issues", json=body, headers=bearer(gw))
+            assert r.status_code == 201, r.text
+    files = {p.name for p in (up.data_dir / "metrics").iterdir()}
+    pids = {int(m.group(1)) for name in files if (m := re.search(r"_(\d+)\.db$", name))}
+    assert {up.proc.pid, *intakes} == pids, (files, intakes)  # both counted requests
+    for _ in range(6):  # whichever process answers the scrape, it sums both
+        with httpx.Client(base_url=f"http://127.0.0.1:{up.port}", timeout=10) as c:
+            assert _reported_201s(c.get("/metrics").text) == 40
+    rc, _ = up.stop(signal.SIGTERM, 30)
+    assert rc == 0, up.output[-2000:]
+    assert poll(lambda: not any(_alive(pid) for pid in intakes), 10), intakes
