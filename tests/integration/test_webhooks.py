@@ -397,3 +397,25 @@ async def test_transport_framing_reuse_and_errors() -> None:
     async with httpx.AsyncClient(transport=KeepAliveTransport()) as refused:
         with pytest.raises(httpx.ConnectError):
             await refused.post(url, content=b"{}")
+
+
+async def test_with_intake_workers_the_first_delivers_what_another_registered_and_stops_what_it_removed(
+        needle_factory: Callable[..., Any]) -> None:
+    """NEEDLE_WORKERS > 1: every intake serves /v1/webhooks, only the first delivers. A webhook registered
+    through another worker is delivered by the first (it follows the registry), and one removed through
+    another worker stops there."""
+    first: NeedleHandle = await needle_factory(workers=2)
+    db = (first.stack.urls.database or "").rsplit("/", 1)[1]
+    other: NeedleHandle = await needle_factory(nats_url=first.stack.urls.nats, database=db, services=("intake",),
+                                               workers=2, webhook_delivery=False)
+    service(first).config = FAST
+    rx = await Receiver(answers()).start()
+    hook = await register(other, rx.url)
+    assert hook not in service(other).running  # registered there, not delivered there
+    want = await expected(first, await report(other, 2))
+    await until(lambda: rx.accepted_ids() >= {e for ids in want.values() for e in ids}, what="delivery by the first")
+    assert hook in service(first).running and not service(other).running
+    r = await other.client.delete(f"/v1/webhooks/{hook}", headers=other.auth("integrator"))
+    assert r.status_code == 204, r.text
+    await until(lambda: hook not in service(first).running, timeout=10, what="the first to stop delivering")
+    await rx.close()
