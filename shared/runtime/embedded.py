@@ -200,10 +200,15 @@ class EmbeddedPostgres:
         if pid_file.exists():  # left by a killed run; postgres checks the pid itself, but a stale lock blocks us
             try:
                 pid = int(pid_file.read_text().split()[0])
-                os.kill(pid, 0)
+            except (ValueError, IndexError):
+                pid = 0
+            # the postgres of a needle up just killed is still shutting down (its death signal is SIGINT): wait
+            deadline = time.monotonic() + 15
+            while pid and _running(pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if pid and _running(pid):
                 raise RuntimeError(f"a postgres (pid {pid}) is already running on {self.pgdata}")
-            except (ProcessLookupError, ValueError, IndexError):
-                pid_file.unlink(missing_ok=True)
+            pid_file.unlink(missing_ok=True)
         self.port = self.port or free_port()
         sock_dir = self.pgdata  # the socket lives beside the data; TCP on loopback is what we use
         # SIGINT = fast shutdown: the postmaster ends its backends and exits cleanly.
@@ -232,3 +237,20 @@ class EmbeddedPostgres:
 
     def stop(self) -> None:
         stop(self.proc, signal.SIGINT)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process. A zombie is not: a postgres whose needle up was SIGKILLed is
+    reparented to PID 1, and in a container PID 1 may never reap it."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:  # no /proc (macOS): kill() said it exists
+        return True
+    state = next((line.split()[1] for line in status.splitlines() if line.startswith("State:")), "")
+    return state not in ("Z", "X")

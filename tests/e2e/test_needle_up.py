@@ -109,6 +109,17 @@ class Up:
         return rc, time.monotonic() - t0
 
 
+def postmaster_alive(data_dir: Path) -> bool:
+    """Whether the postgres of ``data_dir``'s lock file still runs (it may outlive a SIGKILLed needle up by a
+    moment: it stops on its own death signal; its processes retitle themselves, so the cmdline is no guide)."""
+    try:
+        pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return _alive(pid)
+
+
 def _cleanup(ups: list[Up]) -> None:
     """Never leave a process behind, whatever the test did (only ours: by pid)."""
     for up in ups:
@@ -121,6 +132,7 @@ def _cleanup(ups: list[Up]) -> None:
             except ProcessLookupError:
                 pass
         poll(lambda up=up: not procs_mentioning(up.data_dir), 5)
+        poll(lambda up=up: not postmaster_alive(up.data_dir), 20)
 
 
 @pytest.fixture(scope="module")

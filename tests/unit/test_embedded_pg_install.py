@@ -29,3 +29,26 @@ def test_the_copied_install_runs_as_the_postgres_user(tmp_path, monkeypatch):
     # a second start reuses the copy rather than making another
     assert embedded._runnable_pg_install(embedded.PG_SYSTEM_USER) == install
     assert [p.name for p in cache.iterdir()] == [install.parent.parent.name]
+
+
+def test_a_zombie_postmaster_does_not_count_as_running() -> None:
+    """A postgres whose needle up was SIGKILLed ends as a zombie where PID 1 does not reap (a container):
+    its postmaster.pid must not block the next start."""
+    import os
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from shared.runtime.embedded import _running
+
+    assert _running(os.getpid())
+    child = subprocess.Popen(["true"])
+    try:
+        deadline = time.monotonic() + 5
+        while "Z" not in Path(f"/proc/{child.pid}/status").read_text().split("State:")[1].split()[0]:
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)
+        assert not _running(child.pid)  # exited, not yet reaped: a zombie
+    finally:
+        child.wait()
+    assert not _running(child.pid)  # reaped: gone
