@@ -13,6 +13,7 @@ from contextvars import ContextVar
 
 _TRACEPARENT = re.compile(r"^[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}$")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_W3C_TRACE = re.compile(r"[0-9a-f]{32}")
 _ZERO_TRACE = "0" * 32
 
 current: ContextVar[str | None] = ContextVar("needle_trace_id", default=None)
@@ -53,6 +54,6 @@ def choose(traceparent: str | None, request_id: str | None) -> str:
 
 def traceparent_for(trace_id: str) -> str | None:
     """A ``traceparent`` continuing ``trace_id`` (only when it is a W3C trace id: 32 hex digits)."""
-    if len(trace_id) == 32 and all(c in "0123456789abcdef" for c in trace_id) and trace_id != _ZERO_TRACE:
+    if _W3C_TRACE.fullmatch(trace_id) and trace_id != _ZERO_TRACE:
         return f"00-{trace_id}-{new_span_id()}-01"
     return None

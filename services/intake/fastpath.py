@@ -40,6 +40,9 @@ from .security import check_rate, require_area, require_role
 
 PATH = "/v1/issues"
 VARY = (b"vary", b"Origin")
+# what SecurityHeaders adds to an answer to a bearer token that sets no CSP, no caching and is not HTML: every
+# answer from here (JSON or problem+json); computed by the middleware's own code, once
+SECURITY = problems.SecurityHeaders.add([], authorized=True)
 JSON_TYPES = (b"application/json", b"application/json; charset=utf-8", b"application/json;charset=utf-8")
 
 
@@ -107,7 +110,7 @@ class ReportFastPath:
             structlog.contextvars.reset_contextvars(**log_tokens)
             tracing.current.reset(trace_token)
         headers.append(VARY)  # as the CORS middleware says of an answer to a request without an Origin
-        headers = problems.SecurityHeaders.add(headers, authorized=True)
+        headers.extend(SECURITY)
         headers.extend(echo)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
