@@ -57,7 +57,11 @@ def _start_children(settings: Settings, nats_url: str, database_url: str | None,
     from shared.runtime.supervisor import Child
 
     env = _child_env(settings, nats_url, database_url)
-    children = [Child(name, env, settings.data_dir / "logs" / f"{name}.log") for name in names]
+    return _started([Child(name, env, settings.data_dir / "logs" / f"{name}.log") for name in names])
+
+
+def _started(children: list[Child]) -> list[Child]:
+    """Start every child, then wait until each says it is ready."""
     for c in children:
         c.start()
     for c in children:
@@ -70,16 +74,12 @@ def _start_intake_workers(settings: Settings, nats_url: str, database_url: str |
     SO_REUSEPORT and serves the whole API; they deliver no webhooks (this process does: one deliverer)."""
     from shared.runtime.supervisor import Child
 
+    assert settings.metrics_dir is not None, "prepare_metrics_dir first"
     env = {**_child_env(settings, nats_url, database_url), "NEEDLE_HOST": settings.host,
-           "NEEDLE_PORT": str(settings.port), "NEEDLE_WORKERS": "1", "NEEDLE_REUSE_PORT": "true",
-           "NEEDLE_WEBHOOK_DELIVERY": "false", "NEEDLE_METRICS_DIR": str(settings.metrics_dir or "")}
-    children = [Child(f"intake-{n}", env, settings.data_dir / "logs" / f"intake-{n}.log", service="intake")
-                for n in range(2, settings.workers + 1)]
-    for c in children:
-        c.start()
-    for c in children:
-        c.wait_ready(90)
-    return children
+           "NEEDLE_PORT": str(settings.port), "NEEDLE_REUSE_PORT": "true", "NEEDLE_WEBHOOK_DELIVERY": "false",
+           "NEEDLE_METRICS_DIR": str(settings.metrics_dir)}
+    return _started([Child(f"intake-{n}", env, settings.data_dir / "logs" / f"intake-{n}.log", service="intake")
+                     for n in range(2, settings.workers + 1)])
 
 
 def prepare_metrics_dir(settings: Settings) -> None:
@@ -163,13 +163,14 @@ def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[s
             stack.urls.database = embedded_pg.url
         if owner:
             write_runtime(settings, stack.urls.nats, stack.urls.database, services + child_services)
-        if "intake" in services and settings.workers > 1:
+        intake_workers = "intake" in services and settings.workers > 1
+        if intake_workers:
             settings.reuse_port = True  # this process and every extra intake worker share the port
             prepare_metrics_dir(settings)
         elif settings.metrics_dir:  # an extra intake worker: the files its parent prepared
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.metrics_dir)
         children = _start_children(settings, stack.urls.nats, stack.urls.database, child_services)
-        if "intake" in services and settings.workers > 1:
+        if intake_workers:
             children += _start_intake_workers(settings, stack.urls.nats, stack.urls.database)
         run(run_stack(stack, services=services, on_ready=print_ready, children=children), settings.event_loop)
     except KeyboardInterrupt:

@@ -194,9 +194,9 @@ def _baseline(r: _Runner, root: Path, say: Say, workers: int = 1) -> dict[str, A
 def run_intake_bench(*, duration_s: float = 15.0, connections: int = 32, threads: int = 2, warmup_s: float = 2.0,
                      tool: str = "auto", alone: bool = False, workdir: Path | None = None, keep: bool = False,
                      workers: int = 1, say: Say = _quiet) -> dict[str, Any]:
-    """``workers``: NEEDLE_WORKERS for needle; the baseline is measured with 1 uvicorn worker, and also with
-    ``workers`` when more than one (ratios against both)."""
-    """Run the whole intake benchmark; returns every number (see tests/bench/README.md)."""
+    """Run the whole intake benchmark; returns every number (see tests/bench/README.md). ``workers``:
+    NEEDLE_WORKERS for needle; the baseline is measured with 1 uvicorn worker, and also with ``workers``
+    when more than one (ratios against both)."""
     tool = choose_tool(tool, say)
     if warning := busy_warning():
         say(f"WARNING: {warning}")

@@ -32,8 +32,3 @@ def run(main: Coroutine[Any, Any, T], choice: EventLoopChoice = "auto") -> T:
     with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
         return runner.run(main)
 
-
-def loop_name() -> str:
-    """The running loop's kind, for /healthz and the bench: ``uvloop`` or ``asyncio``."""
-    loop = asyncio.get_running_loop()
-    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"

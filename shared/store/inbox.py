@@ -67,7 +67,7 @@ class ReplyMux:
     async def request(self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None,
                       timeout: float = 5.0) -> Msg:
         """One request, one reply (raises nats' TimeoutError, or NoRespondersError when nothing listens)."""
-        if self._sub is None:
+        if not self.started:
             await self.start()
         token = "r" + str(next(self._ids))  # "r": never a batch's token, which are bare numbers
         loop = asyncio.get_running_loop()

@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from shared import auth
+from shared.runtime.embedded import _running
 from shared.runtime.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,10 +115,9 @@ def postmaster_alive(data_dir: Path) -> bool:
     moment: it stops on its own death signal; its processes retitle themselves, so the cmdline is no guide)."""
     try:
         pid = int((data_dir / "pg" / "postmaster.pid").read_text().split()[0])
-        os.kill(pid, 0)
     except (OSError, ValueError, IndexError):
         return False
-    return _alive(pid)
+    return _running(pid)
 
 
 def _cleanup(ups: list[Up]) -> None:
