@@ -25,6 +25,7 @@ from shared.settings import Settings
 from shared.store.eventstore import JetStreamEventStore
 from shared.store.streams import StreamOptions, ensure_streams
 
+from .corked import CorkedHttpToolsProtocol
 from .nats_users import nats_servers
 
 log = structlog.get_logger("needle.stack")
@@ -211,7 +212,8 @@ async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callab
             await stack.start_webhooks()
             s = stack.settings
             config = uvicorn.Config(stack.build_app(), host=s.host, port=s.port, log_level="warning",
-                                    access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+                                    access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                                    http=CorkedHttpToolsProtocol)
             server = uvicorn.Server(config)
             sockets = [reuse_port_socket(s.host, s.port)] if s.reuse_port else None
             # our own signal handling: uvicorn's re-raises SIGTERM after serve() returns, which would kill
@@ -264,3 +266,4 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
         raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
+
