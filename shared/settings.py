@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     rules: Path = REPO_DEPLOY / "rules" / "zhoushan.yaml"
     holidays: Path = REPO_DEPLOY / "calendar" / "cn-holidays.yaml"
     stream_replicas: int = 1
+    # how long start-up waits for a JetStream still settling (a fresh cluster electing leaders) before it fails
+    start_timeout_s: float = Field(default=60.0, gt=0)
     duplicate_window_s: float = 120.0
     max_body_bytes: int = 64 * 1024
     # HTTP intake processes on the one port (SO_REUSEPORT: the kernel spreads connections over them). The

@@ -19,6 +19,7 @@ from nats.js.errors import NotFoundError
 from shared.config import OrgTree
 from shared.events import subjects as sj
 from shared.store.grid_cache import GridCache
+from shared.store.settling import settled
 
 from .delivery import Deliverer, DeliveryConfig, Sender, group_of, now_iso, render
 from .registry import Registry, Webhook
@@ -182,7 +183,9 @@ async def start_webhooks(stack: Stack, config: DeliveryConfig | None = None,
 
     assert stack.nc is not None
     config = config or DeliveryConfig.from_settings(stack.settings)
-    registry = await Registry.open(stack.nc.jetstream(), replicas=stack.settings.stream_replicas)
+    js = stack.nc.jetstream()
+    registry = await settled("webhook buckets", lambda: Registry.open(js, replicas=stack.settings.stream_replicas),
+                             within_s=stack.settings.start_timeout_s)
     sender = sender or Sender.pooled()
     service = WebhookService(stack.nc, stack.org, registry, sender, config, health=stack.health,
                              deliver=stack.settings.webhook_delivery)

@@ -32,6 +32,7 @@ from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
 from shared.events.models import IssueReported, TaskDispatched
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
+from shared.store.settling import settled
 
 from .clocks import SlaClocks
 from .reactions import RouterRules, react
@@ -277,15 +278,16 @@ async def start_router(stack: Stack) -> Router:
     rules = RouterRules(org=stack.org, rulebook=stack.rulebook, clocks=SlaClocks(calendar))
     stack.extras["deadlines"] = rules.clocks
     router = Router(stack.store, js, rules, cache_size=stack.settings.router_state_cache)
-    await _migrate_router_filter(js)
-    events_sub = await js.pull_subscribe(
+    within = stack.settings.start_timeout_s  # consumers of streams a fresh cluster may still be settling
+    await settled("router consumer", lambda: _migrate_router_filter(js), within_s=within)
+    events_sub = await settled("router consumer", lambda: js.pull_subscribe(
         ROUTER_FILTER, durable="router", stream=sj.EVENTS_STREAM,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=30,
-                              max_ack_pending=20_000, max_deliver=-1))
-    timers_sub = await js.pull_subscribe(
+                              max_ack_pending=20_000, max_deliver=-1)), within_s=within)
+    timers_sub = await settled("router timers consumer", lambda: js.pull_subscribe(
         sj.TIMER_FIRED, durable="router-timers", stream=sj.TIMERS_STREAM,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=60,
-                              max_ack_pending=100_000, max_deliver=-1))
+                              max_ack_pending=100_000, max_deliver=-1)), within_s=within)
     stack.close_on_exit(events_sub)
     stack.close_on_exit(timers_sub)
     stack.spawn("router", router.run_consumer(events_sub, router.handle_event, per_issue=True))

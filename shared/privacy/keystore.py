@@ -22,7 +22,6 @@ reports of one new phone at once end with one resident and one key (the loser re
 """
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import secrets
@@ -41,6 +40,7 @@ from nats.js.kv import KeyValue
 
 from shared.domain.errors import Unavailable
 from shared.events.subjects import valid_token
+from shared.store.settling import settled
 
 from . import sealing
 
@@ -96,7 +96,9 @@ class Forgotten:
 
 
 class KeyStoreError(RuntimeError):
-    pass
+    def __init__(self, message: str, err_code: int | None = None) -> None:
+        super().__init__(message)
+        self.err_code = err_code  # JetStream's, when it refused
 
 
 async def ensure_bucket(nc: NATS, replicas: int = 1) -> None:
@@ -108,26 +110,9 @@ async def ensure_bucket(nc: NATS, replicas: int = 1) -> None:
         if not err:
             return
         if err.get("err_code") != 10058:  # anything but "already in use"
-            raise KeyStoreError(f"bucket {BUCKET}: {err.get('description')} (err_code {err.get('err_code')})")
+            raise KeyStoreError(f"bucket {BUCKET}: {err.get('description')} (err_code {err.get('err_code')})",
+                                err.get("err_code"))
     raise KeyStoreError(f"bucket {BUCKET}: could not be created or updated")
-
-
-async def _bucket(nc: NATS, wait_s: float = 15.0) -> KeyValue:
-    """The bucket just ensured. On a cluster a stream that was just created (by this process or another
-    one starting at the same moment) may not answer STREAM.INFO until its Raft group has a leader: a
-    service then died at start-up with BucketNotFoundError (seen in the fault smoke). Ask again a while."""
-    from nats.js.errors import BucketNotFoundError
-
-    deadline = asyncio.get_running_loop().time() + wait_s
-    delay = 0.1
-    while True:
-        try:
-            return await nc.jetstream().key_value(BUCKET)
-        except BucketNotFoundError:
-            if asyncio.get_running_loop().time() >= deadline:
-                raise
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 1.0)
 
 
 def new_resident_id() -> str:
@@ -145,9 +130,13 @@ class ResidentKeys:
         self._cache: dict[str, tuple[ResidentKey | None, float]] = {}
         self._watch: Any = None
 
-    async def start(self, watch: bool = True) -> None:
-        await ensure_bucket(self.nc, self.replicas)
-        self._kv = await _bucket(self.nc)
+    async def start(self, watch: bool = True, settle_s: float = 15.0) -> None:
+        """Create (or find) the bucket. On a cluster a stream just created, by this process or another one
+        starting at the same moment, may not answer until its Raft group has a leader: asked again a while
+        (a service died at start-up with BucketNotFoundError in the fault smoke before)."""
+        await settled("resident keys bucket", lambda: ensure_bucket(self.nc, self.replicas), within_s=settle_s)
+        self._kv = await settled("resident keys bucket", lambda: self.nc.jetstream().key_value(BUCKET),
+                                 within_s=settle_s)
         if watch:
             self._watch = await self.nc.jetstream().subscribe(
                 f"{KV_PREFIX}r.>", stream=KV_STREAM, cb=self._on_change, ordered_consumer=True,

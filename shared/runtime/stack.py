@@ -23,12 +23,14 @@ from shared.privacy.keystore import ResidentKeys
 from shared.revocation import Revocations
 from shared.settings import Settings
 from shared.store.eventstore import JetStreamEventStore
+from shared.store.settling import settled
 from shared.store.streams import StreamOptions, ensure_streams
 
 from .corked import CorkedHttpToolsProtocol
 from .nats_users import nats_servers
 
 log = structlog.get_logger("needle.stack")
+TASK_STOP_S = 5.0  # how long close() waits for its cancelled tasks
 
 
 @dataclass
@@ -72,12 +74,14 @@ class Stack:
                                      ping_interval=self.settings.nats_ping_interval_s, max_outstanding_pings=2)
         self.health["nats"] = True
         self.extras["nc"] = self.nc
-        await ensure_streams(self.nc, StreamOptions(replicas=self.settings.stream_replicas,
-                                                    duplicate_window_s=self.settings.duplicate_window_s))
+        nc, within = self.nc, self.settings.start_timeout_s  # see shared/store/settling.py
+        options = StreamOptions(replicas=self.settings.stream_replicas,
+                                duplicate_window_s=self.settings.duplicate_window_s)
+        await settled("streams", lambda: ensure_streams(nc, options), within_s=within)
         self.store = JetStreamEventStore(self.nc)
         await self.store.start()
         self.residents = ResidentKeys(self.nc, replicas=self.settings.stream_replicas)
-        await self.residents.start()
+        await self.residents.start(settle_s=within)
         self.closers.append(self.residents.close)
         await self._follow_revocations()
         await self._rules_in_force()
@@ -86,8 +90,11 @@ class Stack:
         """Every revoked token known before this returns; later revocations as they are written."""
         from shared.store.revocations import RevocationFollower, open_bucket
 
-        assert self.nc is not None
-        follower = RevocationFollower(await open_bucket(self.nc, self.settings.stream_replicas), self.revocations)
+        nc = self.nc
+        assert nc is not None
+        bucket = await settled("revocations bucket", lambda: open_bucket(nc, self.settings.stream_replicas),
+                               within_s=self.settings.start_timeout_s)
+        follower = RevocationFollower(bucket, self.revocations)
         await follower.start()
         self.closers.append(follower.stop)
 
@@ -96,14 +103,15 @@ class Stack:
         every later ``needle rules publish``."""
         from shared import rulebooks
 
-        assert self.nc is not None
-        newest = await rulebooks.latest(self.nc)
+        nc = self.nc
+        assert nc is not None
+        newest = await settled("rulebook", lambda: rulebooks.latest(nc), within_s=self.settings.start_timeout_s)
         if newest is not None and newest[0].version == self.rulebook.version:
             after = newest[1]
         else:
-            after = await rulebooks.publish(self.nc, self.rulebook, self.settings.rules.read_text(),
+            after = await rulebooks.publish(nc, self.rulebook, self.settings.rules.read_text(),
                                             str(self.settings.rules), by="needle up")
-        self.spawn("rules", rulebooks.follow(self.nc, after, self.apply_rulebook))
+        self.spawn("rules", rulebooks.follow(nc, after, self.apply_rulebook))
 
     def apply_rulebook(self, rulebook: Rulebook) -> None:
         """Put a newly published rulebook in force everywhere in this process."""
@@ -170,9 +178,15 @@ class Stack:
     async def close(self) -> None:
         for t in self.tasks:
             t.cancel()
-        for t in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if self.tasks:
+            # bounded: a cancellation that lands as a request of the task is answered can be swallowed (3.11's
+            # wait_for returns the answer): that task goes on waiting, and closing the connection below ends it
+            done, stuck = await asyncio.wait(self.tasks, timeout=TASK_STOP_S)
+            for t in done:
+                if not t.cancelled():
+                    t.exception()  # retrieved: guarded() logged it when it crashed
+            for t in stuck:
+                log.warning("a task did not stop when cancelled; closing the connection ends it", task=t.get_name())
         for closer in reversed(self.closers):
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(closer(), 5)

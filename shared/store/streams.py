@@ -54,7 +54,12 @@ def timers_stream_config(opts: StreamOptions) -> dict[str, object]:
 
 
 class StreamSetupError(RuntimeError):
-    pass
+    """JetStream refused to create or update a stream; ``err_code`` is its error code (retry_helps in
+    shared/runtime/startup.py tells a cluster still settling from a refusal that stays)."""
+
+    def __init__(self, message: str, err_code: int | None = None) -> None:
+        super().__init__(message)
+        self.err_code = err_code
 
 
 async def _create_or_update(nc: NATS, config: dict[str, object]) -> dict[str, object]:
@@ -66,7 +71,8 @@ async def _create_or_update(nc: NATS, config: dict[str, object]) -> dict[str, ob
                                             timeout=10)).data)
         err = resp.get("error")
     if err:
-        raise StreamSetupError(f"stream {name}: {err.get('description')} (err_code {err.get('err_code')})")
+        raise StreamSetupError(f"stream {name}: {err.get('description')} (err_code {err.get('err_code')})",
+                               err.get("err_code"))
     return resp
 
 

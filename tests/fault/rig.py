@@ -58,15 +58,11 @@ class Rig:
             admin = self.pg.url
         self.database_url = await ensure_database(admin, f"needle_fault_{free_port()}")
         self.port = free_port()
-        # the router first: it creates the streams and buckets on the fresh cluster. Three processes creating
-        # them at once while the cluster elects their leaders could kill one at start-up (a stream just
-        # created answering STREAM.INFO "not found"), which compose's restart policy or needle up's
-        # supervisor would restart, but this rig does not: the faults under test come after the start.
-        self.start_service("router")
-        await asyncio.to_thread(self.children["router"].wait_line, "needle ready", 90)
+        # all three at once, as compose starts them: each creates the streams and buckets on the fresh cluster
+        # while it elects their leaders, and waits for JetStream to settle (shared/store/settling.py)
         for name in SERVICES:
-            if name != "router":
-                self.start_service(name)
+            self.start_service(name)
+        await asyncio.to_thread(self.children["router"].wait_line, "needle ready", 90)
         await asyncio.to_thread(self.children["intake"].wait_http, f"{self.base_url}/healthz", 90)
         await asyncio.to_thread(self.children["projections"].wait_line, "needle ready", 90)
 
