@@ -14,7 +14,7 @@ import uvicorn
 
 from shared import auth
 from shared.runtime.processes import free_port
-from shared.runtime.stack import Stack, Urls
+from shared.runtime.stack import Stack, Urls, http_config
 from shared.settings import Settings
 
 
@@ -135,8 +135,7 @@ async def start_needle(data_dir: Path, *, org: Path, rules: Path, nats_url: str,
     server = task = None
     if "intake" in services:
         await stack.start_webhooks()
-        config = uvicorn.Config(stack.build_app(), host="127.0.0.1", port=settings.port, log_level="warning",
-                                access_log=False, lifespan="off")
+        config = http_config(stack.build_app(), "127.0.0.1", settings.port)  # as needle serves it
         server = uvicorn.Server(config)
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
         task = asyncio.create_task(server.serve())

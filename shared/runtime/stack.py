@@ -197,6 +197,14 @@ class Stack:
                 await self.nc.close()
 
 
+def http_config(app: Any, host: str, port: int) -> uvicorn.Config:
+    """How needle serves HTTP (the tests' servers too): uvicorn on the corked httptools protocol, no access log
+    (requests are logged by the app, with their trace id), no ``Server: uvicorn`` header (it tells an attacker
+    what to look up, nothing to a client)."""
+    return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+                          timeout_graceful_shutdown=5, http=CorkedHttpToolsProtocol, server_header=False)
+
+
 def _freeze_startup_heap() -> None:
     """Once started: the modules, app, org tree and rulebook live as long as the process, yet every full
     collection walked them again (a pause in the middle of serving). Move them out of the collector's sight."""
@@ -225,9 +233,7 @@ async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callab
         if "intake" in services:
             await stack.start_webhooks()
             s = stack.settings
-            config = uvicorn.Config(stack.build_app(), host=s.host, port=s.port, log_level="warning",
-                                    access_log=False, lifespan="off", timeout_graceful_shutdown=5,
-                                    http=CorkedHttpToolsProtocol)
+            config = http_config(stack.build_app(), s.host, s.port)
             server = uvicorn.Server(config)
             sockets = [reuse_port_socket(s.host, s.port)] if s.reuse_port else None
             # our own signal handling: uvicorn's re-raises SIGTERM after serve() returns, which would kill

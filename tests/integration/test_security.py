@@ -222,6 +222,7 @@ async def test_security_headers_on_api_answers_and_errors(h: NeedleHandle) -> No
         assert r.headers["x-content-type-options"] == "nosniff", r.url
         assert r.headers["x-frame-options"] == "DENY" and r.headers["referrer-policy"] == "no-referrer"
         assert r.headers["content-security-policy"] == "default-src 'none'; frame-ancestors 'none'"
+        assert "server" not in r.headers  # no software name and version for an attacker to look up
     assert (await whoami(h.client, t)).headers["cache-control"] == "no-store"  # personal data: no shared cache
     schemas = await h.client.get("/v1/schemas")
     assert schemas.headers["cache-control"].startswith("public")  # a route's own caching is kept
