@@ -179,8 +179,8 @@ class Stack:
         for t in self.tasks:
             t.cancel()
         if self.tasks:
-            # bounded: a cancellation that lands as a request of the task is answered can be swallowed (3.11's
-            # wait_for returns the answer): that task goes on waiting, and closing the connection below ends it
+            # bounded: a cancellation can be lost inside a library (seen: the rulebook follower, cancelled while its
+            # subscription was being created, went on waiting for messages); closing the connection below ends it
             done, stuck = await asyncio.wait(self.tasks, timeout=TASK_STOP_S)
             for t in done:
                 if not t.cancelled():
@@ -286,4 +286,3 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
         raise RuntimeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
-
