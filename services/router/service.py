@@ -24,9 +24,9 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from shared.commanding import load_state, utcnow
+from shared.commanding import utcnow
 from shared.domain.calendar import WorkCalendar, load_holiday_file
-from shared.domain.errors import ConcurrencyConflict, DomainError, Unavailable
+from shared.domain.errors import ConcurrencyConflict, DomainError
 from shared.domain.issue import IssueState, evolve, initial_state
 from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
@@ -36,7 +36,7 @@ from shared.store.settling import settled
 
 from .clocks import SlaClocks
 from .reactions import RouterRules, react
-from .timers import SOURCE, STALE_BACKOFF_S, STALE_RELOADS, StateCache, TimerMixin, _after
+from .timers import SOURCE, StateCache, TimerMixin, _after, load_holding
 
 if TYPE_CHECKING:
     from shared.runtime.stack import Stack
@@ -103,17 +103,8 @@ class Router(TimerMixin):
         raise ConcurrencyConflict(f"issue {issue_id}: could not react to seq {seq}")
 
     async def load_including(self, issue_id: str, seq: int) -> IssueState:
-        """The issue's state with the event at ``seq`` (the cue being handled) folded in. On an R3
-        stream a direct get may be answered by a replica that has not applied that event yet (a node
-        just restarted): the history it returns is stale, and reacting to it would do nothing and ack
-        the cue (found by the fault suite: an issue reported while a node caught up was never routed).
-        Reload until the cue is there; Unavailable (nak, redelivered) if it never shows."""
-        for attempt in range(STALE_RELOADS):
-            state, _ = await load_state(self.store, issue_id)
-            if state.last_seq >= seq:
-                return state
-            await asyncio.sleep(STALE_BACKOFF_S * (attempt + 1))
-        raise Unavailable(f"issue {issue_id}: the event store answered without seq {seq}; retry later")
+        """The issue's state with the event at ``seq`` (the cue being handled) folded in."""
+        return await load_holding(self.store, issue_id, lambda state: state.last_seq >= seq, f"seq {seq}")
 
     # -- consumer loops ----------------------------------------------------------------------------------------
     async def _one(self, msg: Msg, handler: Any) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from services.router import service
+from services.router import timers
 from services.router.service import Router
 from shared.domain import commands as cmd
 from shared.domain.errors import Unavailable
@@ -45,7 +45,7 @@ def router(store: Any) -> Router:
 
 
 async def test_a_stale_replica_is_read_again_until_the_cue_is_there(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "STALE_BACKOFF_S", 0.0)
+    monkeypatch.setattr(timers, "STALE_BACKOFF_S", 0.0)
     store = Replicas(stale=2)
     state = await router(store).load_including(ISSUE, 7)
     assert state.exists and state.last_seq == 7
@@ -53,17 +53,15 @@ async def test_a_stale_replica_is_read_again_until_the_cue_is_there(monkeypatch:
 
 
 async def test_a_cue_never_seen_is_left_for_redelivery_not_acked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(service, "STALE_BACKOFF_S", 0.0)
+    monkeypatch.setattr(timers, "STALE_BACKOFF_S", 0.0)
     store = Replicas(stale=10_000)
     with pytest.raises(Unavailable):
         await router(store).load_including(ISSUE, 7)
-    assert store.loads == service.STALE_RELOADS
+    assert store.loads == timers.STALE_RELOADS
 
 
 async def test_a_fired_timer_waits_for_a_history_that_holds_its_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     """A timer is set only after its dispatch is stored: a history without the dispatch's task is stale."""
-    from services.router import timers
-
     monkeypatch.setattr(timers, "STALE_BACKOFF_S", 0.0)
     store = Replicas(stale=10_000)  # the report only: no task, as a replica that is behind would answer
     with pytest.raises(Unavailable):
