@@ -24,9 +24,9 @@ def _b32(value: int, length: int) -> str:
     for _ in range(length // 2):
         out.append(_PAIRS[value & 1023])
         value >>= 10
-    if length % 2:
+    if length % 2:  # the odd, most significant digit: last in, first out
         out.append(_ALPHABET[value & 31])
-    return "".join(reversed(out)) if length % 2 == 0 else out.pop() + "".join(reversed(out))
+    return "".join(reversed(out))
 
 
 def new_issue_id(now_ms: int, random80: int) -> str:

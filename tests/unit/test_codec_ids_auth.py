@@ -369,3 +369,17 @@ def test_validate_scope_refuses_a_scope_of_the_wrong_kind(role: str, scope: str)
 def test_validate_scope_refuses_an_unknown_role(role: str) -> None:
     with pytest.raises(ValueError, match="unknown role"):
         auth.validate_scope(role, "area:x")
+
+
+def test_base32_digits_are_the_bits_most_significant_first_at_every_length() -> None:
+    """Ids already stored must keep their spelling: two digits per step must equal one digit per step, odd
+    lengths (idempotent ids: 25) included."""
+    import random
+
+    alphabet = "0123456789abcdefghjkmnpqrstvwxyz"
+    rng = random.Random(7)
+    for length in range(1, 41):
+        for _ in range(200):
+            value = rng.getrandbits(rng.choice([5 * length, 5 * length + 9, 256]))
+            one_by_one = "".join(alphabet[(value >> 5 * (length - 1 - i)) & 31] for i in range(length))
+            assert ids._b32(value, length) == one_by_one, (value, length)
