@@ -169,9 +169,7 @@ class ProjectionWorker(Progress):
 
     async def run(self, on_subscribed: Any = None) -> None:
         self.seq = await self._checkpoint()
-        sub = await self.subscribe(self.seq + 1)
-        if on_subscribed is not None:
-            on_subscribed(sub)
+        sub = await self._resubscribe(on_subscribed)  # a cluster still electing its leaders: wait, as later
         suspect_gap_at = 0
         failures = 0
         while True:
@@ -245,7 +243,7 @@ class ProjectionWorker(Progress):
         return True
 
     async def _resubscribe(self, on_subscribed: Any) -> Any:
-        """Recreate the consumer at the checkpoint, retrying until it works. (It used to go back to
+        """(Re)create the consumer at the checkpoint, retrying until it works. (It used to go back to
         fetching on the subscription it had just unsubscribed when one attempt failed: every fetch
         then timed out, silently, forever — found by the fault suite when a node that led the
         consumer was killed: the read models stopped at the checkpoint of that moment.)"""
@@ -257,7 +255,8 @@ class ProjectionWorker(Progress):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("cannot recreate the consumer yet", error=repr(exc), retry_in=delay)
+                self.health["projections"] = False
+                log.warning("cannot create the consumer yet", error=repr(exc), retry_in=delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue

@@ -516,3 +516,34 @@ async def test_a_lost_consumer_is_recreated_at_the_checkpoint(needle_factory: Ca
     assert caught_up or not healthy, "stalled while /healthz says 200"
     assert caught_up, (worker.seq, last, h.stack.health)
     assert without_zero(await read_models(h.stack.urls.database)) == expected(10, last)
+
+
+async def test_a_worker_started_before_its_stream_exists_waits_for_it(
+        nats_factory: Callable[..., Any], pg_url: str) -> None:
+    """In a cluster the projections may start while the stream is still being created or has no leader yet:
+    the first consumer creation fails like a later one, and is retried like a later one."""
+    nats_url = nats_factory().url
+    db_url = await ensure_database(pg_url, f"needle_early_{os.getpid()}_{next(_numbers)}")
+    await upgrade(db_url)
+    pool = await open_pool(db_url)
+    early = await nats.connect(nats_url)
+    health: dict[str, bool] = {}
+    worker = ProjectionWorker(pool, early.jetstream(), ProjectionWriter(load_org(ORG), load_rulebook(RULES).tz),
+                              health=health)
+    running = asyncio.create_task(worker.run())
+    nc: NATS | None = None
+    try:
+        await asyncio.sleep(1.5)  # no NEEDLE_EVENTS yet: every attempt fails
+        assert not running.done() and health.get("projections") is False, (running, health)
+        nc, store = await connect(nats_url)  # now the stream exists
+        await Load(store, 5, 0).run()
+        last = await stream_last_seq(nc)
+        assert await worker.wait_for(last, 20), (worker.seq, last, health)
+        assert health["projections"] is True
+        assert without_zero(await read_models(db_url)) == expected(5, last)
+    finally:
+        await cancel(running)
+        await pool.close()
+        await early.close()
+        if nc is not None:
+            await nc.close()
