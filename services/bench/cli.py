@@ -1,6 +1,7 @@
 """``needle bench intake|router|timers``: run a benchmark, print a table, write every number as JSON."""
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,26 +31,44 @@ def _f(v: Any, digits: int = 1) -> str:
 
 
 def intake_table(r: dict[str, Any]) -> Table:
+    from .intake import base_of
+
+    rounds = r.get("rounds") or [r]
     t = Table(min_width=100, title=f"needle bench intake — {r['load_generator']}, {r['connections']} connections, "
-                    f"{r['duration_s']:.0f} s, {r['machine']['cpus']} CPUs, needle workers: {r.get('workers', 1)}")
-    t.add_column("run", no_wrap=True)
-    for col in ("req/s", "vs hello", "vs echo", "p50 ms", "p99 ms", "non-2xx", "sock err"):
+                    f"{r['duration_s']:.0f} s × {len(rounds)} round{'s' if len(rounds) > 1 else ''}, "
+                    f"{r['machine']['cpus']} CPUs, needle workers: {r.get('workers', 1)}")
+    t.add_column("run (median of the rounds)" if len(rounds) > 1 else "run", no_wrap=True)
+    for col in ("req/s", "vs hello", "lowest–highest", "vs echo", "p50 ms", "p99 ms", "non-2xx", "sock err"):
         t.add_column(col, justify="right")
-    hello = r["baseline"]["hello"]["rps"]
-    echo = r["baseline"]["echo"]["rps"]
-    rows = [("baseline GET /hello", r["baseline"]["hello"]), ("baseline POST /echo", r["baseline"]["echo"]),
-            *([(f"baseline GET /hello, {r['workers']} workers", r["baseline"]["hello_workers"])]
-              if "hello_workers" in r["baseline"] else []),
-            ("needle up: POST /v1/issues", r["needle"]["report"]),
-            ("needle up: + Idempotency-Key", r["needle"]["report_idempotent"])]
+    rows: list[tuple[str, tuple[str, ...]]] = [
+        ("baseline GET /hello", ("baseline", "hello")), ("baseline POST /echo", ("baseline", "echo")),
+        *([(f"baseline GET /hello, {r['workers']} workers", ("baseline", "hello_workers"))]
+          if "hello_workers" in r["baseline"] else []),
+        ("needle up: POST /v1/issues", ("needle", "report")),
+        ("needle up: + Idempotency-Key", ("needle", "report_idempotent"))]
     if "intake_alone" in r:
-        rows += [("intake alone: POST /v1/issues", r["intake_alone"]["runs"]["report"]),
-                 ("intake alone: + Idempotency-Key", r["intake_alone"]["runs"]["report_idempotent"])]
-    for name, run in rows:
-        t.add_row(name, _f(run["rps"]), _f(run["rps"] / hello if hello else None, 3),
-                  _f(run["rps"] / echo if echo else None, 3), _f(run["p50_ms"], 2), _f(run["p99_ms"], 2),
-                  _f(run["non_2xx"]), _f(sum(run["socket_errors"].values())))
+        rows += [("intake alone: POST /v1/issues", ("intake_alone", "runs", "report")),
+                 ("intake alone: + Idempotency-Key", ("intake_alone", "runs", "report_idempotent"))]
+    for name, path in rows:
+        run = _at(r, path)
+        vs_hello = [ratio for rnd in rounds
+                    if (ratio := _per(_at(rnd, path), base_of(_at(rnd, path), rnd, "hello"))) is not None]
+        vs_echo = [ratio for rnd in rounds if (ratio := _per(_at(rnd, path), rnd["baseline"]["echo"])) is not None]
+        spread = f"{min(vs_hello):.3f}–{max(vs_hello):.3f}" if len(vs_hello) > 1 else ""
+        t.add_row(name, _f(run["rps"]), _f(statistics.median(vs_hello) if vs_hello else None, 3), spread,
+                  _f(statistics.median(vs_echo) if vs_echo else None, 3), _f(run["p50_ms"], 2),
+                  _f(run["p99_ms"], 2), _f(run["non_2xx"]), _f(sum(run["socket_errors"].values())))
     return t
+
+
+def _at(d: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        d = d[key]
+    return d
+
+
+def _per(run: dict[str, Any], base: dict[str, Any]) -> float | None:
+    return run["rps"] / base["rps"] if base["rps"] else None
 
 
 def router_table(r: dict[str, Any]) -> Table:
@@ -158,12 +177,15 @@ def intake(
     keep: Annotated[bool, typer.Option("--keep", help="keep the temp data dir and logs")] = False,
     workers: Annotated[int, typer.Option(help="NEEDLE_WORKERS for needle; with more than 1 the baseline is "
                                               "also measured with that many uvicorn workers", min=1)] = 1,
+    rounds: Annotated[int, typer.Option(help="baseline then needle, this many times over the same servers; the "
+                                             "ratios are the medians of the rounds' own", min=1)] = 3,
 ) -> None:
     """POST /v1/issues on `needle up` vs a bare FastAPI app (GET /hello, POST /echo), same uvicorn settings."""
     from .intake import run_intake_bench
 
     result = run_intake_bench(duration_s=duration, connections=connections, threads=threads, warmup_s=warmup,
-                              tool=tool, alone=alone, keep=keep, workers=workers, say=_say)
+                              tool=tool, alone=alone, keep=keep, workers=workers, rounds=rounds,
+                              say=_say)
     console.print(intake_table(result))
     if not result["precise"]:
         console.print("[yellow]load generator: Python asyncio+httpx — LESS PRECISE than wrk (install wrk)[/yellow]")

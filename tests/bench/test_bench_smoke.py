@@ -92,8 +92,18 @@ def _check_intake(r: dict[str, Any]) -> None:
 def test_intake_bench_tiny(tmp_path: Path) -> None:
     from services.bench.intake import run_intake_bench
 
-    r = run_intake_bench(duration_s=1, connections=4, threads=1, warmup_s=0, workdir=tmp_path)
+    r = run_intake_bench(duration_s=1, connections=4, threads=1, warmup_s=0, workdir=tmp_path, rounds=2)
     _check_intake(r)
+    assert r["rounds_measured"] == 2 and len(r["rounds"]) == 2
+    for rnd in r["rounds"]:  # each round is a whole measurement of its own, with its own ratios
+        assert set(rnd["ratios"]) == set(r["ratios"]) and rnd["stream_check"]["ok"]
+        report = rnd["needle"]["report"]  # divided by the hello run measured right before it
+        assert RUN_KEYS <= report["paired_hello"].keys()
+        assert rnd["ratios"]["report_vs_hello"] == round(report["rps"] / report["paired_hello"]["rps"], 4)
+    per_round = [rnd["ratios"]["report_vs_hello"] for rnd in r["rounds"]]
+    assert r["ratio_ranges"]["report_vs_hello"] == [min(per_round), max(per_round)]
+    assert r["needle"]["report"]["rps_per_round"] == [rnd["needle"]["report"]["rps"] for rnd in r["rounds"]]
+    assert r["needle"]["report"]["ok_2xx"] == sum(rnd["needle"]["report"]["ok_2xx"] for rnd in r["rounds"])
     out = write_json(tmp_path / "bench-intake.json", r)
     assert json.loads(out.read_text())["benchmark"] == "intake"
 
@@ -157,3 +167,32 @@ def test_projections_bench_tiny(tmp_path: Path) -> None:
     assert st["district_reported"] == 10_000 and st["query"]["n"] == 3 and st["baseline_select_1"]["n"] == 3
     projections_table(r)
     json.dumps(r, default=str)
+
+
+def _run(rps: float, p99: float, ok: int, errors: dict[str, int]) -> dict[str, Any]:
+    return {"label": "x", "rps": rps, "requests": ok, "ok_2xx": ok, "non_2xx": 0, "p50_ms": p99 / 2, "p90_ms": p99,
+            "p99_ms": p99, "mean_ms": p99 / 3, "max_ms": p99 * 2, "socket_errors": errors}
+
+
+def test_rounds_combine_into_medians_of_their_own_ratios() -> None:
+    from services.bench.intake import combine_rounds
+
+    def rnd(hello: float, report: float, ok: bool = True) -> dict[str, Any]:
+        check = {"per_run": {"report": {"acked_201": 10, "found_in_stream": 11, "in_flight_at_stop": 1, "ok": ok}},
+                 "total_issue_reported_in_stream": 10, "ok": ok}
+        return {"baseline": {"hello": _run(hello, 4.0, 100, {})},
+                "needle": {"report": _run(report, 9.0, 10, {"timeout": 1})}, "stream_check": check,
+                "ratios": {"report_vs_hello": report / hello}}
+
+    # a machine that slows down between rounds: the rates of the whole run (8000/6000) would say 0.75,
+    # the rounds say 0.6 each time
+    out = combine_rounds([rnd(10_000, 6_000), rnd(6_000, 3_600), rnd(8_000, 4_800, ok=False)])
+    assert out["ratios"]["report_vs_hello"] == 0.6
+    assert out["ratio_ranges"]["report_vs_hello"] == [0.6, 0.6]
+    report = out["needle"]["report"]
+    assert report["rps"] == 4_800 and report["rps_per_round"] == [6_000, 3_600, 4_800]
+    assert report["ok_2xx"] == 30 and report["max_ms"] == 18.0 and report["socket_errors"] == {"timeout": 3}
+    assert out["baseline"]["hello"]["rps"] == 8_000
+    check = out["stream_check"]
+    assert check["per_run"]["report"] == {"acked_201": 30, "found_in_stream": 33, "in_flight_at_stop": 3, "ok": False}
+    assert check["ok"] is False
