@@ -41,6 +41,15 @@ async def load_current_state(store: EventStore, issue_id: str, attempts: int = 5
     return await load_state(store, issue_id)
 
 
+async def load_existing_state(store: EventStore, issue_id: str) -> tuple[IssueState, list[Envelope]]:
+    """As ``load_state``, but an issue the answering replica does not know is asked of the leader before it
+    counts as missing: a read right after the 201 of a report never says 404 (nor 403 for want of a grid)."""
+    state, envs = await load_state(store, issue_id)
+    if not state.exists:
+        state, envs = await load_current_state(store, issue_id)
+    return state, envs
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 

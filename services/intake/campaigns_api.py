@@ -21,7 +21,7 @@ from fastapi import APIRouter, Header, Query, Response
 from pydantic import Field
 
 from shared import entropy
-from shared.commanding import load_state, utcnow
+from shared.commanding import load_current_state, load_existing_state, utcnow
 from shared.domain import commands as cmd
 from shared.domain import ids
 from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound
@@ -94,7 +94,7 @@ async def _report_one(ctx: AppContext, sem: asyncio.Semaphore, cid: str, grid: s
                 return True, res.seq
         except ConcurrencyConflict:
             pass
-        state, _ = await load_state(ctx.store, issue_id)
+        state, _ = await load_current_state(ctx.store, issue_id)  # the key's issue, as the leader has it
     if not state.exists:
         raise ConcurrencyConflict("campaign being created concurrently; retry")
     if state.campaign != cid or state.request_hash != rhash:
@@ -143,7 +143,7 @@ async def get_campaign(cid: str, ctx: Ctx, p: Actor,
 
     async def load(grid: str) -> IssueState:
         async with sem:
-            state, _ = await load_state(ctx.store, ids.idempotent_issue_id(cid, grid))
+            state, _ = await load_existing_state(ctx.store, ids.idempotent_issue_id(cid, grid))
             return state
 
     states = [s for s in await asyncio.gather(*(load(g) for g in grids)) if s.exists and s.campaign == cid]

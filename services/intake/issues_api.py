@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Response
 
 from shared import entropy
 from shared.auth import Principal
-from shared.commanding import execute, load_current_state, load_state, utcnow
+from shared.commanding import execute, load_current_state, load_existing_state, utcnow
 from shared.domain import commands as cmd
 from shared.domain import ids
 from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound, PreconditionFailed, Unavailable
@@ -146,9 +146,7 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
 
 
 async def _readable(ctx: AppContext, p: Any, issue_id: str) -> tuple[IssueState, list[Any]]:
-    state, envs = await load_state(ctx.store, ids.check_issue_id(issue_id))
-    if not state.exists:  # or the replica that answered is behind: ask the leader before a 404
-        state, envs = await load_current_state(ctx.store, issue_id)
+    state, envs = await load_existing_state(ctx.store, ids.check_issue_id(issue_id))
     if not state.exists:
         raise NotFound(f"issue {issue_id} not found", field="id")
     require_read(ctx.org, p, state)

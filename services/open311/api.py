@@ -22,7 +22,7 @@ from services.intake.issues_api import record_report, validate_report
 from services.intake.schemas import ReportIssueBody
 from services.intake.security import check_rate, ctx_of, in_area
 from shared.auth import Principal, TokenError
-from shared.commanding import load_state, utcnow
+from shared.commanding import load_existing_state, utcnow
 from shared.domain import ids
 from shared.domain.errors import Conflict, DomainError, NotFound, RateLimited
 
@@ -179,7 +179,7 @@ async def _by_ids(ctx: AppContext, wanted: tuple[str, ...]) -> list[dict[str, ob
         except NotFound:
             return None
         async with sem:
-            state, envs = await load_state(ctx.store, issue_id)
+            state, envs = await load_existing_state(ctx.store, issue_id)
         return view.from_state(ctx.org, ctx.rulebook, state, envs) if state.exists else None
 
     found = await asyncio.gather(*(one(i) for i in wanted))
@@ -220,7 +220,7 @@ async def _one(request: Request, name: str, tokens: bool) -> Response:
         issue_id = ids.check_issue_id(stem)
     except NotFound:
         raise Open311Error(404, f"{what} {stem} not found") from None
-    state, envs = await load_state(ctx.store, issue_id)
+    state, envs = await load_existing_state(ctx.store, issue_id)
     if not state.exists:
         raise Open311Error(404, f"{what} {stem} not found")
     if tokens:  # the token is the request id: it is known as soon as the POST answers

@@ -186,9 +186,9 @@ async def get_audit(request: Request, issue_id: str, ctx: Ctx, p: Actor) -> Resp
     seq = await _caught_up(ctx, None)
     rows = await queries.audit(_pool(ctx), issue_id)
     if rows and p.role == "supervisor":
-        from shared.commanding import load_state
+        from shared.commanding import load_existing_state
 
-        state, _ = await load_state(ctx.store, issue_id)
+        state, _ = await load_existing_state(ctx.store, issue_id)
         if not in_area(ctx.org, p, state.grid):
             raise NotAllowed(f"issue {issue_id} is outside scope {p.scope}")
     return _respond(request, {"items": rows}, seq)
