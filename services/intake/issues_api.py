@@ -117,7 +117,8 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
     """The report use case, for every entry point (``POST /v1/issues``, Open311): a new issue, or the
     one this reporter's Idempotency-Key already created (same body), or 409 (another body)."""
     sealed = await seal_report_resident(ctx, body)
-    rhash = request_hash(body, sealed.fingerprint if sealed else None)
+    # what a replay of the key must match; without a key nothing is ever compared with it
+    rhash = request_hash(body, sealed.fingerprint if sealed else None) if key is not None else None
     if key is not None:
         issue_id = ids.idempotent_issue_id(p.subject, ids.check_idempotency_key(key))
     else:

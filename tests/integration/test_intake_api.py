@@ -227,6 +227,14 @@ async def test_same_idempotency_key_replayed_returns_the_same_issue(h: NeedleHan
     assert other.status_code == 201 and other.json()["id"] != first_id
 
 
+async def test_only_a_keyed_report_records_what_a_replay_must_match(h: NeedleHandle) -> None:
+    keyed, _ = await report_ok(h, road(title="with a key"), key=f"form-{uuid.uuid4()}")
+    plain, _ = await report_ok(h, road(title="without"))
+    digest = (await events_of(h, keyed))[0]["data"]["request_hash"]
+    assert isinstance(digest, str) and len(digest) == 64
+    assert (await events_of(h, plain))[0]["data"]["request_hash"] is None  # no key, nothing ever compares it
+
+
 async def test_concurrent_first_use_of_a_key_makes_one_issue(h: NeedleHandle) -> None:
     key = f"form-{uuid.uuid4()}"
     rs = await asyncio.gather(*(report(h, road(title="raced"), key=key) for _ in range(6)))
