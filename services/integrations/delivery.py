@@ -165,6 +165,10 @@ def consumer_filter(types: tuple[str, ...]) -> str:
     return sj.ALL_EVENTS if any(t in sj.NON_ISSUE_EVENTS for t in types) else f"{sj.EVENTS_ROOT}.issue.>"
 
 
+def consumer_name(hook_id: str) -> str:
+    return f"webhook-{hook_id}"
+
+
 def group_of(subject: str) -> str:
     parts = subject.split(".")
     return parts[3] if len(parts) == 5 and parts[2] == "issue" else parts[2]
@@ -182,7 +186,7 @@ class Deliverer:
 
     @property
     def consumer(self) -> str:
-        return f"webhook-{self.hook.id}"
+        return consumer_name(self.hook.id)
 
     async def subscribe(self) -> Any:
         """Creates (or binds to) the durable consumer; idempotent."""

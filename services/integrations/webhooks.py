@@ -14,14 +14,16 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 
 from shared.config import OrgTree
+from shared.domain.errors import Unavailable
 from shared.events import subjects as sj
 from shared.store.grid_cache import GridCache
 from shared.store.settling import settled
 
-from .delivery import Deliverer, DeliveryConfig, Sender, group_of, now_iso, render
+from .delivery import Deliverer, DeliveryConfig, Sender, consumer_name, group_of, now_iso, render
 from .registry import Registry, Webhook
 
 if TYPE_CHECKING:
@@ -126,7 +128,7 @@ class WebhookService:
 
     async def remove(self, hook: Webhook) -> None:
         d = await self._stop(hook.id)
-        consumer = d.consumer if d is not None else f"webhook-{hook.id}"
+        consumer = d.consumer if d is not None else consumer_name(hook.id)
         with contextlib.suppress(NotFoundError):
             await self.js.delete_consumer(sj.EVENTS_STREAM, consumer)
         await self.registry.delete(hook.id)
@@ -139,6 +141,22 @@ class WebhookService:
         c = item[0].counters
         return {"delivered": c.delivered, "failed_attempts": c.failed_attempts, "parked": c.parked,
                 "filtered": c.filtered}
+
+    async def progress(self, hook_id: str) -> dict[str, int] | None:
+        """Where the webhook's consumer stands, as JetStream knows it: the same in every process, whichever
+        delivers. ``pending``: events under its filter not yet handed out (a filter shared by several types
+        also counts the others, skipped when they come); ``in_flight``: handed out, not yet acknowledged;
+        ``acknowledged_through_seq``: every event up to this stream sequence is done (delivered, skipped or
+        parked) or was written before the webhook existed. None while the consumer does not exist (it is
+        being created)."""
+        try:
+            info = await self.js.consumer_info(sj.EVENTS_STREAM, consumer_name(hook_id))
+        except NotFoundError:
+            return None
+        except (TimeoutError, NatsTimeout) as exc:
+            raise Unavailable("JetStream did not say where the webhook stands; retry") from exc
+        return {"pending": int(info.num_pending or 0), "in_flight": int(info.num_ack_pending or 0),
+                "acknowledged_through_seq": int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0}
 
     # -- dead letters ------------------------------------------------------------------------------
     async def replay(self, hook: Webhook) -> ReplayResult:

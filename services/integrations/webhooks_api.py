@@ -98,12 +98,15 @@ async def list_webhooks(ctx: Ctx, p: Actor) -> Response:
     return _json([h.public() for h in hooks if p.role == "admin" or h.owner == p.subject])
 
 
-@router.get("/v1/webhooks/{hook_id}", summary="One webhook, with delivery counters since this process started")
+@router.get("/v1/webhooks/{hook_id}", summary="One webhook, where its delivery stands, and counters")
 async def get_webhook(hook_id: str, ctx: Ctx, p: Actor) -> Response:
+    """``progress`` (from JetStream, the same through every intake worker): ``pending``,
+    ``in_flight``, ``acknowledged_through_seq``. ``delivery``: counters of the delivering process since it
+    started (``delivered``, ``failed_attempts``, ``parked``, ``filtered``); null when another process delivers."""
     require_role(p, "integrator")
     svc = _service(ctx)
     hook = await _owned(svc, p, hook_id)
-    return _json(hook.public() | {"delivery": svc.counters(hook.id)})
+    return _json(hook.public() | {"progress": await svc.progress(hook.id), "delivery": svc.counters(hook.id)})
 
 
 @router.delete("/v1/webhooks/{hook_id}", status_code=204, summary="Stop and forget a webhook")

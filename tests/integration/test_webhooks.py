@@ -136,6 +136,11 @@ async def expected(h: NeedleHandle, issues: list[str], types: list[str] = TYPES)
     return out
 
 
+async def stream_last_seq(h: NeedleHandle) -> int:
+    assert h.stack.nc is not None
+    return int((await h.stack.nc.jetstream().stream_info(sj.EVENTS_STREAM)).state.last_seq)
+
+
 async def until(cond: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -415,7 +420,45 @@ async def test_with_intake_workers_the_first_delivers_what_another_registered_an
     want = await expected(first, await report(other, 2))
     await until(lambda: rx.accepted_ids() >= {e for ids in want.values() for e in ids}, what="delivery by the first")
     assert hook in service(first).running and not service(other).running
+    # where delivery stands is the same answer through either worker; the counters live in the first
+    last = await stream_last_seq(first)
+
+    async def progress(via: NeedleHandle) -> dict[str, Any]:
+        body: dict[str, Any] = (await via.client.get(f"/v1/webhooks/{hook}", headers=via.auth("integrator"))).json()
+        return body
+
+    async def settled_progress() -> dict[str, Any]:
+        deadline = time.monotonic() + 20
+        while True:
+            got = await progress(other)
+            done = got["progress"]["acknowledged_through_seq"] >= last and got["progress"]["in_flight"] == 0
+            if done or time.monotonic() > deadline:
+                return got
+            await asyncio.sleep(0.1)
+
+    via_other = await settled_progress()
+    assert via_other["delivery"] is None
+    assert via_other["progress"]["pending"] == 0 and via_other["progress"]["in_flight"] == 0, via_other
+    assert via_other["progress"]["acknowledged_through_seq"] >= last, (via_other, last)
+    via_first = await progress(first)
+    assert via_first["progress"]["acknowledged_through_seq"] >= last
+    assert via_first["delivery"]["delivered"] == sum(len(ids) for ids in want.values())
     r = await other.client.delete(f"/v1/webhooks/{hook}", headers=other.auth("integrator"))
     assert r.status_code == 204, r.text
     await until(lambda: hook not in service(first).running, timeout=10, what="the first to stop delivering")
+    await rx.close()
+
+
+async def test_progress_counts_what_waits_for_a_process_that_does_not_deliver(
+        needle_factory: Callable[..., Any]) -> None:
+    h: NeedleHandle = await needle_factory(webhook_delivery=False, services=("intake",))
+    rx = await Receiver(answers()).start()
+    before = await stream_last_seq(h)
+    hook = await register(h, rx.url, types=["issue_reported"])  # one type: the filter is exact
+    await report(h, 3)
+    got = (await h.client.get(f"/v1/webhooks/{hook}", headers=h.auth("integrator"))).json()
+    assert got["delivery"] is None  # no delivery here, no counters
+    # what was written before the webhook existed is none of its business: done, as far as it goes
+    assert got["progress"] == {"pending": 3, "in_flight": 0, "acknowledged_through_seq": before}, got
+    assert rx.hits == []
     await rx.close()
