@@ -9,14 +9,39 @@ import platform
 import re
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import nats
+from nats.aio.client import DEFAULT_PENDING_SIZE
+from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
+
+from shared.runtime.embedded import EmbeddedNats
+from shared.store.streams import StreamOptions, ensure_streams
+
+
+@contextlib.asynccontextmanager
+async def scratch_nats(data_dir: Path, pending_size: int = DEFAULT_PENDING_SIZE
+                      ) -> AsyncIterator[tuple[EmbeddedNats, NATS]]:
+    """A nats-server of the benchmark's own in ``data_dir``, with needle's streams, and a connection to it
+    (``pending_size``: the client's outgoing buffer, large for benchmarks that publish in bulk); both
+    closed on the way out, the connection first. Stop child processes inside, before the server goes."""
+    embedded = EmbeddedNats(data_dir)
+    embedded.start()
+    try:
+        nc = await nats.connect(embedded.url, pending_size=pending_size)
+        try:
+            await ensure_streams(nc, StreamOptions())
+            yield embedded, nc
+        finally:
+            await nc.close()
+    finally:
+        embedded.stop()
 
 
 def percentile(values: Sequence[float], pct: float) -> float | None:

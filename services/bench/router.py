@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -29,11 +28,9 @@ from shared.domain.ids import new_issue_id
 from shared.events import subjects as sj
 from shared.events.codec import encode
 from shared.events.models import IssueReported
-from shared.runtime.embedded import EmbeddedNats
 from shared.store.eventstore import JetStreamEventStore, make_envelopes
-from shared.store.streams import StreamOptions, ensure_streams
 
-from .common import Counter, busy_warning, edge_message, machine, percentile, ratio, read_timestamps
+from .common import Counter, busy_warning, edge_message, machine, percentile, ratio, read_timestamps, scratch_nats
 from .procs import CATEGORY, CONTRACT_ORG, CONTRACT_RULES, GRID, Child, needle_argv
 from .rawjs import raw_baseline
 
@@ -216,13 +213,9 @@ async def latency(nc: NATS, store: JetStreamEventStore, rate: float, duration_s:
 
 
 async def _run(n: int, rate: float, latency_s: float, root: Path, say: Say) -> dict[str, Any]:
-    embedded = EmbeddedNats(root / "nats-data")
-    embedded.start()
     router: Child | None = None
-    try:
-        nc = await nats.connect(embedded.url, pending_size=64 * 1024 * 1024)
+    async with scratch_nats(root / "nats-data", pending_size=64 * 1024 * 1024) as (embedded, nc):
         try:
-            await ensure_streams(nc, StreamOptions())
             store = JetStreamEventStore(nc)
             await store.start()
             payload = encode(make_envelopes(_issue_id(), [_report()], version=0, now=datetime.now(UTC),
@@ -251,11 +244,8 @@ async def _run(n: int, rate: float, latency_s: float, root: Path, say: Say) -> d
             stop_s = round(time.monotonic() - t_stop, 2)
             say(f"  `needle run router` stopped {stop_s} s after SIGTERM")
         finally:
-            await nc.close()
-    finally:
-        if router is not None:
-            router.stop()
-        embedded.stop()
+            if router is not None:
+                router.stop()
     thr["router_stop_after_sigterm_s"] = stop_s
     return {
         "baseline": base, "needle": thr, "latency": lat,

@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import nats
 import orjson
 import yaml
 from nats.aio.client import Client as NATS
@@ -29,11 +28,10 @@ from nats.js.errors import NotFoundError
 from rich.table import Table
 
 from shared.events import subjects as sj
-from shared.runtime.embedded import EmbeddedNats
 from shared.store.eventstore import JetStreamEventStore
-from shared.store.streams import StreamOptions, _create_or_update, ensure_streams
+from shared.store.streams import _create_or_update
 
-from .common import Counter, busy_warning, count_matching, machine, percentile, read_timestamps
+from .common import Counter, busy_warning, count_matching, machine, percentile, read_timestamps, scratch_nats
 from .procs import CONTRACT_ORG, CONTRACT_RULES, Child, needle_argv
 from .router import _issue_id, append_report, throughput
 
@@ -134,18 +132,9 @@ async def calibrate(nc: NATS, url: str, root: Path, n: int, say: Say) -> dict[st
 
 async def scratch_runs(root: Path, cal_issues: int, baseline_k: int, say: Say) -> tuple[dict[str, Any], Any]:
     """Calibration and baseline on a scratch nats-server, so that the needle run starts clean."""
-    embedded = EmbeddedNats(root / "scratch-nats")
-    embedded.start()
-    try:
-        nc = await nats.connect(embedded.url)
-        try:
-            await ensure_streams(nc, StreamOptions())
-            cal = await calibrate(nc, embedded.url, root, cal_issues, say) if cal_issues else {"skipped": True}
-            base = await schedule_baseline(nc, baseline_k, say) if baseline_k else None
-        finally:
-            await nc.close()
-    finally:
-        embedded.stop()
+    async with scratch_nats(root / "scratch-nats") as (embedded, nc):
+        cal = await calibrate(nc, embedded.url, root, cal_issues, say) if cal_issues else {"skipped": True}
+        base = await schedule_baseline(nc, baseline_k, say) if baseline_k else None
     return cal, base
 
 
@@ -326,13 +315,9 @@ async def _run(tasks: int, ack_s: int | None, baseline_k: int, grace_s: float, r
         ack_s = choose_ack_seconds(issues, cal["drained_per_s"], report_rate)
         say(f"  router: {cal['routed_per_s']:,.0f} issues/s routed, {cal['drained_per_s']:,.0f}/s routed and "
             f"scheduled -> acknowledge PT{ack_s}S (first edge after {ack_s * WARN_AT:.0f} s)")
-    embedded = EmbeddedNats(root / "nats-data")
-    embedded.start()
     router: Child | None = None
-    try:
-        nc = await nats.connect(embedded.url, pending_size=256 * 1024 * 1024)
+    async with scratch_nats(root / "nats-data", pending_size=256 * 1024 * 1024) as (embedded, nc):
         try:
-            await ensure_streams(nc, StreamOptions())
             store = JetStreamEventStore(nc)
             await store.start()
             router = Child.start("needle run router", needle_argv("run", "router"), root / "logs" / "router.log",
@@ -370,11 +355,8 @@ async def _run(tasks: int, ack_s: int | None, baseline_k: int, grace_s: float, r
             after = await _after(js, start_seq)
             errors = [ln for ln in router.tail(1_000_000).splitlines() if "[error" in ln or "Traceback" in ln]
         finally:
-            await nc.close()
-    finally:
-        if router is not None:
-            router.stop()
-        embedded.stop()
+            if router is not None:
+                router.stop()
     return {
         "calibration": cal, "acknowledge_s": ack_s, "warn_at": WARN_AT, "baseline": base,
         "needle": {
