@@ -54,8 +54,8 @@ def timers_stream_config(opts: StreamOptions) -> dict[str, object]:
 
 
 class StreamSetupError(RuntimeError):
-    """JetStream refused to create or update a stream; ``err_code`` is its error code (retry_helps in
-    shared/runtime/startup.py tells a cluster still settling from a refusal that stays)."""
+    """JetStream refused to create or update a stream; ``err_code`` is its error code (``retry_helps`` in
+    shared/store/settling.py tells a cluster still settling from a refusal that stays)."""
 
     def __init__(self, message: str, err_code: int | None = None) -> None:
         super().__init__(message)
