@@ -209,8 +209,8 @@ def _baseline_runs(r: _Runner, base: str, workers: int, echo: bool) -> dict[str,
 def base_of(run: dict[str, Any], rnd: dict[str, Any], base: str) -> dict[str, Any]:
     """The baseline run a needle run is divided by: for hello the one measured right before it, if any."""
     if base == "hello" and "paired_hello" in run:
-        return dict(run["paired_hello"])
-    return dict(rnd["baseline"][base])
+        return run["paired_hello"]
+    return rnd["baseline"][base]
 
 
 def _ratios(rnd: dict[str, Any], bases: tuple[str, ...]) -> dict[str, float | None]:
@@ -256,7 +256,8 @@ def combine_checks(checks: list[dict[str, Any]]) -> dict[str, Any]:
 
 def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The result's top level from its rounds: ``ratios`` are the medians of the rounds' own ratios (each
-    round's needle runs divided by that round's baseline), ``ratio_ranges`` their lowest and highest."""
+    needle run divided by its paired hello, or by its round's baseline), ``ratio_ranges`` their lowest and
+    highest."""
     first = rounds[0]
     out: dict[str, Any] = {
         "baseline": {name: combine_runs([rnd["baseline"][name] for rnd in rounds]) for name in first["baseline"]},

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from nats.aio.client import Client as NATS
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js.errors import NotFoundError
 
 from shared.config import OrgTree
@@ -153,7 +152,7 @@ class WebhookService:
             info = await self.js.consumer_info(sj.EVENTS_STREAM, consumer_name(hook_id))
         except NotFoundError:
             return None
-        except (TimeoutError, NatsTimeout) as exc:
+        except TimeoutError as exc:  # nats-py's TimeoutError is one
             raise Unavailable("JetStream did not say where the webhook stands; retry") from exc
         return {"pending": int(info.num_pending or 0), "in_flight": int(info.num_ack_pending or 0),
                 "acknowledged_through_seq": int(info.ack_floor.stream_seq or 0) if info.ack_floor else 0}
