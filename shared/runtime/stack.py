@@ -200,9 +200,12 @@ class Stack:
 def http_config(app: Any, host: str, port: int) -> uvicorn.Config:
     """How needle serves HTTP (the tests' servers too): uvicorn on the corked httptools protocol, no access log
     (requests are logged by the app, with their trace id), no ``Server: uvicorn`` header (it tells an attacker
-    what to look up, nothing to a client)."""
+    what to look up, nothing to a client), and no proxy-headers layer: it rewrote the client address and scheme
+    from ``X-Forwarded-*`` on every request, and needle reads neither (ids, links and limits never depend on
+    them), so a proxy in front changes nothing."""
     return uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
-                          timeout_graceful_shutdown=5, http=CorkedHttpToolsProtocol, server_header=False)
+                          timeout_graceful_shutdown=5, http=CorkedHttpToolsProtocol, server_header=False,
+                          proxy_headers=False)
 
 
 def _freeze_startup_heap() -> None:
