@@ -40,7 +40,7 @@ from nats.js.kv import KeyValue
 
 from shared.domain.errors import Unavailable
 from shared.events.subjects import valid_token
-from shared.store.settling import settled
+from shared.store.settling import JetStreamRefused, settled
 
 from . import sealing
 
@@ -95,10 +95,8 @@ class Forgotten:
     key_ids: tuple[str, ...]  # empty: there was no key (unknown resident, or already forgotten)
 
 
-class KeyStoreError(RuntimeError):
-    def __init__(self, message: str, err_code: int | None = None) -> None:
-        super().__init__(message)
-        self.err_code = err_code  # JetStream's, when it refused
+class KeyStoreError(JetStreamRefused):
+    """The residents' key bucket could not be set up; ``err_code`` is JetStream's, when it refused."""
 
 
 async def ensure_bucket(nc: NATS, replicas: int = 1) -> None:

@@ -29,11 +29,20 @@ SETTLING_ERR_CODES = frozenset({
 })
 
 
+class JetStreamRefused(RuntimeError):
+    """JetStream refused a start-up step needle words itself (a stream, the residents' key bucket);
+    ``err_code`` is JetStream's error code, which ``retry_helps`` reads."""
+
+    def __init__(self, message: str, err_code: int | None = None) -> None:
+        super().__init__(message)
+        self.err_code = err_code
+
+
 def retry_helps(exc: BaseException) -> bool:
     """Whether waiting a moment and trying the start-up step again can succeed."""
     if isinstance(exc, (TimeoutError, NoRespondersError, ServiceUnavailableError, NotFoundError)):
         return True  # unanswered, no JetStream yet, or created by another process and not visible yet
-    # JetStream's refusals, as nats-py raises them or as needle words them (StreamSetupError, KeyStoreError)
+    # JetStream's refusals, as nats-py raises them or as needle words them (JetStreamRefused)
     return getattr(exc, "err_code", None) in SETTLING_ERR_CODES
 
 

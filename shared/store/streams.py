@@ -11,6 +11,7 @@ from nats.aio.client import Client as NATS
 
 from shared.events import subjects as sj
 
+from .settling import JetStreamRefused
 from .timers_migration import migrate_timers_stream
 
 
@@ -53,13 +54,9 @@ def timers_stream_config(opts: StreamOptions) -> dict[str, object]:
     }
 
 
-class StreamSetupError(RuntimeError):
+class StreamSetupError(JetStreamRefused):
     """JetStream refused to create or update a stream; ``err_code`` is its error code (``retry_helps`` in
     shared/store/settling.py tells a cluster still settling from a refusal that stays)."""
-
-    def __init__(self, message: str, err_code: int | None = None) -> None:
-        super().__init__(message)
-        self.err_code = err_code
 
 
 async def _create_or_update(nc: NATS, config: dict[str, object]) -> dict[str, object]:
