@@ -31,6 +31,7 @@ def _f(v: Any, digits: int = 1) -> str:
 
 
 def intake_table(r: dict[str, Any]) -> Table:
+    from .common import ratio
     from .intake import base_of
 
     rounds = r.get("rounds") or [r]
@@ -51,9 +52,10 @@ def intake_table(r: dict[str, Any]) -> Table:
                  ("intake alone: + Idempotency-Key", ("intake_alone", "runs", "report_idempotent"))]
     for name, path in rows:
         run = _at(r, path)
-        vs_hello = [ratio for rnd in rounds
-                    if (ratio := _per(_at(rnd, path), base_of(_at(rnd, path), rnd, "hello"))) is not None]
-        vs_echo = [ratio for rnd in rounds if (ratio := _per(_at(rnd, path), rnd["baseline"]["echo"])) is not None]
+        per_round = [(_at(rnd, path), rnd) for rnd in rounds]
+        vs_hello = [x for one, rnd in per_round
+                    if (x := ratio(one["rps"], base_of(one, rnd, "hello")["rps"])) is not None]
+        vs_echo = [x for one, rnd in per_round if (x := ratio(one["rps"], rnd["baseline"]["echo"]["rps"])) is not None]
         spread = f"{min(vs_hello):.3f}–{max(vs_hello):.3f}" if len(vs_hello) > 1 else ""
         t.add_row(name, _f(run["rps"]), _f(statistics.median(vs_hello) if vs_hello else None, 3), spread,
                   _f(statistics.median(vs_echo) if vs_echo else None, 3), _f(run["p50_ms"], 2),
@@ -65,10 +67,6 @@ def _at(d: dict[str, Any], path: tuple[str, ...]) -> Any:
     for key in path:
         d = d[key]
     return d
-
-
-def _per(run: dict[str, Any], base: dict[str, Any]) -> float | None:
-    return run["rps"] / base["rps"] if base["rps"] else None
 
 
 def router_table(r: dict[str, Any]) -> Table:
