@@ -139,11 +139,10 @@ def _superseded(tasks: tuple[TaskState, ...]) -> tuple[TaskState, ...]:
 
 def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
     """Fold one event into the state. Unknown or irrelevant events only bump the version."""
-    s = state
-    changes: dict[str, Any] = {"version": s.version + 1, "last_seq": seq or s.last_seq}
+    changes: dict[str, Any] = {"version": state.version + 1, "last_seq": seq or state.last_seq}
     caused_by = getattr(event, "caused_by", 0)
     if caused_by:
-        changes["handled"] = s.handled | {caused_by}
+        changes["handled"] = state.handled | {caused_by}
     match event:
         case ev.IssueReported():
             changes.update(
@@ -163,44 +162,46 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 acknowledge_due=event.acknowledge_due, resolve_due=event.resolve_due,
                 acknowledge_warn=event.acknowledge_warn, resolve_warn=event.resolve_warn,
             )
-            changes["tasks"] = (*s.tasks, task)
+            changes["tasks"] = (*state.tasks, task)
             if event.role == "lead":  # a new lead (first dispatch, escalation, fallback, rework): not acknowledged yet
                 changes["status"] = "dispatched"
         case ev.TaskAcknowledged():
-            changes["tasks"] = _set_task(s, event.task_id, status="acknowledged", acknowledged_at=event.at)
-            if s.status == "dispatched" and s.task(event.task_id).role == "lead":
+            changes["tasks"] = _set_task(state, event.task_id, status="acknowledged", acknowledged_at=event.at)
+            if state.status == "dispatched" and state.task(event.task_id).role == "lead":
                 changes["status"] = "in_progress"
         case ev.TaskReturned():
-            changes["tasks"] = _set_task(s, event.task_id, status="returned", returned_at=event.at,
+            changes["tasks"] = _set_task(state, event.task_id, status="returned", returned_at=event.at,
                                          return_reason=event.reason)
         case ev.TaskResolved():
-            changes["tasks"] = _set_task(s, event.task_id, status="resolved", resolved_at=event.at, note=event.note)
-            if s.task(event.task_id).role == "lead":
+            changes["tasks"] = _set_task(state, event.task_id, status="resolved", resolved_at=event.at, note=event.note)
+            if state.task(event.task_id).role == "lead":
                 changes["status"] = "resolved"
         case ev.TaskSuperseded():
-            changes["tasks"] = _set_task(s, event.task_id, status="superseded")
+            changes["tasks"] = _set_task(state, event.task_id, status="superseded")
         case ev.SlaWarned():
-            changes["tasks"] = _set_task(s, event.task_id, warned=s.task(event.task_id).warned | {event.clock})
+            warned = state.task(event.task_id).warned | {event.clock}
+            changes["tasks"] = _set_task(state, event.task_id, warned=warned)
         case ev.SlaBreached():
-            changes["tasks"] = _set_task(s, event.task_id, breached=s.task(event.task_id).breached | {event.clock})
+            breached = state.task(event.task_id).breached | {event.clock}
+            changes["tasks"] = _set_task(state, event.task_id, breached=breached)
         case ev.IssueEscalated():
-            changes["escalations"] = s.escalations + 1
+            changes["escalations"] = state.escalations + 1
         case ev.ExtensionRequested():
-            changes["tasks"] = _set_task(s, event.task_id, extension_requested=event.extension)
+            changes["tasks"] = _set_task(state, event.task_id, extension_requested=event.extension)
         case ev.ExtensionApproved():
-            changes["tasks"] = _set_task(s, event.task_id, resolve_due=event.resolve_due,
+            changes["tasks"] = _set_task(state, event.task_id, resolve_due=event.resolve_due,
                                          resolve_warn=event.resolve_warn, extension_requested=None, extended=True)
         case ev.IssueVerified():
             if not event.passed:
-                changes["failed_verifications"] = s.failed_verifications + 1
+                changes["failed_verifications"] = state.failed_verifications + 1
         case ev.IssueReopened():
-            changes.update(status="reopened", reopen_count=event.reopen_count, tasks=_superseded(s.tasks))
+            changes.update(status="reopened", reopen_count=event.reopen_count, tasks=_superseded(state.tasks))
         case ev.IssueClosed():
             changes.update(status="closed", closed_at=event.closed_at, closed_on_time=event.on_time,
-                           tasks=_superseded(s.tasks))
+                           tasks=_superseded(state.tasks))
         case ev.FeedbackRecorded():
             changes["satisfaction"] = event.satisfaction
-    return _issue_with(s, **changes)
+    return _issue_with(state, **changes)
 
 
 def fold(issue_id: str, events: list[tuple[ev.Event, int]]) -> IssueState:
