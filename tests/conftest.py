@@ -27,7 +27,7 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("NEEDLE_TEST_DATABASE_URL"):
         yield os.environ["NEEDLE_TEST_DATABASE_URL"]
         return
-    from shared.runtime.embedded import EmbeddedPostgres
+    from services.entrypoints.embedded import EmbeddedPostgres
 
     pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
     pg.start()
@@ -39,7 +39,7 @@ def pg_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture
 def nats_factory(tmp_path: Path) -> Iterator[Callable[[], Any]]:
-    from shared.runtime.embedded import EmbeddedNats
+    from services.entrypoints.embedded import EmbeddedNats
 
     servers: list[EmbeddedNats] = []
 

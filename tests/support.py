@@ -12,9 +12,9 @@ import asyncpg
 import httpx
 import uvicorn
 
+from services.entrypoints.processes import free_port
+from services.entrypoints.stack import Stack, Urls, http_config
 from shared import auth
-from shared.runtime.processes import free_port
-from shared.runtime.stack import Stack, Urls, http_config
 from shared.settings import Settings
 
 
@@ -123,18 +123,10 @@ async def start_needle(data_dir: Path, *, org: Path, rules: Path, nats_url: str,
                         port=free_port(), **overrides)
     stack = Stack.from_settings(settings, Urls(nats=nats_url, database=db_url))
     await stack.connect()
-    if "projections" in services:
-        await stack.start_projections()
-    elif read_api:
-        from services.projections.service import start_read_api
-
-        await start_read_api(stack)
-    if "router" in services:
-        await stack.start_router()
+    await stack.start(services, read_api=read_api)
     base = f"http://127.0.0.1:{settings.port}"
     server = task = None
     if "intake" in services:
-        await stack.start_webhooks()
         config = http_config(stack.build_app(), "127.0.0.1", settings.port)  # as needle serves it
         server = uvicorn.Server(config)
         server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]

@@ -304,5 +304,5 @@ def projections(
 
 
 def main(args: list[str]) -> None:
-    """Entry point for ``needle bench ...`` (shared/cli.py delegates here)."""
+    """Entry point for ``needle bench ...`` (services/entrypoints/cli.py delegates here)."""
     app(args=args, prog_name="needle bench")

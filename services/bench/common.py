@@ -21,7 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 
-from shared.runtime.embedded import EmbeddedNats
+from services.entrypoints.embedded import EmbeddedNats
 from shared.store.streams import StreamOptions, ensure_streams
 
 

@@ -166,7 +166,7 @@ def _start_needle_up(stack: contextlib.ExitStack, r: _Runner, root: Path, say: S
 
 def _start_intake_alone(stack: contextlib.ExitStack, r: _Runner, root: Path, say: Say) -> _Needle:
     """Diagnostic: `needle run intake` alone (no router, no projections in its process)."""
-    from shared.runtime.embedded import EmbeddedNats
+    from services.entrypoints.embedded import EmbeddedNats
 
     nats_server = EmbeddedNats(root / "alone-nats")
     nats_server.start()

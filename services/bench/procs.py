@@ -13,7 +13,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.runtime.processes import free_port
+from services.entrypoints.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 FIXTURES = REPO / "tests" / "fixtures"
@@ -26,7 +26,7 @@ __all__ = ["CONTRACT_ORG", "CONTRACT_RULES", "Child", "free_port", "issue_token"
 
 def needle_argv(*args: str) -> list[str]:
     """The needle CLI of this interpreter (works without the console script on PATH)."""
-    return [sys.executable, "-m", "shared.cli", *args]
+    return [sys.executable, "-m", "services.entrypoints.cli", *args]
 
 
 # the load generators drive one token far past any per-token limit: the limiter still runs (its cost is in the

@@ -29,6 +29,7 @@ import nats
 import orjson
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from services.entrypoints.embedded import EmbeddedNats, EmbeddedPostgres
 from services.projections import queries
 from services.projections import rebuild as rb
 from services.projections.migrate import upgrade
@@ -41,7 +42,6 @@ from shared.domain.ids import new_issue_id, task_id
 from shared.events import models as ev
 from shared.events import subjects as sj
 from shared.events.codec import Envelope
-from shared.runtime.embedded import EmbeddedNats, EmbeddedPostgres
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
 from shared.store.streams import ensure_streams
 

@@ -10,7 +10,7 @@ from . import campaigns_api, events_api, issues_api, problems, residents_api, ta
 from .context import AppContext
 from .fastpath import NeedleAPI
 from .issues_api import json_response
-from .observability import LagMonitor, Metrics, TraceAndMeasure, metrics_router
+from .observability import Metrics, TraceAndMeasure, metrics_router
 
 CORS_REQUEST_HEADERS = ["Authorization", "Content-Type", "Idempotency-Key", "If-Match", "Needle-Min-Seq",
                         "Last-Event-ID", "Accept", "Accept-Language", "traceparent", "X-Request-Id"]
@@ -34,10 +34,10 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     app.include_router(open311_router)  # answers errors in the GeoReport form, declared in its own routes
     for r in extra_routers:  # read models, dashboard, webhooks: problem+json errors too
         app.include_router(r, responses=problems.RESPONSES)  # type: ignore[arg-type]
-    monitor: LagMonitor | None = ctx.extras.get("lag")
-    metrics = Metrics(monitor, ctx.extras.get("pool"))
+    monitor = ctx.lag
+    metrics = Metrics(monitor, ctx.read_models.pool if ctx.read_models else None)
     app.state.metrics = metrics
-    app.include_router(metrics_router(metrics, ctx.settings, ctx.extras.get("nc")), responses=problems.RESPONSES)
+    app.include_router(metrics_router(metrics, ctx.settings, ctx.nc), responses=problems.RESPONSES)
 
     @app.get("/healthz", tags=["ops"],
              responses={503: {"description": "degraded: the same body, naming what is down",

@@ -1,15 +1,25 @@
-"""What the HTTP layer needs, built once at start and handed to the app (no globals)."""
+"""What the HTTP layer needs, built once at start by the composition root and handed to the app (no globals,
+no service locator: every part another service provides is a typed field, None where this process lacks it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
+
+from nats.aio.client import Client as NATS
 
 from shared.auth import TokenVerifier
 from shared.config import OrgTree, Rulebook
+from shared.domain.clocks import SlaClocks
 from shared.privacy.keystore import ResidentKeys
 from shared.ratelimit import Rate, RateLimiter
 from shared.settings import Settings
 from shared.store.eventstore import EventStore
+
+if TYPE_CHECKING:  # services started beside the intake; the app only reads them
+    from services.integrations.webhooks import WebhookService
+    from services.projections.service import ReadModels
+
+    from .observability import LagMonitor
 
 
 @dataclass
@@ -19,9 +29,13 @@ class AppContext:
     rulebook: Rulebook
     store: EventStore
     verifier: TokenVerifier
+    clocks: SlaClocks  # the SLA clock arithmetic (extension approval computes new due times with it)
+    nc: NATS | None = None  # the process's NATS connection (SSE, forget, metrics)
     residents: ResidentKeys | None = None  # residents' data keys (None: reports cannot carry a resident)
     health: dict[str, bool] = field(default_factory=dict)  # component -> up
-    extras: dict[str, Any] = field(default_factory=dict)  # read models, SSE hub, ... (added by other services)
+    read_models: ReadModels | None = None  # Postgres read models and how far they are (None: no queries here)
+    webhooks: WebhookService | None = None  # registrations and delivery (None: not in this process)
+    lag: LagMonitor | None = None  # consumer lag, for /healthz and /metrics
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(Rate(0, 1), Rate(0, 1)))  # off unless given
 
     @staticmethod

@@ -107,7 +107,7 @@ def _hub(request: Request) -> Hub:
 
 
 def _nats(ctx: AppContext) -> NATS:
-    nc = ctx.extras.get("nc") or getattr(ctx.store, "_nc", None)
+    nc = ctx.nc
     if nc is None or nc.is_closed:
         raise Unavailable("the event stream is not available (no NATS connection)")
     return nc

@@ -18,7 +18,7 @@ async def forget_resident(resident_id: str, ctx: Ctx, p: Actor) -> Response:
     """Destroy the resident's data key (admin). Records ``resident_forgotten`` (no personal data); every
     read shows the resident's name and phone as "[erased]" from then on. Idempotent: 204 every time."""
     require_role(p, "admin")
-    nc = ctx.extras.get("nc")
+    nc = ctx.nc
     if ctx.residents is None or nc is None:
         raise Unavailable("residents' keys are not available in this process")
     try:

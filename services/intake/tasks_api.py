@@ -89,13 +89,12 @@ async def approve_extension(task_id: str, ctx: Ctx, p: Actor) -> Response:
     """批准延期: a supervisor over the issue's area moves the resolve due time by the requested amount."""
     require_role(p, "supervisor")
     issue_id = ids.issue_of_task(task_id)
-    deadlines = ctx.extras["deadlines"]
 
     def command(s: IssueState, now: datetime) -> cmd.Command:
         t = s.task(task_id)
         if t.extension_requested is None:
             raise Conflict(f"task {task_id} has no pending extension request", current_status=t.status)
-        due, warn = deadlines.extend(ctx.rulebook, t, t.extension_requested)
+        due, warn = ctx.clocks.extend(ctx.rulebook, t, t.extension_requested)
         return cmd.ApproveExtension(task_id=task_id, by=p.subject, resolve_due=due, resolve_warn=warn)
 
     out = await _run(ctx, issue_id, p.subject, None, lambda s: require_area(ctx.org, p, s.grid, f"issue {issue_id}"),

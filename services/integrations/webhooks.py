@@ -1,5 +1,5 @@
 """The webhook service: registrations kept in JetStream KV, one delivery loop per webhook, replay of
-parked events. Built by :func:`start_webhooks` from the stack (``stack.extras["webhooks"]``).
+parked events. Built by :func:`start_webhooks`; the HTTP app reaches it as ``AppContext.webhooks``.
 
 Run delivery in ONE process per deployment: two processes bound to the same ``webhook-<id>`` consumer
 would still deliver every event at least once, but could interleave one issue's events.
@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import secrets
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 from nats.aio.client import Client as NATS
@@ -19,14 +19,13 @@ from nats.js.errors import NotFoundError
 from shared.config import OrgTree
 from shared.domain.errors import Unavailable
 from shared.events import subjects as sj
+from shared.lifecycle import Lifecycle
+from shared.settings import Settings
 from shared.store.grid_cache import GridCache
 from shared.store.settling import settled
 
 from .delivery import Deliverer, DeliveryConfig, Sender, consumer_name, group_of, now_iso, render
 from .registry import Registry, Webhook
-
-if TYPE_CHECKING:
-    from shared.runtime.stack import Stack
 
 log = structlog.get_logger("needle.webhooks")
 
@@ -193,24 +192,18 @@ class WebhookService:
         return out.ok, out.status, out.error
 
 
-async def start_webhooks(stack: Stack, config: DeliveryConfig | None = None,
-                         sender: Sender | None = None) -> WebhookService:
-    """Opens the KV buckets, restarts every registered webhook's delivery and registers the API routes."""
-    from .webhooks_api import router
-
-    assert stack.nc is not None
-    config = config or DeliveryConfig.from_settings(stack.settings)
-    js = stack.nc.jetstream()
-    registry = await settled("webhook buckets", lambda: Registry.open(js, replicas=stack.settings.stream_replicas),
-                             within_s=stack.settings.start_timeout_s)
+async def start_webhooks(life: Lifecycle, nc: NATS, org: OrgTree, settings: Settings,
+                         config: DeliveryConfig | None = None, sender: Sender | None = None) -> WebhookService:
+    """Opens the KV buckets and restarts every registered webhook's delivery (API routes: ``webhooks_api.router``)."""
+    config = config or DeliveryConfig.from_settings(settings)
+    js = nc.jetstream()
+    registry = await settled("webhook buckets", lambda: Registry.open(js, replicas=settings.stream_replicas),
+                             within_s=settings.start_timeout_s)
     sender = sender or Sender.pooled()
-    service = WebhookService(stack.nc, stack.org, registry, sender, config, health=stack.health,
-                             deliver=stack.settings.webhook_delivery)
-    stack.closers.append(sender.client.aclose)
-    stack.closers.append(service.close)  # closers run last-first: the loops stop before the client closes
+    service = WebhookService(nc, org, registry, sender, config, health=life.health, deliver=settings.webhook_delivery)
+    life.on_close(sender.client.aclose)
+    life.on_close(service.close)  # closers run last-first: the loops stop before the client closes
     await service.start()
-    if service.deliver and stack.settings.workers > 1:  # the other workers register and remove webhooks too
-        stack.spawn("webhook-registry", service.follow_registry())
-    stack.extras["webhooks"] = service
-    stack.extras.setdefault("routers", []).append(router)
+    if service.deliver and settings.workers > 1:  # the other workers register and remove webhooks too
+        life.spawn("webhook-registry", service.follow_registry())
     return service

@@ -13,6 +13,7 @@ import structlog
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.intake.context import AppContext
 from services.intake.security import Actor, Ctx, require_role
 from shared.auth import Principal
 from shared.domain.errors import Invalid, NotFound, Unavailable
@@ -40,12 +41,10 @@ def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -
     return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
-def _service(ctx: Any) -> WebhookService:
-    svc = ctx.extras.get("webhooks")
-    if svc is None:
+def _service(ctx: AppContext) -> WebhookService:
+    if ctx.webhooks is None:
         raise Unavailable("webhooks are not running in this process")
-    assert isinstance(svc, WebhookService)
-    return svc
+    return ctx.webhooks
 
 
 def validate_url(url: str) -> str:

@@ -198,12 +198,12 @@ async def _list(request: Request, fmt: Format) -> Response:
     f = search.filters(start=first(params, "start_date"), end=first(params, "end_date"),
                        service_code=first(params, "service_code"), status=first(params, "status"),
                        tz=ctx.rulebook.tz, now=utcnow())
-    pool, worker = ctx.extras.get("pool"), ctx.extras.get("projection")
-    if pool is None:
+    if ctx.read_models is None:
         raise Open311Error(503, "request search needs the read models, which do not run in this process; "
                                 "ask by service_request_id", {"Retry-After": "5"})
     min_seq = request.headers.get("needle-min-seq", "")
-    if worker is not None and min_seq.isdigit():
+    pool, worker = ctx.read_models.pool, ctx.read_models.progress
+    if min_seq.isdigit():
         await worker.wait_for(int(min_seq), MAX_WAIT_S)  # answer anyway: Needle-Seq tells what it reflects
     rows = await search.list_requests(pool, f)
     headers = {"Needle-Seq": str(worker.seq)} if worker is not None else None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import csv
 import io
 from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -20,6 +20,9 @@ from shared.domain import ids
 from shared.domain.errors import Invalid, NotAllowed, Unavailable
 
 from . import queries
+
+if TYPE_CHECKING:
+    from .service import ReadModels
 
 router = APIRouter(tags=["read models"])
 MinSeq = Annotated[int | None, Header(alias="Needle-Min-Seq", ge=0)]
@@ -35,9 +38,7 @@ def _default(o: Any) -> Any:
 
 
 async def _caught_up(ctx: AppContext, min_seq: int | None) -> int:
-    worker = ctx.extras.get("projection")
-    if worker is None:
-        raise Unavailable("read models are not running in this process")
+    worker = read_models(ctx).progress
     if min_seq is not None and not await worker.wait_for(min_seq, MAX_WAIT_S):
         raise Unavailable(f"read models reflect sequence {worker.seq}, not yet {min_seq}; retry shortly",
                           field="Needle-Min-Seq", current_seq=worker.seq)
@@ -74,8 +75,15 @@ def _area_for(ctx: AppContext, p: Principal, area: str | None) -> str:
     return area
 
 
+def read_models(ctx: AppContext) -> ReadModels:
+    """The read models this process serves; 503 where it serves none."""
+    if ctx.read_models is None:
+        raise Unavailable("read models are not running in this process")
+    return ctx.read_models
+
+
 def _pool(ctx: AppContext) -> Any:
-    return ctx.extras["pool"]
+    return read_models(ctx).pool
 
 
 def _instant(value: datetime | None, field: str) -> datetime | None:

@@ -27,7 +27,9 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from services.intake.context import AppContext
 from services.intake.security import Actor, Ctx, check_rate, in_area
 from shared.auth import Principal, TokenError
-from shared.domain.errors import Invalid, NotAllowed, NotFound, Unavailable
+from shared.domain.errors import Invalid, NotAllowed, NotFound
+
+from .api import read_models
 
 router = APIRouter(tags=["dashboard"])
 
@@ -116,15 +118,14 @@ def _sse(event: str, data: dict[str, Any], seq: int) -> ServerSentEvent:
 
 async def _touched(ctx: AppContext, area: str, after: int) -> bool:
     """True when an issue under ``area`` changed after stream sequence ``after`` (rows carry their last seq)."""
-    pool = ctx.extras["pool"]
-    hit = await pool.fetchval("SELECT 1 FROM issues WHERE areas @> ARRAY[$1]::text[] AND seq > $2 LIMIT 1",
-                              area, after)
+    sql = "SELECT 1 FROM issues WHERE areas @> ARRAY[$1]::text[] AND seq > $2 LIMIT 1"
+    hit = await read_models(ctx).pool.fetchval(sql, area, after)
     return hit is not None
 
 
 async def changes(ctx: AppContext, token: str, area: str) -> AsyncIterator[ServerSentEvent]:
     """``hello`` now, then ``changed`` each time committed batches touched the area; ends on a bad token."""
-    worker = ctx.extras["projection"]
+    worker = read_models(ctx).progress
     loop = asyncio.get_running_loop()
     seen = int(worker.seq)
     yield _sse("hello", {"seq": seen, "area": area}, seen)
@@ -157,7 +158,6 @@ async def dashboard_stream(ctx: Ctx,
     p = ctx.verifier.verify(access_token)
     check_rate(ctx, p, write=False)
     a = supervisor_area(ctx, p, area)
-    if ctx.extras.get("projection") is None or ctx.extras.get("pool") is None:
-        raise Unavailable("read models are not running in this process")
+    read_models(ctx)  # 503 before the stream starts where this process serves none
     return EventSourceResponse(changes(ctx, access_token, a), ping=PING_S,
                                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

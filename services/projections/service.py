@@ -1,20 +1,23 @@
 """Starts the projection worker and registers its query routes."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import asyncpg
 import structlog
+from fastapi import APIRouter
+from nats.aio.client import Client as NATS
+
+from shared.config import OrgTree, Rulebook
+from shared.lifecycle import Lifecycle
 
 from .api import router as api_router
 from .dashboard import router as dashboard_router
 from .follower import CheckpointFollower
 from .migrate import upgrade
+from .progress import Progress
 from .schema import PROJECTION_VERSION
 from .worker import ProjectionWorker, ProjectionWriter
-
-if TYPE_CHECKING:
-    from shared.runtime.stack import Stack
 
 log = structlog.get_logger("needle.projections")
 
@@ -28,41 +31,42 @@ async def open_pool(url: str) -> asyncpg.Pool:
     return pool
 
 
-async def start_projections(stack: Stack) -> ProjectionWorker:
-    assert stack.nc is not None and stack.urls.database
-    pool = await open_pool(stack.urls.database)
-    stack.closers.append(pool.close)
-    await upgrade(stack.urls.database)
-    writer = ProjectionWriter(stack.org, stack.rulebook.tz)
+@dataclass
+class ReadModels:
+    """The read models this process serves: the pool, how far they are (the worker that writes them here, or
+    the follower of another process's checkpoint) and the query and dashboard routes."""
+    pool: asyncpg.Pool
+    progress: Progress
+    routers: tuple[APIRouter, ...] = (api_router, dashboard_router)
+
+
+async def start_projections(life: Lifecycle, nc: NATS, org: OrgTree, rulebook: Rulebook,
+                            database_url: str) -> tuple[ReadModels, ProjectionWorker]:
+    """Migrate, rebuild if the projection code changed, then fold the stream into Postgres until ``life``
+    closes; the read models are served from this process too."""
+    pool = await open_pool(database_url)
+    life.on_close(pool.close)
+    await upgrade(database_url)
+    writer = ProjectionWriter(org, rulebook.tz)
     async with pool.acquire() as conn:
         _, version = await writer.checkpoint(conn)
-    js = stack.nc.jetstream()
+    js = nc.jetstream()
     if version is not None and version != PROJECTION_VERSION:
         from .rebuild import rebuild
 
         log.warning("projection code changed; rebuilding", stored=version, current=PROJECTION_VERSION)
-        await rebuild(pool, js, writer, database_url=stack.urls.database)
-    worker = ProjectionWorker(pool, js, writer, health=stack.health)
-    stack.health["postgres"] = True
-    _serve_reads(stack, pool, worker)
-    stack.spawn("projections", worker.run(on_subscribed=stack.close_on_exit))
-    return worker
+        await rebuild(pool, js, writer, database_url=database_url)
+    worker = ProjectionWorker(pool, js, writer, health=life.health)
+    life.health["postgres"] = True
+    life.spawn("projections", worker.run(on_subscribed=life.close_on_exit))
+    return ReadModels(pool, worker), worker
 
 
-def _serve_reads(stack: Stack, pool: asyncpg.Pool, progress: object) -> None:
-    stack.extras["pool"] = pool
-    stack.extras["projection"] = progress
-    stack.extras.setdefault("routers", []).append(api_router)
-    stack.extras["routers"].append(dashboard_router)
-
-
-async def start_read_api(stack: Stack) -> CheckpointFollower:
+async def start_read_api(life: Lifecycle, database_url: str) -> ReadModels:
     """The query API and dashboard over read models that another process keeps (``needle up`` runs the
     projection worker as a child process)."""
-    assert stack.urls.database
-    pool = await open_pool(stack.urls.database)
-    stack.closers.append(pool.close)
-    follower = CheckpointFollower(pool, health=stack.health)
-    _serve_reads(stack, pool, follower)
-    stack.spawn("read-models", follower.run())
-    return follower
+    pool = await open_pool(database_url)
+    life.on_close(pool.close)
+    follower = CheckpointFollower(pool, health=life.health)
+    life.spawn("read-models", follower.run())
+    return ReadModels(pool, follower)

@@ -24,12 +24,12 @@ from datetime import datetime
 
 from shared.config import OrgTree, Rulebook
 from shared.domain import ids
+from shared.domain.clocks import SlaClocks
 from shared.domain.errors import DomainError
 from shared.domain.issue import IssueState, TaskState, evolve
 from shared.domain.levels import Level
 from shared.events import models as ev
 
-from .clocks import SlaClocks
 from .routing import (
     FALLBACK_KIND,
     RoutePlan,

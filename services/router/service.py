@@ -16,30 +16,30 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict, defaultdict
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shared.commanding import utcnow
-from shared.domain.calendar import WorkCalendar, load_holiday_file
+from shared.config import OrgTree, Rulebook
+from shared.domain.clocks import SlaClocks
 from shared.domain.errors import ConcurrencyConflict, DomainError
 from shared.domain.issue import IssueState, evolve, initial_state
 from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
 from shared.events.models import IssueReported, TaskDispatched
+from shared.lifecycle import Lifecycle
+from shared.settings import Settings
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
 from shared.store.settling import settled
 
-from .clocks import SlaClocks
 from .reactions import RouterRules, react
 from .timers import SOURCE, StateCache, TimerMixin, _after, load_holding
-
-if TYPE_CHECKING:
-    from shared.runtime.stack import Stack
 
 log = structlog.get_logger("needle.router")
 REACTS_TO = frozenset({"issue_reported", "task_returned", "issue_escalated", "issue_reopened"})
@@ -261,15 +261,13 @@ async def _migrate_router_filter(js: JetStreamContext) -> None:
     log.info("router consumer now filters one wildcard", filter=ROUTER_FILTER)
 
 
-async def start_router(stack: Stack) -> Router:
-    assert stack.nc is not None and stack.store is not None
-    js = stack.nc.jetstream()
-    holidays = load_holiday_file(stack.settings.holidays) if stack.settings.holidays.exists() else None
-    calendar = WorkCalendar(stack.rulebook.calendar, holidays)
-    rules = RouterRules(org=stack.org, rulebook=stack.rulebook, clocks=SlaClocks(calendar))
-    stack.extras["deadlines"] = rules.clocks
-    router = Router(stack.store, js, rules, cache_size=stack.settings.router_state_cache)
-    within = stack.settings.start_timeout_s  # consumers of streams a fresh cluster may still be settling
+async def start_router(life: Lifecycle, nc: NATS, store: JetStreamEventStore, org: OrgTree, rulebook: Rulebook,
+                       clocks: SlaClocks, settings: Settings) -> Router:
+    """Bind the router's durable consumers and run them until ``life`` closes; follows published rulebooks."""
+    js = nc.jetstream()
+    rules = RouterRules(org=org, rulebook=rulebook, clocks=clocks)
+    router = Router(store, js, rules, cache_size=settings.router_state_cache)
+    within = settings.start_timeout_s  # consumers of streams a fresh cluster may still be settling
     await settled("router consumer", lambda: _migrate_router_filter(js), within_s=within)
     events_sub = await settled("router consumer", lambda: js.pull_subscribe(
         ROUTER_FILTER, durable="router", stream=sj.EVENTS_STREAM,
@@ -279,14 +277,13 @@ async def start_router(stack: Stack) -> Router:
         sj.TIMER_FIRED, durable="router-timers", stream=sj.TIMERS_STREAM,
         config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, ack_wait=60,
                               max_ack_pending=100_000, max_deliver=-1)), within_s=within)
-    stack.close_on_exit(events_sub)
-    stack.close_on_exit(timers_sub)
-    stack.spawn("router", router.run_consumer(events_sub, router.handle_event, per_issue=True))
-    stack.spawn("router-timers", router.run_timers(timers_sub))
-    stack.extras["router"] = router
+    life.close_on_exit(events_sub)
+    life.close_on_exit(timers_sub)
+    life.spawn("router", router.run_consumer(events_sub, router.handle_event, per_issue=True))
+    life.spawn("router-timers", router.run_timers(timers_sub))
 
-    def hold(rb: Any) -> None:
+    def hold(rb: Rulebook) -> None:
         router.rules = replace(router.rules, rulebook=rb)
 
-    stack.rule_holders.append(hold)
+    life.on_rulebook(hold)
     return router

@@ -28,11 +28,11 @@ from typing import Any
 import httpx
 import nats
 
+from services.entrypoints.embedded import EmbeddedNats
+from services.entrypoints.processes import free_port
 from shared import auth
 from shared.events import subjects as sj
 from shared.events.models import IssueReported
-from shared.runtime.embedded import EmbeddedNats
-from shared.runtime.processes import free_port
 from shared.store.eventstore import JetStreamEventStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,8 +153,9 @@ async def bench(events: int, clients: int, data_dir: Path, rounds: int = 2) -> d
     port = free_port()
     env = os.environ | {"NEEDLE_NATS_URL": nats_server.url, "NEEDLE_LOG_LEVEL": "warning",
                         "NEEDLE_DATABASE_URL": "postgresql://unused@127.0.0.1:1/unused"}  # intake alone uses none
-    proc = subprocess.Popen([sys.executable, "-m", "shared.cli", "run", "intake", "--data-dir", str(data_dir),
-                             "--port", str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "services.entrypoints.cli", "run", "intake",
+                             "--data-dir", str(data_dir), "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         line = ""

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
+from services.entrypoints.embedded import _running
+from services.entrypoints.processes import free_port
 from shared import auth
-from shared.runtime.embedded import _running
-from shared.runtime.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -370,7 +370,7 @@ def test_sigkill_of_needle_up_takes_its_worker_processes_too(launch: Callable[..
     the nats-server they were connected to dies at the same moment."""
     up = launch()
     up.wait_ready().close()
-    workers = {pid: cmd for pid, cmd in _children_of(up.proc.pid).items() if "shared.cli run" in cmd}
+    workers = {pid: cmd for pid, cmd in _children_of(up.proc.pid).items() if "services.entrypoints.cli run" in cmd}
     assert {"router", "projections"} <= {cmd.rsplit(" ", 1)[1] for cmd in workers.values()}, workers
     os.kill(up.proc.pid, signal.SIGKILL)
     up.proc.wait(10)
@@ -388,7 +388,8 @@ def test_workers_share_the_port_and_the_metrics_and_stop_together(launch: Callab
     reports, /metrics sums both whichever answers the scrape, and SIGTERM takes both down."""
     up = launch(extra=("--workers", "2"))
     up.wait_ready().close()
-    intakes = {pid: cmd for pid, cmd in _children_of(up.proc.pid).items() if cmd.endswith("shared.cli run intake")}
+    intakes = {pid: cmd for pid, cmd in _children_of(up.proc.pid).items()
+               if cmd.endswith("services.entrypoints.cli run intake")}
     assert len(intakes) == 1, _children_of(up.proc.pid)
     gw = token(up.data_dir, "grid_worker", "area:wuxing-g1")
     body = {"grid": "wuxing-g1", "category": "road_damage", "title": "workers"}

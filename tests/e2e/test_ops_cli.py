@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
+from services.entrypoints.processes import free_port
 from shared import auth
-from shared.runtime.processes import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.bench.procs import Child, needle_argv
+from services.entrypoints.embedded import EmbeddedPostgres
+from services.entrypoints.processes import free_port, spawn
 from shared import auth
 from shared.events import subjects as sj
-from shared.runtime.cluster import NatsCluster
-from shared.runtime.embedded import EmbeddedPostgres
-from shared.runtime.processes import free_port, spawn
+from tests.fault.cluster import NatsCluster
 from tests.support import ensure_database
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

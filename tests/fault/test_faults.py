@@ -22,7 +22,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from shared.runtime.nats_users import nats_servers
+from services.entrypoints.nats_users import nats_servers
 
 from .load import Ledger, Load
 from .rig import Rig

@@ -185,7 +185,7 @@ class World:
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncIterator[tuple[NeedleHandle, World]]:
-    from shared.runtime.embedded import EmbeddedNats
+    from services.entrypoints.embedded import EmbeddedNats
 
     root = tmp_path_factory.mktemp("matrix")
     server = EmbeddedNats(root / "nats-data")

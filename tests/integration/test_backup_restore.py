@@ -27,7 +27,7 @@ SUP = ("supervisor", "area:city")
 
 async def _stop_router(h: NeedleHandle) -> None:
     """Nothing appends after this (the intake is idle): the views read next are the backup's."""
-    for task in [t for t in h.stack.tasks if t.get_name() in ("router", "router-timers")]:
+    for task in [t for t in h.stack.life.tasks if t.get_name() in ("router", "router-timers")]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -43,7 +43,7 @@ async def _views(h: NeedleHandle, ids: list[str]) -> dict[str, Any]:
 async def _caught_up(h: NeedleHandle) -> int:
     last = int((await h.stack.nc.jetstream().stream_info(sj.EVENTS_STREAM)).state.last_seq)  # type: ignore[union-attr]
     for _ in range(400):
-        if h.stack.extras["projection"].seq >= last:
+        if h.stack.projection_worker.seq >= last:
             return last
         await asyncio.sleep(0.05)
     raise AssertionError("projections did not catch up")

@@ -19,7 +19,7 @@ async def test_needle_min_seq_wait_ends_on_the_commits_notification(needle_facto
     worker: NeedleHandle = await needle_factory(services=("projections",), database=db)
     api: NeedleHandle = await needle_factory(nats_url=worker.stack.urls.nats, services=("intake",), database=db,
                                        read_api=True)
-    watching = api.stack.extras["projection"]
+    watching = api.stack.read_models.progress
     assert isinstance(watching, follower.CheckpointFollower)
     gw = api.auth("grid_worker", "area:wuxing-g1")
     for n in range(3):  # each report is visible to a read that waits for its sequence (503 after 5 s otherwise)

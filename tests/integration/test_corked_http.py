@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from shared.runtime.corked import CorkedHttpToolsProtocol, CorkedTransport
+from services.entrypoints.corked import CorkedHttpToolsProtocol, CorkedTransport
 
 release = asyncio.Event()
 

@@ -97,7 +97,7 @@ def short(events: list[dict[str, Any]]) -> list[str]:
 # -- one stack for the tests that need no read models -------------------------------------------------------------
 @pytest.fixture(scope="module")
 async def h(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncIterator[NeedleHandle]:
-    from shared.runtime.embedded import EmbeddedNats
+    from services.entrypoints.embedded import EmbeddedNats
 
     root = tmp_path_factory.mktemp("intake-api")
     server = EmbeddedNats(root / "nats-data")

@@ -116,12 +116,12 @@ async def test_health_turns_red_while_projections_lag_and_green_when_they_catch_
     assert body["lag"]["projections"]["messages"] == 0 and body["lag_limits"]["messages"] == 5
 
     # stop the projection worker (the task, as a hung or stopped worker process would)
-    worker = h.stack.extras["projection"]
-    task = next(t for t in h.stack.tasks if t.get_name() == "projections")
+    worker = h.stack.projection_worker
+    task = next(t for t in h.stack.life.tasks if t.get_name() == "projections")
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    h.stack.tasks.remove(task)
+    h.stack.life.tasks.remove(task)
     for _ in range(3):  # 3 reports: >= 9 events behind with the router's reactions
         await report(h, "road_damage")
     status, body = await _until(h, lambda s, b: s == 503)
@@ -130,7 +130,7 @@ async def test_health_turns_red_while_projections_lag_and_green_when_they_catch_
     assert body["lag"]["projections"]["messages"] > 5
     assert body["components"]["nats"] is True  # every component is up: only the lag is wrong
 
-    h.stack.spawn("projections", worker.run())  # resumes at its checkpoint
+    h.stack.life.spawn("projections", worker.run())  # resumes at its checkpoint
     status, body = await _until(h, lambda s, b: s == 200)
     assert status == 200 and body["status"] == "ok", body
     assert body["lag"]["projections"]["messages"] == 0

@@ -33,6 +33,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
+from services.entrypoints.embedded import EmbeddedPostgres
+from services.entrypoints.processes import spawn
 from services.projections.migrate import upgrade
 from services.projections.service import open_pool
 from services.projections.worker import LOCK_KEY, ProjectionWorker, ProjectionWriter
@@ -40,8 +42,6 @@ from shared.config import load_org, load_rulebook
 from shared.domain.ids import new_issue_id, task_id
 from shared.events import models as ev
 from shared.events import subjects as sj
-from shared.runtime.embedded import EmbeddedPostgres
-from shared.runtime.processes import spawn
 from shared.store.eventstore import JetStreamEventStore
 from shared.store.streams import ensure_streams
 from tests.support import NeedleHandle, ensure_database, start_needle
@@ -429,7 +429,7 @@ async def postgres_restart_run(tmp_path: Path, nats_url: str, *, issues: int, se
         await appending
         last = await stream_last_seq(nc)
         stack = h.stack
-        await wait_checkpoint(db_url, last, timeout=30, alive=lambda: not any(t.done() for t in stack.tasks))
+        await wait_checkpoint(db_url, last, timeout=30, alive=lambda: not any(t.done() for t in stack.life.tasks))
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             codes.append(await healthz(h))
@@ -477,7 +477,7 @@ async def test_a_cancelled_batch_is_retried_and_the_worker_lives_on(needle_facto
     h: NeedleHandle = await needle_factory(services=("intake", "projections"))
     db_url = h.stack.urls.database
     assert db_url is not None and h.stack.store is not None
-    worker: ProjectionWorker = h.stack.extras["projection"]
+    worker: ProjectionWorker = h.stack.projection_worker
     assert h.stack.nc is not None
     await Load(h.stack.store, 5, 0).run()
     assert await worker.wait_for(await stream_last_seq(h.stack.nc), 10)
@@ -503,7 +503,7 @@ async def test_a_cancelled_batch_is_retried_and_the_worker_lives_on(needle_facto
 async def test_a_lost_consumer_is_recreated_at_the_checkpoint(needle_factory: Callable[..., Any]) -> None:
     h: NeedleHandle = await needle_factory(services=("intake", "projections"))
     assert h.stack.nc is not None and h.stack.store is not None and h.stack.urls.database
-    worker: ProjectionWorker = h.stack.extras["projection"]
+    worker: ProjectionWorker = h.stack.projection_worker
     await Load(h.stack.store, 5, 0).run()
     assert await worker.wait_for(await stream_last_seq(h.stack.nc), 10)
     # when the durable consumer goes away while events keep coming

@@ -29,12 +29,12 @@ from hypothesis import strategies as st
 from services.projections import queries
 from services.projections.rebuild import rebuild
 from services.projections.worker import ProjectionWorker
-from services.router.clocks import SlaClocks
 from services.router.reactions import RouterRules, next_edge, on_timer, react
 from services.router.routing import plan_escalation
 from shared.config import load_org, load_rulebook
 from shared.domain import commands as cmd
 from shared.domain.calendar import WorkCalendar
+from shared.domain.clocks import SlaClocks
 from shared.domain.errors import DomainError
 from shared.domain.ids import new_issue_id
 from shared.domain.issue import IssueState, decide, fold
@@ -318,12 +318,12 @@ def without(counts: dict[str, int], drop: frozenset[str] = KNOWN_WRONG) -> dict[
 
 # -- helpers over the running stack -----------------------------------------------------------------------------
 def worker_of(h: NeedleHandle) -> ProjectionWorker:
-    w: ProjectionWorker = h.stack.extras["projection"]
+    w: ProjectionWorker = h.stack.projection_worker
     return w
 
 
 def pool_of(h: NeedleHandle) -> asyncpg.Pool:
-    p: asyncpg.Pool = h.stack.extras["pool"]
+    p: asyncpg.Pool = h.stack.read_models.pool
     return p
 
 

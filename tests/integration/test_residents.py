@@ -91,7 +91,7 @@ async def wait_erased(h: NeedleHandle, issue_id: str, timeout: float = 10.0) -> 
 async def needle_forget(h: NeedleHandle, who: str) -> str:
     env = {**os.environ, "NEEDLE_NATS_URL": h.stack.urls.nats}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "shared.cli", "forget", who, "--data-dir", str(h.stack.settings.data_dir),
+        sys.executable, "-m", "services.entrypoints.cli", "forget", who, "--data-dir", str(h.stack.settings.data_dir),
         env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 0, (out, err)

@@ -28,10 +28,10 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
+from services.entrypoints.embedded import EmbeddedNats
 from shared.domain import ids
 from shared.events import models as ev
 from shared.events import subjects as sj
-from shared.runtime.embedded import EmbeddedNats
 from tests.support import NeedleHandle, events, issue, now, of_type, report, sleep_until, ts
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"

@@ -191,10 +191,10 @@ def test_simultaneous_breach_of_a_co_task_is_recorded_whatever_the_order() -> No
     """Pure repro of an order dependence seen live: lead and co-task share a due time; the lead's breach escalates
     and supersedes the co-task, whose own timer then finds it closed, so whether the co-handler's breach is on
     record (and counts against its 响应率) depends on which timer message the router happens to handle first."""
-    from services.router.clocks import SlaClocks
     from services.router.reactions import RouterRules, on_timer, react
     from shared.config import load_org, load_rulebook
     from shared.domain.calendar import WorkCalendar
+    from shared.domain.clocks import SlaClocks
     from shared.domain.issue import evolve, initial_state
     from shared.events import models as ev
 

@@ -12,13 +12,13 @@ from typing import Any
 import nats
 import orjson
 
-from services.router.clocks import SlaClocks
 from services.router.reactions import RouterRules, react
 from services.router.service import Router
 from shared.commanding import load_state, utcnow
 from shared.config import load_org, load_rulebook
 from shared.domain import commands as cmd
 from shared.domain.calendar import WorkCalendar
+from shared.domain.clocks import SlaClocks
 from shared.domain.ids import new_issue_id
 from shared.domain.issue import IssueState, decide, evolve, initial_state
 from shared.events import models as ev

@@ -28,7 +28,7 @@ ORIGIN = "https://ops.example.org"
 @pytest.fixture(scope="module")
 async def h(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncIterator[NeedleHandle]:
     """One intake with tight per-token limits (each test uses its own subjects) and one CORS origin."""
-    from shared.runtime.embedded import EmbeddedNats
+    from services.entrypoints.embedded import EmbeddedNats
 
     root = tmp_path_factory.mktemp("security")
     server = EmbeddedNats(root / "nats-data")

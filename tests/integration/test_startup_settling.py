@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
-from shared.runtime.cluster import NatsCluster
-from shared.runtime.stack import TASK_STOP_S, Stack, Urls
+from services.entrypoints.stack import Stack, Urls
+from shared.lifecycle import TASK_STOP_S
 from shared.settings import Settings
 from shared.store.streams import StreamSetupError
+from tests.fault.cluster import NatsCluster
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 pytestmark = pytest.mark.timeout(180)

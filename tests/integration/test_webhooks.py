@@ -101,7 +101,7 @@ def answers(*plan: tuple[int, int | str]) -> Callable[[int], Awaitable[int]]:
 
 
 def service(h: NeedleHandle) -> WebhookService:
-    return cast(WebhookService, h.stack.extras["webhooks"])
+    return cast(WebhookService, h.stack.webhooks)
 
 
 async def register(h: NeedleHandle, url: str, types: list[str] = TYPES, area: str | None = None,

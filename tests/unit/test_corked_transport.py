@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import asyncio
 
-from shared.runtime.corked import CorkedTransport
+from services.entrypoints.corked import CorkedTransport
 
 
 class FakeTransport:

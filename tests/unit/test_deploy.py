@@ -16,8 +16,8 @@ import jsonschema
 import pytest
 import yaml
 
-from shared.runtime.embedded import nats_server_binary
-from shared.runtime.nats_users import authorization_block
+from services.entrypoints.embedded import nats_server_binary
+from services.entrypoints.nats_users import authorization_block
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SCHEMA = Path(__file__).resolve().parents[1] / "fixtures" / "compose-spec" / "compose-spec.json"

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from shared.runtime import embedded
+from services.entrypoints import embedded
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the copy is made only when running as root")
 
@@ -39,7 +39,7 @@ def test_a_zombie_postmaster_does_not_count_as_running() -> None:
     import time
     from pathlib import Path
 
-    from shared.runtime.embedded import _running
+    from services.entrypoints.embedded import _running
 
     assert _running(os.getpid())
     child = subprocess.Popen(["true"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from shared.runtime.nats_users import nats_servers
+from services.entrypoints.nats_users import nats_servers
 
 
 def test_a_cluster_url_lists_every_node_in_order() -> None:

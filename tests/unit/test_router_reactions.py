@@ -9,7 +9,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from services.router.clocks import SlaClocks
 from services.router.reactions import (
     RouterRules,
     TimerEdge,
@@ -24,6 +23,7 @@ from services.router.reactions import (
 from shared.config import load_org, load_rulebook, parse_rulebook
 from shared.domain import commands as cmd
 from shared.domain.calendar import WorkCalendar
+from shared.domain.clocks import SlaClocks
 from shared.domain.ids import new_issue_id, task_id
 from shared.domain.issue import IssueState, decide, fold
 from shared.events import models as ev

@@ -33,7 +33,7 @@ class Child:
 
     @property
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "shared.cli", "run", self.service or self.name]
+        return [sys.executable, "-m", "services.entrypoints.cli", "run", self.service or self.name]
 
     def start(self) -> None:
         self.log.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import gc
 import signal
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +17,19 @@ import structlog
 import uvicorn
 from nats.aio.client import Client as NATS
 
+from services.intake.app import create_app
+from services.intake.context import AppContext
+from services.intake.observability import LagMonitor
+from services.integrations import webhooks_api
+from services.integrations.webhooks import WebhookService, start_webhooks
+from services.projections.service import ReadModels, start_projections, start_read_api
+from services.projections.worker import ProjectionWorker
+from services.router.service import Router, start_router
 from shared import auth
 from shared.config import OrgTree, Rulebook, load_org, load_rulebook
+from shared.domain.calendar import WorkCalendar, load_holiday_file
+from shared.domain.clocks import SlaClocks
+from shared.lifecycle import Lifecycle
 from shared.privacy.keystore import ResidentKeys
 from shared.revocation import Revocations
 from shared.settings import Settings
@@ -30,7 +41,6 @@ from .corked import CorkedHttpToolsProtocol
 from .nats_users import nats_servers
 
 log = structlog.get_logger("needle.stack")
-TASK_STOP_S = 5.0  # how long close() waits for its cancelled tasks
 
 
 @dataclass
@@ -39,50 +49,71 @@ class Urls:
     database: str | None
 
 
+def sla_clocks(settings: Settings, rulebook: Rulebook) -> SlaClocks:
+    """The SLA clock arithmetic every service of the process shares: the rulebook's calendar with the
+    holiday file's years beyond the bundled ones."""
+    holidays = load_holiday_file(settings.holidays) if settings.holidays.exists() else None
+    return SlaClocks(WorkCalendar(rulebook.calendar, holidays))
+
+
 @dataclass
 class Stack:
+    """One process's services, each started by its own ``start_*`` function with the parts it needs, and the
+    handles they return. The lifecycle holds their tasks, health flags and closers."""
     settings: Settings
     urls: Urls
     org: OrgTree
     rulebook: Rulebook
+    clocks: SlaClocks
+    life: Lifecycle = field(default_factory=Lifecycle)
     nc: NATS | None = None
     store: JetStreamEventStore | None = None
     residents: ResidentKeys | None = None
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    health: dict[str, bool] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
-    closers: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
-    rule_holders: list[Callable[[Rulebook], None]] = field(default_factory=list)
     revocations: Revocations = field(default_factory=Revocations)  # followed from NEEDLE_REVOKED
+    router: Router | None = None
+    read_models: ReadModels | None = None
+    projection_worker: ProjectionWorker | None = None  # when the projections run in this process
+    webhooks: WebhookService | None = None
+    lag: LagMonitor | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, urls: Urls) -> Stack:
-        return cls(settings=settings, urls=urls, org=load_org(settings.org), rulebook=load_rulebook(settings.rules))
+        org, rulebook = load_org(settings.org), load_rulebook(settings.rules)
+        return cls(settings=settings, urls=urls, org=org, rulebook=rulebook, clocks=sla_clocks(settings, rulebook))
+
+    @property
+    def health(self) -> dict[str, bool]:
+        return self.life.health
+
+    def _connection(self) -> tuple[NATS, JetStreamEventStore]:
+        assert self.nc is not None and self.store is not None, "connect() first"
+        return self.nc, self.store
 
     async def connect(self) -> None:
+        health = self.life.health
+
         async def disconnected() -> None:
-            self.health["nats"] = False
+            health["nats"] = False
 
         async def reconnected() -> None:
-            self.health["nats"] = True
+            health["nats"] = True
 
         # a server that hangs (SIGSTOP, a frozen VM) keeps its TCP connection open: pings find it within
         # ~3 intervals and the client moves to another node of the cluster
-        self.nc = await nats.connect(nats_servers(self.urls.nats), name="needle", max_reconnect_attempts=-1,
-                                     reconnect_time_wait=0.5, disconnected_cb=disconnected,
-                                     reconnected_cb=reconnected, pending_size=64 * 1024 * 1024,
-                                     ping_interval=self.settings.nats_ping_interval_s, max_outstanding_pings=2)
-        self.health["nats"] = True
-        self.extras["nc"] = self.nc
-        nc, within = self.nc, self.settings.start_timeout_s  # see shared/store/settling.py
+        self.nc = nc = await nats.connect(nats_servers(self.urls.nats), name="needle", max_reconnect_attempts=-1,
+                                          reconnect_time_wait=0.5, disconnected_cb=disconnected,
+                                          reconnected_cb=reconnected, pending_size=64 * 1024 * 1024,
+                                          ping_interval=self.settings.nats_ping_interval_s, max_outstanding_pings=2)
+        health["nats"] = True
+        within = self.settings.start_timeout_s  # see shared/store/settling.py
         options = StreamOptions(replicas=self.settings.stream_replicas,
                                 duplicate_window_s=self.settings.duplicate_window_s)
         await settled("streams", lambda: ensure_streams(nc, options), within_s=within)
-        self.store = JetStreamEventStore(self.nc)
+        self.store = JetStreamEventStore(nc)
         await self.store.start()
-        self.residents = ResidentKeys(self.nc, replicas=self.settings.stream_replicas)
+        self.residents = ResidentKeys(nc, replicas=self.settings.stream_replicas)
         await self.residents.start(settle_s=within)
-        self.closers.append(self.residents.close)
+        self.life.on_close(self.residents.close)
         await self._follow_revocations()
         await self._rules_in_force()
 
@@ -90,106 +121,89 @@ class Stack:
         """Every revoked token known before this returns; later revocations as they are written."""
         from shared.store.revocations import RevocationFollower, open_bucket
 
-        nc = self.nc
-        assert nc is not None
+        nc, _ = self._connection()
         bucket = await settled("revocations bucket", lambda: open_bucket(nc, self.settings.stream_replicas),
                                within_s=self.settings.start_timeout_s)
         follower = RevocationFollower(bucket, self.revocations)
         await follower.start()
-        self.closers.append(follower.stop)
+        self.life.on_close(follower.stop)
 
     async def _rules_in_force(self) -> None:
         """The rulebook file takes effect unless it is already the newest one recorded; then follow
         every later ``needle rules publish``."""
         from shared import rulebooks
 
-        nc = self.nc
-        assert nc is not None
+        nc, _ = self._connection()
         newest = await settled("rulebook", lambda: rulebooks.latest(nc), within_s=self.settings.start_timeout_s)
         if newest is not None and newest[0].version == self.rulebook.version:
             after = newest[1]
         else:
             after = await rulebooks.publish(nc, self.rulebook, self.settings.rules.read_text(),
                                             str(self.settings.rules), by="needle up")
-        self.spawn("rules", rulebooks.follow(nc, after, self.apply_rulebook))
+        self.life.spawn("rules", rulebooks.follow(nc, after, self.apply_rulebook))
 
     def apply_rulebook(self, rulebook: Rulebook) -> None:
         """Put a newly published rulebook in force everywhere in this process."""
         self.rulebook = rulebook
-        for holder in self.rule_holders:
-            holder(rulebook)
+        self.life.apply_rulebook(rulebook)
 
-    def close_on_exit(self, sub: Any) -> None:
-        """Unsubscribe ``sub`` before draining: a pull subscription cancelled mid-fetch otherwise holds
-        the drain until its timeout."""
-        self.closers.append(sub.unsubscribe)
+    async def start(self, services: tuple[str, ...], *, read_api: bool = False) -> None:
+        """Start ``services`` (any of intake, router, projections) in this process, after connect(). With
+        ``read_api`` and no projections here, the intake serves the read models another process keeps."""
+        if "projections" in services:
+            await self.start_projections()
+        elif read_api:
+            await self.start_read_api()
+        if "router" in services:
+            await self.start_router()
+        if "intake" in services:
+            await self.start_webhooks()
 
-    def spawn(self, name: str, coro: Awaitable[Any]) -> None:
-        async def guarded() -> None:
-            self.health[name] = True
-            try:
-                await coro
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("worker crashed", worker=name)
-                self.health[name] = False
-                raise
+    async def start_router(self) -> Router:
+        nc, store = self._connection()
+        self.router = await start_router(self.life, nc, store, self.org, self.rulebook, self.clocks, self.settings)
+        return self.router
 
-        self.tasks.append(asyncio.create_task(guarded(), name=name))
+    async def start_projections(self) -> ProjectionWorker:
+        nc, _ = self._connection()
+        assert self.urls.database, "the projections need a database"
+        self.read_models, self.projection_worker = await start_projections(self.life, nc, self.org, self.rulebook,
+                                                                           self.urls.database)
+        return self.projection_worker
 
-    async def start_router(self) -> None:
-        from services.router.service import start_router
+    async def start_read_api(self) -> ReadModels:
+        assert self.urls.database, "the read models need a database"
+        self.read_models = await start_read_api(self.life, self.urls.database)
+        return self.read_models
 
-        await start_router(self)
-
-    async def start_projections(self) -> None:
-        from services.projections.service import start_projections
-
-        await start_projections(self)
-
-    async def start_webhooks(self) -> None:
-        from services.integrations.webhooks import start_webhooks
-
-        await start_webhooks(self)
+    async def start_webhooks(self) -> WebhookService:
+        nc, _ = self._connection()
+        self.webhooks = await start_webhooks(self.life, nc, self.org, self.settings)
+        return self.webhooks
 
     def build_app(self) -> Any:
-        from services.intake.app import create_app
-        from services.intake.context import AppContext
-        from services.intake.observability import LagMonitor
-
+        nc, store = self._connection()
         key = auth.load_or_create_key(self.settings.data_dir)
-        assert self.store is not None and self.nc is not None
-        if "lag" not in self.extras:  # read from JetStream and the checkpoint: see observability.py
-            monitor = LagMonitor(self.nc, self.extras.get("projection"), self.settings)
-            self.extras["lag"] = monitor
-            self.tasks.append(asyncio.create_task(monitor.run(), name="lag-monitor"))
-        ctx = AppContext(settings=self.settings, org=self.org, rulebook=self.rulebook, store=self.store,
-                         verifier=auth.TokenVerifier(key, revocations=self.revocations), residents=self.residents,
-                         health=self.health, extras=self.extras, limiter=AppContext.limiter_for(self.settings))
-        routers = tuple(self.extras.get("routers", ()))
+        if self.lag is None:  # read from JetStream and the checkpoint: see observability.py
+            self.lag = LagMonitor(nc, self.read_models.progress if self.read_models else None, self.settings)
+            # not a health component: sampling trouble is logged (observability.py), nothing is down
+            self.life.tasks.append(asyncio.create_task(self.lag.run(), name="lag-monitor"))
+        ctx = AppContext(settings=self.settings, org=self.org, rulebook=self.rulebook, store=store,
+                         verifier=auth.TokenVerifier(key, revocations=self.revocations), clocks=self.clocks, nc=nc,
+                         residents=self.residents, health=self.life.health, read_models=self.read_models,
+                         webhooks=self.webhooks, lag=self.lag, limiter=AppContext.limiter_for(self.settings))
+        routers: tuple[Any, ...] = self.read_models.routers if self.read_models else ()
+        if self.webhooks is not None:
+            routers += (webhooks_api.router,)
 
         def hold(rb: Rulebook) -> None:
             ctx.rulebook = rb
 
-        self.rule_holders.append(hold)
+        self.life.on_rulebook(hold)
         return create_app(ctx, routers)
 
     async def close(self) -> None:
-        for t in self.tasks:
-            t.cancel()
-        if self.tasks:
-            # bounded: a cancellation can be lost inside a library (seen: the rulebook follower, cancelled while its
-            # subscription was being created, went on waiting for messages); closing the connection below ends it
-            done, stuck = await asyncio.wait(self.tasks, timeout=TASK_STOP_S)
-            for t in done:
-                if not t.cancelled():
-                    t.exception()  # retrieved: guarded() logged it when it crashed
-            for t in stuck:
-                log.warning("a task did not stop when cancelled; closing the connection ends it", task=t.get_name())
-        for closer in reversed(self.closers):
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(closer(), 5)
+        await self.life.close()
         if self.nc is not None:  # bounded: a NATS that is gone must not keep the process alive
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.nc.drain(), 5)
@@ -220,21 +234,13 @@ async def run_stack(stack: Stack, *, services: tuple[str, ...], on_ready: Callab
     """Run the chosen services in this process until SIGINT/SIGTERM; ``children`` (already started
     child processes, see supervisor.py) are watched and restarted while it runs."""
     await stack.connect()
-    if "projections" in services:
-        await stack.start_projections()
-    elif "intake" in services and stack.urls.database:
-        from services.projections.service import start_read_api
-
-        await start_read_api(stack)
-    if "router" in services:
-        await stack.start_router()
+    await stack.start(services, read_api="intake" in services and bool(stack.urls.database))
     if children:
         from .supervisor import supervise
 
-        stack.spawn("supervisor", supervise(children, stack.health))
+        stack.life.spawn("supervisor", supervise(children, stack.life.health))
     try:
         if "intake" in services:
-            await stack.start_webhooks()
             s = stack.settings
             config = http_config(stack.build_app(), s.host, s.port)
             server = uvicorn.Server(config)

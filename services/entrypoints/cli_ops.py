@@ -10,11 +10,11 @@ from typing import Annotated, Any
 
 import typer
 
-from shared.runtime.nats_users import nats_servers
+from services.entrypoints.nats_users import nats_servers
 from shared.settings import Settings
 
-# the same option as cli.py's (shared.cli is imported lazily: `python -m shared.cli` runs it as __main__,
-# and a module-level import from here would load a second, half-initialised copy)
+# the same option as cli.py's (cli.py is imported lazily: `python -m services.entrypoints.cli` runs it as
+# __main__, and a module-level import from here would load a second, half-initialised copy)
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data directory (default: per-user data dir)")]
 
 
@@ -22,7 +22,7 @@ def _running(settings: Settings) -> dict[str, str] | None:
     """The servers of a live ``needle up`` on the data dir (or NEEDLE_NATS_URL), None when there is none."""
     import json
 
-    from shared.cli import RUNTIME_FILE, attach
+    from services.entrypoints.cli import RUNTIME_FILE, attach
 
     if settings.nats_url:
         return attach(settings)
@@ -41,7 +41,7 @@ def _running(settings: Settings) -> dict[str, str] | None:
 def _servers(settings: Settings, *, database: bool) -> Iterator[dict[str, str]]:
     """URLs of the needle on the data dir: the running one, or embedded servers started on the data
     dir just for this command (stopped when it ends)."""
-    from shared.runtime.embedded import EmbeddedNats, EmbeddedPostgres
+    from services.entrypoints.embedded import EmbeddedNats, EmbeddedPostgres
 
     info = _running(settings)
     if info is not None:
@@ -84,9 +84,9 @@ def backup(target: Annotated[Path, typer.Argument(help="directory to write the b
     (configs, states, sha256). Works against a running `needle up` or on a stopped data dir."""
     import nats
 
+    from services.entrypoints.cli import _fail, _settings
     from services.ops.backup import BackupError
     from services.ops.backup import backup as do_backup
-    from shared.cli import _fail, _settings
 
     settings = _settings(data_dir)
     if _running(settings) is None and not (settings.data_dir / "nats").exists():
@@ -133,9 +133,9 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
     import nats
     from rich.progress import BarColumn, Progress, TextColumn
 
+    from services.entrypoints.cli import _fail, _settings
     from services.ops.backup import BackupError, read_manifest, rebuild_read_models
     from services.ops.backup import restore as do_restore
-    from shared.cli import _fail, _settings
     from shared.config import ConfigError, load_org, load_rulebook
 
     settings = _settings(data_dir, org=org, rules=rules)

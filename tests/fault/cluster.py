@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .embedded import nats_config, nats_server_binary
-from .nats_users import authorization_block, load_or_create_passwords, url_for
-from .processes import free_port, spawn, stop, wait_port
+from services.entrypoints.embedded import nats_config, nats_server_binary
+from services.entrypoints.nats_users import authorization_block, load_or_create_passwords, url_for
+from services.entrypoints.processes import free_port, spawn, stop, wait_port
 
 CLUSTER_NAME = "needle"
 

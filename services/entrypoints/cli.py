@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 if TYPE_CHECKING:
-    from shared.runtime.supervisor import Child
+    from services.entrypoints.supervisor import Child
 
-from shared.runtime.nats_users import nats_servers
+from services.entrypoints.nats_users import nats_servers
 from shared.settings import Settings
 
 app = typer.Typer(help="needle — 千条线穿进一根针: event-sourced issue escalation for grid governance.",
@@ -54,7 +54,7 @@ def _start_children(settings: Settings, nats_url: str, database_url: str | None,
                     names: tuple[str, ...]) -> list[Child]:
     """Start ``needle run NAME`` for each name, on the same servers and files, and wait until each is
     ready (the projections have migrated their tables; the router follows its consumers)."""
-    from shared.runtime.supervisor import Child
+    from services.entrypoints.supervisor import Child
 
     env = _child_env(settings, nats_url, database_url)
     return _started([Child(name, env, settings.data_dir / "logs" / f"{name}.log") for name in names])
@@ -72,7 +72,7 @@ def _started(children: list[Child]) -> list[Child]:
 def _start_intake_workers(settings: Settings, nats_url: str, database_url: str | None) -> list[Child]:
     """The extra HTTP intake processes of NEEDLE_WORKERS (``intake-2`` ...): each binds the same port with
     SO_REUSEPORT and serves the whole API; they deliver no webhooks (this process does: one deliverer)."""
-    from shared.runtime.supervisor import Child
+    from services.entrypoints.supervisor import Child
 
     assert settings.metrics_dir is not None, "prepare_metrics_dir first"
     env = {**_child_env(settings, nats_url, database_url), "NEEDLE_HOST": settings.host,
@@ -84,8 +84,8 @@ def _start_intake_workers(settings: Settings, nats_url: str, database_url: str |
 
 def prepare_metrics_dir(settings: Settings) -> None:
     """One directory of Prometheus multiprocess files for the intake workers, emptied at start (files of
-    processes gone would count again). prometheus_client reads its variable when first imported, which
-    is later: when the app is built."""
+    processes gone would count again). Called before the app's modules are imported: prometheus_client
+    reads its variable when first imported."""
     import shutil
 
     path = settings.metrics_dir or settings.data_dir / "metrics"
@@ -132,14 +132,23 @@ def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[s
     """Start embedded servers (unless URLs are given), the ``child_services`` as supervised child
     processes, then run ``services`` in this process until a signal. The ``owner`` (``needle up``)
     writes DIR/runtime.json for the commands that attach to it."""
-    from shared.config import ConfigError
     from shared.logs import configure
-    from shared.runtime.embedded import EmbeddedNats, EmbeddedPostgres
-    from shared.runtime.loop import run
-    from shared.runtime.stack import Stack, Urls, print_ready, run_stack
 
     configure(settings.log_level, settings.log_json)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # before the app's modules load: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when first imported
+    intake_workers = "intake" in services and settings.workers > 1
+    if intake_workers:
+        settings.reuse_port = True  # this process and every extra intake worker share the port
+        prepare_metrics_dir(settings)
+    elif settings.metrics_dir:  # an extra intake worker: the files its parent prepared
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.metrics_dir)
+
+    from services.entrypoints.embedded import EmbeddedNats, EmbeddedPostgres
+    from services.entrypoints.loop import run
+    from services.entrypoints.stack import Stack, Urls, print_ready, run_stack
+    from shared.config import ConfigError
+
     try:
         stack = Stack.from_settings(settings, Urls(nats=settings.nats_url or "", database=settings.database_url))
     except ConfigError as exc:
@@ -163,12 +172,6 @@ def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[s
             stack.urls.database = embedded_pg.url
         if owner:
             write_runtime(settings, stack.urls.nats, stack.urls.database, services + child_services)
-        intake_workers = "intake" in services and settings.workers > 1
-        if intake_workers:
-            settings.reuse_port = True  # this process and every extra intake worker share the port
-            prepare_metrics_dir(settings)
-        elif settings.metrics_dir:  # an extra intake worker: the files its parent prepared
-            os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(settings.metrics_dir)
         children = _start_children(settings, stack.urls.nats, stack.urls.database, child_services)
         if intake_workers:
             children += _start_intake_workers(settings, stack.urls.nats, stack.urls.database)
@@ -310,7 +313,7 @@ def token_nats(data_dir: DataDir = None) -> None:
     (read needle.events.>, own durable consumers; no publishing, no timers)."""
     from urllib.parse import urlsplit
 
-    from shared.runtime.nats_users import load_or_create_passwords, url_for
+    from services.entrypoints.nats_users import load_or_create_passwords, url_for
 
     settings = _settings(data_dir)
     info = attach(settings)
@@ -458,7 +461,7 @@ def bench(ctx: typer.Context) -> None:
     bench_main(list(ctx.args))
 
 
-from shared import cli_ops  # noqa: E402  (its commands use the helpers above)
+from services.entrypoints import cli_ops  # noqa: E402  (its commands use the helpers above)
 
 app.command()(cli_ops.backup)
 app.command()(cli_ops.restore)
