@@ -37,9 +37,6 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-RUNTIME_FILE = "runtime.json"
-
-
 def _child_env(settings: Settings, nats_url: str, database_url: str | None) -> dict[str, str]:
     env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_DATA_DIR": str(settings.data_dir),
            "NEEDLE_ORG": str(settings.org), "NEEDLE_RULES": str(settings.rules),
@@ -96,33 +93,40 @@ def prepare_metrics_dir(settings: Settings) -> None:
 
 
 def write_runtime(settings: Settings, nats_url: str, database_url: str | None, services: tuple[str, ...]) -> None:
-    """Where the running needle's servers are, for commands that attach to it (rebuild, rules)."""
-    import json
+    """Where the running needle's servers are, for commands that attach to it (rebuild, rules, backup ...)."""
+    from . import datadir
 
-    info = {"pid": os.getpid(), "nats_url": nats_url, "database_url": database_url, "services": list(services),
-            "http": f"http://{settings.host}:{settings.port}", "org": str(settings.org), "rules": str(settings.rules)}
-    path = settings.data_dir / RUNTIME_FILE
-    path.write_text(json.dumps(info, indent=2))
-    path.chmod(0o600)
+    datadir.write_runtime(settings.data_dir, {
+        "pid": os.getpid(), "nats_url": nats_url, "database_url": database_url, "services": list(services),
+        "http": f"http://{settings.host}:{settings.port}", "org": str(settings.org), "rules": str(settings.rules)})
 
 
 def clear_runtime(settings: Settings) -> None:
-    (settings.data_dir / RUNTIME_FILE).unlink(missing_ok=True)
+    from . import datadir
+
+    (settings.data_dir / datadir.RUNTIME_FILE).unlink(missing_ok=True)
 
 
-def attach(settings: Settings) -> dict[str, str]:
-    """URLs of the needle running on the data dir (or NEEDLE_NATS_URL / NEEDLE_DATABASE_URL)."""
-    import json
+def running(settings: Settings) -> dict[str, str] | None:
+    """The servers of the needle serving the data dir (or those of NEEDLE_NATS_URL / NEEDLE_DATABASE_URL);
+    None when nobody serves it. A runtime.json left by a needle that died is not believed: only a live
+    holder of the data dir's lock counts."""
+    from . import datadir
 
     info: dict[str, str] = {}
-    path = settings.data_dir / RUNTIME_FILE
-    if path.exists():
-        info = json.loads(path.read_text())
+    if datadir.is_held(settings.data_dir):
+        info = datadir.read_runtime(settings.data_dir)
     if settings.nats_url:
         info["nats_url"] = settings.nats_url
     if settings.database_url:
         info["database_url"] = settings.database_url
-    if not info.get("nats_url"):
+    return info if info.get("nats_url") else None
+
+
+def attach(settings: Settings) -> dict[str, str]:
+    """URLs of the needle running on the data dir (or NEEDLE_NATS_URL / NEEDLE_DATABASE_URL)."""
+    info = running(settings)
+    if info is None:
         raise _fail(f"no running needle on {settings.data_dir} (start `needle up`, or set NEEDLE_NATS_URL)")
     return info
 
@@ -131,7 +135,23 @@ def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[s
           owner: bool = False) -> None:
     """Start embedded servers (unless URLs are given), the ``child_services`` as supervised child
     processes, then run ``services`` in this process until a signal. The ``owner`` (``needle up``)
-    writes DIR/runtime.json for the commands that attach to it."""
+    writes DIR/runtime.json for the commands that attach to it. The owner, and any process that starts
+    servers on the data dir, first takes the data dir's lock: a second one refuses before touching anything."""
+    import contextlib
+
+    from .datadir import DataDirBusy, hold
+
+    serves_data_dir = owner or not settings.nats_url
+    try:
+        with hold(settings.data_dir) if serves_data_dir else contextlib.nullcontext():
+            if serves_data_dir:
+                clear_runtime(settings)  # what a needle that died left: it named servers that are gone
+            _boot_held(settings, services, child_services, owner)
+    except DataDirBusy as exc:
+        raise _fail(str(exc)) from None
+
+
+def _boot_held(settings: Settings, services: tuple[str, ...], child_services: tuple[str, ...], owner: bool) -> None:
     from shared.logs import configure
 
     configure(settings.log_level, settings.log_json)

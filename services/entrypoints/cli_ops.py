@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,41 +17,26 @@ from shared.settings import Settings
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data directory (default: per-user data dir)")]
 
 
-def _running(settings: Settings) -> dict[str, str] | None:
-    """The servers of a live ``needle up`` on the data dir (or NEEDLE_NATS_URL), None when there is none."""
-    import json
-
-    from services.entrypoints.cli import RUNTIME_FILE, attach
-
-    if settings.nats_url:
-        return attach(settings)
-    path = settings.data_dir / RUNTIME_FILE
-    if not path.exists():
-        return None
-    info: dict[str, str] = json.loads(path.read_text())
-    try:
-        os.kill(int(info.get("pid", 0)), 0)
-    except (ProcessLookupError, ValueError, PermissionError):
-        return None  # left behind by a needle up that was killed
-    return attach(settings)
-
-
 @contextlib.contextmanager
 def _servers(settings: Settings, *, database: bool) -> Iterator[dict[str, str]]:
     """URLs of the needle on the data dir: the running one, or embedded servers started on the data
-    dir just for this command (stopped when it ends)."""
+    dir just for this command (stopped when it ends), while it holds the data dir's lock."""
+    from services.entrypoints.cli import _fail, running
+    from services.entrypoints.datadir import DataDirBusy, hold
     from services.entrypoints.embedded import EmbeddedNats, EmbeddedPostgres
 
-    info = _running(settings)
+    info = running(settings)
     if info is not None:
         yield info
         return
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    started: list[EmbeddedNats | EmbeddedPostgres] = []
-    try:
+    with contextlib.ExitStack() as servers:
+        try:
+            servers.enter_context(hold(settings.data_dir))
+        except DataDirBusy as exc:  # a needle started since we looked
+            raise _fail(f"{exc}; try again") from None
         n = EmbeddedNats(settings.data_dir, sync_always=settings.sync_always)
         n.start()
-        started.append(n)
+        servers.callback(n.stop)
         urls = {"nats_url": n.url}
         if database:
             if settings.database_url:
@@ -60,12 +44,9 @@ def _servers(settings: Settings, *, database: bool) -> Iterator[dict[str, str]]:
             else:
                 pg = EmbeddedPostgres(settings.data_dir)
                 pg.start()
-                started.append(pg)
+                servers.callback(pg.stop)
                 urls["database_url"] = pg.url
         yield urls
-    finally:
-        for server in reversed(started):
-            server.stop()
 
 
 def _bytes_bar() -> Any:
@@ -84,12 +65,12 @@ def backup(target: Annotated[Path, typer.Argument(help="directory to write the b
     (configs, states, sha256). Works against a running `needle up` or on a stopped data dir."""
     import nats
 
-    from services.entrypoints.cli import _fail, _settings
+    from services.entrypoints.cli import _fail, _settings, running
     from services.ops.backup import BackupError
     from services.ops.backup import backup as do_backup
 
     settings = _settings(data_dir)
-    if _running(settings) is None and not (settings.data_dir / "nats").exists():
+    if running(settings) is None and not (settings.data_dir / "nats").exists():
         raise _fail(f"no needle data in {settings.data_dir}")
 
     async def go(url: str) -> dict[str, Any]:

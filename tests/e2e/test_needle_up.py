@@ -406,3 +406,69 @@ def test_workers_share_the_port_and_the_metrics_and_stop_together(launch: Callab
     rc, _ = up.stop(signal.SIGTERM, 30)
     assert rc == 0, up.output[-2000:]
     assert poll(lambda: not any(_alive(pid) for pid in intakes), 10), intakes
+
+
+# -- one needle per data dir -------------------------------------------------------------------------------------
+def nats_servers_on(data_dir: Path) -> list[int]:
+    return [pid for pid, cmd in procs_mentioning(data_dir) if "nats-server" in cmd]
+
+
+def test_one_needle_per_data_dir_a_second_up_refuses_and_backup_attaches(launch: Callable[..., Up],
+                                                                         tmp_path: Path) -> None:
+    from services.entrypoints.datadir import is_held
+
+    up = launch()
+    client = up.wait_ready()
+    runtime = (up.data_dir / "runtime.json").read_text()
+    assert nats_servers_on(up.data_dir) and len(nats_servers_on(up.data_dir)) == 1
+
+    # a second `needle up` on the same data dir refuses at once, naming the running one, and touches nothing
+    seen: list[int] = []
+    watching = threading.Event()
+
+    def watch() -> None:  # how many nats-servers run on the data dir while the other command runs
+        while not watching.is_set():
+            seen.append(len(nats_servers_on(up.data_dir)))
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    t0 = time.monotonic()
+    second = subprocess.run([str(NEEDLE), "up", "--data-dir", str(up.data_dir), "--port", str(free_port()),
+                             "--org", str(ORG), "--rules", str(RULES)], capture_output=True, text=True,
+                            env=clean_env(), timeout=60, cwd=ROOT)
+    took = time.monotonic() - t0
+    assert second.returncode != 0 and "needle ready" not in second.stdout, second.stdout
+    assert "already running" in second.stderr and f"pid {up.proc.pid}" in second.stderr, second.stderr
+    assert f"http://127.0.0.1:{up.port}" in second.stderr, second.stderr
+    assert took < 10, took
+    assert (up.data_dir / "runtime.json").read_text() == runtime  # the running one's file is untouched
+
+    # `needle backup` of a running needle attaches to it: no server of its own on the store
+    backup = subprocess.run([str(NEEDLE), "backup", str(tmp_path / "bk"), "--data-dir", str(up.data_dir)],
+                            capture_output=True, text=True, env=clean_env(), timeout=120, cwd=ROOT)
+    watching.set()
+    watcher.join(5)
+    assert backup.returncode == 0, backup.stderr
+    assert "NEEDLE_EVENTS" in backup.stdout and (tmp_path / "bk").exists()
+    assert seen and max(seen) == 1, seen  # never a second nats-server on the data dir
+    assert client.get("/healthz").status_code == 200  # the first needle never noticed
+    client.close()
+
+    # a SIGKILLed needle releases the data dir at once (the kernel drops its lock), and the next start works
+    os.kill(up.proc.pid, signal.SIGKILL)
+    up.proc.wait(10)
+    assert not is_held(up.data_dir)
+    assert poll(lambda: not procs_mentioning(up.data_dir), 15), procs_mentioning(up.data_dir)
+    again = launch()
+    with again.wait_ready() as c:
+        assert c.get("/healthz").status_code == 200
+    assert f'"pid": {again.proc.pid}' in (up.data_dir / "runtime.json").read_text()
+
+
+def test_commands_that_attach_say_so_when_nobody_runs(tmp_path: Path) -> None:
+    """A runtime.json left behind by a needle that died is not believed: nobody holds the data dir."""
+    (tmp_path / "runtime.json").write_text('{"pid": 1, "nats_url": "nats://127.0.0.1:1"}')
+    r = subprocess.run([str(NEEDLE), "rebuild", "--data-dir", str(tmp_path)], capture_output=True, text=True,
+                       env=clean_env(), timeout=30, cwd=ROOT)
+    assert r.returncode == 2 and "no running needle" in r.stderr, r.stderr

@@ -16,7 +16,9 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from shared import auth, cli
+from services.entrypoints import cli
+from services.entrypoints.datadir import hold
+from shared import auth
 from tests.support import NeedleHandle, start_needle
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -59,9 +61,10 @@ def token(h: NeedleHandle, role: str = "grid_worker", scope: str = "area:wuxing-
 async def revoke(h: NeedleHandle, *args: str) -> str:
     """``needle token revoke ARGS`` as a user runs it: the CLI finds NATS through DIR/runtime.json."""
     s = h.stack.settings
-    cli.write_runtime(s, h.stack.urls.nats, h.stack.urls.database, ("intake",))
-    result = await asyncio.to_thread(CliRunner().invoke, cli.app,
-                                     ["token", "revoke", *args, "--data-dir", str(s.data_dir)])
+    with hold(s.data_dir):  # this test's stack serves the data dir, as `needle up` would
+        cli.write_runtime(s, h.stack.urls.nats, h.stack.urls.database, ("intake",))
+        result = await asyncio.to_thread(CliRunner().invoke, cli.app,
+                                         ["token", "revoke", *args, "--data-dir", str(s.data_dir)])
     assert result.exit_code == 0, result.output
     return str(result.output)
 
