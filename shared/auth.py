@@ -112,8 +112,11 @@ class TokenVerifier:
             claims = jwt.decode(token, self._key, algorithms=["HS256"], issuer=ISSUER,
                                 options={"require": ["exp", "iat", "sub", "jti"], "verify_exp": False,
                                          "verify_iat": False})
+        except jwt.InvalidSignatureError as exc:
+            raise TokenError("invalid token: its signature does not match this needle's key; issue it with "
+                             "`needle token issue --data-dir DIR` on the data dir this needle runs on") from exc
         except jwt.PyJWTError as exc:
-            raise TokenError("invalid token") from exc
+            raise TokenError(f"invalid token: {exc}") from exc
         if not isinstance(claims.get("exp"), int | float) or claims["exp"] <= now:
             raise TokenError("token expired")
         role, scope = claims.get("role"), claims.get("scope", "")

@@ -104,7 +104,7 @@ def running(child: Child) -> Iterator[Child]:
 
 
 def issue_token(data_dir: Path, role: str = "grid_worker", scope: str = SCOPE) -> str:
-    """``needle token issue`` for the server using ``data_dir``."""
-    out = subprocess.run(needle_argv("token", "issue", "--data-dir", str(data_dir), "--role", role, "--scope", scope),
-                         check=True, capture_output=True, text=True, cwd=REPO)
+    """``needle token issue`` for the server using ``data_dir`` (the bench's services run on the contract org)."""
+    out = subprocess.run(needle_argv("token", "issue", "--data-dir", str(data_dir), "--role", role, "--scope", scope,
+                                     "--org", str(CONTRACT_ORG)), check=True, capture_output=True, text=True, cwd=REPO)
     return out.stdout.strip().splitlines()[-1]

@@ -132,7 +132,7 @@ def attach(settings: Settings) -> dict[str, str]:
 
 
 def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[str, ...] = (),
-          owner: bool = False) -> None:
+          owner: bool = False, guide: bool = False) -> None:
     """Start embedded servers (unless URLs are given), the ``child_services`` as supervised child
     processes, then run ``services`` in this process until a signal. The ``owner`` (``needle up``)
     writes DIR/runtime.json for the commands that attach to it. The owner, and any process that starts
@@ -146,12 +146,13 @@ def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[s
         with hold(settings.data_dir) if serves_data_dir else contextlib.nullcontext():
             if serves_data_dir:
                 clear_runtime(settings)  # what a needle that died left: it named servers that are gone
-            _boot_held(settings, services, child_services, owner)
+            _boot_held(settings, services, child_services, owner, guide)
     except DataDirBusy as exc:
         raise _fail(str(exc)) from None
 
 
-def _boot_held(settings: Settings, services: tuple[str, ...], child_services: tuple[str, ...], owner: bool) -> None:
+def _boot_held(settings: Settings, services: tuple[str, ...], child_services: tuple[str, ...], owner: bool,
+               guide: bool) -> None:
     from shared.logs import configure
 
     configure(settings.log_level, settings.log_json)
@@ -195,7 +196,12 @@ def _boot_held(settings: Settings, services: tuple[str, ...], child_services: tu
         children = _start_children(settings, stack.urls.nats, stack.urls.database, child_services)
         if intake_workers:
             children += _start_intake_workers(settings, stack.urls.nats, stack.urls.database)
-        run(run_stack(stack, services=services, on_ready=print_ready, children=children), settings.event_loop)
+        def ready(url: str) -> None:
+            print_ready(url)
+            if owner:
+                print_next_steps(settings, stack.org, url, guide=guide)
+
+        run(run_stack(stack, services=services, on_ready=ready, children=children), settings.event_loop)
     except KeyboardInterrupt:
         pass
     except RuntimeError as exc:
@@ -211,11 +217,33 @@ def _boot_held(settings: Settings, services: tuple[str, ...], child_services: tu
             embedded_nats.stop()
 
 
+def print_next_steps(settings: Settings, org: Any, url: str, *, guide: bool) -> None:
+    """Where to go once needle is up. With ``--demo``: a supervisor's dashboard link that signs in at once (a
+    one-day token for the org's root area, printed on this terminal only) and the stories to replay."""
+    from shared import auth
+
+    root = next(a.id for a in org.areas.values() if a.parent is None)
+    dir_opt = f" --data-dir {settings.data_dir}"
+    lines = [f"  dashboard   {url}/dashboard   (a supervisor's token: needle token issue --role supervisor "
+             f"--scope area:{root}{dir_opt})",
+             f"  API docs    {url}/docs",
+             f"  a token     needle token issue --role ROLE --scope area:ID|dept:ID{dir_opt}"]
+    if guide:
+        token = auth.issue_token(auth.load_or_create_key(settings.data_dir), role="supervisor", scope=f"area:{root}",
+                                 subject="demo-supervisor", ttl_s=86400)
+        lines = [f"  dashboard   {url}/dashboard#token={token}   (signed in as supervisor of {root}, for a day)",
+                 lines[1], lines[2],
+                 f"  the stories needle demo --url {url}{dir_opt}   (the four Zhoushan stories, replayed live)"]
+    print("\n".join(lines), flush=True)
+
+
 @app.command()
 def up(
     data_dir: DataDir = None,
     port: Annotated[int, typer.Option(help="HTTP port")] = 8000,
-    demo: Annotated[bool, typer.Option("--demo", help="load the Zhoushan demo org and rulebook")] = False,
+    demo: Annotated[bool, typer.Option("--demo", help="the Zhoushan demo org and rulebook (also the default without "
+                                       "--org/--rules), and once ready a supervisor's dashboard link that signs in "
+                                       "at once and the command that replays the four stories")] = False,
     org: Annotated[Path | None, typer.Option(help="org tree YAML")] = None,
     rules: Annotated[Path | None, typer.Option(help="rulebook YAML")] = None,
     workers: Annotated[int | None, typer.Option(help="HTTP intake processes on the port (default: "
@@ -227,9 +255,9 @@ def up(
         raise _fail("--demo loads the Zhoushan org and rulebook; leave out --org/--rules or --demo")
     background = ("router",) + (("projections",) if settings.projections else ())
     if settings.workers_in_process:
-        _boot(settings, ("intake", *background), owner=True)
+        _boot(settings, ("intake", *background), owner=True, guide=demo)
     else:  # the default: the HTTP intake keeps this process; the workers get processes of their own
-        _boot(settings, ("intake",), child_services=background, owner=True)
+        _boot(settings, ("intake",), child_services=background, owner=True, guide=demo)
 
 
 @app.command()
@@ -251,16 +279,27 @@ def token_issue(
     data_dir: DataDir = None,
     ttl: Annotated[str, typer.Option(help="lifetime, ISO 8601 (P30D) or seconds")] = "P30D",
     subject: Annotated[str | None, typer.Option(help="who the token stands for (default: role:scope)")] = None,
+    org: Annotated[Path | None, typer.Option(help="org tree the scope is checked against (default: the running "
+                                                   "needle's, else NEEDLE_ORG or the demo org)")] = None,
 ) -> None:
-    """Print a bearer token that the server using DATA_DIR accepts."""
+    """Print a bearer token that the server using DATA_DIR accepts (its scope checked against the org)."""
     from shared import auth
+    from shared.config import ConfigError, load_org
     from shared.config.loader import parse_duration
+    from shared.scopes import check_scope
 
     settings = _settings(data_dir)
     try:
         ttl_s = int(ttl) if ttl.isdigit() else int(parse_duration(ttl).total_seconds())
         if ttl_s <= 0:
             raise ValueError(f"--ttl must be positive, got {ttl!r}")
+        org_file = org or Path((running(settings) or {}).get("org") or settings.org)
+        try:
+            check_scope(load_org(org_file), role, scope)
+        except ConfigError as exc:
+            raise ValueError(f"cannot check the scope against {org_file}: {exc}") from None
+        except ValueError as exc:  # say which org: before `needle up`, the default is the demo's (--org FILE)
+            raise ValueError(f"{exc} [org: {org_file}]") from None
         key = auth.load_or_create_key(settings.data_dir)
         typer.echo(auth.issue_token(key, role=role, scope=scope, subject=subject, ttl_s=ttl_s))
     except ValueError as exc:

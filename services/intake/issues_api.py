@@ -46,7 +46,9 @@ def check_if_match(if_match: str | None, state: IssueState) -> None:
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
+    # /v1 timestamps are RFC 3339 in UTC with "Z" (Open311 keeps its own form, as its spec wants)
+    return Response(orjson.dumps(body, option=orjson.OPT_UTC_Z), status_code=status, media_type="application/json",
+                    headers=headers)
 
 
 def state_headers(state: IssueState, seq: int) -> dict[str, str]:

@@ -61,6 +61,17 @@ def _field_of(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def _error_of(e: Any) -> dict[str, str]:
+    """One validation error as ``{field, detail}``. Malformed JSON names the body: its ``loc`` holds the
+    character offset of the fault (``("body", 14)``), which is no field."""
+    loc = tuple(e.get("loc", ()))
+    if e.get("type") == "json_invalid":
+        at = next((p for p in loc if isinstance(p, int)), None)
+        where = f" at character {at}" if at is not None else ""
+        return {"field": "body", "detail": f"malformed JSON{where}: {e.get('ctx', {}).get('error', e.get('msg'))}"}
+    return {"field": _field_of(loc), "detail": e.get("msg", "invalid")}
+
+
 def render(exc: DomainError | TokenError) -> Response:
     """The problem a domain error or a refused token is answered with (here and by ``fastpath``)."""
     if isinstance(exc, TokenError):
@@ -82,8 +93,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> Response:
-        errors = [{"field": _field_of(tuple(e.get("loc", ()))), "detail": e.get("msg", "invalid")}
-                  for e in exc.errors()]
+        errors = [_error_of(e) for e in exc.errors()]
         first = errors[0] if errors else {"field": "body", "detail": "invalid request"}
         status = 400 if any(e.get("type") == "json_invalid" for e in exc.errors()) else 422
         title = "Malformed JSON" if status == 400 else "Unprocessable input"

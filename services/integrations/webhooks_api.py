@@ -5,15 +5,13 @@ subject); an admin sees all. Another owner's webhook is 404, as if it did not ex
 """
 from __future__ import annotations
 
-from typing import Any
-
 import httpx
-import orjson
 import structlog
 from fastapi import APIRouter, Response
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.intake.context import AppContext
+from services.intake.issues_api import json_response
 from services.intake.security import Actor, Ctx, require_role
 from shared.auth import Principal
 from shared.domain.errors import Invalid, NotFound, Unavailable
@@ -35,10 +33,6 @@ class WebhookBody(BaseModel):
     types: list[str] = Field(min_length=1, max_length=64, description="event names, e.g. task_dispatched")
     area: str | None = Field(default=None, description="only issues whose grid lies under this area")
     secret: str = Field(min_length=16, max_length=200, description="HMAC-SHA256 key of Needle-Signature")
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def _service(ctx: AppContext) -> WebhookService:
@@ -87,14 +81,14 @@ async def create_webhook(body: WebhookBody, ctx: Ctx, p: Actor) -> Response:
     types = validate_types(body.types, body.area)
     hook = await _service(ctx).register(url=url, types=types, area=body.area, secret=body.secret, owner=p.subject)
     audit.info("webhook registered", actor=p.subject, webhook=hook.id, url=url, types=list(types), area=body.area)
-    return _json(hook.public(), 201, headers={"Location": f"/v1/webhooks/{hook.id}"})
+    return json_response(hook.public(), 201, headers={"Location": f"/v1/webhooks/{hook.id}"})
 
 
 @router.get("/v1/webhooks", summary="The caller's webhooks (admin: all)")
 async def list_webhooks(ctx: Ctx, p: Actor) -> Response:
     require_role(p, "integrator")
     hooks = await _service(ctx).registry.all()
-    return _json([h.public() for h in hooks if p.role == "admin" or h.owner == p.subject])
+    return json_response([h.public() for h in hooks if p.role == "admin" or h.owner == p.subject])
 
 
 @router.get("/v1/webhooks/{hook_id}", summary="One webhook, where its delivery stands, and counters")
@@ -105,7 +99,7 @@ async def get_webhook(hook_id: str, ctx: Ctx, p: Actor) -> Response:
     require_role(p, "integrator")
     svc = _service(ctx)
     hook = await _owned(svc, p, hook_id)
-    return _json(hook.public() | {"progress": await svc.progress(hook.id), "delivery": svc.counters(hook.id)})
+    return json_response(hook.public() | {"progress": await svc.progress(hook.id), "delivery": svc.counters(hook.id)})
 
 
 @router.delete("/v1/webhooks/{hook_id}", status_code=204, summary="Stop and forget a webhook")
@@ -124,7 +118,7 @@ async def dead_letters(hook_id: str, ctx: Ctx, p: Actor) -> Response:
     svc = _service(ctx)
     hook = await _owned(svc, p, hook_id)
     letters = await svc.registry.dead_letters(hook.id)
-    return _json([{"seq": d.seq, "event_id": d.event_id, "type": d.type, "subject": d.subject,
+    return json_response([{"seq": d.seq, "event_id": d.event_id, "type": d.type, "subject": d.subject,
                    "attempts": d.attempts, "status": d.status, "error": d.error, "parked_at": d.parked_at}
                   for d in letters])
 
@@ -139,4 +133,4 @@ async def replay(hook_id: str, ctx: Ctx, p: Actor) -> Response:
     result = await svc.replay(hook)
     audit.info("webhook dead letters replayed", actor=p.subject, webhook=hook.id, replayed=result.replayed,
                still_failing=result.still_failing)
-    return _json({"replayed": result.replayed, "still_failing": result.still_failing})
+    return json_response({"replayed": result.replayed, "still_failing": result.still_failing})

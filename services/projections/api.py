@@ -58,7 +58,8 @@ def _respond(request: Request, body: Any, seq: int, rows_for_csv: list[dict[str,
             w.writerow({k: _default(v) if isinstance(v, datetime | date) else v for k, v in r.items()})
         return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
                         headers=headers | {"Content-Disposition": "attachment; filename=needle.csv"})
-    return Response(orjson.dumps(body, default=_default), media_type="application/json", headers=headers)
+    return Response(orjson.dumps(body, default=_default, option=orjson.OPT_UTC_Z), media_type="application/json",
+                    headers=headers)
 
 
 def _area_for(ctx: AppContext, p: Principal, area: str | None) -> str:

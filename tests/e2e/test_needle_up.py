@@ -67,9 +67,9 @@ class Up:
     def __init__(self, data_dir: Path, port: int, org: Path = ORG, rules: Path = RULES,
                  extra: tuple[str, ...] = ()) -> None:
         self.data_dir, self.port = data_dir, port
+        files = ["--org", str(org), "--rules", str(rules)] if str(org) != "." else []  # Path(""): the defaults
         self.proc = subprocess.Popen(
-            [str(NEEDLE), "up", "--data-dir", str(data_dir), "--port", str(port), "--org", str(org),
-             "--rules", str(rules), *extra],
+            [str(NEEDLE), "up", "--data-dir", str(data_dir), "--port", str(port), *files, *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env(), cwd=ROOT)
         self.lines: list[str] = []
         self._ready = threading.Event()
@@ -323,7 +323,11 @@ def test_bad_rulebook_makes_needle_up_exit_quickly_naming_file_and_line(tmp_path
     (["--role", "mayor", "--scope", "area:wuxing"], ["mayor", "grid_worker"]),
     (["--role", "handler", "--scope", "area:wuxing"], ["handler", "dept:"]),
     (["--role", "admin", "--ttl", "forever"], ["forever"]),
-], ids=["unknown-role", "scope-of-another-kind", "bad-ttl"])
+    # checked against the org (no needle runs here: the default org, the demo's, is named in the message)
+    (["--role", "supervisor", "--scope", "area:atlantis"], ["no area 'atlantis'", "zhoushan.yaml"]),
+    (["--role", "handler", "--scope", "dept:zhanmao-centre"], ["did you mean zhanmao-center"]),
+    (["--role", "grid_worker", "--scope", "area:zhanmao"], ["is a street", "did you mean"]),
+], ids=["unknown-role", "scope-of-another-kind", "bad-ttl", "no-such-area", "dept-typo", "grid-worker-not-on-a-grid"])
 def test_token_issue_refuses_bad_input_with_a_clear_message(tmp_path: Path, args: list[str], says: list[str]) -> None:
     r = subprocess.run([str(NEEDLE), "token", "issue", "--data-dir", str(tmp_path), *args], capture_output=True,
                        text=True, env=clean_env(), timeout=30)
@@ -472,3 +476,17 @@ def test_commands_that_attach_say_so_when_nobody_runs(tmp_path: Path) -> None:
     r = subprocess.run([str(NEEDLE), "rebuild", "--data-dir", str(tmp_path)], capture_output=True, text=True,
                        env=clean_env(), timeout=30, cwd=ROOT)
     assert r.returncode == 2 and "no running needle" in r.stderr, r.stderr
+
+
+def test_up_says_where_to_go_next_and_demo_signs_the_dashboard_in(tmp_path: Path) -> None:
+    up = Up(tmp_path / "data", free_port(), extra=("--demo",), org=Path(""), rules=Path(""))
+    try:
+        up.wait_ready().close()
+        assert poll(lambda: "needle demo --url" in up.output, 5), up.output
+        link = re.search(r"dashboard +(http://\S+/dashboard)#token=(\S+)", up.output)
+        assert link, up.output
+        p = auth.TokenVerifier(auth.load_or_create_key(up.data_dir)).verify(link.group(2))
+        assert (p.role, p.scope) == ("supervisor", "area:zhoushan")
+        assert f"--data-dir {up.data_dir}" in up.output and "/docs" in up.output
+    finally:
+        _cleanup([up])
