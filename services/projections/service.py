@@ -11,6 +11,7 @@ from .dashboard import router as dashboard_router
 from .follower import CheckpointFollower
 from .migrate import upgrade
 from .schema import PROJECTION_VERSION
+from .visits_read import router as visits_router
 from .worker import ProjectionWorker, ProjectionWriter
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ def _serve_reads(stack: Stack, pool: asyncpg.Pool, progress: object) -> None:
     stack.extras["projection"] = progress
     stack.extras.setdefault("routers", []).append(api_router)
     stack.extras["routers"].append(dashboard_router)
+    stack.extras["routers"].append(visits_router)
 
 
 async def start_read_api(stack: Stack) -> CheckpointFollower:
