@@ -37,11 +37,33 @@ def _scope_of(ctx: Any, p: Principal, grid: str | None) -> tuple[str, str | None
         return ctx.org.root.id, None
     if p.role in ("supervisor", "grid_worker"):
         return p.scope_id, None
-    if p.role == "handler":
-        team = ctx.org.departments.get(p.scope_id)
-        if team is not None and team.kind == "grid_team" and team_of(ctx, team.area) == team.id:
-            return team.area, team.area
+    if (team_grid := _team_grid(ctx, p)) is not None:
+        return team_grid, team_grid
     raise NotAllowed(f"role {p.role} cannot list visits (supervisors, and a grid's own people)")
+
+
+def _team_grid(ctx: Any, p: Principal) -> str | None:
+    """The grid whose service team the handler belongs to (None: not a grid team's handler)."""
+    team = ctx.org.departments.get(p.scope_id) if p.role == "handler" else None
+    return team.area if team is not None and team.kind == "grid_team" and team_of(ctx, team.area) == team.id \
+        else None
+
+
+def _coverage_area(ctx: Any, p: Principal, area: str | None) -> str:
+    if p.role not in ("admin", "supervisor", "grid_worker") and _team_grid(ctx, p) is None:
+        raise NotAllowed(f"role {p.role} cannot read coverage (supervisors, and a grid's own people)")
+    if area is not None and area not in ctx.org.areas:
+        raise Invalid(f"unknown area {area!r}", field="area")
+    if p.role == "handler":
+        a = area or _team_grid(ctx, p)
+        if a != _team_grid(ctx, p):
+            raise NotAllowed(f"area {a} is not the grid of team {p.scope_id}")
+        assert a is not None
+        return a
+    a = area or (ctx.org.root.id if p.role == "admin" else p.scope_id)
+    if not in_area(ctx.org, p, a):
+        raise NotAllowed(f"area {a} is outside scope {p.scope}")
+    return str(a)
 
 
 def _window(ctx: Any, from_: datetime | None, to: datetime | None) -> tuple[datetime, datetime]:
@@ -81,16 +103,7 @@ async def get_coverage(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = N
                        to: datetime | None = None) -> Response:
     """入户率 per grid and rolled up per area: households (org file), distinct households visited, the rate,
     visits, issues raised from the visits and how many are resolved; the grids below the rulebook's target."""
-    if area is not None and area not in ctx.org.areas:
-        raise Invalid(f"unknown area {area!r}", field="area")
-    if p.role == "admin":
-        a = area or ctx.org.root.id
-    elif p.role in ("supervisor", "grid_worker"):
-        a = area or p.scope_id
-        if not in_area(ctx.org, p, a):
-            raise NotAllowed(f"area {a} is outside scope {p.scope}")
-    else:
-        a, _ = _scope_of(ctx, p, area)
+    a = _coverage_area(ctx, p, area)
     since, until = _window(ctx, from_, to)
     seq = await _caught_up(ctx, min_seq)
     counts = await queries.coverage_counts(_pool(ctx), area=a, since=since, until=until)
