@@ -79,9 +79,12 @@ def household_secret(ctx: AppContext) -> bytes:
     return _secret(str(ctx.settings.data_dir))
 
 
-def team_of(ctx: AppContext, grid: str) -> str | None:
-    dept = ctx.org.department_of_kind(grid, TEAM_KIND)
-    return dept.id if dept is not None else None
+def team_grid(ctx: AppContext, p: Principal) -> str | None:
+    """The grid whose service team (a department of kind ``grid_team`` attached to a grid) the handler is of."""
+    dept = ctx.org.departments.get(p.scope_id) if p.role == "handler" else None
+    if dept is None or dept.kind != TEAM_KIND or ctx.org.areas[dept.area].level != Level.grid:
+        return None
+    return dept.area
 
 
 def grid_people(ctx: AppContext, p: Principal, grid: str) -> bool:
@@ -89,7 +92,7 @@ def grid_people(ctx: AppContext, p: Principal, grid: str) -> bool:
     if p.role == "grid_worker":
         return in_area(ctx.org, p, grid)
     if p.role == "handler":
-        return p.scope_id == team_of(ctx, grid)
+        return team_grid(ctx, p) == grid
     return p.role == "admin"
 
 

@@ -2,7 +2,8 @@
 
 * ``GET /dashboard``: the HTML shell (no auth: it holds no data). The page takes the token from
   ``#token=...`` (or a login box; kept in sessionStorage) and the area from ``?area=``, then reads
-  ``/v1/stats``, ``/v1/stats/series``, ``/v1/overdue``, ``/v1/visits/coverage`` (入户率) and ``/dashboard/org`` with ``Authorization: Bearer``.
+  ``/v1/stats``, ``/v1/stats/series``, ``/v1/overdue``, ``/v1/visits/coverage`` (入户率) and ``/dashboard/org``
+  with ``Authorization: Bearer``.
 * ``GET /dashboard/static/{file}``: the page's js/css and the vendored Chart.js (an allowlist, no path walking).
 * ``GET /dashboard/org?area=``: names for the area tree, departments and categories (supervisor/admin).
 * ``GET /dashboard/stream?area=&access_token=``: Server-Sent Events. EventSource cannot send headers, so the

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request, Response
 
 from services.intake.security import Actor, Ctx, in_area
-from services.intake.visits_api import check_grid, grid_people, team_of
+from services.intake.visits_api import check_grid, grid_people, team_grid
 from shared.auth import Principal
 from shared.config import format_duration
 from shared.domain import visits as dv
@@ -37,26 +37,19 @@ def _scope_of(ctx: Any, p: Principal, grid: str | None) -> tuple[str, str | None
         return ctx.org.root.id, None
     if p.role in ("supervisor", "grid_worker"):
         return p.scope_id, None
-    if (team_grid := _team_grid(ctx, p)) is not None:
-        return team_grid, team_grid
+    if (own := team_grid(ctx, p)) is not None:
+        return own, own
     raise NotAllowed(f"role {p.role} cannot list visits (supervisors, and a grid's own people)")
 
 
-def _team_grid(ctx: Any, p: Principal) -> str | None:
-    """The grid whose service team the handler belongs to (None: not a grid team's handler)."""
-    team = ctx.org.departments.get(p.scope_id) if p.role == "handler" else None
-    return team.area if team is not None and team.kind == "grid_team" and team_of(ctx, team.area) == team.id \
-        else None
-
-
 def _coverage_area(ctx: Any, p: Principal, area: str | None) -> str:
-    if p.role not in ("admin", "supervisor", "grid_worker") and _team_grid(ctx, p) is None:
+    if p.role not in ("admin", "supervisor", "grid_worker") and team_grid(ctx, p) is None:
         raise NotAllowed(f"role {p.role} cannot read coverage (supervisors, and a grid's own people)")
     if area is not None and area not in ctx.org.areas:
         raise Invalid(f"unknown area {area!r}", field="area")
     if p.role == "handler":
-        a = area or _team_grid(ctx, p)
-        if a != _team_grid(ctx, p):
+        a = area or team_grid(ctx, p)
+        if a != team_grid(ctx, p):
             raise NotAllowed(f"area {a} is not the grid of team {p.scope_id}")
         assert a is not None
         return a

@@ -84,6 +84,9 @@ async def test_only_the_grids_own_people_record_and_read(needle_factory: Callabl
     h: NeedleHandle = await needle_factory(org=ORG, rules=RULES)
     await visit(h, gw(h, G2), G1, "1-101", status=403)  # another grid's worker
     await visit(h, h.auth("handler", "dept:wuxing-committee"), G1, "1-101", status=403)  # not the grid's team
+    await visit(h, h.auth("handler", "dept:wuxing-team"), G1, "1-101", status=403)  # a community's team
+    await visit(h, h.auth("handler", "dept:wuxing-g1-team"), G2, "1-101", status=403)  # another grid's team
+    await visit(h, h.auth("handler", "dept:wuxing-g1-doctors"), G1, "1-101")  # the grid's second team
     await visit(h, h.auth("supervisor", "area:wuxing"), G1, "1-101", status=403)
     await visit(h, gw(h, "wuxing"), "wuxing", "1-101", status=422)  # a community is not a grid
     await visit(h, gw(h, G1), G1, "1-101", kind="campaign", status=422)  # a campaign visit names its campaign
