@@ -46,14 +46,20 @@ def key_path(data_dir: Path) -> Path:
     return Path(data_dir) / KEY_FILE
 
 
-def load_or_create_key(data_dir: Path) -> bytes:
-    path = key_path(data_dir)
+def load_or_create_key(data_dir: Path, name: str = KEY_FILE) -> bytes:
+    """The secret at ``data_dir/name`` (default: the token key), made once (0600, in a 0700 directory). Two
+    processes making it at once end with the one that was written first."""
+    path = Path(data_dir) / name
     if path.exists():
         return path.read_bytes().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     key = secrets.token_hex(32).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process made it meanwhile
+        time.sleep(0.05)
+        return path.read_bytes().strip()
     with os.fdopen(fd, "wb") as f:
         f.write(key)
     return key

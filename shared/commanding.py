@@ -10,7 +10,7 @@ from shared.domain.errors import ConcurrencyConflict, DomainError
 from shared.domain.issue import IssueState, evolve, initial_state
 from shared.events.codec import Envelope
 from shared.events.models import Event
-from shared.store.eventstore import EventStore
+from shared.store.eventstore import Appended, EventStore
 
 MAX_ATTEMPTS = 5
 
@@ -48,6 +48,19 @@ async def load_existing_state(store: EventStore, issue_id: str) -> tuple[IssueSt
     if not state.exists:
         state, envs = await load_current_state(store, issue_id)
     return state, envs
+
+
+async def append_first(store: EventStore, aggregate_id: str, events: list[Event], *, now: datetime,
+                       actor: str | None, msg_id: str, source: str) -> Appended | None:
+    """Create an aggregate whose id may come from an Idempotency-Key: its first events, guarded by an expected
+    last subject sequence of 0. None when the aggregate exists already (a replay of the same key, even after
+    JetStream's duplicate window): the caller loads it and compares its request hash."""
+    try:
+        res = await store.append(aggregate_id, events, expected_last_seq=0, version=0, now=now, actor=actor,
+                                 msg_id=msg_id, source=source)
+    except ConcurrencyConflict:
+        return None
+    return None if res.duplicate else res
 
 
 def utcnow() -> datetime:

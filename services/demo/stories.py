@@ -30,10 +30,16 @@ DEMO_RULES = REPO_DEPLOY / "rules" / "zhoushan.yaml"
 
 # -- ① slope works, grid 33 ----------------------------------------------------------------------------------
 async def slope_works(d: Demo, run: str, res: StoryResult) -> None:
-    grid = "zhanmao-g33"
-    created = await d.call(d.grid_worker(grid), "上报 reports 施工扰民, risk flag 集体上访苗头 (collective petition)",
+    grid, team = "zhanmao-g33", "zhanmao-g33-team"
+    d.note("[italic]组团式服务: 第33网格服务团队走访大展社区, 居民反映边坡工程噪声、扬尘、爆破震动[/italic]")
+    visit = await d.call(d.handler(team), "走访 visits a household (household key kept only as an HMAC)", "POST",
+                         "/v1/visits", idempotency_key=f"{run}-slope-visit", json={
+                             "grid": grid, "household": "张家宕12号", "kind": "routine",
+                             "note": "居民反映边坡工程施工噪声、扬尘、爆破震动, 邻里酝酿集体上访"})
+    d.note(f"⤷ visit {visit['id']} · household [dim]{visit['household'][:12]}…[/dim] (HMAC)")
+    created = await d.call(d.grid_worker(grid), "上报 reports 施工扰民 from the visit, risk flag 集体上访苗头",
                            "POST", "/v1/issues", idempotency_key=f"{run}-slope", json={
-                               "grid": grid, "category": "construction_nuisance",
+                               "grid": grid, "category": "construction_nuisance", "visit": visit["id"],
                                "title": "张家宕边坡工程噪声、扬尘、爆破震动扰民",
                                "description": "居民反映边坡工程施工噪声大、扬尘重、爆破震动影响房屋,"
                                               " 部分居民酝酿集体上访",
@@ -42,6 +48,8 @@ async def slope_works(d: Demo, run: str, res: StoryResult) -> None:
     iid = created["id"]
     res.issue_ids.append(iid)
     d.note(f"⤷ issue {iid} {d.styled(created['status'])}")
+    linked = await _visit(d, visit["id"], d.handler(team))
+    d.note(f"⤷ visit {visit['id']} lists the issues raised from it: {', '.join(linked['issues'])}")
     await d.wait_routed(iid, "street")
     d.note("[italic]次日, 街道领导带相关部门负责人和网格团队到现场[/italic]")
     measures = "召开居民、妇女、党员等座谈会7场; 责令施工方限制爆破药量、避开休息时间、清扫道路; 落实跟踪回访"
@@ -51,6 +59,19 @@ async def slope_works(d: Demo, run: str, res: StoryResult) -> None:
         "housing_construction": "督促施工单位限制爆破药量, 震动影响房屋逐户排查",
     })
     await d.verify_and_feedback(iid, grid, "爆破药量已减、作业时段已调整、道路已清扫, 居民情绪平稳")
+
+
+async def _visit(d: Demo, visit_id: str, reader: Any) -> dict[str, Any]:
+    """The visit from the read models, once they hold the report raised from it."""
+    deadline = time.monotonic() + d.timeout
+    while True:
+        r = await d.http.get(f"/v1/visits/{visit_id}", headers=d.headers(reader))
+        if r.status_code == 200 and r.json()["issues"]:
+            body: dict[str, Any] = r.json()
+            return body
+        if time.monotonic() > deadline:
+            raise DemoError(f"GET /v1/visits/{visit_id} answered {r.status_code}: {r.text[:300]}")
+        await asyncio.sleep(0.05)
 
 
 # -- ② sea safety, 蚂蚁岛, Qingming 2009 -----------------------------------------------------------------------
@@ -122,7 +143,12 @@ async def _campaign(d: Demo, cid: str, area: str) -> dict[str, Any]:
     return body
 
 
-async def _census_grid(d: Demo, sem: asyncio.Semaphore, item: dict[str, Any]) -> None:
+def infant_households(grid: str) -> int:
+    """The households of a grid with a child under three (from the grid's own register; illustrative)."""
+    return 1 + sum(map(ord, grid)) % 9
+
+
+async def _census_grid(d: Demo, sem: asyncio.Semaphore, cid: str, item: dict[str, Any]) -> None:
     iid, grid = item["id"], item["grid"]
     async with sem:
         issue = await d.wait_issue(iid, lambda i: any(t["role"] == "lead" and t["status"] in OPEN
@@ -130,9 +156,14 @@ async def _census_grid(d: Demo, sem: asyncio.Semaphore, item: dict[str, Any]) ->
         lead = d.open_tasks(issue)[0]
         h = d.handler(lead["department"])
         await d.call(h, "签收", "POST", f"/v1/tasks/{lead['id']}/acknowledge", quiet=True)
-        babies = sum(map(ord, grid)) % 9
+        babies = infant_households(grid)
+        for n in range(1, babies + 1):  # every targeted household, door to door
+            await d.call(d.grid_worker(grid), "走访", "POST", "/v1/visits", quiet=True,
+                         idempotency_key=f"{cid}-{grid}-{n}",
+                         json={"grid": grid, "household": f"婴幼儿户-{n:02d}", "kind": "campaign", "campaign": cid,
+                               "note": "已登记, 已告知停用问题奶粉"})
         await d.call(h, "办结", "POST", f"/v1/tasks/{lead['id']}/resolve", quiet=True,
-                     json={"note": f"逐户走访, 登记三岁以下婴幼儿{babies}名, 已告知停用问题奶粉"})
+                     json={"note": f"逐户走访, 登记三岁以下婴幼儿{babies}户, 已告知停用问题奶粉"})
         closed = await d.call(d.grid_worker(grid), "核查", "POST", f"/v1/issues/{iid}/verify", quiet=True,
                               json={"passed": True, "note": "抽查入户记录属实"})
     d.say(f"{escape(d.area_name(grid)):<10} {escape(d.dept_name(lead['department']))} 签收 → 办结 · "
@@ -142,14 +173,16 @@ async def _census_grid(d: Demo, sem: asyncio.Semaphore, item: dict[str, Any]) ->
 async def infant_census(d: Demo, run: str, res: StoryResult) -> None:
     area = "putuo"
     sup = d.supervisor(area)
+    grids = [g.id for g in d.org.grids_under(area)]
     body = {"area": area, "category": "infant_census", "title": "三岁以下婴幼儿排查走访",
-            "description": "奶粉事件: 数日内逐格排查、走访每一名三岁以下婴幼儿"}
+            "description": "奶粉事件: 数日内逐格排查、走访每一名三岁以下婴幼儿",
+            "households": {g: infant_households(g) for g in grids}}
     key = f"{run}-census"
     c = await d.call(sup, f"launches a campaign over {d.area_name(area)}: one task per grid", "POST",
                      "/v1/campaigns", json=body, idempotency_key=key)
     cid, n = c["id"], c["issues"]
     res.campaign = cid
-    d.note(f"⤷ campaign {cid}: {n} grids → {c['created']} issues")
+    d.note(f"⤷ campaign {cid}: {n} grids → {c['created']} issues, {c['households_target']} households to visit")
     again = await d.call(sup, "retries the same request (same Idempotency-Key)", "POST", "/v1/campaigns",
                          json=body, idempotency_key=key)
     if again["id"] != cid or again["created"] != 0:
@@ -170,7 +203,7 @@ async def infant_census(d: Demo, run: str, res: StoryResult) -> None:
     columns = (TextColumn("[bold]婴幼儿排查 completion"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn())
     with Progress(*columns, console=d.console) as progress:
         bar = progress.add_task("census", total=status["issues"])
-        workers = asyncio.gather(*(_census_grid(d, sem, i) for i in status["items"]))
+        workers = asyncio.gather(*(_census_grid(d, sem, cid, i) for i in status["items"]))
         while True:
             status = await _campaign(d, cid, area)
             progress.update(bar, completed=status["done"])
@@ -182,13 +215,25 @@ async def infant_census(d: Demo, run: str, res: StoryResult) -> None:
         progress.update(bar, completed=status["done"])
     d.say(f"campaign {cid}: [bold]{status['done']}/{status['issues']} closed ({status['percent']}%)[/bold] "
           f"status {status['status']}")
+    hh = status["households"]
+    if hh is None or hh["reached"] < hh["target"] or hh["lagging"]:
+        raise DemoError(f"campaign {cid} did not reach every targeted household: {hh}")
+    d.say(f"households reached [bold]{hh['reached']}/{hh['target']} ({hh['rate']:.0%})[/bold] in "
+          f"{len(hh['grids'])} grids · lagging grids: {', '.join(hh['lagging']) or 'none'}")
+    r = await d.http.get("/v1/visits/coverage", params={"area": area}, headers=d.headers(sup))
+    if r.status_code == 200:
+        total = r.json()["total"]
+        d.note(f"⤷ 入户率 of {escape(d.area_name(area))} this period: {total['visited']}/{total['households']} "
+               f"households ({total['rate'] or 0:.1%}), {total['visits']} visits — on the dashboard")
 
 
 STORIES = (
-    ("slope", "① 展茅 第33网格 · 边坡工程施工扰民 — a risk flag lifts the issue to the street at once", slope_works),
+    ("slope", "① 展茅 第33网格 · 边坡工程施工扰民 — heard on a visit; a risk flag lifts it to the street at once",
+     slope_works),
     ("sea", "② 蚂蚁岛 · 清明海上安全 — an emergency goes straight to a district bureau, hours-scale", sea_safety),
     ("care", "③ 葫芦岛 · 养老院 — returned, then escalated level by level to the district", care_home),
-    ("census", "④ 奶粉事件 · 婴幼儿排查 — a district campaign fans out one task per grid", infant_census),
+    ("census", "④ 奶粉事件 · 婴幼儿排查 — a district campaign, one task per grid, every targeted household visited",
+     infant_census),
 )
 
 

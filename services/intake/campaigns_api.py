@@ -14,17 +14,17 @@ import asyncio
 import hashlib
 import time
 from collections import Counter
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import orjson
 from fastapi import APIRouter, Header, Query, Response
 from pydantic import Field
 
 from shared import entropy
-from shared.commanding import load_current_state, load_existing_state, utcnow
+from shared.commanding import append_first, load_current_state, load_existing_state, utcnow
 from shared.domain import commands as cmd
 from shared.domain import ids
-from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound
+from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound, Unavailable
 from shared.domain.issue import IssueState, decide, initial_state
 from shared.domain.levels import Level
 
@@ -47,6 +47,25 @@ class CampaignBody(Strict):
     category: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     title: str = Field(min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=5000)
+    households: dict[str, Annotated[int, Field(ge=0, le=1_000_000)]] | Literal["all"] | None = Field(
+        default=None, description="households the campaign's visits must reach: per grid ({grid: n}, grids "
+                                  "left out have no target), or \"all\" (every household the org declares)")
+
+
+def household_targets(ctx: AppContext, body: CampaignBody, grids: list[str]) -> dict[str, int]:
+    """grid -> households to reach (only the grids with a target)."""
+    if body.households is None:
+        return {}
+    if body.households == "all":
+        out = {g: n for g in grids if (n := ctx.org.areas[g].households) is not None}
+        if not out:
+            raise Invalid(f"no grid under {body.area} declares its households", field="households")
+        return out
+    inside = set(grids)
+    for g in body.households:
+        if g not in inside:
+            raise Invalid(f"{g!r} is not a grid under {body.area}", field=f"households.{g}")
+    return dict(body.households)
 
 
 def campaign_id(subject: str, idempotency_key: str | None) -> str:
@@ -75,25 +94,25 @@ def _grids(ctx: AppContext, area_id: str) -> list[str]:
 
 
 def _request_hash(body: CampaignBody) -> str:
-    return hashlib.sha256(orjson.dumps(body.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)).hexdigest()
+    dump = body.model_dump(mode="json")
+    if dump.get("households") is None:  # as before households existed: a retry of an older campaign still matches
+        dump.pop("households", None)
+    return hashlib.sha256(orjson.dumps(dump, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 async def _report_one(ctx: AppContext, sem: asyncio.Semaphore, cid: str, grid: str, body: CampaignBody,
-                      rhash: str, subject: str) -> tuple[bool, int]:
-    """Report the campaign's issue at ``grid``; (created now?, stream seq)."""
+                      rhash: str, subject: str, target: int | None = None) -> tuple[bool, int]:
+    """Report the campaign's issue at ``grid`` (with the households it must reach); (created now?, stream seq)."""
     issue_id = ids.idempotent_issue_id(cid, grid)
     command = cmd.ReportIssue(grid=grid, category=body.category, title=body.title, description=body.description,
-                              reporter=subject, request_hash=rhash, campaign=cid)
+                              reporter=subject, request_hash=rhash, campaign=cid, households_target=target)
     async with sem:
         now = utcnow()
         events = decide(initial_state(issue_id), command, now)
-        try:
-            res = await ctx.store.append(issue_id, events, expected_last_seq=0, version=0, now=now, actor=subject,
-                                         msg_id=f"report:{issue_id}", source=SOURCE)
-            if not res.duplicate:
-                return True, res.seq
-        except ConcurrencyConflict:
-            pass
+        res = await append_first(ctx.store, issue_id, events, now=now, actor=subject, msg_id=f"report:{issue_id}",
+                                 source=SOURCE)
+        if res is not None:
+            return True, res.seq
         state, _ = await load_current_state(ctx.store, issue_id)  # the key's issue, as the leader has it
     if not state.exists:
         raise ConcurrencyConflict("campaign being created concurrently; retry")
@@ -113,16 +132,21 @@ async def create_campaign(body: CampaignBody, ctx: Ctx, p: Actor, idempotency_ke
     if body.category not in ctx.rulebook.categories:
         raise Invalid(f"unknown category {body.category!r}", field="category")
     require_area(ctx.org, p, body.area, f"area {body.area}")
+    targets = household_targets(ctx, body, grids)
     cid = campaign_id(p.subject, idempotency_key)
     rhash = _request_hash(body)
     sem = asyncio.Semaphore(CONCURRENCY)
-    results = await asyncio.gather(*(_report_one(ctx, sem, cid, g, body, rhash, p.subject) for g in grids))
+    results = await asyncio.gather(*(_report_one(ctx, sem, cid, g, body, rhash, p.subject, targets.get(g))
+                                     for g in grids))
     created = sum(1 for new, _ in results if new)
     headers = {"Location": f"/v1/campaigns/{cid}?area={body.area}", "Needle-Seq": str(max(s for _, s in results))}
     if idempotency_key is not None and created == 0:
         headers["Idempotent-Replayed"] = "true"
-    return json_response({"id": cid, "area": body.area, "category": body.category, "issues": len(grids),
-                          "created": created}, 202, headers)
+    out: dict[str, Any] = {"id": cid, "area": body.area, "category": body.category, "issues": len(grids),
+                           "created": created}
+    if targets:
+        out["households_target"] = sum(targets.values())
+    return json_response(out, 202, headers)
 
 
 def _item(s: IssueState) -> dict[str, Any]:
@@ -152,10 +176,31 @@ async def get_campaign(cid: str, ctx: Ctx, p: Actor,
     counts = Counter(s.status for s in states)
     done = counts.get("closed", 0)
     levels = Counter(s.level or "unrouted" for s in states)
+    households = await _reach(ctx, cid, states)
     return json_response({
         "id": cid, "area": area, "category": states[0].category, "title": states[0].title,
         "issues": len(states), "done": done, "percent": round(100.0 * done / len(states), 1),
         "status": dict(sorted(counts.items())),
         "levels": {lv: levels[lv] for lv in [*(x.value for x in Level), "unrouted"] if lv in levels},
         "items": [_item(s) for s in states],
+        "households": households,
     })
+
+
+async def _reach(ctx: AppContext, cid: str, states: list[IssueState]) -> dict[str, Any] | None:
+    """Households reached by the campaign's visits ÷ its target, per grid and in total, and the grids that lag
+    (below target, furthest behind first); None for a campaign without household targets."""
+    targets = {s.grid: s.households_target for s in states if s.households_target is not None}
+    if not targets:
+        return None
+    if ctx.read_models is None:
+        raise Unavailable("read models are not running in this process (household reach comes from them)")
+    from services.projections.queries import campaign_reach
+
+    reached = await campaign_reach(ctx.read_models.pool, cid, sorted(targets))
+    grids: list[dict[str, Any]] = [{"grid": g, "target": t, "reached": reached.get(g, 0),
+              "rate": round(min(reached.get(g, 0), t) / t, 4) if t else 1.0} for g, t in sorted(targets.items())]
+    target, got = sum(targets.values()), sum(min(x["reached"], x["target"]) for x in grids)
+    lagging = sorted((x for x in grids if x["reached"] < x["target"]), key=lambda x: (x["rate"], x["grid"]))
+    return {"target": target, "reached": got, "rate": round(got / target, 4) if target else 1.0,
+            "grids": grids, "lagging": [x["grid"] for x in lagging]}

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Response
 
 from shared import entropy
 from shared.auth import Principal
-from shared.commanding import execute, load_current_state, load_existing_state, utcnow
+from shared.commanding import append_first, execute, load_current_state, load_existing_state, utcnow
 from shared.domain import commands as cmd
 from shared.domain import ids
 from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound, PreconditionFailed, Unavailable
@@ -118,6 +118,10 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
                         source: str) -> ReportOutcome:
     """The report use case, for every entry point (``POST /v1/issues``, Open311): a new issue, or the
     one this reporter's Idempotency-Key already created (same body), or 409 (another body)."""
+    if body.visit is not None:
+        from .visits_api import check_report_visit
+
+        await check_report_visit(ctx, body.visit, body.grid)
     sealed = await seal_report_resident(ctx, body)
     # what a replay of the key must match; without a key nothing is ever compared with it
     rhash = request_hash(body, sealed.fingerprint if sealed else None) if key is not None else None
@@ -128,17 +132,15 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
     command = cmd.ReportIssue(grid=body.grid, category=body.category, title=body.title,
                               description=body.description, urgency=body.urgency, risk=tuple(body.risk),
                               location=body.location, reporter=p.subject, request_hash=rhash,
-                              resident=sealed.ref if sealed else None)
+                              resident=sealed.ref if sealed else None, visit=body.visit)
     now = utcnow()
     events: list[Event] = decide(initial_state(issue_id), command, now)
-    try:
-        res = await ctx.store.append(issue_id, events, expected_last_seq=0, version=0, now=now, actor=p.subject,
-                                     msg_id=f"report:{issue_id}", source=source)
-        if not res.duplicate:
-            return ReportOutcome(issue_id, res.seq, replayed=False)
-    except ConcurrencyConflict:
-        if key is None:  # a random id collided: astronomically unlikely
-            raise
+    res = await append_first(ctx.store, issue_id, events, now=now, actor=p.subject, msg_id=f"report:{issue_id}",
+                             source=source)
+    if res is not None:
+        return ReportOutcome(issue_id, res.seq, replayed=False)
+    if key is None:  # a random id collided: astronomically unlikely
+        raise ConcurrencyConflict("issue id collision; retry")
     # the key was used before: same body -> the same issue, another body -> 409
     state, _ = await load_current_state(ctx.store, issue_id)
     if not state.exists:

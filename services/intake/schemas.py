@@ -49,6 +49,8 @@ class ReportIssueBody(Strict):
     risk: list[str] = Field(default_factory=list, max_length=10)
     location: Location | None = None
     resident: ResidentBody | None = None
+    visit: str | None = Field(default=None, min_length=1, max_length=40, pattern=r"^[0-9a-z]+$",
+                              description="the household visit (走访) the report came from")
 
     @field_validator("location")
     @classmethod
@@ -115,5 +117,5 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None) -> dict[st
         "reporter": s.reporter, "reported_at": _ts(s.reported_at), "closed_at": _ts(s.closed_at),
         "version": s.version, "sequence": s.last_seq, "rule": s.rule, "rulebook_version": s.rulebook_version,
         "reopen_count": s.reopen_count, "escalations": s.escalations, "satisfaction": s.satisfaction,
-        "campaign": s.campaign, "resident": resident, "tasks": [task_view(t) for t in s.tasks],
+        "campaign": s.campaign, "visit": s.visit, "resident": resident, "tasks": [task_view(t) for t in s.tasks],
     }

@@ -2,13 +2,14 @@
 
 * ``GET /dashboard``: the HTML shell (no auth: it holds no data). The page takes the token from
   ``#token=...`` (or a login box; kept in sessionStorage) and the area from ``?area=``, then reads
-  ``/v1/stats``, ``/v1/stats/series``, ``/v1/overdue`` and ``/dashboard/org`` with ``Authorization: Bearer``.
+  ``/v1/stats``, ``/v1/stats/series``, ``/v1/overdue``, ``/v1/visits/coverage`` (入户率) and ``/dashboard/org``
+  with ``Authorization: Bearer``.
 * ``GET /dashboard/static/{file}``: the page's js/css and the vendored Chart.js (an allowlist, no path walking).
 * ``GET /dashboard/org?area=``: names for the area tree, departments and categories (supervisor/admin).
 * ``GET /dashboard/stream?area=&access_token=``: Server-Sent Events. EventSource cannot send headers, so the
   token comes in the query string and goes through the same verifier. Emits ``hello`` on connect and
-  ``changed`` ``{"seq": n}`` after the projection worker commits a batch that touched an issue under the
-  area; sse-starlette sends a ``: ping`` comment every 15 s. The page then refetches (debounced).
+  ``changed`` ``{"seq": n}`` after the projection worker commits a batch that touched an issue or a household
+  visit under the area; sse-starlette sends a ``: ping`` comment every 15 s. The page then refetches (debounced).
   The token is checked again every minute: an expired or revoked token ends the stream (event ``expired``).
 """
 from __future__ import annotations
@@ -104,7 +105,8 @@ async def dashboard_org(ctx: Ctx, p: Actor, area: Annotated[str | None, Query(ma
         "path": list(reversed(path)),
         "children": [{"id": c.id, "name": c.name, "level": str(c.level), "leaf": not org.children(c.id)}
                      for c in org.children(a)],
-        "areas": {x.id: {"name": x.name, "level": str(x.level), "parent": x.parent} for x in subtree},
+        "areas": {x.id: {"name": x.name, "level": str(x.level), "parent": x.parent, "households": x.households}
+                  for x in subtree},
         "departments": {d.id: {"name": d.name, "kind": d.kind, "area": d.area} for d in org.departments.values()},
         "categories": {c.id: c.name for c in ctx.rulebook.categories.values()},
         "timezone": ctx.rulebook.timezone,
@@ -117,9 +119,11 @@ def _sse(event: str, data: dict[str, Any], seq: int) -> ServerSentEvent:
 
 
 async def _touched(ctx: AppContext, area: str, after: int) -> bool:
-    """True when an issue under ``area`` changed after stream sequence ``after`` (rows carry their last seq)."""
-    sql = "SELECT 1 FROM issues WHERE areas @> ARRAY[$1]::text[] AND seq > $2 LIMIT 1"
-    hit = await read_models(ctx).pool.fetchval(sql, area, after)
+    """True when an issue or a visit under ``area`` changed after stream sequence ``after`` (rows carry their
+    last seq)."""
+    hit = await read_models(ctx).pool.fetchval(
+        "SELECT 1 FROM issues WHERE areas @> ARRAY[$1]::text[] AND seq > $2 "
+        "UNION ALL SELECT 1 FROM visits WHERE areas @> ARRAY[$1]::text[] AND seq > $2 LIMIT 1", area, after)
     return hit is not None
 
 

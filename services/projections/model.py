@@ -67,17 +67,21 @@ class Batch:
     audit: list[tuple[int, str, str, str | None, datetime, str]] = field(default_factory=list)
     last_seq: int = 0
     tasks_of: dict[str, set[str]] = field(default_factory=dict)  # issue id -> its task ids (an index of ``tasks``)
+    visits: dict[str, dict[str, Any]] = field(default_factory=dict)  # household visits touched (走访)
 
     def add_task(self, row: dict[str, Any]) -> None:
         self.tasks[row["id"]] = row
         self.tasks_of.setdefault(row["issue_id"], set()).add(row["id"])
 
-    def load(self, issues: list[dict[str, Any]], tasks: list[dict[str, Any]]) -> None:
+    def load(self, issues: list[dict[str, Any]], tasks: list[dict[str, Any]],
+             visits: list[dict[str, Any]] | None = None) -> None:
         """Continue from rows stored by an earlier batch."""
         for row in issues:
             self.issues[row["id"]] = row
         for row in tasks:
             self.add_task(row)
+        for row in visits or ():
+            self.visits[row["id"]] = row
 
     def _day(self, at: datetime) -> date:
         return at.astimezone(self.tz).date()
@@ -112,6 +116,31 @@ def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) ->
     }
 
 
+def visits_named(envs: list[Envelope]) -> set[str]:
+    """The visits a batch of events touches: recorded in it, or named by a report in it."""
+    out = set()
+    for env in envs:
+        if isinstance(env.data, ev.VisitRecorded):
+            out.add(env.subject)
+        elif isinstance(env.data, ev.IssueReported) and env.data.visit:
+            out.add(env.data.visit)
+    return out
+
+
+def _apply_visit(batch: Batch, visit_id: str, e: ev.VisitRecorded, seq: int) -> None:
+    if visit_id in batch.visits:
+        return
+    try:
+        areas = [a.id for a in batch.org.ancestors(e.grid)]
+    except KeyError:
+        areas = [e.grid]
+    batch.visits[visit_id] = {
+        "id": visit_id, "grid": e.grid, "areas": areas, "household": e.household, "kind": e.kind,
+        "campaign": e.campaign, "visited_at": e.visited_at, "visitor": e.by,
+        "note": clean(e.note) if e.note is not None else None, "issues": list(dict.fromkeys(e.issues)), "seq": seq,
+    }
+
+
 def _refresh_lead(batch: Batch, issue: dict[str, Any]) -> None:
     """The lead task's state and the next deadline it must meet (for overdue lists)."""
     lead = batch.tasks.get(issue["lead_task"]) if issue["lead_task"] else None
@@ -134,12 +163,18 @@ def apply(batch: Batch, env: Envelope) -> None:
     issue_id = env.subject
     batch.last_seq = max(batch.last_seq, seq)
     batch.audit.append((seq, issue_id, e.name, env.actor, at, clean(_summary(e))))
+    if isinstance(e, ev.VisitRecorded):
+        _apply_visit(batch, issue_id, e, seq)
+        return
     if isinstance(e, ev.IssueReported):
         if issue_id in batch.issues:
             return
         row = batch.issues[issue_id] = new_issue_row(issue_id, e, batch.org, seq)
         row["version"] = 1
         batch.count_area(row, at, "reported")
+        if e.visit and (visit := batch.visits.get(e.visit)) is not None and issue_id not in visit["issues"]:
+            visit["issues"] = [*visit["issues"], issue_id]  # the visit lists the issues raised from it
+            visit["seq"] = seq
         return
     issue = batch.issues.get(issue_id)
     if issue is None:  # events of an issue whose report we never saw (cannot happen on a full stream)
@@ -262,6 +297,8 @@ def _summary(e: ev.Event) -> str:
     match e:
         case ev.IssueReported():
             return f"reported {e.category} at {e.grid}: {e.title}"
+        case ev.VisitRecorded():  # never the household (not even its digest) nor the note
+            return f"{e.kind} visit at {e.grid}"
         case ev.IssueRouted():
             return f"routed to {e.level} {e.owner_area} ({e.reason}): {e.rule}"
         case ev.TaskDispatched():

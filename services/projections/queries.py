@@ -140,3 +140,46 @@ async def daily_series(pool: asyncpg.Pool, *, area: str, since: date, until: dat
 
 async def audit(pool: asyncpg.Pool, issue_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in await pool.fetch("SELECT * FROM audit WHERE issue_id = $1 ORDER BY seq", issue_id)]
+
+
+# -- household visits (走访) ------------------------------------------------------------------------------------
+VISIT_FIELDS = "id, grid, household, kind, campaign, visited_at, visitor AS by, note, issues, seq"
+RESOLVED = "(i.first_resolved_at IS NOT NULL OR i.status = 'closed')"
+
+
+async def list_visits(pool: asyncpg.Pool, *, area: str, since: datetime, until: datetime, limit: int
+                      ) -> list[dict[str, Any]]:
+    rows = await pool.fetch(
+        f"SELECT {VISIT_FIELDS} FROM visits WHERE areas @> ARRAY[$1]::text[] AND visited_at >= $2 "
+        "AND visited_at < $3 ORDER BY visited_at DESC, id DESC LIMIT $4", area, since, until, limit)
+    return [dict(r) for r in rows]
+
+
+async def visit(pool: asyncpg.Pool, visit_id: str) -> dict[str, Any] | None:
+    row = await pool.fetchrow(f"SELECT {VISIT_FIELDS} FROM visits WHERE id = $1", visit_id)
+    return dict(row) if row is not None else None
+
+
+async def coverage_counts(pool: asyncpg.Pool, *, area: str, since: datetime, until: datetime
+                          ) -> dict[str, dict[str, int]]:
+    """Per grid under ``area``, of the visits in [since, until): distinct households, visits, distinct issues
+    raised from them and how many of those are resolved (first resolved, or closed)."""
+    rows = await pool.fetch(
+        "WITH v AS (SELECT grid, household, issues FROM visits WHERE areas @> ARRAY[$1]::text[] "
+        "AND visited_at >= $2 AND visited_at < $3), "
+        "c AS (SELECT grid, count(DISTINCT household) AS visited, count(*) AS visits FROM v GROUP BY grid), "
+        "r AS (SELECT v.grid, count(DISTINCT x.id) AS raised, "
+        f"count(DISTINCT x.id) FILTER (WHERE {RESOLVED}) AS resolved "
+        "FROM v CROSS JOIN LATERAL unnest(v.issues) AS x(id) LEFT JOIN issues i ON i.id = x.id GROUP BY v.grid) "
+        "SELECT c.grid, c.visited, c.visits, coalesce(r.raised, 0) AS raised, coalesce(r.resolved, 0) AS resolved "
+        "FROM c LEFT JOIN r ON r.grid = c.grid", area, since, until)
+    return {r["grid"]: {"visited": int(r["visited"]), "visits": int(r["visits"]), "issues_raised": int(r["raised"]),
+                        "issues_resolved": int(r["resolved"])} for r in rows}
+
+
+async def campaign_reach(pool: asyncpg.Pool, campaign: str, grids: list[str]) -> dict[str, int]:
+    """Distinct households reached by the campaign's visits, per grid."""
+    rows = await pool.fetch(
+        "SELECT grid, count(DISTINCT household) AS n FROM visits WHERE campaign = $1 AND grid = ANY($2::text[]) "
+        "GROUP BY grid", campaign, grids)
+    return {r["grid"]: int(r["n"]) for r in rows}

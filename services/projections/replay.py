@@ -26,9 +26,9 @@ from shared.config import OrgTree
 from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
 
-from .model import Batch, apply
+from .model import Batch, apply, visits_named
 from .reader import Raw
-from .schema import ISSUE_COLUMNS, PROJECTION, PROJECTION_VERSION, TASK_COLUMNS, index_ddl
+from .schema import ISSUE_COLUMNS, PROJECTION, PROJECTION_VERSION, TASK_COLUMNS, VISIT_COLUMNS, index_ddl
 from .worker import ProjectionWriter
 
 log = structlog.get_logger("needle.rebuild")
@@ -37,7 +37,7 @@ MAX_ISSUES_IN_MEMORY = 100_000  # ~330 MB of rows before a spill (measured: 3.3 
 AUDIT_CHUNK = 20_000
 AUDIT_COLUMNS = ["seq", "issue_id", "type", "actor", "at", "summary"]
 STATS_COLUMNS = ["day", "scope", "key", "metric", "n"]
-ISSUE_PREFIX = f"{sj.EVENTS_ROOT}.issue."
+ISSUE_PREFIX = (f"{sj.EVENTS_ROOT}.issue.", f"{sj.EVENTS_ROOT}.visit.")  # what the read models fold
 DEFERRED_INDEXES = ("issues", "tasks")  # built after their rows are COPYed (or before a spill's upserts need them)
 
 
@@ -98,10 +98,13 @@ class Replay:
         envs = decode_all(raws)
         b = self.batch
         if self.spills and (ids := list({e.subject for e in envs} - b.issues.keys())):
+            vids = list(visits_named(envs) - b.visits.keys())
             async with self.pool.acquire() as conn:
                 b.load([dict(r) for r in await conn.fetch(f"SELECT * FROM issues{SUFFIX} WHERE id = ANY($1)", ids)],
                        [dict(r) for r in await conn.fetch(f"SELECT * FROM tasks{SUFFIX} WHERE issue_id = ANY($1)",
-                                                          ids)])
+                                                          ids)],
+                       [dict(r) for r in await conn.fetch(f"SELECT * FROM visits{SUFFIX} WHERE id = ANY($1)",
+                                                          vids)])
         for env in envs:
             apply(b, env)
         self.events += len(envs)
@@ -119,18 +122,21 @@ class Replay:
         b, w = self.batch, self.writer
         issues = [tuple(r[c] for c in ISSUE_COLUMNS) for r in b.issues.values()]
         tasks = [tuple(r[c] for c in TASK_COLUMNS) for r in b.tasks.values()]
+        visits = [tuple(r[c] for c in VISIT_COLUMNS) for r in b.visits.values()]
         stats = [(*k, n) for k, n in b.stats.items() if n]
         async with self.pool.acquire() as conn, conn.transaction():
             if not self.spills:  # the rows of the stream, or of the first spill, into empty tables: then indexes
                 await conn.copy_records_to_table(f"issues{SUFFIX}", records=issues, columns=ISSUE_COLUMNS)
                 await conn.copy_records_to_table(f"tasks{SUFFIX}", records=tasks, columns=TASK_COLUMNS)
                 await conn.copy_records_to_table(f"stats_daily{SUFFIX}", records=stats, columns=STATS_COLUMNS)
+                await conn.copy_records_to_table(f"visits{SUFFIX}", records=visits, columns=VISIT_COLUMNS)
                 for stmt in index_ddl(SUFFIX, DEFERRED_INDEXES):
                     await conn.execute(stmt)
             else:  # some rows are there already: the live worker's upserts
                 await conn.executemany(w.sql_issue, issues)
                 await conn.executemany(w.sql_task, tasks)
                 await conn.executemany(w.sql_stats, stats)
+                await conn.executemany(w.sql_visit, visits)
 
     async def finish(self, last_seq: int) -> dict[str, Any]:
         """Write what is left and the checkpoint ``last_seq``; figures for the report."""

@@ -19,7 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 PROJECTION = "read_models"
-PROJECTION_VERSION = 2  # bump when the projection functions change: the worker rebuilds on start
+PROJECTION_VERSION = 3  # bump when the projection functions change: the worker rebuilds on start
 
 
 def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
@@ -97,13 +97,32 @@ def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
         Column("summary", Text, nullable=False),
     )
     Index(f"ix_audit{suffix}_issue", audit.c.issue_id, audit.c.seq)
+    visits = Table(  # household visits (走访): the household only as its HMAC digest, never in clear
+        f"visits{suffix}", md,
+        Column("id", Text, primary_key=True),
+        Column("grid", Text, nullable=False),
+        Column("areas", ARRAY(Text), nullable=False),
+        Column("household", Text, nullable=False),
+        Column("kind", Text, nullable=False),
+        Column("campaign", Text),
+        Column("visited_at", DateTime(timezone=True), nullable=False),
+        Column("visitor", Text, nullable=False),
+        Column("note", Text),
+        Column("issues", ARRAY(Text), nullable=False),  # raised from the visit: its own list and the reports naming it
+        Column("seq", BigInteger, nullable=False),
+    )
+    Index(f"ix_visits{suffix}_areas", visits.c.areas, postgresql_using="gin")
+    Index(f"ix_visits{suffix}_grid", visits.c.grid, visits.c.visited_at.desc())
+    Index(f"ix_visits{suffix}_campaign", visits.c.campaign, visits.c.grid,
+          postgresql_where=visits.c.campaign.isnot(None))
     checkpoints = Table(
         f"checkpoints{suffix}", md,
         Column("projection", Text, primary_key=True),
         Column("seq", BigInteger, nullable=False),
         Column("version", Integer, nullable=False),
     )
-    return md, {"issues": issues, "tasks": tasks, "stats_daily": stats, "audit": audit, "checkpoints": checkpoints}
+    return md, {"issues": issues, "tasks": tasks, "stats_daily": stats, "audit": audit, "visits": visits,
+                "checkpoints": checkpoints}
 
 
 def ddl(suffix: str = "", defer: tuple[str, ...] = ()) -> list[str]:
@@ -130,6 +149,7 @@ def index_ddl(suffix: str, names: tuple[str, ...]) -> list[str]:
     return [str(CreateIndex(ix, if_not_exists=True).compile(dialect=dialect)) for n in names for ix in named[n].indexes]
 
 
-TABLE_NAMES = ("issues", "tasks", "stats_daily", "audit", "checkpoints")
+TABLE_NAMES = ("issues", "tasks", "stats_daily", "audit", "visits", "checkpoints")
 ISSUE_COLUMNS = [c.name for c in tables()[1]["issues"].columns]
 TASK_COLUMNS = [c.name for c in tables()[1]["tasks"].columns]
+VISIT_COLUMNS = [c.name for c in tables()[1]["visits"].columns]

@@ -25,12 +25,13 @@ from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
 
 from .follower import CHANNEL
-from .model import Batch, apply
+from .model import Batch, apply, visits_named
 from .progress import Progress
-from .schema import ISSUE_COLUMNS, PROJECTION, PROJECTION_VERSION, TASK_COLUMNS, ddl
+from .schema import ISSUE_COLUMNS, PROJECTION, PROJECTION_VERSION, TASK_COLUMNS, VISIT_COLUMNS, ddl
 
 log = structlog.get_logger("needle.projections")
 RECREATE_AFTER_FAILURES = 12  # fetch errors in a row (~6 s) before the consumer is recreated
+PROJECTED = (f"{sj.EVENTS_ROOT}.issue.", f"{sj.EVENTS_ROOT}.visit.")  # the subject families folded here
 LOCK_KEY = 7_311_001  # advisory lock: one writer per read-model set (the worker, or a rebuild swap)
 
 
@@ -83,6 +84,7 @@ class ProjectionWriter:
         s = suffix
         self.sql_issue = _upsert(f"issues{s}", ISSUE_COLUMNS, "id")
         self.sql_task = _upsert(f"tasks{s}", TASK_COLUMNS, "id")
+        self.sql_visit = _upsert(f"visits{s}", VISIT_COLUMNS, "id")
         self.sql_stats = (f"INSERT INTO stats_daily{s} (day, scope, key, metric, n) VALUES ($1, $2, $3, $4, $5) "
                           f"ON CONFLICT (scope, key, day, metric) DO UPDATE SET n = stats_daily{s}.n + EXCLUDED.n")
         self.sql_checkpoint = (f"INSERT INTO checkpoints{s} (projection, seq, version) VALUES ($1, $2, $3) "
@@ -98,6 +100,7 @@ class ProjectionWriter:
             f"st AS ({_insert_json(f'stats_daily{s}', STATS_COLUMNS, '$3')} ON CONFLICT (scope, key, day, metric) "
             f"DO UPDATE SET n = stats_daily{s}.n + EXCLUDED.n), "
             f"a AS ({_insert_json(f'audit{s}', AUDIT_COLUMNS, '$4')}), "
+            f"v AS ({_upsert_json(f'visits{s}', VISIT_COLUMNS, 'id', '$8')}), "
             f"c AS (INSERT INTO checkpoints{s} (projection, seq, version) VALUES ($5, $6, $7) ON CONFLICT (projection) "
             f"DO UPDATE SET seq = EXCLUDED.seq, version = EXCLUDED.version RETURNING seq) "
             + (f"SELECT pg_notify('{CHANNEL}', seq::text) FROM c" if not s else "SELECT seq FROM c"))
@@ -117,21 +120,27 @@ class ProjectionWriter:
             batch = Batch(org=self.org, tz=self.tz)
             ids = list({e.subject for e in fresh})
             s = self.suffix
+            vids = list(visits_named(fresh))
             batch.load([dict(r) for r in await conn.fetch(f"SELECT * FROM issues{s} WHERE id = ANY($1)", ids)],
-                       [dict(r) for r in await conn.fetch(f"SELECT * FROM tasks{s} WHERE issue_id = ANY($1)", ids)])
+                       [dict(r) for r in await conn.fetch(f"SELECT * FROM tasks{s} WHERE issue_id = ANY($1)", ids)],
+                       [dict(r) for r in await conn.fetch(f"SELECT * FROM visits{s} WHERE id = ANY($1)", vids)]
+                       if vids else [])
             # rows as stored, to write back only those the batch changed (or created): every task of every
             # touched issue used to be upserted again, most of them unchanged
             stored_issues = {i: _row(r, ISSUE_COLUMNS) for i, r in batch.issues.items()}
             stored_tasks = {t: _row(r, TASK_COLUMNS) for t, r in batch.tasks.items()}
+            stored_visits = {v: _row(r, VISIT_COLUMNS) for v, r in batch.visits.items()}
             for env in fresh:
                 apply(batch, env)
             issues = [row for i, r in batch.issues.items()
                       if (row := _row(r, ISSUE_COLUMNS)) != stored_issues.get(i)]
             tasks = [row for t, r in batch.tasks.items() if (row := _row(r, TASK_COLUMNS)) != stored_tasks.get(t)]
+            visits = [row for v, r in batch.visits.items()
+                      if (row := _row(r, VISIT_COLUMNS)) != stored_visits.get(v)]
             stats = [(*k, n) for k, n in batch.stats.items() if n]
             await conn.execute(self.sql_batch, _json(ISSUE_COLUMNS, issues), _json(TASK_COLUMNS, tasks),
                                _json(STATS_COLUMNS, stats), _json(AUDIT_COLUMNS, batch.audit),
-                               PROJECTION, max(last_seq, done), PROJECTION_VERSION)
+                               PROJECTION, max(last_seq, done), PROJECTION_VERSION, _json(VISIT_COLUMNS, visits))
         elif last_seq > done:
             await conn.execute(self.sql_checkpoint, PROJECTION, last_seq, PROJECTION_VERSION)
         return len(fresh)
@@ -268,7 +277,7 @@ class ProjectionWorker(Progress):
     async def commit(self, msgs: list[Msg]) -> None:
         envs: list[Envelope] = []
         for m in msgs:
-            if not m.subject.startswith(f"{sj.EVENTS_ROOT}.issue."):
+            if not m.subject.startswith(PROJECTED):
                 continue
             try:
                 env = decode(m.data, m.metadata.sequence.stream)

@@ -5,13 +5,15 @@ Contract format (DESIGN.md, "Contract: org tree and rulebook")::
     areas:
       - {id: zhoushan, name: 舟山市, level: city}
       - {id: putuo, name: 普陀区, level: district, parent: zhoushan, location: {lat: 29.95, lon: 122.30}}
+      - {id: zhanmao-g33, name: 第33网格, level: grid, parent: putuo, households: 128}
     departments:          # a unit of some kind, serving an area and everything under it
       - {id: putuo-ocean, name: 普陀区海洋与渔业局, kind: ocean_fisheries, area: putuo}
 
 Rules checked on load: ids are unique across areas *and* departments; every parent exists; the tree has no
 cycle and exactly one root; a child's level is strictly below its parent's (levels may be skipped: a small
 island township may hold grids directly); every department's kind is known and its area exists; an optional
-``location`` has a latitude in [-90, 90] and a longitude in [-180, 180].
+``location`` has a latitude in [-90, 90] and a longitude in [-180, 180]; an optional ``households`` (the grid's
+household count, the denominator of its 入户率) is a whole number >= 0, on a grid only.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class Area:
     level: Level
     parent: str | None = None
     location: Location | None = None
+    households: int | None = None  # a grid's household count (its 入户率 denominator), when declared
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,12 +231,14 @@ def parse_org(text: str, source: str = "<org>", *, digest: str | None = None) ->
         doc.fail("areas", "at least one area is required")
     for i, raw in enumerate(raw_areas):
         p = f"areas[{i}]"
-        m = doc.mapping(raw, p, required=("id", "name", "level"), optional=("parent", "location"))
+        m = doc.mapping(raw, p, required=("id", "name", "level"), optional=("parent", "location", "households"))
         aid = claim(m["id"], f"{p}.id", "area id")
         parent = None if m.get("parent") is None else doc.ident(m["parent"], f"{p}.parent", "parent id")
         location = _location(doc, m["location"], f"{p}.location") if m.get("location") is not None else None
-        areas[aid] = Area(aid, doc.string(m["name"], f"{p}.name"), doc.level(m["level"], f"{p}.level", "area level"),
-                          parent, location)
+        level = doc.level(m["level"], f"{p}.level", "area level")
+        households = _households(doc, m["households"], f"{p}.households", level) \
+            if m.get("households") is not None else None
+        areas[aid] = Area(aid, doc.string(m["name"], f"{p}.name"), level, parent, location, households)
         paths[aid] = p
     _check_tree(doc, areas, paths)
 
@@ -259,6 +264,15 @@ def _location(doc: Document, value: Any, path: str) -> Location:
     if not -180.0 <= lon <= 180.0:
         doc.fail(f"{path}.lon", f"longitude {lon} is outside [-180, 180]")
     return Location(lat, lon)
+
+
+def _households(doc: Document, value: Any, path: str, level: Level) -> int:
+    if level != Level.grid:
+        doc.fail(path, f"only a grid declares households (this area is a {level})")
+    n = doc.number(value, path)
+    if n != int(n) or n < 0:
+        doc.fail(path, f"households is a whole number >= 0, got {value!r}")
+    return int(n)
 
 
 def _check_tree(doc: Document, areas: dict[str, Area], paths: dict[str, str]) -> None:

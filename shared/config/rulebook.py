@@ -22,7 +22,9 @@ Contract format (DESIGN.md, "Contract: org tree and rulebook")::
 
 Extensions (optional): ``version:`` (default: the first 12 hex digits of the sha256 of the file's bytes), and
 ``urgency: {emergency: {min_start: street, sla_factor: 0.25}}`` — per urgency a minimum start level and a
-factor applied to both SLA durations. ``calendar``, ``timezone``, ``working_hours``, ``warn_at`` and ``escalate``
+factor applied to both SLA durations; ``coverage: {target: 0.9, period: P30D}`` — the 入户率 a grid should reach
+over the trailing period (grids below it are listed on the dashboard; these values are the defaults).
+``calendar``, ``timezone``, ``working_hours``, ``warn_at`` and ``escalate``
 default to the values shown above; ``clock`` defaults to ``natural``. Durations are ISO 8601 (PnW or
 PnDTnHnMnS); with ``clock: working`` a day means a working day and hours are counted inside working hours.
 """
@@ -99,6 +101,14 @@ class UrgencyRule:
     sla_factor: float | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Coverage:
+    """组团式服务: the share of a grid's households its team should visit (入户率) within ``period``."""
+
+    target: float = 0.9
+    period: timedelta = timedelta(days=30)
+
+
 @dataclass(frozen=True)
 class Rulebook:
     categories: dict[str, Category]
@@ -110,6 +120,7 @@ class Rulebook:
     risk: dict[str, RiskRule] = field(default_factory=dict)
     escalate_on: frozenset[str] = ESCALATION_TRIGGERS
     urgency: dict[str, UrgencyRule] = field(default_factory=dict)
+    coverage: Coverage = field(default_factory=lambda: Coverage())
 
     @property
     def tz(self) -> ZoneInfo:
@@ -136,7 +147,8 @@ def load_rulebook(path: str | Path) -> Rulebook:
     return parse_rulebook(text, name, digest=digest)
 
 
-_TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version")
+_TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version",
+             "coverage")
 
 
 def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None = None) -> Rulebook:
@@ -184,7 +196,19 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
         urgency[name] = UrgencyRule(min_start, factor)
 
     return Rulebook(categories=categories, version=version, calendar=calendar, timezone=timezone,
-                    working_hours=hours, warn_at=warn_at, risk=risk, escalate_on=escalate_on, urgency=urgency)
+                    working_hours=hours, warn_at=warn_at, risk=risk, escalate_on=escalate_on, urgency=urgency,
+                    coverage=_coverage(doc, top["coverage"]) if top.get("coverage") is not None else Coverage())
+
+
+def _coverage(doc: Document, raw: Any) -> Coverage:
+    m = doc.mapping(raw, "coverage", optional=("target", "period"))
+    target = doc.number(m.get("target", 0.9), "coverage.target")
+    if not 0.0 < target <= 1.0:
+        doc.fail("coverage.target", f"must be in (0, 1] (a share of households), got {target:g}")
+    period = doc.duration(m["period"], "coverage.period") if m.get("period") is not None else timedelta(days=30)
+    if period <= timedelta(0):
+        doc.fail("coverage.period", "the duration must be longer than zero")
+    return Coverage(target, period)
 
 
 def _timezone(doc: Document, value: Any) -> str:

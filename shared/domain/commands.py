@@ -20,6 +20,8 @@ class ReportIssue:
     request_hash: str | None = None
     campaign: str | None = None
     resident: ResidentRef | None = None  # already sealed by the caller (the core never sees clear data)
+    visit: str | None = None  # the household visit the report came from
+    households_target: int | None = None  # a campaign's issue: households of the grid to reach
 
 
 @dataclass(frozen=True, slots=True)

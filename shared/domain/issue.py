@@ -61,6 +61,8 @@ class IssueState:
     request_hash: str | None = None
     campaign: str | None = None
     resident: ev.ResidentRef | None = None  # sealed; readable only while the resident's key exists
+    visit: str | None = None  # the household visit (走访) the report came from
+    households_target: int | None = None  # a campaign's issue: the households of the grid it must reach
     status: str = "new"
     level: str | None = None
     owner_area: str | None = None
@@ -149,7 +151,7 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 grid=event.grid, category=event.category, title=event.title, description=event.description,
                 urgency=event.urgency, risk=event.risk, location=event.location, reporter=event.reporter,
                 reported_at=event.reported_at, request_hash=event.request_hash, campaign=event.campaign,
-                resident=event.resident,
+                resident=event.resident, visit=event.visit, households_target=event.households_target,
                 status="reported",
             )
         case ev.IssueRouted():
@@ -228,7 +230,7 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 grid=command.grid, category=command.category, title=command.title, description=command.description,
                 urgency=command.urgency, risk=command.risk, location=command.location, reporter=command.reporter,
                 reported_at=now, request_hash=command.request_hash, campaign=command.campaign,
-                resident=command.resident,
+                resident=command.resident, visit=command.visit, households_target=command.households_target,
             )]
         case cmd.ResolveOnSite():
             _require_open(state)

@@ -66,6 +66,30 @@ class IssueReported(Event):
     request_hash: str | None = None
     campaign: str | None = None
     resident: ResidentRef | None = None
+    visit: str | None = Field(default=None, description="the household visit (走访) the report came from")
+    households_target: int | None = Field(
+        default=None, ge=0, description="a campaign's issue: the households of its grid the campaign must reach")
+
+
+VisitKind = Literal["routine", "campaign", "follow_up"]
+
+
+class VisitRecorded(Event):
+    """走访: a grid's service team visited one household. The household is kept only as a keyed hash (HMAC,
+    the key outside the stream) of its key in the grid's register: distinct households can be counted, the
+    door number cannot be read back."""
+
+    name = "visit_recorded"
+    ce_type = "needle.visit.recorded.v1"
+    grid: str
+    household: str = Field(description="HMAC-SHA256 of the household's key in the grid's register (hex)")
+    kind: VisitKind
+    campaign: str | None = None
+    visited_at: datetime
+    by: str
+    note: str | None = None
+    issues: tuple[str, ...] = Field(default=(), description="issues already reported that the visit raised")
+    request_hash: str | None = None
 
 
 class IssueResolvedOnSite(Event):
@@ -280,6 +304,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     IssueUrged,
     RulebookPublished,
     ResidentForgotten,
+    VisitRecorded,
 )
 BY_NAME: dict[str, type[Event]] = {t.name: t for t in EVENT_TYPES}
 BY_CE_TYPE: dict[str, type[Event]] = {t.ce_type: t for t in EVENT_TYPES}

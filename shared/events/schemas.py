@@ -28,7 +28,7 @@ import yaml
 
 from . import subjects as sj
 from .codec import SPECVERSION
-from .models import EVENT_TYPES, Event, ResidentForgotten, RulebookPublished
+from .models import EVENT_TYPES, Event, ResidentForgotten, RulebookPublished, VisitRecorded
 
 DRAFT = "http://json-schema.org/draft-07/schema#"
 SCHEMA_FORMAT = "application/schema+json;version=draft-07"
@@ -82,6 +82,9 @@ def envelope_schema(model: type[Event]) -> dict[str, Any]:
     elif model is ResidentForgotten:
         subject = _str("the resident id")
         ident = _str("'resident.<resident id>.<key ids>': the dedupe key")
+    elif model is VisitRecorded:
+        subject = _str("the visit id")
+        ident = _str("'<visit id>.1': the dedupe key", pattern=r"^.+\.[0-9]+$")
     else:
         subject = _str("the issue id")
         ident = _str("'<issue id>.<n>': the n-th event of the issue; the dedupe key", pattern=r"^.+\.[0-9]+$")
@@ -206,7 +209,7 @@ def _message(model: type[Event], schema_dir: str) -> dict[str, Any]:
 
 def asyncapi_document(schema_dir: str = "schemas") -> dict[str, Any]:
     """AsyncAPI 3.0 for the NATS subjects and the SSE stream; payloads reference the schema files."""
-    issue_models = [m for m in EVENT_TYPES if m not in (RulebookPublished, ResidentForgotten)]
+    issue_models = [m for m in EVENT_TYPES if m not in (RulebookPublished, ResidentForgotten, VisitRecorded)]
     ref = {m.name: {"$ref": f"#/components/messages/{m.name}"} for m in EVENT_TYPES}
     issue_refs = {m.name: ref[m.name] for m in issue_models}
     overflow = {
@@ -266,6 +269,15 @@ def asyncapi_document(schema_dir: str = "schemas") -> dict[str, Any]:
                 "parameters": {"residentId": {"description": "the resident id"}},
                 "messages": {ResidentForgotten.name: ref[ResidentForgotten.name]},
             },
+            "visitEvents": {
+                "address": f"{sj.EVENTS_ROOT}.visit.{{visitId}}.{VisitRecorded.name}",
+                "title": "household visits (走访) of the grids' service teams",
+                "description": "One subject per visit. The household appears only as an HMAC of its key in the "
+                               "grid's register (the HMAC key never leaves needle's data directory).",
+                "servers": [{"$ref": "#/servers/nats"}],
+                "parameters": {"visitId": {"description": "the visit id"}},
+                "messages": {VisitRecorded.name: ref[VisitRecorded.name]},
+            },
             "eventStream": {
                 "address": "/v1/events/stream",
                 "title": "Server-Sent Events",
@@ -282,6 +294,7 @@ def asyncapi_document(schema_dir: str = "schemas") -> dict[str, Any]:
             "receiveIssueEvents": op("issueEvents", [m.name for m in issue_models], "Subscribe to issue events."),
             "receiveRulebookEvents": op("rulebookEvents", [RulebookPublished.name], "Rulebooks taking effect."),
             "receiveResidentEvents": op("residentEvents", [ResidentForgotten.name], "Residents forgotten."),
+            "receiveVisitEvents": op("visitEvents", [VisitRecorded.name], "Household visits."),
             "receiveEventStream": op("eventStream", [m.name for m in EVENT_TYPES] + ["overflow"],
                                      "Read the SSE stream."),
         },

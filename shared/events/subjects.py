@@ -11,6 +11,7 @@ ALL_EVENTS = f"{EVENTS_ROOT}.>"
 ISSUE_EVENTS = f"{EVENTS_ROOT}.issue.*.*"
 RULEBOOK_EVENTS = f"{EVENTS_ROOT}.rulebook.*.*"
 RESIDENT_EVENTS = f"{EVENTS_ROOT}.resident.*.*"
+VISIT_EVENTS = f"{EVENTS_ROOT}.visit.*.*"
 
 TIMERS_ROOT = "needle.timers"
 TIMER_SCHEDULES = f"{TIMERS_ROOT}.schedule.>"
@@ -24,14 +25,34 @@ def valid_token(value: str) -> bool:
     return bool(_TOKEN.match(value))
 
 
+# aggregates other than the issue that the event store appends to, by the events that live in them
+AGGREGATE_OF_EVENT = {"visit_recorded": "visit"}
+
+
+def family_of(event_name: str) -> str:
+    """The subject family (the aggregate kind) an event of this name is appended to: ``issue`` unless listed."""
+    return AGGREGATE_OF_EVENT.get(event_name, "issue")
+
+
 def issue_event(issue_id: str, event_name: str) -> str:
     """``needle.events.issue.<id>.<type>``: one subject per issue and event type."""
     return f"{EVENTS_ROOT}.issue.{issue_id}.{event_name}"
 
 
-def issue_events(issue_id: str) -> str:
-    """Every event of one issue (the OCC scope of the issue aggregate)."""
-    return f"{EVENTS_ROOT}.issue.{issue_id}.*"
+def aggregate_event(aggregate_id: str, event_name: str) -> str:
+    """Where the event store appends an event: ``issue_event``, or ``<family>.<id>.<type>`` for the events of
+    another aggregate (``AGGREGATE_OF_EVENT``: a visit's)."""
+    return f"{EVENTS_ROOT}.{family_of(event_name)}.{aggregate_id}.{event_name}"
+
+
+def issue_events(issue_id: str, family: str = "issue") -> str:
+    """Every event of one issue (the OCC scope of the issue aggregate), or of one aggregate of ``family``."""
+    return f"{EVENTS_ROOT}.{family}.{issue_id}.*"
+
+
+def visit_event(visit_id: str, event_name: str = "visit_recorded") -> str:
+    """``needle.events.visit.<id>.<type>``: a household visit (走访) of a grid's service team."""
+    return f"{EVENTS_ROOT}.visit.{visit_id}.{event_name}"
 
 
 def events_of_type(event_name: str) -> str:
@@ -40,7 +61,7 @@ def events_of_type(event_name: str) -> str:
 
 
 # events that are about no issue, by the subject family they live in (they belong to no area)
-NON_ISSUE_EVENTS = {"rulebook_published": "rulebook", "resident_forgotten": "resident"}
+NON_ISSUE_EVENTS = {"rulebook_published": "rulebook", "resident_forgotten": "resident", "visit_recorded": "visit"}
 
 
 def filter_of_type(event_name: str) -> str:

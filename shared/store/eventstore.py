@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import uuid
 from dataclasses import dataclass
@@ -59,8 +60,9 @@ class AppendRequest:
     correlation: str | None = None  # trace id; None: the current request's (shared/tracing.py)
 
     def occ_headers(self) -> dict[str, str]:
+        family = sj.family_of(self.events[0].name) if self.events else "issue"
         h = {"Nats-Expected-Last-Subject-Sequence": str(self.expected_last_seq),
-             "Nats-Expected-Last-Subject-Sequence-Subject": sj.issue_events(self.issue_id)}
+             "Nats-Expected-Last-Subject-Sequence-Subject": sj.issue_events(self.issue_id, family)}
         if self.msg_id:
             h["Nats-Msg-Id"] = self.msg_id
         return h
@@ -80,6 +82,8 @@ class EventStore(Protocol):
     async def load(self, issue_id: str) -> list[Envelope]: ...
 
     async def is_current(self, issue_id: str, last_seq: int) -> bool: ...
+
+    async def load_one(self, subject: str) -> Envelope | None: ...
 
     async def append(self, issue_id: str, events: list[Event], *, expected_last_seq: int, version: int,
                      now: datetime, actor: str | None = None, msg_id: str | None = None,
@@ -129,6 +133,23 @@ class JetStreamEventStore:
                                        for subject, last in wanted))
         merged = {seq: data for part in parts for seq, _, data in part if seq <= horizon}
         return [decode(merged[seq], seq=seq) for seq in sorted(merged)]
+
+    async def load_one(self, subject: str) -> Envelope | None:
+        """The last event on one literal subject (e.g. a visit's ``visit_recorded``), asked of the stream
+        leader (a read right after the write that stored it must find it); None when there is none."""
+        req = orjson.dumps({"last_by_subj": subject})
+        try:
+            msg = await self._nc.request(f"$JS.API.STREAM.MSG.GET.{sj.EVENTS_STREAM}", req, timeout=self._timeout)
+        except (NatsTimeout, TimeoutError, NoRespondersError) as exc:
+            raise Unavailable("the event store's leader did not answer in time") from exc
+        body = orjson.loads(msg.data)
+        err = body.get("error")
+        if isinstance(err, dict):
+            if err.get("code") == 404:
+                return None
+            raise Unavailable(f"event store: {err.get('description')} ({err.get('err_code')})")
+        m = body["message"]
+        return decode(base64.b64decode(m["data"]), seq=int(m["seq"]))
 
     async def _subject_events(self, subject: str, start: int, last: int, attempts: int = 5
                               ) -> list[tuple[int, str, bytes]]:
@@ -205,7 +226,7 @@ class JetStreamEventStore:
                             correlation)
         if len(events) == 1:
             env = req.envelopes(now, source)[0]
-            ack = await self._request(sj.issue_event(issue_id, events[0].name), encode(env), req.occ_headers())
+            ack = await self._request(sj.aggregate_event(issue_id, events[0].name), encode(env), req.occ_headers())
             seq = int(str(ack["seq"]))
             return Appended(seq=seq, envelopes=(_stored(env, seq),), duplicate=bool(ack.get("duplicate")))
         return (await self.append_many([req], now=now, source=source))[0]
@@ -219,7 +240,7 @@ class JetStreamEventStore:
         envs: list[tuple[str, Envelope, dict[str, str]]] = []
         for req in requests:
             for i, env in enumerate(req.envelopes(now, source)):
-                envs.append((sj.issue_event(req.issue_id, env.data.name), env, req.occ_headers() if i == 0 else {}))
+                envs.append((sj.aggregate_event(req.issue_id, env.data.name), env, req.occ_headers() if i == 0 else {}))
         if not envs or len(envs) > BATCH_MAX:
             raise ValueError(f"an atomic append holds 1..{BATCH_MAX} events, not {len(envs)}")
         batch_id = f"{self._batch_prefix}-{next(self._batch_ids)}"

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from shared.config import load_org
 from tests.support import NeedleHandle
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +43,12 @@ class Seeder:
         assert r.status_code == 201, r.text
         self.last_seq = int(r.headers["Needle-Seq"])
         return str(r.json()["id"])
+
+    async def visit(self, grid: str, household: str) -> None:
+        r = await self.h.client.post("/v1/visits", json={"grid": grid, "household": household},
+                                     headers=self.h.auth("grid_worker", f"area:{grid}"))
+        assert r.status_code == 201, r.text
+        self.last_seq = int(r.headers["Needle-Seq"])
 
     async def lead(self, issue_id: str) -> dict[str, Any]:
         body = await self.h.wait_for(f"/v1/issues/{issue_id}", self.sup,
@@ -79,6 +86,10 @@ async def seed(h: NeedleHandle) -> str:
                      timeout=20)
     await h.wait_for("/v1/stats?area=putuo", s.sup, lambda b: b["overall"]["counts"].get("closed") == 1
                      and b["overall"]["counts"].get("reopened") == 1)
+    for door in ("1-101", "1-102", "1-103", "1-101"):  # 第31网格's team: three households, one of them twice
+        await s.visit("zhanmao-g31", door)
+    await h.wait_for("/v1/visits/coverage?area=putuo", s.sup | {"Needle-Min-Seq": str(s.last_seq)},
+                     lambda b: b["total"]["visits"] == 4)
     return overdue
 
 
@@ -126,6 +137,14 @@ async def test_dashboard_shows_rates_and_updates_live(needle_factory: Callable[.
                 assert await page.text_content(f"#kpi-{rate} .kpi-value") == want, rate
             assert await page.text_content("#kpi-rework_rate .kpi-value") == "50%"  # 1 reopened of 2 verified
             assert await page.text_content("#kpi-satisfaction_rate .kpi-value") == "100%"
+            # 入户率 beside the rates, and the grids below the rulebook's target listed
+            cov = (await h.client.get("/v1/visits/coverage?area=putuo", headers=sup)).json()
+            assert cov["total"]["visited"] == 3 and cov["total"]["visits"] == 4
+            assert await page.text_content("#kpi-coverage_rate .kpi-value") == pct(cov["total"]["rate"])
+            assert await page.text_content("#count-visits .count-value") == "4"
+            below = page.locator("#below-table tr[data-grid='zhanmao-g31']")
+            assert pct(3 / load_org(ORG).areas["zhanmao-g31"].households) in (await below.text_content() or "")
+            assert await page.locator("#below-table tbody tr").count() == len(cov["below_target"])
             row = page.locator(f"#overdue-table tr[data-issue='{overdue_id}']")
             await row.wait_for()
             assert "违停堵塞消防通道" in (await row.text_content() or "")
@@ -143,6 +162,8 @@ async def test_dashboard_shows_rates_and_updates_live(needle_factory: Callable[.
             assert await page.evaluate("window.__sameDocument === true")
             zhanmao = page.locator("#areas-table tr[data-area='zhanmao'] td:nth-child(2)")
             assert (await zhanmao.text_content() or "").strip() == "4"  # g31, g34, g35 and the new g32
+            await Seeder(h).visit("zhanmao-g32", "2-201")  # a visit nudges the page too
+            await async_api.expect(page.locator("#count-visits .count-value")).to_have_text("5", timeout=15_000)
 
             # language toggle: English labels, then back to 中文 for the screenshot
             await page.click("#lang-toggle")

@@ -142,6 +142,12 @@ def test_every_write_endpoint_answers_its_documented_success_under_needle_up(nee
         os.kill(router[0], signal.SIGCONT)
     assert n.issue(four, lambda b: b["status"] == "closed")["tasks"] == []
 
+    # a household visit (走访) by the grid's worker, and the report raised on it
+    r = n.call("POST", "/v1/visits", headers=gw | {"Idempotency-Key": str(uuid.uuid4())},
+               json={"grid": GRID, "household": "五星路3号", "kind": "routine", "note": "路面塌陷"})
+    assert r.status_code == 201, r.text
+    n.report(gw, visit=r.json()["id"])
+
     # a campaign, a resident forgotten, an Open311 request
     assert n.call("POST", "/v1/campaigns", headers=sup,
                   json={"area": "wuxing", "category": "road_damage", "title": "e2e campaign"}).status_code == 202

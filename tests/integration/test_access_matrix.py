@@ -109,6 +109,12 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("POST", "/v1/campaigns"): Case(only("sup_street", "admin"), succeeds=True,
                                     json={"area": "wuxing", "category": "road_damage", "title": "matrix campaign"}),
     ("GET", "/v1/campaigns/{cid}"): Case(only("sup_street", "admin"), params={"area": "wuxing"}),
+    # household visits (走访): the grid's own people record (a grid worker over it; its grid_team's handlers,
+    # see test_visits.py), they and the supervisors over it read
+    ("POST", "/v1/visits"): Case(only("gw_a", "admin"), json={"grid": GRID_A, "household": "m-1"}, succeeds=True),
+    ("GET", "/v1/visits"): Case(only("gw_a", "sup_street", "admin"), params={"grid": GRID_A}),
+    ("GET", "/v1/visits/{visit_id}"): Case(only("gw_a", "sup_street", "admin")),
+    ("GET", "/v1/visits/coverage"): Case(only("sup_street", "admin"), params={"area": "wuxing"}),
     # grid workers' writes on the issue of grid A
     ("POST", "/v1/issues"): Case(only("gw_a", "admin"), json=REPORT, succeeds=True),
     # dispatched at once by the router: closing it at the grid is a 409 for whoever may ask
@@ -176,6 +182,7 @@ class World:
     issue: str = ""
     lead_task: str = ""
     cid: str = ""
+    visit: str = ""
     hook: str = ""
     own: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # route -> (its issue, lead task)
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -226,6 +233,9 @@ async def seed(h: NeedleHandle) -> World:
                      headers=admin)
     assert r.status_code == 202, r.text
     w.cid = r.json()["id"]
+    r = await c.post("/v1/visits", json={"grid": GRID_A, "household": "seed"}, headers=w.headers["gw_a"])
+    assert r.status_code == 201, r.text
+    w.visit = r.json()["id"]
     w.hook = await new_hook(h, w)
     own = [key for key, case in MATRIX.items() if case.setup]
     prepared = await asyncio.gather(*(own_issue(h, w, MATRIX[key].setup or "") for key in own))
@@ -265,7 +275,7 @@ async def new_hook(h: NeedleHandle, w: World) -> str:
 
 def fill(method: str, path: str, w: World) -> str:
     issue_id, task_id = w.own.get((method, path), (w.issue, w.lead_task))
-    values = {"issue_id": issue_id, "task_id": task_id, "cid": w.cid, "hook_id": w.hook,
+    values = {"issue_id": issue_id, "task_id": task_id, "cid": w.cid, "hook_id": w.hook, "visit_id": w.visit,
               "ce_type": "needle.issue.reported.v1", "fmt": "json", "name": "road_damage.json",
               "rest": "v3/whatever", "resident_id": "res_matrix"}
     if path.startswith("/open311/v2/requests/") or path.startswith("/open311/v2/tokens/"):
@@ -343,6 +353,10 @@ async def assert_actor(h: NeedleHandle, w: World, r: httpx.Response, who: str, u
         issue_id = location.removeprefix("/open311/v2/requests/").rsplit(".", 1)[0]
     elif location.startswith("/v1/campaigns/"):
         return  # checked per issue in test_campaign_issues_name_their_supervisor
+    elif location.startswith("/v1/visits/"):
+        visit = await h.client.get(location, headers=w.headers["admin"] | {"Needle-Min-Seq": r.headers["Needle-Seq"]})
+        assert visit.status_code == 200 and visit.json()["by"] == w.subjects[who], (who, visit.text)
+        return
     events = (await h.client.get(f"/v1/issues/{issue_id}/events", headers=w.headers["admin"])).json()
     seq = int(r.headers["Needle-Seq"])
     written = [e for e in events if e["sequence"] == seq]

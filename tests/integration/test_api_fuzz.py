@@ -87,8 +87,8 @@ def role_for(method: str, path: str) -> tuple[str, str] | None:
         return None
     if path.startswith("/v1/webhooks"):
         return ("integrator", "")
-    if method == "POST" and (path == "/v1/issues" or path.endswith(("/resolve-on-site", "/verify", "/feedback",
-                                                                     "/escalate"))):
+    if method == "POST" and (path in ("/v1/issues", "/v1/visits")
+                             or path.endswith(("/resolve-on-site", "/verify", "/feedback", "/escalate"))):
         return ("grid_worker", f"area:{GRID}")
     if path.startswith("/v1/tasks") and not path.endswith("/extension/approve"):
         return ("handler", "dept:{dept}")  # the department the seeded issues were dispatched to
@@ -103,6 +103,7 @@ class World:
         self.tasks: list[str] = []
         self.dept = ""
         self.campaign = ""
+        self.visit = ""
         self.hook = ""
         self.dead_url = ""
 
@@ -110,6 +111,7 @@ class World:
         name = ([f"{CATEGORY}.json", f"{CATEGORY}.xml"] if path.startswith("/open311/v2/services/")
                 else [f"{i}.json" for i in self.issues] + [f"{self.issues[0]}.xml"])
         return {"issue_id": self.issues, "task_id": self.tasks, "cid": [self.campaign], "hook_id": [self.hook],
+                "visit_id": [self.visit],
                 "ce_type": ["needle.issue.reported.v1", "needle.task.dispatched.v1.json"],
                 "fmt": ["json", "xml"], "name": name}
 
@@ -120,7 +122,7 @@ class World:
 
     def body_values(self) -> dict[str, list[Any]]:
         return {"grid": [GRID], "category": [CATEGORY], "area": [COMMUNITY, GRID], "types": [["issue_reported"]],
-                "url": [self.dead_url]}
+                "url": [self.dead_url], "visit": [self.visit], "campaign": [self.campaign], "issues": [self.issues[:1]]}
 
 
 def ground(case: Any, world: World, data: st.DataObject) -> None:
@@ -221,6 +223,9 @@ async def seed_world(h: NeedleHandle) -> World:
         "area": COMMUNITY, "category": CATEGORY, "title": "fuzz campaign"})
     assert r.status_code == 202, r.text
     world.campaign = r.json()["id"]
+    r = await h.client.post("/v1/visits", headers=worker, json={"grid": GRID, "household": "fuzz-1"})
+    assert r.status_code == 201, r.text
+    world.visit = r.json()["id"]
     # nothing listens on port 9 (discard) here: deliveries fail fast and are retried in the background
     world.dead_url = "http://127.0.0.1:9/hook"
     r = await h.client.post("/v1/webhooks", headers=h.auth("integrator"), json={

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from services.demo import DemoResult, Hop, run_stories
 from services.demo.client import short_type
+from services.demo.stories import infant_households
 from shared.config import load_org
 from shared.domain import ids
 from tests.support import NeedleHandle
@@ -70,6 +71,12 @@ async def test_four_stories(needle_factory: Callable[..., Any]) -> None:
     assert _types(ev) == ["issue.reported", "issue.routed", *["task.dispatched"] * 4,
                           *["task.acknowledged"] * 4, *["task.resolved"] * 4, *CLOSE]
     assert ev[0]["data"]["risk"] == ["collective_petition"]
+    # it began on the 第33网格 team's visit: the report names the visit, the visit lists the report
+    visit_id = ev[0]["data"]["visit"]
+    r = await h.client.get(f"/v1/visits/{visit_id}", headers=h.auth("supervisor", "area:zhanmao"))
+    assert r.status_code == 200, r.text
+    assert (r.json()["grid"], r.json()["by"], r.json()["issues"]) == \
+        ("zhanmao-g33", "handler:dept:zhanmao-g33-team", [slope])
     assert ev[2]["data"]["department"] == "zhanmao-center" and ev[2]["data"]["role"] == "lead"
     assert ev[6]["data"]["task_id"] == lead["id"]  # the lead acknowledges first
     assert ev[13]["data"]["task_id"] == lead["id"]  # ... and resolves last
@@ -128,6 +135,12 @@ async def test_four_stories(needle_factory: Callable[..., Any]) -> None:
     assert (body["issues"], body["done"], body["percent"], body["status"]) == \
         (len(grids), len(grids), 100.0, {"closed": len(grids)})
     assert body["category"] == "infant_census" and body["levels"] == {"community": len(grids)}
+    # every targeted household of the district visited, counted once per household, no grid lagging
+    hh = body["households"]
+    assert hh["target"] == hh["reached"] == sum(infant_households(g) for g in grids) and hh["lagging"] == []
+    assert {g["grid"] for g in hh["grids"] if g["reached"] == g["target"]} == set(grids)
+    cov = (await h.client.get("/v1/visits/coverage", params={"area": "putuo"}, headers=sup)).json()
+    assert cov["total"]["visited"] == hh["reached"] + 1  # and the 第33网格 team's visit of the slope story
     for item in body["items"]:
         community = org.area(item["grid"]).parent
         assert item["lead"] == f"{community}-committee", item

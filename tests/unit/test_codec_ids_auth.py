@@ -58,6 +58,9 @@ SAMPLES: dict[type[ev.Event], ev.Event] = {
                                                categories=("a", "road_damage"), by="admin"),
     ev.ResidentForgotten: ev.ResidentForgotten(resident_id="res_0123456789abcdef01234567",
                                                key_ids=("0a1b2c3d4e5f6071",), by="admin", at=T0),
+    ev.VisitRecorded: ev.VisitRecorded(grid="wuxing-g1", household="ab" * 32, kind="campaign", campaign="c1",
+                                       visited_at=T0, by="grid_worker:area:wuxing-g1", note="独居老人",
+                                       issues=(ISSUE,), request_hash="cd" * 32),
 }
 
 
@@ -156,6 +159,9 @@ def test_an_issue_event_subject_parses_back_to_issue_and_type(event_type: type[e
 
 def test_wildcard_subjects_cover_one_issue_or_one_type() -> None:
     assert subjects.issue_events(ISSUE) == f"needle.events.issue.{ISSUE}.*"
+    assert subjects.issue_events("v1", "visit") == "needle.events.visit.v1.*"
+    assert subjects.aggregate_event("v1", "visit_recorded") == subjects.visit_event("v1")
+    assert subjects.aggregate_event(ISSUE, "issue_urged") == subjects.issue_event(ISSUE, "issue_urged")
     assert subjects.events_of_type("task_dispatched") == "needle.events.issue.*.task_dispatched"
     assert subjects.timer_schedule(TASK) == f"needle.timers.schedule.{TASK}"
     assert subjects.timer_fired(TASK) == f"needle.timers.fired.{TASK}"

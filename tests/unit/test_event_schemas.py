@@ -54,6 +54,10 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "issue_urged": {"by": "sup:putuo", "note": "today please"},
     "rulebook_published": {"rulebook_version": "r1", "source": "deploy/rules/zhoushan.yaml", "text": "calendar: x",
                            "categories": ["sea_safety"], "by": "needle up"},
+    "visit_recorded": {"grid": "zhanmao-g33", "household": "ab" * 32, "kind": "routine", "visited_at": T,
+                       "by": "gw:33", "note": "slope works: dust and blasting",
+                       "issues": ["01ISSUE000000000000000000A"],
+                       "request_hash": "cd" * 32},
     "resident_forgotten": {"resident_id": "res_0123456789abcdef01234567", "key_ids": ["0a1b2c3d4e5f6071"],
                            "by": "admin", "at": T},
 }

@@ -8,7 +8,7 @@
   const DEBOUNCE_MS = 300;
   const SAFETY_REFRESH_MS = 60000;  // overdue grows with time alone; the stream covers every write
 
-  const state = { token: null, area: null, org: null, stats: null, overdue: [], overdueAt: 0, series: [],
+  const state = { token: null, area: null, org: null, stats: null, overdue: [], overdueAt: 0, series: [], coverage: null,
     seq: 0, source: null, loading: false, again: false, timer: null, retry: 1000 };
 
   // ---- token: #token=... (then removed from the address bar) or the login box; kept per tab -----------
@@ -61,11 +61,12 @@
     state.loading = true;
     try {
       const area = state.area;
-      const [org, stats, overdue, series] = await Promise.all([
+      const [org, stats, overdue, series, coverage] = await Promise.all([
         withOrg || !state.org ? api("/dashboard/org", { area }) : Promise.resolve(state.org),
-        api("/v1/stats", { area }), api("/v1/overdue", { area }), api("/v1/stats/series", { area })]);
+        api("/v1/stats", { area }), api("/v1/overdue", { area }), api("/v1/stats/series", { area }),
+        api("/v1/visits/coverage", { area })]);
       if (area !== state.area) { state.again = true; return; }  // navigated meanwhile
-      Object.assign(state, { org, stats, overdue: overdue.items, overdueAt: Date.now(), series: series.days,
+      Object.assign(state, { org, stats, overdue: overdue.items, overdueAt: Date.now(), series: series.days, coverage,
         seq: Math.max(state.seq, stats.sequence || 0) });
       render();
       document.getElementById("main").hidden = false;
@@ -94,8 +95,10 @@
     if (!state.org || !state.stats) return;
     const showAll = document.getElementById("dept-all").checked;
     R.renderHeader(state.org, state.stats, navigate);
-    R.renderKpis(state.stats, state.overdue.length);
-    R.renderAreas(state.org, state.stats, state.overdue, navigate);
+    I.setCoverageTarget(state.coverage && state.coverage.target);
+    R.renderKpis(state.stats, state.overdue.length, state.coverage);
+    R.renderAreas(state.org, state.stats, state.overdue, navigate, state.coverage);
+    R.renderCoverage(state.org, state.coverage, navigate);
     R.renderOverdue(state.org, state.overdue, state.overdueAt);
     R.renderDepartments(state.org, state.stats, state.overdue, showAll);
     R.renderCharts(state.org, state.series);

@@ -12,6 +12,7 @@
     extension_rate: ["延期率", "Extension rate"],
     on_time_resolve_rate: ["按期办结率", "On-time resolution"],
     avg_dispatch: ["平均派遣用时", "Report → dispatch"],
+    coverage_rate: ["入户率", "Household coverage"],
     // the counts behind them
     reported: ["上报", "reported"],
     issues_dispatched: ["已派遣事项", "issues dispatched"],
@@ -33,6 +34,11 @@
     tasks_extended: ["延期", "extended"],
     sla_breached: ["超时", "SLA breaches"],
     overdue: ["超期", "overdue"],
+    // household visits (组团式服务)
+    households: ["户数", "households"], visited: ["已走访户", "households visited"], visits: ["走访", "visits"],
+    issues_raised: ["走访发现问题", "issues raised on visits"], issues_resolved_v: ["已解决", "resolved"],
+    below_target: ["入户率未达标网格", "Grids below the coverage target"], target: ["目标", "target"],
+    none_below: ["全部网格达标", "Every grid on target"], grid_col: ["网格", "Grid"],
     dispatched_n: ["派遣", "dispatched"],
     // levels and clocks
     city: ["市", "city"], district: ["区/县", "district"], street: ["街道/镇", "street"],
@@ -63,7 +69,12 @@
     return_rate: { up: false, good: 0.05, warn: 0.15 },
     extension_rate: { up: false, good: 0.1, warn: 0.2 },
     avg_dispatch: { up: false, good: 600, warn: 3600 },  // seconds
+    coverage_rate: { up: true, good: 0.9, warn: 0.75 },  // good: the rulebook's coverage target (setCoverageTarget)
   };
+
+  function setCoverageTarget(target) {
+    if (typeof target === "number") TARGETS.coverage_rate = { up: true, good: target, warn: Math.max(0, target - 0.15) };
+  }
 
   let lang = "zh";
 
@@ -125,7 +136,7 @@
   }
 
   window.NeedleI18n = {
-    LABELS, TARGETS, label, bi, grade, pct, duration, dateTime,
+    LABELS, TARGETS, label, bi, grade, pct, duration, dateTime, setCoverageTarget,
     get lang() { return lang; },
     set lang(v) { lang = v === "en" ? "en" : "zh"; },
   };

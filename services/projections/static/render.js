@@ -73,12 +73,26 @@
     replace("period", el("span", {}, I.bi("period")), ` ${stats.from} – ${stats.to}`);
   }
 
-  function renderKpis(stats, overdueCount) {
+  function coverageOf(coverage, id) {
+    if (!coverage) return null;
+    return coverage.areas.find((a) => a.id === id) || coverage.grids.find((g) => g.grid === id) || null;
+  }
+
+  function coverageCell(id, c) {
+    const r = c ? { value: c.rate, numerator: c.visited, denominator: c.households } : null;
+    return rateCell(id, "coverage_rate", r);
+  }
+
+  function renderKpis(stats, overdueCount, coverage) {
     const o = stats.overall;
     const counts = COUNT_KEYS.map((k) => el("div", { class: "count", id: "count-" + k },
       tracked("count-" + k, "div", "count-value", String((o.counts || {})[k] || 0)), el("div", { class: "count-label" }, I.bi(k))));
     counts.push(el("div", { class: "count " + (overdueCount ? "bad" : ""), id: "count-overdue" },
       tracked("count-overdue", "div", "count-value", String(overdueCount)), el("div", { class: "count-label" }, I.bi("overdue"))));
+    if (coverage) {
+      counts.push(el("div", { class: "count", id: "count-visits" },
+        tracked("count-visits", "div", "count-value", String(coverage.total.visits)), el("div", { class: "count-label" }, I.bi("visits"))));
+    }
     replace("counts", ...counts);
     const cards = RATE_KEYS.map((k) => {
       const r = o.rates[k];
@@ -98,7 +112,44 @@
       tracked("kpi-avg_dispatch", "div", "kpi-value", I.duration(avg)),
       el("div", { class: "kpi-counts" }, el("b", { text: (o.counts || {}).issues_dispatched || 0 }), " ",
         I.bi("issues_dispatched"))));
+    if (coverage) {  // 入户率 beside the other rates: distinct households visited in the period / households
+      const t = coverage.total;
+      const bar = el("div", { class: "kpi-bar" }, el("i"));
+      bar.firstChild.style.width = t.rate === null ? "0" : Math.min(100, t.rate * 100) + "%";
+      cards.push(el("div", { class: "kpi " + I.grade("coverage_rate", t.rate), id: "kpi-coverage_rate",
+        "data-value": t.rate === null ? "" : t.rate },
+      el("div", { class: "kpi-label" }, I.bi("coverage_rate")),
+      tracked("kpi-coverage_rate", "div", "kpi-value", I.pct(t.rate)),
+      el("div", { class: "kpi-counts" }, el("b", { text: t.visited }), " ", I.bi("visited"), " / ",
+        el("b", { text: t.households }), " ", I.bi("households"), " · ", I.bi("target"), " ", I.pct(coverage.target)), bar));
+    }
     replace("kpis", ...cards);
+  }
+
+  function renderCoverage(org, coverage, onArea) {
+    if (!coverage) return;
+    const below = coverage.below_target;
+    replace("below-count", String(below.length));
+    replace("coverage-period", el("span", {}, I.bi("period")), ` ${String(coverage.from).slice(0, 10)} – ${String(coverage.to).slice(0, 10)} · `,
+      I.bi("target"), ` ${I.pct(coverage.target)}`);
+    if (!below.length) {
+      replace("below-table", el("tbody", {}, el("tr", {}, el("td", { class: "empty ok" }, I.bi("none_below")))));
+      return;
+    }
+    const head = el("tr", {}, el("th", {}, I.bi("grid_col")), el("th", { class: "num" }, I.bi("households")),
+      el("th", { class: "num" }, I.bi("visited")), el("th", { class: "num" }, I.bi("coverage_rate")),
+      el("th", { class: "num" }, I.bi("visits")), el("th", { class: "num" }, I.bi("issues_raised")));
+    const rows = below.map((b) => {
+      const g = coverage.grids.find((x) => x.grid === b.grid) || b;
+      const link = el("a", { class: "drill", href: "?area=" + encodeURIComponent(b.grid),
+        onclick: (e) => { e.preventDefault(); onArea(b.grid); } }, g.name || b.grid);
+      return el("tr", { "data-grid": b.grid },
+        el("td", {}, link, el("div", { class: "muted small" }, areaName(org, g.parent))),
+        el("td", { class: "num" }, String(g.households)), el("td", { class: "num" }, String(g.visited)),
+        coverageCell(`b-${b.grid}-cov`, g), el("td", { class: "num" }, String(g.visits)),
+        el("td", { class: "num" }, `${g.issues_raised} (${g.issues_resolved} ✓)`));
+    });
+    replace("below-table", el("thead", {}, head), el("tbody", {}, rows));
   }
 
   function overdueByChild(org, items) {
@@ -112,10 +163,11 @@
     return out;
   }
 
-  function renderAreas(org, stats, items, onArea) {
+  function renderAreas(org, stats, items, onArea, coverage) {
     const head = el("tr", {}, el("th", {}, I.bi("area")), el("th", { class: "num" }, I.bi("reported")),
       el("th", { class: "num" }, I.bi("overdue")), ...RATE_KEYS.map((k) => el("th", { class: "num" }, I.bi(k))),
-      el("th", { class: "num" }, I.bi("avg_dispatch")));
+      el("th", { class: "num" }, I.bi("avg_dispatch")),
+      ...(coverage ? [el("th", { class: "num" }, I.bi("coverage_rate"))] : []));
     if (!org.children.length) {
       replace("areas-table", el("tbody", {}, el("tr", {}, el("td", { class: "empty" }, I.bi("no_children")))));
       return;
@@ -131,7 +183,8 @@
         el("td", { class: "num" }, tracked(`a-${c.id}-rep`, "span", "v", String(body.counts.reported || 0))),
         el("td", { class: "num " + (n ? "bad-text" : "") }, String(n)),
         ...RATE_KEYS.map((k) => rateCell(`a-${c.id}-${k}`, k, body.rates[k])),
-        dispatchCell(`a-${c.id}-avg`, body));
+        dispatchCell(`a-${c.id}-avg`, body),
+        ...(coverage ? [coverageCell(`a-${c.id}-cov`, coverageOf(coverage, c.id))] : []));
     });
     replace("areas-table", el("thead", {}, head), el("tbody", {}, rows));
   }
@@ -248,6 +301,7 @@
   // after a language switch every label text changes: forget them so nothing flashes as "changed"
   function forget() { previous.clear(); }
 
-  window.NeedleRender = { el, forget, renderHeader, renderKpis, renderAreas, renderOverdue, renderDepartments, renderCharts,
+  window.NeedleRender = { el, forget, renderHeader, renderKpis, renderAreas, renderCoverage, renderOverdue,
+    renderDepartments, renderCharts,
     tickOverdue };
 })();
