@@ -20,6 +20,10 @@ Contract format (DESIGN.md, "Contract: org tree and rulebook")::
     escalate:
       on: [acknowledge_breach, resolve_breach, return, verification_failed_twice]
 
+Kinds (``lead``, ``co``) are open identifiers (``[a-z][a-z0-9_]*``); whether the org has departments of them
+is checked against the org by :mod:`shared.config.crosscheck`, not here. ``fallback:`` names the kind that takes
+what nobody else owns (兜底; default ``command_center``).
+
 Extensions (optional): ``version:`` (default: the first 12 hex digits of the sha256 of the file's bytes), and
 ``urgency: {emergency: {min_start: street, sla_factor: 0.25}}`` — per urgency a minimum start level and a
 factor applied to both SLA durations. ``calendar``, ``timezone``, ``working_hours``, ``warn_at`` and ``escalate``
@@ -36,7 +40,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from shared.config.loader import Document, parse_yaml, read_source, text_digest
-from shared.config.org import KNOWN_KINDS
+from shared.config.org import check_kind
 from shared.domain.levels import Level
 
 CALENDARS: tuple[str, ...] = ("cn_workdays", "weekdays", "natural")
@@ -46,6 +50,8 @@ URGENCIES: tuple[str, ...] = ("normal", "urgent", "emergency")
 _TRIGGER_ORDER = ("acknowledge_breach", "resolve_breach", "return", "verification_failed_twice")
 ESCALATION_TRIGGERS: frozenset[str] = frozenset(_TRIGGER_ORDER)
 """What may move an issue one level up (``escalate.on``)."""
+DEFAULT_FALLBACK = "command_center"
+"""The kind that takes what nobody else owns (兜底) unless the rulebook's ``fallback:`` names another."""
 DEFAULT_WORKING_HOURS: tuple[tuple[time, time], ...] = ((time(8, 30), time(12, 0)), (time(13, 30), time(17, 30)))
 
 Clock = Literal["natural", "working"]
@@ -110,6 +116,20 @@ class Rulebook:
     risk: dict[str, RiskRule] = field(default_factory=dict)
     escalate_on: frozenset[str] = ESCALATION_TRIGGERS
     urgency: dict[str, UrgencyRule] = field(default_factory=dict)
+    fallback: str = DEFAULT_FALLBACK
+    source: str = field(default="", compare=False, repr=False)
+    """The file (or ``source``) it was parsed from, for messages."""
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    """``path -> line`` of the parsed document (``categories.x.handlers.street.lead`` -> 12), for messages."""
+
+    def line(self, path: str) -> int | None:
+        """The line of ``path`` (or of its nearest enclosing entry) in :attr:`source`; None when unknown."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+        return None
 
     @property
     def tz(self) -> ZoneInfo:
@@ -136,7 +156,8 @@ def load_rulebook(path: str | Path) -> Rulebook:
     return parse_rulebook(text, name, digest=digest)
 
 
-_TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version")
+_TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version",
+             "fallback")
 
 
 def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None = None) -> Rulebook:
@@ -183,8 +204,10 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
             doc.fail(f"{p}.sla_factor", f"must be in (0, 1] (a factor on both clocks), got {factor:g}")
         urgency[name] = UrgencyRule(min_start, factor)
 
+    fallback = check_kind(doc, top["fallback"], "fallback") if top.get("fallback") is not None else DEFAULT_FALLBACK
     return Rulebook(categories=categories, version=version, calendar=calendar, timezone=timezone,
-                    working_hours=hours, warn_at=warn_at, risk=risk, escalate_on=escalate_on, urgency=urgency)
+                    working_hours=hours, warn_at=warn_at, risk=risk, escalate_on=escalate_on, urgency=urgency,
+                    fallback=fallback, source=source, lines=dict(doc.lines))
 
 
 def _timezone(doc: Document, value: Any) -> str:
@@ -240,12 +263,12 @@ def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
         hp = f"{p}.handlers.{lv}"
         level = doc.level(lv, hp, "handler level")
         hm = doc.mapping(hraw, hp, required=("lead",), optional=("co",))
-        lead = doc.choice(hm["lead"], f"{hp}.lead", sorted(KNOWN_KINDS), "department kind")
+        lead = check_kind(doc, hm["lead"], f"{hp}.lead")
         co_raw = hm.get("co") or []
         co_list = [co_raw] if isinstance(co_raw, str) else doc.sequence(co_raw, f"{hp}.co")
         co: list[str] = []
         for i, k in enumerate(co_list):
-            kind = doc.choice(k, f"{hp}.co[{i}]", sorted(KNOWN_KINDS), "department kind")
+            kind = check_kind(doc, k, f"{hp}.co[{i}]")
             if kind == lead or kind in co:
                 doc.fail(f"{hp}.co[{i}]", f"'{kind}' is listed twice (as lead or co-handler)")
             co.append(kind)

@@ -19,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from shared import auth
 from shared.config import OrgTree, Rulebook, load_org, load_rulebook
+from shared.config.crosscheck import check_against_org
 from shared.privacy.keystore import ResidentKeys
 from shared.revocation import Revocations
 from shared.settings import Settings
@@ -57,7 +58,9 @@ class Stack:
 
     @classmethod
     def from_settings(cls, settings: Settings, urls: Urls) -> Stack:
-        return cls(settings=settings, urls=urls, org=load_org(settings.org), rulebook=load_rulebook(settings.rules))
+        org, rulebook = load_org(settings.org), load_rulebook(settings.rules)
+        check_against_org(rulebook, org)  # a kind the org lacks refuses to start (ConfigError)
+        return cls(settings=settings, urls=urls, org=org, rulebook=rulebook)
 
     async def connect(self) -> None:
         async def disconnected() -> None:
