@@ -158,10 +158,10 @@ def cross_check(rulebook: Rulebook, org: OrgTree, source: str | None = None) -> 
             if handler is None:
                 rows.append(CoverageRow(cid, level, len(areas), handled=False))
                 continue
+            named: list[tuple[str, Literal["lead", "co"]]] = [(handler.lead, "lead"), *((k, "co") for k in handler.co)]
             kinds = [KindCoverage(kind, role, len(areas) - len(miss), miss)
-                     for kind, role in [(handler.lead, "lead"), *((k, "co") for k in handler.co)]
-                     for miss in [_unreached(org, areas, kind)]]
-            rows.append(CoverageRow(cid, level, len(areas), handled=True, kinds=tuple(kinds)))  # type: ignore[arg-type]
+                     for kind, role in named for miss in [_unreached(org, areas, kind)]]
+            rows.append(CoverageRow(cid, level, len(areas), handled=True, kinds=tuple(kinds)))
     return Report(file, tuple(errors), tuple(warnings), tuple(rows))
 
 
