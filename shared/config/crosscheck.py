@@ -21,7 +21,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from shared.config.loader import ConfigError
 from shared.config.org import OrgTree
@@ -178,10 +178,10 @@ def check_against_org(rulebook: Rulebook, org: OrgTree, source: str | None = Non
     return list(report.warnings)
 
 
-def configuration_gaps(rulebook: Rulebook, org: OrgTree, area: str | None = None) -> list[dict[str, object]]:
+def configuration_gaps(rulebook: Rulebook, org: OrgTree, area: str | None = None) -> list[dict[str, Any]]:
     """The kinds the rulebook names that nothing serves, per (category, level, kind), restricted to the owner
     areas under ``area`` (all when None): what the dashboard lists as configuration gaps."""
-    out: list[dict[str, object]] = []
+    out: list[dict[str, Any]] = []
     for row in cross_check(rulebook, org).coverage:
         for k in row.kinds:
             areas = [a for a in k.unserved if area is None or org.is_under(a, area)]

@@ -98,6 +98,7 @@
     R.renderAreas(state.org, state.stats, state.overdue, navigate);
     R.renderOverdue(state.org, state.overdue, state.overdueAt);
     R.renderDepartments(state.org, state.stats, state.overdue, showAll);
+    R.renderGaps(state.org);
     R.renderCharts(state.org, state.series);
     document.title = `${state.org.area.name} · 督办看板 · needle`;
     status();

@@ -187,6 +187,23 @@
     replace("dept-table", el("thead", {}, head), el("tbody", {}, body));
   }
 
+  // ---- configuration gaps: kinds the rulebook names that nothing serves under the area -------------------
+  function renderGaps(org) {
+    const gaps = org.gaps || [];
+    document.getElementById("gaps-panel").hidden = gaps.length === 0;
+    document.getElementById("gaps-count").textContent = gaps.length ? String(gaps.length) : "";
+    const areaName = (id) => (org.areas[id] ? org.areas[id].name : id);
+    const head = el("tr", {}, el("th", {}, I.bi("category")), el("th", {}, I.bi("level")), el("th", {}, I.bi("kind")),
+      el("th", {}, I.bi("role")), el("th", {}, I.bi("unserved_areas")));
+    const rows = gaps.map((g) => el("tr", { "data-gap": `${g.category}.${g.level}.${g.kind}` },
+      el("td", {}, org.categories[g.category] || g.category),
+      el("td", {}, I.bi(g.level)),
+      el("td", {}, g.kind_name === g.kind ? g.kind : `${g.kind_name} (${g.kind})`),
+      el("td", {}, I.bi(g.role === "lead" ? "role_lead" : "role_co")),
+      el("td", {}, g.areas.map(areaName).join("、"))));
+    replace("gaps-table", el("thead", {}, head), el("tbody", {}, rows));
+  }
+
   // ---- charts (Chart.js 4, vendored) ------------------------------------------------------------------
   const charts = {};
   const COLORS = ["#1565c0", "#2e7d32", "#ef6c00", "#8e24aa", "#c62828"];
@@ -249,5 +266,5 @@
   function forget() { previous.clear(); }
 
   window.NeedleRender = { el, forget, renderHeader, renderKpis, renderAreas, renderOverdue, renderDepartments, renderCharts,
-    tickOverdue };
+    renderGaps, tickOverdue };
 })();
