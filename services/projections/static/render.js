@@ -49,6 +49,13 @@
     return d ? d.name : (id || "—");
   }
 
+  // the department's kind, by the org's display name (kinds: {sanitation: 环卫}) when it gives one
+  function kindTag(org, id) {
+    const d = id && org.departments[id];
+    if (!d || !d.kind) return null;
+    return el("span", { class: "muted small kind" }, ` ${(org.kinds && org.kinds[d.kind]) || d.kind}`);
+  }
+
   function rateCell(id, key, rate) {
     const r = rate || { value: null, numerator: 0, denominator: 0 };
     return el("td", { class: "rate " + I.grade(key, r.value), title: `${I.label(key)}: ${r.numerator}/${r.denominator}` },
@@ -175,7 +182,7 @@
       .sort((a, b) => (b[1].counts.tasks_dispatched || 0) - (a[1].counts.tasks_dispatched || 0)
         || deptName(org, a[0]).localeCompare(deptName(org, b[0]), "zh"))
       .map(([id, b]) => el("tr", { "data-dept": id },
-        el("td", {}, deptName(org, id)),
+        el("td", {}, deptName(org, id), kindTag(org, id)),
         el("td", { class: "num" }, tracked(`d-${id}-n`, "span", "v", String(b.counts.tasks_dispatched || 0))),
         ...DEPT_RATE_KEYS.map((k) => rateCell(`d-${id}-${k}`, k, b.rates[k])),
         el("td", { class: "num" }, String(b.counts.sla_breached || 0)),
