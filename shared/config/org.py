@@ -83,6 +83,7 @@ class OrgTree:
     _by_area: dict[str, tuple[Department, ...]] = field(init=False, repr=False, compare=False)
     _root: str = field(init=False, repr=False, compare=False)
     _lineage: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)  # is_under's memo
+    _serving: dict[tuple[str, str], Department | None] = field(init=False, repr=False, compare=False)  # serving's
 
     def __post_init__(self) -> None:
         children: dict[str, list[str]] = {aid: [] for aid in self.areas}
@@ -99,6 +100,7 @@ class OrgTree:
         object.__setattr__(self, "_by_area", {k: tuple(v) for k, v in by_area.items()})
         object.__setattr__(self, "_root", roots[0] if roots else "")
         object.__setattr__(self, "_lineage", {})
+        object.__setattr__(self, "_serving", {})
 
     # -- areas ------------------------------------------------------------------------------------------------
     @property
@@ -195,12 +197,18 @@ class OrgTree:
         return next((d for d in self.departments_of(area_id) if d.kind == kind), None)
 
     def serving(self, area_id: str, kind: str) -> Department | None:
-        """The nearest department of ``kind`` attached to ``area_id`` or one of its ancestors."""
+        """The nearest department of ``kind`` attached to ``area_id`` or one of its ancestors (the one that
+        serves it: a department serves its area and everything under it); None when there is none."""
+        key = (area_id, kind)
+        if key in self._serving:  # routing asks it for every kind of every report: each pair is walked once
+            return self._serving[key]
+        found = None
         for area in self.ancestors(area_id):
-            dept = self.department_of_kind(area.id, kind)
-            if dept is not None:
-                return dept
-        return None
+            found = self.department_of_kind(area.id, kind)
+            if found is not None:
+                break
+        self._serving[key] = found
+        return found
 
 
 def _haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
