@@ -191,3 +191,39 @@ def test_configuration_gaps_are_those_under_the_area() -> None:
         ("accessibility", "street", "social_affairs", "co"), ("fallen_tree", "street", "sanitation", "co")]
     assert all(set(g["areas"]) <= {"xicheng", "shanyang"} for g in gaps)
     assert next(g for g in gaps if g["kind"] == "disabled_persons_federation")["kind_name"] == "残联"
+
+
+# -- the command line ---------------------------------------------------------------------------------------------
+def test_rules_check_with_org_prints_the_coverage_table_and_fails_on_errors(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from shared import cli
+
+    ok = CliRunner().invoke(cli.app, ["rules", "check", str(RULES_FILE), "--org", str(ORG_FILE)])
+    assert ok.exit_code == 0, ok.output
+    assert "garbage_overflow  street     3      sanitation 2/3" in ok.output and "warning: " in ok.output
+    assert ok.output.rstrip().endswith("ok: rulebook anycity-rules-1, 4 categories")
+    bad = tmp_path / "rules.yaml"
+    bad.write_text(RULES_FILE.read_text(encoding="utf-8").replace("lead: sanitation", "lead: sanitaton"),
+                   encoding="utf-8")
+    failed = CliRunner().invoke(cli.app, ["rules", "check", str(bad), "--org", str(ORG_FILE)])
+    assert failed.exit_code == 1
+    assert f"error: {bad}:{line_of(bad, 'lead: sanitaton')}: categories.garbage_overflow.handlers.street.lead: " \
+           "unknown department kind 'sanitaton'" in failed.output and "did you mean 'sanitation'?" in failed.output
+    # without --org the file alone is checked: kinds are open, so it is well-formed
+    assert CliRunner().invoke(cli.app, ["rules", "check", str(bad)]).exit_code == 0
+
+
+def test_the_stack_refuses_a_rulebook_naming_a_kind_the_org_lacks(tmp_path: Path) -> None:
+    """What ``needle up`` (and every service process) loads first: an error refuses to start."""
+    from shared.runtime.stack import Stack, Urls
+    from shared.settings import Settings
+
+    bad = tmp_path / "rules.yaml"
+    bad.write_text(RULES_FILE.read_text(encoding="utf-8").replace("lead: residents_committee", "lead: committee"),
+                   encoding="utf-8")
+    urls = Urls(nats="", database=None)
+    with pytest.raises(ConfigError, match=r"fallen_tree\.handlers\.community\.lead: unknown department kind 'comm"):
+        Stack.from_settings(Settings(data_dir=tmp_path, org=ORG_FILE, rules=bad), urls)
+    stack = Stack.from_settings(Settings(data_dir=tmp_path, org=ORG_FILE, rules=RULES_FILE), urls)
+    assert stack.org.kinds == ORG.kinds
