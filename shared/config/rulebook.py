@@ -25,6 +25,7 @@ is checked against the org by :mod:`shared.config.crosscheck`, not here. ``fallb
 what nobody else owns (兜底; default ``command_center``).
 
 Extensions (optional): ``version:`` (default: the first 12 hex digits of the sha256 of the file's bytes), and
+``risk.<flag>.name`` (a display name, e.g. 集体上访苗头), and
 ``urgency: {emergency: {min_start: street, sla_factor: 0.25}}`` — per urgency a minimum start level and a
 factor applied to both SLA durations. ``calendar``, ``timezone``, ``working_hours``, ``warn_at`` and ``escalate``
 default to the values shown above; ``clock`` defaults to ``natural``. Durations are ISO 8601 (PnW or
@@ -97,6 +98,8 @@ class RiskRule:
 
     level: Level
     urgency: str = "normal"
+    name: str | None = None
+    """Display name (optional ``name:``; Open311 shows it), e.g. 集体上访苗头."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +184,10 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
     for flag, raw in doc.mapping(top.get("risk") or {}, "risk").items():
         p = f"risk.{flag}"
         doc.ident(flag, p, "risk flag")
-        m = doc.mapping(raw, p, required=("level",), optional=("urgency",))
+        m = doc.mapping(raw, p, required=("level",), optional=("urgency", "name"))
         risk[flag] = RiskRule(doc.level(m["level"], f"{p}.level", "risk level"),
-                              doc.choice(m.get("urgency", "normal"), f"{p}.urgency", URGENCIES, "urgency"))
+                              doc.choice(m.get("urgency", "normal"), f"{p}.urgency", URGENCIES, "urgency"),
+                              doc.string(m["name"], f"{p}.name") if m.get("name") is not None else None)
 
     escalate_on = ESCALATION_TRIGGERS
     if top.get("escalate") is not None:

@@ -253,6 +253,8 @@ RULE_CASES = [
      "risk.collective_petition.level", "township", "unknown risk level 'township'"),
     ("risk urgency", "urgency: urgent}", "urgency: high}", "risk.collective_petition.urgency", "urgency: high",
      "unknown urgency 'high'"),
+    ("risk name", "urgency: urgent}", "urgency: urgent, name: 1}", "risk.collective_petition.name", "name: 1}",
+     "expected a non-empty string"),
     ("escalate on", "return, verification", "returned, verification", "escalate.on[2]", "returned",
      "unknown escalation trigger 'returned'"),
     ("calendar", "calendar: cn_workdays", "calendar: chinese", "calendar", "calendar", "unknown calendar 'chinese'"),
