@@ -36,9 +36,10 @@ FALLBACK_KIND = DEFAULT_FALLBACK
 
 
 class NoCommandCenter(LookupError):
-    """The org has no command_center at or above an area, so nobody can take an unowned issue.
+    """The org has no department of the fallback kind (``command_center`` unless the rulebook names another) at
+    or above an area, so nobody can take an unowned issue.
 
-    A configuration gap, not a bad request: give the root area a command_center."""
+    A configuration gap, not a bad request: give the root area one (``needle rules check --org`` warns)."""
 
 
 @dataclass(frozen=True)
