@@ -142,6 +142,15 @@ def test_a_lead_kind_missing_at_the_street_is_served_by_the_district() -> None:
     assert [(u.kind, u.role) for u in plan.unserved] == [("social_worker_station", "co")]  # recorded, not dropped
 
 
+def test_construction_nuisance_at_shenjiamen_keeps_the_districts_ecology_bureau() -> None:
+    # 沈家门 has no ecology or housing office of its own: 普陀区's serve it (it used to lose 生态环境 silently)
+    grid = DEMO_ORG.grids_under("shenjiamen")[0].id
+    plan = plan_route(DEMO_ORG, DEMO_RULES, grid, "construction_nuisance", Level.street)
+    assert plan.lead.department == "shenjiamen-center"
+    assert departments(plan, "co") == {"shenjiamen-enforcement", "putuo-ecology", "putuo-housing"}
+    assert plan.unserved == () and "ecology_environment -> putuo-ecology (at putuo, serving shenjiamen)" in plan.rule
+
+
 def test_an_area_without_command_center_falls_back_to_the_nearest_ancestors() -> None:
     plan = plan_route(DEMO_ORG, DEMO_RULES, "zhanmao-g33", "sea_safety", Level.community)
     assert plan.owner_area == "dazhan" and plan.lead.department == "zhanmao-center"
