@@ -388,14 +388,16 @@ def rules_publish(file: Annotated[Path, typer.Argument(help="rulebook YAML", exi
     import nats
 
     from shared import rulebooks
-    from shared.config import ConfigError, load_rulebook
+    from shared.config import ConfigError, load_org, load_rulebook
+    from shared.config.crosscheck import check_against_org
 
     settings = _settings(data_dir)
     try:
         rb = load_rulebook(file)
+        info = attach(settings)
+        check_against_org(rb, load_org(info.get("org") or settings.org))
     except ConfigError as exc:
         raise _fail(f"refusing to publish: {exc}") from None
-    info = attach(settings)
 
     async def go() -> int:
         nc = await nats.connect(nats_servers(info["nats_url"]))
@@ -445,14 +447,22 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
 
 
 @rules_app.command("check")
-def rules_check(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)]) -> None:
+def rules_check(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False)],
+                org: Annotated[Path | None, typer.Option(help="org tree YAML: check the kinds against it and "
+                                                                "print the coverage table")] = None) -> None:
     """Validate a rulebook file without publishing it."""
-    from shared.config import ConfigError, load_rulebook
+    from shared.config import ConfigError, load_org, load_rulebook
+    from shared.config.crosscheck import cross_check, render_report
 
     try:
         rb = load_rulebook(file)
+        report = cross_check(rb, load_org(org), str(file)) if org else None
     except ConfigError as exc:
         raise _fail(str(exc)) from None
+    if report is not None:
+        typer.echo(render_report(report))
+        if not report.ok:
+            raise typer.Exit(1)
     typer.echo(f"ok: rulebook {rb.version}, {len(rb.categories)} categories")
 
 

@@ -27,6 +27,7 @@ from services.projections.worker import ProjectionWorker
 from services.router.service import Router, start_router
 from shared import auth
 from shared.config import OrgTree, Rulebook, load_org, load_rulebook
+from shared.config.crosscheck import check_against_org
 from shared.domain.calendar import WorkCalendar, load_holiday_file
 from shared.domain.clocks import SlaClocks
 from shared.lifecycle import Lifecycle
@@ -79,6 +80,7 @@ class Stack:
     @classmethod
     def from_settings(cls, settings: Settings, urls: Urls) -> Stack:
         org, rulebook = load_org(settings.org), load_rulebook(settings.rules)
+        check_against_org(rulebook, org)  # a kind the org lacks refuses to start (ConfigError)
         return cls(settings=settings, urls=urls, org=org, rulebook=rulebook, clocks=sla_clocks(settings, rulebook))
 
     @property

@@ -163,7 +163,7 @@ async def get_issue(issue_id: str, ctx: Ctx, p: Actor) -> Response:
     """The issue as of every write that returned 2xx (folded from the stream, not a read model)."""
     state, _ = await _readable(ctx, p, issue_id)
     resident = await resident_view(ctx.residents, state.resident, p.role)
-    return json_response(issue_view(state, resident), headers=state_headers(state, state.last_seq))
+    return json_response(issue_view(state, resident, ctx.org), headers=state_headers(state, state.last_seq))
 
 
 @router.get("/v1/issues/{issue_id}/events")

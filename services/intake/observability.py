@@ -93,6 +93,7 @@ class Metrics(Collector):
                                  buckets=(.002, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.monitor, self.pool = monitor, pool
         self.scraped: dict[str, float] = {}
+        self.unserved: dict[tuple[str, str], float] = {}  # (kind, role) -> routings that found no such department
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
         self.registry.register(self)
 
@@ -120,6 +121,9 @@ class Metrics(Collector):
             if self.pool is not None:
                 got["breaches"] = float(await self.pool.fetchval(
                     "SELECT coalesce(sum(n), 0) FROM stats_daily WHERE scope = 'dept' AND metric = 'sla_breached'"))
+                rows = await self.pool.fetch("SELECT key, metric, sum(n)::bigint AS n FROM stats_daily "
+                                             "WHERE scope = 'kind' GROUP BY key, metric")
+                self.unserved = {(r["key"], r["metric"].removeprefix("unserved_")): float(r["n"]) for r in rows}
         with contextlib.suppress(Exception):
             if self.monitor is not None:
                 await self.monitor.sample()
@@ -149,6 +153,12 @@ class Metrics(Collector):
         if "breaches" in g:
             yield CounterMetricFamily("needle_sla_breaches", "SLA clocks breached (per task, from the read models)",
                                       value=g["breaches"])
+            unserved = CounterMetricFamily("needle_routing_unserved", "routings that found no department of a "
+                                           "kind the rulebook names (role lead: the fallback took it; co: no "
+                                           "co-task), from the read models", labels=["kind", "role"])
+            for (kind, role), n in sorted(self.unserved.items()):
+                unserved.add_metric([kind, role], n)
+            yield unserved
 
 
 class TraceAndMeasure:

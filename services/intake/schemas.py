@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from shared.config import OrgTree
 from shared.domain.issue import IssueState, TaskState
 from shared.events.models import RESIDENT_ID, Location
 from shared.privacy.sealing import normalize_phone
@@ -106,10 +107,17 @@ def task_view(t: TaskState) -> dict[str, Any]:
     }
 
 
-def issue_view(s: IssueState, resident: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The issue as the API shows it; ``resident`` as the reader may see it (default: its id only)."""
+def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTree | None = None) -> dict[str, Any]:
+    """The issue as the API shows it; ``resident`` as the reader may see it (default: its id only). With
+    ``org``, each task also carries its department's ``kind`` and the kind's display name (``kind_name``)."""
     if resident is None and s.resident is not None:
         resident = {"id": s.resident.id}
+    tasks = [task_view(t) for t in s.tasks]
+    if org is not None:
+        for view in tasks:
+            dept = org.departments.get(view["department"])
+            if dept is not None:
+                view["kind"], view["kind_name"] = dept.kind, org.kind_name(dept.kind)
     return {
         "id": s.id, "grid": s.grid, "category": s.category, "title": s.title, "description": s.description,
         "status": s.status, "level": s.level, "owner_area": s.owner_area, "urgency": s.urgency,
@@ -117,5 +125,6 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None) -> dict[st
         "reporter": s.reporter, "reported_at": _ts(s.reported_at), "closed_at": _ts(s.closed_at),
         "version": s.version, "sequence": s.last_seq, "rule": s.rule, "rulebook_version": s.rulebook_version,
         "reopen_count": s.reopen_count, "escalations": s.escalations, "satisfaction": s.satisfaction,
-        "campaign": s.campaign, "visit": s.visit, "resident": resident, "tasks": [task_view(t) for t in s.tasks],
+        "campaign": s.campaign, "visit": s.visit, "resident": resident, "tasks": tasks,
+        "unserved": [u.model_dump() for u in s.unserved],
     }

@@ -14,11 +14,6 @@ from typing import Any
 from shared.config.rulebook import URGENCIES, Category, Rulebook
 
 URGENCY_NAMES: dict[str, str] = {"normal": "一般 (normal)", "urgent": "紧急 (urgent)", "emergency": "特急 (emergency)"}
-RISK_NAMES: dict[str, str] = {
-    "collective_petition": "集体上访苗头 (collective petition)",
-    "violence": "暴力、极端事件苗头 (violence)",
-    "mass_casualty": "群死群伤风险 (mass casualty risk)",
-}
 ATTRIBUTE_CODES: frozenset[str] = frozenset({"urgency", "risk", "grid"})
 
 
@@ -55,11 +50,12 @@ def attributes(rulebook: Rulebook) -> list[dict[str, Any]]:
             "variable": True, "code": "risk", "datatype": "multivaluelist", "required": False,
             "datatype_description": "zero or more keys, sent as attribute[risk][]=key",
             "order": 2, "description": "Risk signs that lift the request to a higher level at once (风险研判)",
-            "values": [{"key": flag, "name": RISK_NAMES.get(flag, flag.replace("_", " "))} for flag in rulebook.risk],
+            "values": [{"key": flag, "name": rule.name or flag.replace("_", " ")}
+                       for flag, rule in rulebook.risk.items()],
         })
     out.append({
         "variable": True, "code": "grid", "datatype": "string", "required": False,
-        "datatype_description": "a grid id of the org tree, such as zhanmao-g33",
+        "datatype_description": "a grid id of the org tree",
         "order": len(out) + 1,
         "description": "The grid (网格) of the request, when neither lat/long nor address_string locate it",
         "values": [],

@@ -5,7 +5,10 @@
   ``/v1/stats``, ``/v1/stats/series``, ``/v1/overdue``, ``/v1/visits/coverage`` (入户率) and ``/dashboard/org``
   with ``Authorization: Bearer``.
 * ``GET /dashboard/static/{file}``: the page's js/css and the vendored Chart.js (an allowlist, no path walking).
-* ``GET /dashboard/org?area=``: names for the area tree, departments and categories (supervisor/admin).
+* ``GET /dashboard/org?area=``: names for the area tree, departments (with their kind), kinds (the org's
+  ``kinds:`` display names) and categories, and the configuration gaps under the area: the kinds the rulebook
+  names that no department serves at some owner area (``shared.config.crosscheck.configuration_gaps``; a
+  lead there goes to 兜底, a co-handler is not dispatched) (supervisor/admin).
 * ``GET /dashboard/stream?area=&access_token=``: Server-Sent Events. EventSource cannot send headers, so the
   token comes in the query string and goes through the same verifier. Emits ``hello`` on connect and
   ``changed`` ``{"seq": n}`` after the projection worker commits a batch that touched an issue or a household
@@ -28,6 +31,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from services.intake.context import AppContext
 from services.intake.security import Actor, Ctx, check_rate, in_area
 from shared.auth import Principal, TokenError
+from shared.config import OrgTree, Rulebook
+from shared.config.crosscheck import configuration_gaps
 from shared.domain.errors import Invalid, NotAllowed, NotFound
 
 from .api import read_models
@@ -64,6 +69,25 @@ def supervisor_area(ctx: AppContext, p: Principal, area: str | None) -> str:
     if not in_area(ctx.org, p, chosen):
         raise NotAllowed(f"area {chosen} is outside scope {p.scope}")
     return chosen
+
+
+_GAPS: dict[tuple[int, int], list[dict[str, Any]]] = {}  # (id(org), id(rulebook)) -> every gap (org-wide)
+
+
+def gaps_under(org: OrgTree, rulebook: Rulebook, area: str) -> list[dict[str, Any]]:
+    """The configuration gaps of the rulebook in force over ``org``, restricted to owner areas under ``area``.
+    Computed once per (org, rulebook) pair: a published rulebook is a new object, hence a new entry."""
+    key = (id(org), id(rulebook))
+    every = _GAPS.get(key)
+    if every is None:
+        _GAPS.clear()  # only the pair in force is worth keeping
+        every = _GAPS[key] = configuration_gaps(rulebook, org)
+    out = []
+    for gap in every:
+        areas = [a for a in gap["areas"] if org.is_under(a, area)]
+        if areas:
+            out.append(gap | {"areas": areas})
+    return out
 
 
 @router.get("/dashboard", include_in_schema=False)
@@ -108,7 +132,9 @@ async def dashboard_org(ctx: Ctx, p: Actor, area: Annotated[str | None, Query(ma
         "areas": {x.id: {"name": x.name, "level": str(x.level), "parent": x.parent, "households": x.households}
                   for x in subtree},
         "departments": {d.id: {"name": d.name, "kind": d.kind, "area": d.area} for d in org.departments.values()},
+        "kinds": {k: org.kind_name(k) for k in sorted(org.kinds)},
         "categories": {c.id: c.name for c in ctx.rulebook.categories.values()},
+        "gaps": gaps_under(org, ctx.rulebook, a),
         "timezone": ctx.rulebook.timezone,
     }
     return Response(orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})

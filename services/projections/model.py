@@ -28,6 +28,7 @@ from datetime import date, datetime, tzinfo
 from typing import Any
 
 from shared.config import OrgTree
+from shared.domain.issue import URGENCY_RANK
 from shared.events import models as ev
 from shared.events.codec import Envelope
 
@@ -54,7 +55,9 @@ DEPT_RATES: dict[str, tuple[str, str]] = {
     "extension_rate": ("tasks_extended", "tasks_dispatched"),
 }
 
-StatKey = tuple[date, str, str, str]  # (day, scope "area"|"dept", id, metric)
+StatKey = tuple[date, str, str, str]  # (day, scope "area"|"dept"|"kind", id, metric)
+# scope "kind" (key: a department kind) counts routings that found no department of that kind:
+# metrics "unserved_lead" (兜底 took the lead) and "unserved_co" (no co-task); /metrics exports them
 
 
 @dataclass
@@ -185,6 +188,10 @@ def apply(batch: Batch, env: Envelope) -> None:
     match e:
         case ev.IssueRouted():
             issue["level"], issue["owner_area"] = e.level, e.owner_area
+            if e.urgency is not None and URGENCY_RANK[e.urgency] > URGENCY_RANK.get(issue["urgency"], 0):
+                issue["urgency"] = e.urgency  # the urgency in force (risk flags raise it)
+            for u in e.unserved:  # kinds nothing serves: counted per kind (needle_routing_unserved)
+                batch.stats[(batch._day(at), "kind", u.kind, f"unserved_{u.role}")] += 1
         case ev.TaskDispatched():
             batch.add_task({
                 "id": e.task_id, "issue_id": issue_id, "department": e.department, "role": e.role,

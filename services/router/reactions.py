@@ -31,7 +31,6 @@ from shared.domain.levels import Level
 from shared.events import models as ev
 
 from .routing import (
-    FALLBACK_KIND,
     RoutePlan,
     TaskPlan,
     effective_urgency,
@@ -58,15 +57,18 @@ class TimerEdge:
 def _dispatch(state: IssueState, plan: RoutePlan, rules: RouterRules, now: datetime, *, reason: str,
               caused_by: int, supervise: bool = False) -> list[ev.Event]:
     tasks: list[TaskPlan] = list(plan.tasks)
-    if supervise and plan.lead.kind != FALLBACK_KIND:
-        center = rules.org.department_of_kind(plan.owner_area, FALLBACK_KIND)
+    fallback = rules.rulebook.fallback
+    if supervise and plan.lead.kind != fallback:
+        center = rules.org.department_of_kind(plan.owner_area, fallback)
         if center is not None and all(t.department != center.id for t in tasks):
-            tasks.append(TaskPlan(department=center.id, role="co", kind=FALLBACK_KIND))
+            tasks.append(TaskPlan(department=center.id, role="co", kind=fallback))
     urgency = effective_urgency(rules.rulebook, state.urgency, state.risk)
     d = rules.clocks.for_dispatch(rules.rulebook, state.category, urgency, now)
     out: list[ev.Event] = [ev.IssueRouted(level=plan.level.value, owner_area=plan.owner_area, reason=reason,  # type: ignore[arg-type]
                                           rule=plan.rule, rulebook_version=plan.rulebook_version,
-                                          caused_by=caused_by)]
+                                          caused_by=caused_by, urgency=urgency,  # type: ignore[arg-type]
+                                          unserved=tuple(ev.UnservedKind(kind=u.kind, area=u.area, role=u.role)
+                                                         for u in plan.unserved))]
     out += [ev.TaskSuperseded(task_id=t.id, reason=f"{reason} to {plan.level.value}", caused_by=caused_by)
             for t in state.open_tasks]
     n = len(state.tasks)
@@ -133,11 +135,12 @@ def _fallback_dispatch(state: IssueState, rules: RouterRules, now: datetime, *, 
                        caused_by: int) -> list[ev.Event]:
     """兜底: the owner area's command centre takes a returned lead (unless it was the one returning)."""
     assert state.level is not None and state.owner_area is not None
-    center = rules.org.department_of_kind(state.owner_area, FALLBACK_KIND)
+    fallback = rules.rulebook.fallback
+    center = rules.org.department_of_kind(state.owner_area, fallback)
     if center is None or center.id == returned.department:
         return []
     plan = RoutePlan(level=Level(state.level), owner_area=state.owner_area,
-                     tasks=(TaskPlan(department=center.id, role="lead", kind=FALLBACK_KIND),),
+                     tasks=(TaskPlan(department=center.id, role="lead", kind=fallback),),
                      rule=f"兜底: {returned.department} returned the lead task; {center.id} takes it",
                      rulebook_version=rules.rulebook.version)
     return _dispatch(state, plan, rules, now, reason="returned", caused_by=caused_by)

@@ -6,11 +6,17 @@ The rules (DESIGN.md, "Contract: org tree and rulebook"):
   rulebook's optional ``urgency.<u>.min_start``. Unknown risk flags are ignored.
 * The owner area is the grid's ancestor at that level; when the grid's branch has no area at that level, the
   next level up that it has (and the root when the level is above the whole branch).
-* With a handler entry for the owner's level, the lead is the department of the lead kind attached exactly to
-  the owner area; co-handlers are the departments of the co kinds attached exactly to the owner area, and co
-  kinds the area lacks are skipped (the plan's ``rule`` says which). When the lead kind is missing, or the level
-  has no handler entry, the owner area's ``command_center`` leads (兜底) — or, if the owner area has none, the
+* A department serves its area and everything under it. A kind is resolved for the owner area by walking up
+  from it: the department of that kind attached to the owner area, else to its parent, ... up to the root;
+  the first one found serves (a city-level bureau serves every district; a district's unit serves a street
+  without its own). Nothing below the owner area is ever chosen.
+* With a handler entry for the owner's level, the lead is the department serving the owner area with the lead
+  kind, and each co kind gives the department serving the owner area with that kind. When no department of the
+  lead kind serves the owner area, or the level has no handler entry, the fallback kind (the rulebook's
+  ``fallback``, default ``command_center``: 兜底) serving the owner area leads — the owner area's own, else the
   nearest ancestor's. The lead never appears again as a co-handler.
+* Nothing is dropped silently: a lead or co kind that nothing serves is kept in the plan's ``unserved``
+  (kind, owner area, role), which the router records in the ``issue_routed`` event and counts in a metric.
 * Escalation goes to the owner area's parent (levels the branch lacks are skipped) and stops at the root
   (never past the city).
 """
@@ -21,18 +27,19 @@ from dataclasses import dataclass
 from typing import Literal
 
 from shared.config.org import Area, Department, OrgTree
-from shared.config.rulebook import URGENCIES, Category, Rulebook
+from shared.config.rulebook import DEFAULT_FALLBACK, URGENCIES, Category, Rulebook
 from shared.domain.errors import Invalid
 from shared.domain.levels import Level
 
-FALLBACK_KIND = "command_center"
-"""The kind that takes what nobody else owns (兜底)."""
+FALLBACK_KIND = DEFAULT_FALLBACK
+"""The default kind that takes what nobody else owns (兜底); a rulebook may name another (``fallback:``)."""
 
 
 class NoCommandCenter(LookupError):
-    """The org has no command_center at or above an area, so nobody can take an unowned issue.
+    """The org has no department of the fallback kind (``command_center`` unless the rulebook names another) at
+    or above an area, so nobody can take an unowned issue.
 
-    A configuration gap, not a bad request: give the root area a command_center."""
+    A configuration gap, not a bad request: give the root area one (``needle rules check --org`` warns)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,15 @@ class TaskPlan:
     department: str
     role: Literal["lead", "co"]
     kind: str
+
+
+@dataclass(frozen=True)
+class Unserved:
+    """A kind the rulebook asks for that no department serves at the owner area or above."""
+
+    kind: str
+    area: str
+    role: Literal["lead", "co"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +67,8 @@ class RoutePlan:
     """Human-readable why, e.g. ``rulebook 1a2b3c4d5e6f categories.sea_safety.handlers.district: lead
     ocean_fisheries -> putuo-ocean; co maritime_police -> putuo-maritime``."""
     rulebook_version: str
+    unserved: tuple[Unserved, ...] = ()
+    """Kinds the rule names that nothing serves at the owner area (a lead here means 兜底 took it)."""
 
     @property
     def lead(self) -> TaskPlan:
@@ -108,12 +126,19 @@ def start_level(
 
 
 # -- routing --------------------------------------------------------------------------------------------------
-def _fallback(org: OrgTree, owner: Area) -> Department:
-    for area in org.ancestors(owner.id):
-        dept = org.department_of_kind(area.id, FALLBACK_KIND)
-        if dept is not None:
-            return dept
-    raise NoCommandCenter(f"no {FALLBACK_KIND} at or above area {owner.id!r}")
+def _fallback(org: OrgTree, owner: Area, kind: str = FALLBACK_KIND) -> Department:
+    dept = org.serving(owner.id, kind)
+    if dept is None:
+        raise NoCommandCenter(f"no {kind} at or above area {owner.id!r}")
+    return dept
+
+
+def _served(org: OrgTree, owner: Area, kind: str) -> tuple[Department | None, str]:
+    """The department of ``kind`` serving ``owner`` and how it was found, for the plan's ``rule``."""
+    dept = org.serving(owner.id, kind)
+    if dept is None:
+        return None, f"none at {owner.id} or above"
+    return dept, ("" if dept.area == owner.id else f"at {dept.area}, serving {owner.id}")
 
 
 def plan_route(org: OrgTree, rulebook: Rulebook, grid_id: str, category: str, level: Level) -> RoutePlan:
@@ -123,39 +148,43 @@ def plan_route(org: OrgTree, rulebook: Rulebook, grid_id: str, category: str, le
     cat = _category(rulebook, category)
     _grid(org, grid_id)
     owner = org.owner_at(grid_id, level)
+    fallback = rulebook.fallback
     notes: list[str] = []
     if owner.level != level:
         notes.append(f"no {level} above {grid_id}, owner {owner.id} is a {owner.level}")
     handler = cat.handlers.get(owner.level)
     tasks: list[TaskPlan] = []
+    unserved: list[Unserved] = []
     if handler is None:
         where = f"rulebook {rulebook.version} categories.{cat.id}"
-        lead = _fallback(org, owner)
-        notes.insert(0, f"no handler for {owner.level}, {FALLBACK_KIND} -> {lead.id} (兜底)")
+        lead = _fallback(org, owner, fallback)
+        notes.insert(0, f"no handler for {owner.level}, {fallback} -> {lead.id} (兜底)")
         tasks.append(TaskPlan(lead.id, "lead", lead.kind))
     else:
         where = f"rulebook {rulebook.version} categories.{cat.id}.handlers.{owner.level}"
-        found = org.department_of_kind(owner.id, handler.lead)
+        found, how = _served(org, owner, handler.lead)
         if found is not None:
             lead = found
-            parts = [f"lead {handler.lead} -> {lead.id}"]
+            parts = [f"lead {handler.lead} -> {lead.id}" + (f" ({how})" if how else "")]
         else:
-            lead = _fallback(org, owner)
-            parts = [f"lead {handler.lead} (none at {owner.id}), {FALLBACK_KIND} -> {lead.id} (兜底)"]
+            lead = _fallback(org, owner, fallback)
+            unserved.append(Unserved(handler.lead, owner.id, "lead"))
+            parts = [f"lead {handler.lead} ({how}), {fallback} -> {lead.id} (兜底)"]
         tasks.append(TaskPlan(lead.id, "lead", lead.kind))
         co_parts: list[str] = []
-        skipped: list[str] = []
+        missing: list[str] = []
         for kind in handler.co:
-            dept = org.department_of_kind(owner.id, kind)
+            dept, how = _served(org, owner, kind)
             if dept is None:
-                skipped.append(kind)
+                missing.append(kind)
+                unserved.append(Unserved(kind, owner.id, "co"))
             elif all(t.department != dept.id for t in tasks):
                 tasks.append(TaskPlan(dept.id, "co", kind))
-                co_parts.append(f"{kind} -> {dept.id}")
+                co_parts.append(f"{kind} -> {dept.id}" + (f" ({how})" if how else ""))
         if co_parts:
             parts.append("co " + ", ".join(co_parts))
-        if skipped:
-            parts.append(f"skipped co {', '.join(skipped)} (none at {owner.id})")
+        if missing:
+            parts.append(f"unserved co {', '.join(missing)} (none at {owner.id} or above)")
         notes = parts + notes
     return RoutePlan(
         level=owner.level,
@@ -163,6 +192,7 @@ def plan_route(org: OrgTree, rulebook: Rulebook, grid_id: str, category: str, le
         tasks=tuple(tasks),
         rule=f"{where}: " + "; ".join(notes),
         rulebook_version=rulebook.version,
+        unserved=tuple(unserved),
     )
 
 
@@ -179,13 +209,13 @@ def plan_escalation(
 
 
 def plan_campaign(
-    org: OrgTree, area_id: str, prefer: Sequence[str] = ("grid_team", "community_committee")
+    org: OrgTree, area_id: str, prefer: Sequence[str], fallback: str = FALLBACK_KIND
 ) -> list[tuple[str, str]]:
     """A top-down campaign (e.g. 婴幼儿排查) fans out one task per grid under ``area_id``.
 
     Returns ``[(grid_id, department_id), ...]`` in tree order. For each grid, the nearest unit (the grid first,
     then its community, ...) of a ``prefer`` kind takes the task, kinds tried in order at each area; with none,
-    the nearest ``command_center``. Raises :class:`Invalid` (field "area") for an unknown area."""
+    the nearest ``fallback``. Raises :class:`Invalid` (field "area") for an unknown area."""
     if area_id not in org.areas:
         raise Invalid(f"unknown area {area_id!r}", field="area")
     out: list[tuple[str, str]] = []
@@ -195,5 +225,5 @@ def plan_campaign(
             chosen = next((d for k in prefer if (d := org.department_of_kind(area.id, k)) is not None), None)
             if chosen is not None:
                 break
-        out.append((grid.id, (chosen or _fallback(org, grid)).id))
+        out.append((grid.id, (chosen or _fallback(org, grid, fallback)).id))
     return out

@@ -7,7 +7,7 @@
 Every problem in a file raises :class:`ConfigError` naming the file, line, path and problem.
 """
 from shared.config.loader import ConfigError, format_duration, parse_duration
-from shared.config.org import KNOWN_KINDS, Area, Department, Location, OrgTree, load_org, parse_org
+from shared.config.org import KIND_PATTERN, Area, Department, Location, OrgTree, load_org, parse_org
 from shared.config.rulebook import (
     CALENDARS,
     CLOCKS,
@@ -27,7 +27,7 @@ __all__ = [
     "CALENDARS",
     "CLOCKS",
     "ESCALATION_TRIGGERS",
-    "KNOWN_KINDS",
+    "KIND_PATTERN",
     "URGENCIES",
     "Area",
     "Category",

@@ -4,7 +4,7 @@ Every problem in a configuration file becomes one :class:`ConfigError` that name
 the path inside the document (``departments[3].kind``, ``categories.sea_safety.sla.resolve``) and what is
 wrong, so that ``needle up`` can print one line a person can act on::
 
-    deploy/org/x.yaml:42: departments[3].kind: unknown department kind 'foo' (known: ...)
+    deploy/org/x.yaml:42: areas[3].level: unknown area level 'town' (known: grid, community, street, district, city)
 
 The YAML is composed into nodes with a :class:`yaml.SafeLoader` subclass and converted by hand, which keeps
 a side table ``path -> line`` (1-based, the line where the entry starts). Mapping keys are taken verbatim

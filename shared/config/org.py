@@ -8,16 +8,24 @@ Contract format (DESIGN.md, "Contract: org tree and rulebook")::
       - {id: zhanmao-g33, name: 第33网格, level: grid, parent: putuo, households: 128}
     departments:          # a unit of some kind, serving an area and everything under it
       - {id: putuo-ocean, name: 普陀区海洋与渔业局, kind: ocean_fisheries, area: putuo}
+    kinds:                # optional: display names of the kinds (the API and the dashboard show them)
+      ocean_fisheries: 海洋与渔业
+
+Kinds are open: a kind is any identifier ``[a-z][a-z0-9_]*`` a department declares; needle keeps no list of
+them (a city's vocabulary never lives in code). What a rulebook names is checked against the org by
+:mod:`shared.config.crosscheck`, not against a list.
 
 Rules checked on load: ids are unique across areas *and* departments; every parent exists; the tree has no
 cycle and exactly one root; a child's level is strictly below its parent's (levels may be skipped: a small
-island township may hold grids directly); every department's kind is known and its area exists; an optional
-``location`` has a latitude in [-90, 90] and a longitude in [-180, 180]; an optional ``households`` (the grid's
-household count, the denominator of its 入户率) is a whole number >= 0, on a grid only.
+island township may hold grids directly); every department's kind is a well-formed identifier and its area
+exists; ``kinds`` names only well-formed kinds with non-empty names; an optional ``location`` has a latitude in
+[-90, 90] and a longitude in [-180, 180]; an optional ``households`` (the grid's household count, the
+denominator of its 入户率) is a whole number >= 0, on a grid only.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,24 +33,17 @@ from typing import Any
 from shared.config.loader import Document, parse_yaml, read_source, suggest, text_digest
 from shared.domain.levels import Level
 
-KNOWN_KINDS: frozenset[str] = frozenset(
-    {
-        # coordination: the command centres (兜底) and the community hub
-        "command_center", "community_committee", "grid_team",
-        # government departments (职能部门, the "thousand threads")
-        "ocean_fisheries", "maritime_police", "maritime_affairs", "civil_affairs", "health",
-        "housing_construction", "ecology_environment", "urban_management", "public_security", "traffic_police",
-        "transport", "natural_resources", "emergency_management", "market_regulation", "education",
-        "human_resources", "agriculture_rural", "culture_tourism", "petition_bureau", "justice", "fire_rescue",
-        "veterans_affairs", "women_federation",
-        # utilities
-        "water_utility", "power_utility", "gas_utility", "telecom_utility",
-        # social forces (五社联动) and residents' own units
-        "social_organisation", "volunteer_team", "social_worker_station", "charity", "property_management",
-        "owners_committee",
-    }
-)
-"""Every department kind a rulebook may name; an org or rulebook naming another kind does not load."""
+KIND_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+"""A department kind: lower-case letters, digits and '_', starting with a letter (``sanitation``, ``fire_rescue``)."""
+
+
+def check_kind(doc: Document, value: Any, path: str) -> str:
+    """``value`` as a well-formed department kind, else a ConfigError at ``path``."""
+    text = doc.string(value, path)
+    if not KIND_PATTERN.match(text):
+        doc.fail(path, f"invalid department kind {text!r}: use lower-case letters, digits and '_', "
+                 "starting with a letter (e.g. sanitation, water_conservancy)")
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,10 +80,13 @@ class OrgTree:
     areas: dict[str, Area]
     departments: dict[str, Department]
     version: str = ""
+    kind_names: dict[str, str] = field(default_factory=dict)
+    """Display names of kinds (the org's optional ``kinds:`` map); :meth:`kind_name` falls back to the kind."""
     _children: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
     _by_area: dict[str, tuple[Department, ...]] = field(init=False, repr=False, compare=False)
     _root: str = field(init=False, repr=False, compare=False)
     _lineage: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)  # is_under's memo
+    _serving: dict[tuple[str, str], Department | None] = field(init=False, repr=False, compare=False)  # serving's
 
     def __post_init__(self) -> None:
         children: dict[str, list[str]] = {aid: [] for aid in self.areas}
@@ -99,6 +103,7 @@ class OrgTree:
         object.__setattr__(self, "_by_area", {k: tuple(v) for k, v in by_area.items()})
         object.__setattr__(self, "_root", roots[0] if roots else "")
         object.__setattr__(self, "_lineage", {})
+        object.__setattr__(self, "_serving", {})
 
     # -- areas ------------------------------------------------------------------------------------------------
     @property
@@ -181,17 +186,32 @@ class OrgTree:
         self.area(area_id)
         return list(self._by_area.get(area_id, ()))
 
+    @property
+    def kinds(self) -> frozenset[str]:
+        """Every kind some department of this org declares."""
+        return frozenset(d.kind for d in self.departments.values())
+
+    def kind_name(self, kind: str) -> str:
+        """The kind's display name from the org's ``kinds:`` map, else the kind itself."""
+        return self.kind_names.get(kind, kind)
+
     def department_of_kind(self, area_id: str, kind: str) -> Department | None:
         """The (first) department of ``kind`` attached exactly to ``area_id``."""
         return next((d for d in self.departments_of(area_id) if d.kind == kind), None)
 
     def serving(self, area_id: str, kind: str) -> Department | None:
-        """The nearest department of ``kind`` attached to ``area_id`` or one of its ancestors."""
+        """The nearest department of ``kind`` attached to ``area_id`` or one of its ancestors (the one that
+        serves it: a department serves its area and everything under it); None when there is none."""
+        key = (area_id, kind)
+        if key in self._serving:  # routing asks it for every kind of every report: each pair is walked once
+            return self._serving[key]
+        found = None
         for area in self.ancestors(area_id):
-            dept = self.department_of_kind(area.id, kind)
-            if dept is not None:
-                return dept
-        return None
+            found = self.department_of_kind(area.id, kind)
+            if found is not None:
+                break
+        self._serving[key] = found
+        return found
 
 
 def _haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
@@ -212,7 +232,7 @@ def parse_org(text: str, source: str = "<org>", *, digest: str | None = None) ->
     """Parse and validate org YAML ``text``; ``source`` names it in error messages. ``version`` is the
     document's ``version:`` or the first 12 hex digits of the sha256 of the text."""
     data, doc = parse_yaml(text, source)
-    top = doc.mapping(data, "", required=("areas",), optional=("departments", "version"))
+    top = doc.mapping(data, "", required=("areas",), optional=("departments", "kinds", "version"))
     version = str(top["version"]) if top.get("version") is not None else (digest or text_digest(text))[:12]
     first_at: dict[str, str] = {}  # id -> path of its definition (areas and departments share one namespace)
 
@@ -248,12 +268,16 @@ def parse_org(text: str, source: str = "<org>", *, digest: str | None = None) ->
         m = doc.mapping(raw, p, required=("id", "name", "kind", "area"))
         did = claim(m["id"], f"{p}.id", "department id")
         name = doc.string(m["name"], f"{p}.name")
-        kind = doc.choice(m["kind"], f"{p}.kind", sorted(KNOWN_KINDS), "department kind")
+        kind = check_kind(doc, m["kind"], f"{p}.kind")
         area = doc.ident(m["area"], f"{p}.area", "area id")
         if area not in areas:
             doc.fail(f"{p}.area", f"unknown area '{area}'" + suggest(area, areas))
         departments[did] = Department(did, name, kind, area)
-    return OrgTree(areas=areas, departments=departments, version=version)
+    kind_names: dict[str, str] = {}
+    for kind, label in doc.mapping(top.get("kinds") or {}, "kinds").items():
+        check_kind(doc, kind, f"kinds.{kind}")
+        kind_names[kind] = doc.string(label, f"kinds.{kind}")
+    return OrgTree(areas=areas, departments=departments, version=version, kind_names=kind_names)
 
 
 def _location(doc: Document, value: Any, path: str) -> Location:

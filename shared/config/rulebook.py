@@ -20,7 +20,12 @@ Contract format (DESIGN.md, "Contract: org tree and rulebook")::
     escalate:
       on: [acknowledge_breach, resolve_breach, return, verification_failed_twice]
 
+Kinds (``lead``, ``co``) are open identifiers (``[a-z][a-z0-9_]*``); whether the org has departments of them
+is checked against the org by :mod:`shared.config.crosscheck`, not here. ``fallback:`` names the kind that takes
+what nobody else owns (兜底; default ``command_center``).
+
 Extensions (optional): ``version:`` (default: the first 12 hex digits of the sha256 of the file's bytes), and
+``risk.<flag>.name`` (a display name, e.g. 集体上访苗头), and
 ``urgency: {emergency: {min_start: street, sla_factor: 0.25}}`` — per urgency a minimum start level and a
 factor applied to both SLA durations; ``coverage: {target: 0.9, period: P30D}`` — the 入户率 a grid should reach
 over the trailing period (grids below it are listed on the dashboard; these values are the defaults).
@@ -38,7 +43,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from shared.config.loader import Document, parse_yaml, read_source, text_digest
-from shared.config.org import KNOWN_KINDS
+from shared.config.org import check_kind
 from shared.domain.levels import Level
 
 CALENDARS: tuple[str, ...] = ("cn_workdays", "weekdays", "natural")
@@ -48,6 +53,8 @@ URGENCIES: tuple[str, ...] = ("normal", "urgent", "emergency")
 _TRIGGER_ORDER = ("acknowledge_breach", "resolve_breach", "return", "verification_failed_twice")
 ESCALATION_TRIGGERS: frozenset[str] = frozenset(_TRIGGER_ORDER)
 """What may move an issue one level up (``escalate.on``)."""
+DEFAULT_FALLBACK = "command_center"
+"""The kind that takes what nobody else owns (兜底) unless the rulebook's ``fallback:`` names another."""
 DEFAULT_WORKING_HOURS: tuple[tuple[time, time], ...] = ((time(8, 30), time(12, 0)), (time(13, 30), time(17, 30)))
 
 Clock = Literal["natural", "working"]
@@ -93,6 +100,8 @@ class RiskRule:
 
     level: Level
     urgency: str = "normal"
+    name: str | None = None
+    """Display name (optional ``name:``; Open311 shows it), e.g. 集体上访苗头."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +130,20 @@ class Rulebook:
     escalate_on: frozenset[str] = ESCALATION_TRIGGERS
     urgency: dict[str, UrgencyRule] = field(default_factory=dict)
     coverage: Coverage = field(default_factory=lambda: Coverage())
+    fallback: str = DEFAULT_FALLBACK
+    source: str = field(default="", compare=False, repr=False)
+    """The file (or ``source``) it was parsed from, for messages."""
+    lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
+    """``path -> line`` of the parsed document (``categories.x.handlers.street.lead`` -> 12), for messages."""
+
+    def line(self, path: str) -> int | None:
+        """The line of ``path`` (or of its nearest enclosing entry) in :attr:`source`; None when unknown."""
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            cut = max(path.rfind("."), path.rfind("["))
+            path = path[:cut] if cut > 0 else ""
+        return None
 
     @property
     def tz(self) -> ZoneInfo:
@@ -148,7 +171,7 @@ def load_rulebook(path: str | Path) -> Rulebook:
 
 
 _TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version",
-             "coverage")
+             "coverage", "fallback")
 
 
 def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None = None) -> Rulebook:
@@ -172,9 +195,10 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
     for flag, raw in doc.mapping(top.get("risk") or {}, "risk").items():
         p = f"risk.{flag}"
         doc.ident(flag, p, "risk flag")
-        m = doc.mapping(raw, p, required=("level",), optional=("urgency",))
+        m = doc.mapping(raw, p, required=("level",), optional=("urgency", "name"))
         risk[flag] = RiskRule(doc.level(m["level"], f"{p}.level", "risk level"),
-                              doc.choice(m.get("urgency", "normal"), f"{p}.urgency", URGENCIES, "urgency"))
+                              doc.choice(m.get("urgency", "normal"), f"{p}.urgency", URGENCIES, "urgency"),
+                              doc.string(m["name"], f"{p}.name") if m.get("name") is not None else None)
 
     escalate_on = ESCALATION_TRIGGERS
     if top.get("escalate") is not None:
@@ -195,9 +219,11 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
             doc.fail(f"{p}.sla_factor", f"must be in (0, 1] (a factor on both clocks), got {factor:g}")
         urgency[name] = UrgencyRule(min_start, factor)
 
+    fallback = check_kind(doc, top["fallback"], "fallback") if top.get("fallback") is not None else DEFAULT_FALLBACK
     return Rulebook(categories=categories, version=version, calendar=calendar, timezone=timezone,
                     working_hours=hours, warn_at=warn_at, risk=risk, escalate_on=escalate_on, urgency=urgency,
-                    coverage=_coverage(doc, top["coverage"]) if top.get("coverage") is not None else Coverage())
+                    coverage=_coverage(doc, top["coverage"]) if top.get("coverage") is not None else Coverage(),
+                    fallback=fallback, source=source, lines=dict(doc.lines))
 
 
 def _coverage(doc: Document, raw: Any) -> Coverage:
@@ -264,12 +290,12 @@ def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
         hp = f"{p}.handlers.{lv}"
         level = doc.level(lv, hp, "handler level")
         hm = doc.mapping(hraw, hp, required=("lead",), optional=("co",))
-        lead = doc.choice(hm["lead"], f"{hp}.lead", sorted(KNOWN_KINDS), "department kind")
+        lead = check_kind(doc, hm["lead"], f"{hp}.lead")
         co_raw = hm.get("co") or []
         co_list = [co_raw] if isinstance(co_raw, str) else doc.sequence(co_raw, f"{hp}.co")
         co: list[str] = []
         for i, k in enumerate(co_list):
-            kind = doc.choice(k, f"{hp}.co[{i}]", sorted(KNOWN_KINDS), "department kind")
+            kind = check_kind(doc, k, f"{hp}.co[{i}]")
             if kind == lead or kind in co:
                 doc.fail(f"{hp}.co[{i}]", f"'{kind}' is listed twice (as lead or co-handler)")
             co.append(kind)

@@ -13,6 +13,7 @@ from shared.events import models as ev
 from . import commands as cmd
 from .errors import Conflict, Invalid, NotFound
 
+URGENCY_RANK: dict[str, int] = {"normal": 0, "urgent": 1, "emergency": 2}
 TASK_OPEN = frozenset({"dispatched", "acknowledged"})
 ISSUE_OPEN = frozenset({"reported", "dispatched", "in_progress", "resolved", "reopened"})
 _D = TypeVar("_D")
@@ -53,7 +54,7 @@ class IssueState:
     category: str = ""
     title: str = ""
     description: str | None = None
-    urgency: str = "normal"
+    urgency: str = "normal"  # the urgency in force: the reported one, raised by routing (risk flags)
     risk: tuple[str, ...] = ()
     location: ev.Location | None = None
     reporter: str = ""
@@ -68,6 +69,7 @@ class IssueState:
     owner_area: str | None = None
     rule: str | None = None
     rulebook_version: str | None = None
+    unserved: tuple[ev.UnservedKind, ...] = ()  # the last routing's kinds that nothing serves
     tasks: tuple[TaskState, ...] = ()
     version: int = 0
     last_seq: int = 0
@@ -156,7 +158,9 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
             )
         case ev.IssueRouted():
             changes.update(level=event.level, owner_area=event.owner_area, rule=event.rule,
-                           rulebook_version=event.rulebook_version)
+                           rulebook_version=event.rulebook_version, unserved=event.unserved)
+            if event.urgency is not None and URGENCY_RANK[event.urgency] > URGENCY_RANK.get(state.urgency, 0):
+                changes["urgency"] = event.urgency  # the urgency in force: raised by risk flags, never lowered
         case ev.TaskDispatched():
             task = TaskState(
                 id=event.task_id, department=event.department, role=event.role, level=event.level,

@@ -99,8 +99,20 @@ class IssueResolvedOnSite(Event):
     note: str | None = None
 
 
+class UnservedKind(BaseModel):
+    """A department kind the rulebook asks for that no department serves at the owner area or above."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    kind: str = Field(description="the department kind the rule names")
+    area: str = Field(description="the owner area nothing of that kind serves")
+    role: TaskRole = Field(description="lead (the fallback took it: 兜底) or co (no co-task was dispatched)")
+
+
 class IssueRouted(Event):
-    """Which level and area own the issue now, and why (rule and rulebook version)."""
+    """Which level and area own the issue now, and why (rule and rulebook version).
+
+    ``urgency`` (optional; absent before it existed) is the urgency in force: the reported one raised by the
+    risk flags' urgencies. ``unserved`` (optional) lists the kinds the rule names that nothing serves."""
 
     name = "issue_routed"
     ce_type = "needle.issue.routed.v1"
@@ -110,6 +122,8 @@ class IssueRouted(Event):
     rule: str
     rulebook_version: str
     caused_by: int = 0
+    urgency: Urgency | None = None
+    unserved: tuple[UnservedKind, ...] = ()
 
 
 class TaskDispatched(Event):

@@ -226,3 +226,37 @@ async def test_stream_nudges_only_for_its_area(needle_factory: Callable[..., Any
             name, data = await _next_event(lines)
         assert name == "changed" and data["area"] == "zhanmao"
         assert data["seq"] >= s.last_seq  # not an earlier nudge for 沈家门
+
+
+@needs_chromium
+async def test_another_city_shows_its_kind_names_and_configuration_gaps(needle_factory: Callable[..., Any]) -> None:
+    """The invented 清河市 (tests/fixtures/anycity_*.yaml): its kinds' display names beside the departments,
+    and the kinds its rulebook names that nothing serves under 东城区 in the configuration-gaps panel."""
+    async_api = pytest.importorskip("playwright.async_api", reason="pip install playwright (test extra)")
+    fixtures = ROOT / "tests" / "fixtures"
+    h: NeedleHandle = await needle_factory(org=fixtures / "anycity_org.yaml", rules=fixtures / "anycity_rules.yaml")
+    r = await h.client.post("/v1/issues", headers=h.auth("grid_worker", "area:liuzhuang-g1"),
+                            json={"grid": "liuzhuang-g1", "category": "garbage_overflow", "title": "垃圾桶满溢"})
+    assert r.status_code == 201, r.text
+    sup = h.auth("supervisor", "area:dongcheng")
+    await h.wait_for("/v1/stats?area=dongcheng", sup, lambda b: b["departments"].get(
+        "dongcheng-sanitation", {}).get("counts", {}).get("tasks_dispatched"))
+    problems: list[str] = []
+    async with async_api.async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = await browser.new_page(viewport={"width": 1440, "height": 900}, locale="zh-CN")
+            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            await page.goto(f"{h.base_url}/dashboard?area=dongcheng#token={h.token('supervisor', 'area:dongcheng')}")
+            await page.wait_for_function("() => Number(document.body.dataset.loaded || 0) >= 1", timeout=15_000)
+            dept = page.locator("#dept-table tr[data-dept='dongcheng-sanitation'] td:first-child")
+            assert "东城区环卫所" in (await dept.text_content() or "") and "环卫" in (await dept.text_content() or "")
+            assert await page.locator("#gaps-panel").is_visible()
+            gap = page.locator("#gaps-table tr[data-gap='garbage_overflow.street.landscaping']")
+            text = await gap.text_content() or ""
+            assert "垃圾满溢" in text and "园林 (landscaping)" in text and "柳庄镇" in text and "河西街道" in text
+            assert await page.locator("#gaps-table tr[data-gap^='accessibility.street.disabled']").count() == 0
+        finally:
+            await browser.close()
+    assert not problems, problems

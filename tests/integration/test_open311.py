@@ -103,6 +103,8 @@ async def test_service_list_and_definitions(h: NeedleHandle) -> None:
     assert [v["key"] for v in attrs["urgency"]["values"]] == ["normal", "urgent", "emergency"]
     assert attrs["urgency"]["datatype"] == "singlevaluelist" and attrs["risk"]["datatype"] == "multivaluelist"
     assert {v["key"] for v in attrs["risk"]["values"]} == {"collective_petition", "violence", "mass_casualty"}
+    # the flags' display names are the rulebook's (risk.<flag>.name), not a list in code
+    assert {"key": "collective_petition", "name": "集体上访苗头 (collective petition)"} in attrs["risk"]["values"]
 
     doc = xml_of(await h.client.get(f"{V2}/services/sea_safety.xml"), "service_definition")
     assert doc.findtext("service_code") == "sea_safety"

@@ -143,11 +143,12 @@ def test_defaults_and_urgency_extension() -> None:
 
 
 def test_message_format_names_file_line_path_and_problem() -> None:
-    text = ORG.replace("kind: ocean_fisheries", "kind: foo")
+    text = ORG.replace("kind: ocean_fisheries", "kind: Ocean-Fisheries")
     err = org_error(text)
-    line = line_of(text, "kind: foo")
+    line = line_of(text, "kind: Ocean")
     assert (err.file, err.line, err.path) == ("deploy/org/x.yaml", line, "departments[1].kind")
-    assert str(err).startswith(f"deploy/org/x.yaml:{line}: departments[1].kind: unknown department kind 'foo' (known: ")
+    assert str(err).startswith(f"deploy/org/x.yaml:{line}: departments[1].kind: invalid department kind "
+                               "'Ocean-Fisheries': use lower-case letters")
 
 
 def test_a_missing_file_is_a_config_error(tmp_path: Path) -> None:
@@ -164,8 +165,12 @@ ORG_CASES = [
      "missing required field 'name'"),
     ("unknown key", "parent: putuo}", "parnet: putuo}", "areas[2].parnet", "parnet", "did you mean 'parent'"),
     ("unknown level", "level: street", "level: town", "areas[2].level", "level: town", "unknown area level 'town'"),
-    ("unknown kind", "kind: ocean_fisheries", "kind: ocean_fishery", "departments[1].kind", "ocean_fishery",
-     "did you mean 'ocean_fisheries'"),
+    ("malformed kind", "kind: ocean_fisheries", "kind: 2ocean", "departments[1].kind", "2ocean",
+     "invalid department kind '2ocean'"),
+    ("kinds name", "departments:", "kinds: {ocean_fisheries: ''}\ndepartments:", "kinds.ocean_fisheries",
+     "kinds:", "expected a non-empty string"),
+    ("kinds key", "departments:", "kinds: {Ocean: 海洋}\ndepartments:", "kinds.Ocean", "kinds:",
+     "invalid department kind 'Ocean'"),
     ("level order", "level: community, parent: zhanmao", "level: street, parent: zhanmao", "areas[3].level",
      "id: dazhan", "a street cannot be under the street 'zhanmao'"),
     ("level inverted", "level: grid, parent: dazhan", "level: city, parent: dazhan", "areas[4].level",
@@ -225,10 +230,12 @@ RULE_CASES = [
      "unknown start level 'province'"),
     ("handler level", "      district: {lead: ocean", "      distrct: {lead: ocean",
      "categories.sea_safety.handlers.distrct", "distrct", "unknown handler level 'distrct'"),
-    ("lead kind", "lead: ocean_fisheries", "lead: fisheries", "categories.sea_safety.handlers.district.lead",
-     "lead: fisheries", "unknown department kind 'fisheries'"),
-    ("co kind", "co: [maritime_police]", "co: [coast_guard]", "categories.sea_safety.handlers.district.co[0]",
-     "coast_guard", "unknown department kind 'coast_guard'"),
+    ("lead kind", "lead: ocean_fisheries", "lead: Fisheries", "categories.sea_safety.handlers.district.lead",
+     "lead: Fisheries", "invalid department kind 'Fisheries'"),
+    ("co kind", "co: [maritime_police]", "co: [coast guard]", "categories.sea_safety.handlers.district.co[0]",
+     "coast guard", "invalid department kind 'coast guard'"),
+    ("fallback kind", "warn_at: 0.8", "warn_at: 0.8\nfallback: 兜底", "fallback", "fallback:",
+     "invalid department kind '兜底'"),
     ("lead twice", "co: [maritime_police]", "co: [ocean_fisheries]", "categories.sea_safety.handlers.district.co[0]",
      "co: [ocean_fisheries]", "listed twice"),
     ("clock", "clock: working", "clock: office", "categories.construction_nuisance.sla.clock", "office",
@@ -246,6 +253,8 @@ RULE_CASES = [
      "risk.collective_petition.level", "township", "unknown risk level 'township'"),
     ("risk urgency", "urgency: urgent}", "urgency: high}", "risk.collective_petition.urgency", "urgency: high",
      "unknown urgency 'high'"),
+    ("risk name", "urgency: urgent}", "urgency: urgent, name: 1}", "risk.collective_petition.name", "name: 1}",
+     "expected a non-empty string"),
     ("escalate on", "return, verification", "returned, verification", "escalate.on[2]", "returned",
      "unknown escalation trigger 'returned'"),
     ("calendar", "calendar: cn_workdays", "calendar: chinese", "calendar", "calendar", "unknown calendar 'chinese'"),

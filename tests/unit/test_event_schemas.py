@@ -174,6 +174,12 @@ def test_breaking_changes_allows_only_additive_optional_changes() -> None:
     assert changed(lambda d: d["properties"].pop("note"))  # removed field
     assert changed(lambda d: d["properties"]["by"].update(type="integer"))  # retyped field
     assert changed(lambda d: d["required"].remove("by"))  # a field that was always there may now be missing
+    # an optional field whose type is the schema's first definition (issue_routed's ``unserved``) is additive
+    first = json.loads(json.dumps(old))
+    first["definitions"] = {"Gap": {"type": "object", "properties": {"kind": {"type": "string"}}}}
+    first["properties"]["data"]["properties"]["gaps"] = {"type": "array", "items": {"$ref": "#/definitions/Gap"}}
+    assert "definitions" not in old and schemas.breaking_changes(old, first) == []
+    assert schemas.breaking_changes(first, old)  # removing them is not
 
 
 def test_generator_refuses_incompatible_overwrites(tmp_path: Path) -> None:

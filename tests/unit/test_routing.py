@@ -81,7 +81,7 @@ def test_escalation_climbs_to_the_city_then_stops() -> None:
     (lambda: plan_escalation(CONTRACT_ORG, CONTRACT_RULES, "nowhere", "road_damage", Level.city), "grid"),
     (lambda: start_level(CONTRACT_RULES, "nope"), "category"),
     (lambda: start_level(CONTRACT_RULES, "road_damage", "very_urgent"), "urgency"),
-    (lambda: plan_campaign(CONTRACT_ORG, "nowhere"), "area"),
+    (lambda: plan_campaign(CONTRACT_ORG, "nowhere", ["community_committee"]), "area"),
 ], ids=["route category", "route grid", "route non-grid", "escalate category", "escalate grid", "start category",
         "urgency", "campaign area"])
 def test_unknown_inputs_are_invalid_with_the_field_named(call: object, field: str) -> None:
@@ -113,27 +113,42 @@ def test_huludao_care_home_escalates_level_by_level_to_district_civil_affairs() 
     plan = plan_route(DEMO_ORG, DEMO_RULES, "huludao-g1", "elderly_care", Level.community)
     street = plan_escalation(DEMO_ORG, DEMO_RULES, "huludao-g1", "elderly_care", plan.level)
     assert street is not None and street.owner_area == "xiazhi" and street.lead.department == "xiazhi-center"
-    assert "skipped co social_organisation" in street.rule  # 虾峙 has no social organisation centre
+    assert "unserved co social_organisation" in street.rule  # 虾峙 has no social organisation centre
+    assert [(u.kind, u.area, u.role) for u in street.unserved] == [("social_organisation", "xiazhi", "co")]
     district = plan_escalation(DEMO_ORG, DEMO_RULES, "huludao-g1", "elderly_care", street.level)
     assert district is not None and district.lead.department == "putuo-civil"
     assert departments(district, "co") == {"putuo-health", "putuo-housing", "putuo-resources"}
 
 
+PREFER = ("grid_team", "community_committee")  # the demo's kinds: the city's vocabulary is the caller's
+
+
 def test_infant_census_campaign_fans_out_one_task_per_grid() -> None:
-    tasks = plan_campaign(DEMO_ORG, "zhanmao")
+    tasks = plan_campaign(DEMO_ORG, "zhanmao", PREFER)
     assert [g for g, _ in tasks] == [a.id for a in DEMO_ORG.grids_under("zhanmao")]
     by_grid = dict(tasks)
     assert by_grid["zhanmao-g33"] == "zhanmao-g33-team"  # a grid team takes it where there is one
     assert by_grid["zhanmao-g31"] == "dazhan-committee"  # else the community committee
-    assert plan_campaign(DEMO_ORG, "zhanmao-g33") == [("zhanmao-g33", "zhanmao-g33-team")]
+    assert plan_campaign(DEMO_ORG, "zhanmao-g33", PREFER) == [("zhanmao-g33", "zhanmao-g33-team")]
 
 
 # -- fallbacks, lifting and skipped levels --------------------------------------------------------------------
-def test_a_missing_lead_kind_falls_back_to_the_command_center() -> None:
-    # 桃花镇 has no 司法所, which leads neighbour disputes at the street level
+def test_a_lead_kind_missing_at_the_street_is_served_by_the_district() -> None:
+    # 桃花镇 has no 司法所, which leads neighbour disputes at the street level: 普陀区司法局 serves it
     plan = plan_route(DEMO_ORG, DEMO_RULES, "taohua-g1", "neighbour_dispute", Level.street)
-    assert plan.lead.department == "taohua-center" and "lead justice (none at taohua)" in plan.rule
+    assert plan.lead.department == "putuo-justice" and "lead justice -> putuo-justice (at putuo, serving taohua)" \
+        in plan.rule
     assert departments(plan, "co") == {"taohua-police"}
+    assert [(u.kind, u.role) for u in plan.unserved] == [("social_worker_station", "co")]  # recorded, not dropped
+
+
+def test_construction_nuisance_at_shenjiamen_keeps_the_districts_ecology_bureau() -> None:
+    # 沈家门 has no ecology or housing office of its own: 普陀区's serve it (it used to lose 生态环境 silently)
+    grid = DEMO_ORG.grids_under("shenjiamen")[0].id
+    plan = plan_route(DEMO_ORG, DEMO_RULES, grid, "construction_nuisance", Level.street)
+    assert plan.lead.department == "shenjiamen-center"
+    assert departments(plan, "co") == {"shenjiamen-enforcement", "putuo-ecology", "putuo-housing"}
+    assert plan.unserved == () and "ecology_environment -> putuo-ecology (at putuo, serving shenjiamen)" in plan.rule
 
 
 def test_an_area_without_command_center_falls_back_to_the_nearest_ancestors() -> None:
@@ -185,7 +200,7 @@ departments:
     # water_utility is missing, so the command centre leads; it must not also be a co-handler
     plan = plan_route(org, rules, "g", "leak", Level.street)
     assert plan.lead.department == "s-center" and plan.co == ()
-    assert "lead water_utility (none at s)" in plan.rule and "skipped co urban_management" in plan.rule
+    assert "lead water_utility (none at s or above)" in plan.rule and "unserved co urban_management" in plan.rule
 
 
 def test_levels_missing_from_the_branch_are_skipped() -> None:

@@ -101,6 +101,7 @@
     R.renderCoverage(state.org, state.coverage, navigate);
     R.renderOverdue(state.org, state.overdue, state.overdueAt);
     R.renderDepartments(state.org, state.stats, state.overdue, showAll);
+    R.renderGaps(state.org);
     R.renderCharts(state.org, state.series);
     document.title = `${state.org.area.name} · 督办看板 · needle`;
     status();

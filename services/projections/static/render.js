@@ -49,6 +49,13 @@
     return d ? d.name : (id || "—");
   }
 
+  // the department's kind, by the org's display name (kinds: {sanitation: 环卫}) when it gives one
+  function kindTag(org, id) {
+    const d = id && org.departments[id];
+    if (!d || !d.kind) return null;
+    return el("span", { class: "muted small kind" }, ` ${(org.kinds && org.kinds[d.kind]) || d.kind}`);
+  }
+
   function rateCell(id, key, rate) {
     const r = rate || { value: null, numerator: 0, denominator: 0 };
     return el("td", { class: "rate " + I.grade(key, r.value), title: `${I.label(key)}: ${r.numerator}/${r.denominator}` },
@@ -228,7 +235,7 @@
       .sort((a, b) => (b[1].counts.tasks_dispatched || 0) - (a[1].counts.tasks_dispatched || 0)
         || deptName(org, a[0]).localeCompare(deptName(org, b[0]), "zh"))
       .map(([id, b]) => el("tr", { "data-dept": id },
-        el("td", {}, deptName(org, id)),
+        el("td", {}, deptName(org, id), kindTag(org, id)),
         el("td", { class: "num" }, tracked(`d-${id}-n`, "span", "v", String(b.counts.tasks_dispatched || 0))),
         ...DEPT_RATE_KEYS.map((k) => rateCell(`d-${id}-${k}`, k, b.rates[k])),
         el("td", { class: "num" }, String(b.counts.sla_breached || 0)),
@@ -238,6 +245,23 @@
       el("th", { class: "num" }, I.bi("sla_breached")), el("th", { class: "num" }, I.bi("overdue")));
     const body = rows.length ? rows : [el("tr", {}, el("td", { class: "empty", colspan: 9 }, I.bi("no_depts")))];
     replace("dept-table", el("thead", {}, head), el("tbody", {}, body));
+  }
+
+  // ---- configuration gaps: kinds the rulebook names that nothing serves under the area -------------------
+  function renderGaps(org) {
+    const gaps = org.gaps || [];
+    document.getElementById("gaps-panel").hidden = gaps.length === 0;
+    document.getElementById("gaps-count").textContent = gaps.length ? String(gaps.length) : "";
+    const areaName = (id) => (org.areas[id] ? org.areas[id].name : id);
+    const head = el("tr", {}, el("th", {}, I.bi("category")), el("th", {}, I.bi("level")), el("th", {}, I.bi("kind")),
+      el("th", {}, I.bi("role")), el("th", {}, I.bi("unserved_areas")));
+    const rows = gaps.map((g) => el("tr", { "data-gap": `${g.category}.${g.level}.${g.kind}` },
+      el("td", {}, org.categories[g.category] || g.category),
+      el("td", {}, I.bi(g.level)),
+      el("td", {}, g.kind_name === g.kind ? g.kind : `${g.kind_name} (${g.kind})`),
+      el("td", {}, I.bi(g.role === "lead" ? "role_lead" : "role_co")),
+      el("td", {}, g.areas.map(areaName).join("、"))));
+    replace("gaps-table", el("thead", {}, head), el("tbody", {}, rows));
   }
 
   // ---- charts (Chart.js 4, vendored) ------------------------------------------------------------------
@@ -302,6 +326,5 @@
   function forget() { previous.clear(); }
 
   window.NeedleRender = { el, forget, renderHeader, renderKpis, renderAreas, renderCoverage, renderOverdue,
-    renderDepartments, renderCharts,
-    tickOverdue };
+    renderDepartments, renderCharts, renderGaps, tickOverdue };
 })();
