@@ -80,7 +80,12 @@ class Stack:
     @classmethod
     def from_settings(cls, settings: Settings, urls: Urls) -> Stack:
         org, rulebook = load_org(settings.org), load_rulebook(settings.rules)
-        check_against_org(rulebook, org)  # a kind the org lacks refuses to start (ConfigError)
+        # a kind the org lacks refuses to start (ConfigError); one some owner areas cannot reach is a warning
+        warnings = check_against_org(rulebook, org)
+        if warnings:
+            log.warning("rulebook and org: kinds some owner areas cannot reach (their issues go to the fallback "
+                        "or lose a co-handler)", warnings=len(warnings), first=str(warnings[0]),
+                        all_of_them=f"needle rules check {settings.rules} --org {settings.org}")
         return cls(settings=settings, urls=urls, org=org, rulebook=rulebook, clocks=sla_clocks(settings, rulebook))
 
     @property

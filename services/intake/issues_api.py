@@ -14,9 +14,9 @@ from shared.auth import Principal
 from shared.commanding import append_first, execute, load_current_state, load_existing_state, utcnow
 from shared.domain import commands as cmd
 from shared.domain import ids
-from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound, PreconditionFailed, Unavailable
+from shared.domain.errors import ConcurrencyConflict, Conflict, NotFound, PreconditionFailed, Unavailable
 from shared.domain.issue import IssueState, decide, initial_state
-from shared.domain.levels import Level
+from shared.domain.rules import check_category, check_grid, check_risk_flags
 from shared.events.models import Event
 from shared.privacy.residents import Sealed, resident_view, reveal_events, seal_resident
 
@@ -56,18 +56,9 @@ def state_headers(state: IssueState, seq: int) -> dict[str, str]:
 
 
 def validate_report(ctx: AppContext, body: ReportIssueBody) -> None:
-    try:
-        area = ctx.org.area(body.grid)
-    except KeyError:
-        raise Invalid(f"unknown grid {body.grid!r}", field="grid") from None
-    if area.level != Level.grid:
-        raise Invalid(f"{body.grid!r} is a {area.level}, not a grid", field="grid")
-    if body.category not in ctx.rulebook.categories:
-        raise Invalid(f"unknown category {body.category!r}", field="category")
-    for i, flag in enumerate(body.risk):
-        if flag not in ctx.rulebook.risk:
-            raise Invalid(f"unknown risk flag {flag!r} (known: {', '.join(sorted(ctx.rulebook.risk))})",
-                          field=f"risk.{i}")
+    check_grid(ctx.org, body.grid)
+    check_category(ctx.rulebook, body.category)
+    check_risk_flags(ctx.rulebook, body.risk)
 
 
 def request_hash(body: ReportIssueBody, resident_fingerprint: str | None = None) -> str:

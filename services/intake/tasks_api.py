@@ -14,6 +14,7 @@ from shared.domain import ids
 from shared.domain.errors import Conflict, NotFound
 from shared.domain.issue import IssueState, decide
 from shared.domain.levels import Level
+from shared.domain.rules import escalation_level
 from shared.events.models import Event
 
 from .context import AppContext
@@ -128,8 +129,8 @@ async def escalate_issue(issue_id: str, body: ReasonBody, ctx: Ctx, p: Actor, if
     require_role(p, "grid_worker", "supervisor")
 
     def command(s: IssueState, now: datetime) -> cmd.Command:
-        up = _next_level(ctx, s)
-        return cmd.EscalateIssue(by=p.subject, reason=body.reason, to_level=up)
+        up = escalation_level(ctx.org, s.grid, Level(s.level)) if s.level is not None else None
+        return cmd.EscalateIssue(by=p.subject, reason=body.reason, to_level=up.value if up else None)
 
     out = await _run(ctx, ids.check_issue_id(issue_id), p.subject, if_match,
                      lambda s: require_area(ctx.org, p, s.grid, f"issue {issue_id}"), command)
@@ -146,13 +147,3 @@ async def urge_issue(issue_id: str, ctx: Ctx, p: Actor, body: NoteBody | None = 
     return _issue_response(out)
 
 
-def _next_level(ctx: AppContext, s: IssueState) -> str | None:
-    """The next level above the issue's that exists in the org tree for its grid."""
-    if s.level is None:
-        return None
-    level: Level | None = Level(s.level).up()
-    while level is not None:
-        if ctx.org.ancestor_at(s.grid, level) is not None:
-            return level.value
-        level = level.up()
-    return None

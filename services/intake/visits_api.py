@@ -23,7 +23,7 @@ from pydantic import Field, field_validator
 from shared import auth, entropy
 from shared.auth import Principal
 from shared.commanding import append_first, load_existing_state, utcnow
-from shared.domain import ids
+from shared.domain import ids, rules
 from shared.domain import visits as dv
 from shared.domain.errors import Conflict, Invalid, NotAllowed, NotFound, Unavailable
 from shared.domain.levels import Level
@@ -97,12 +97,7 @@ def grid_people(ctx: AppContext, p: Principal, grid: str) -> bool:
 
 
 def check_grid(ctx: AppContext, grid: str, field: str = "grid") -> None:
-    try:
-        area = ctx.org.area(grid)
-    except KeyError:
-        raise Invalid(f"unknown grid {grid!r}", field=field) from None
-    if area.level != Level.grid:
-        raise Invalid(f"{grid!r} is a {area.level}, not a grid", field=field)
+    rules.check_grid(ctx.org, grid, field)
 
 
 async def load_visit(ctx: AppContext, visit_id: str) -> Envelope | None:

@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from shared.config.org import Area, Department, OrgTree
-from shared.config.rulebook import DEFAULT_FALLBACK, URGENCIES, Category, Rulebook
+from shared.config.rulebook import DEFAULT_FALLBACK, URGENCIES, Rulebook
 from shared.domain.errors import Invalid
 from shared.domain.levels import Level
+from shared.domain.rules import check_category, check_grid, escalation_level
 
 FALLBACK_KIND = DEFAULT_FALLBACK
 """The default kind that takes what nobody else owns (兜底); a rulebook may name another (``fallback:``)."""
@@ -80,22 +81,6 @@ class RoutePlan:
 
 
 # -- input checks ---------------------------------------------------------------------------------------------
-def _category(rulebook: Rulebook, category: str) -> Category:
-    try:
-        return rulebook.categories[category]
-    except KeyError:
-        raise Invalid(f"unknown category {category!r}", field="category") from None
-
-
-def _grid(org: OrgTree, grid_id: str) -> Area:
-    area = org.areas.get(grid_id)
-    if area is None:
-        raise Invalid(f"unknown grid {grid_id!r}", field="grid")
-    if area.level != Level.grid:
-        raise Invalid(f"{grid_id!r} is a {area.level}, not a grid", field="grid")
-    return area
-
-
 def _urgency_rank(urgency: str) -> int:
     try:
         return URGENCIES.index(urgency)
@@ -117,7 +102,7 @@ def start_level(
     """The level that owns a new issue: the category's ``start`` lifted by known risk flags and by the
     rulebook's ``urgency.<effective urgency>.min_start``."""
     flags = tuple(risk_flags)
-    levels = [_category(rulebook, category).start]
+    levels = [check_category(rulebook, category).start]
     levels += [rulebook.risk[f].level for f in flags if f in rulebook.risk]
     rule = rulebook.urgency.get(effective_urgency(rulebook, urgency, flags))
     if rule is not None and rule.min_start is not None:
@@ -145,8 +130,8 @@ def plan_route(org: OrgTree, rulebook: Rulebook, grid_id: str, category: str, le
     """Who handles ``category`` reported at ``grid_id`` when ``level`` owns it.
 
     Raises :class:`Invalid` (``field`` "category" or "grid") for an unknown category or grid."""
-    cat = _category(rulebook, category)
-    _grid(org, grid_id)
+    cat = check_category(rulebook, category)
+    check_grid(org, grid_id)
     owner = org.owner_at(grid_id, level)
     fallback = rulebook.fallback
     notes: list[str] = []
@@ -200,12 +185,10 @@ def plan_escalation(
     org: OrgTree, rulebook: Rulebook, grid_id: str, category: str, current_level: Level
 ) -> RoutePlan | None:
     """The plan one level above the current owner (levels the branch lacks are skipped); None at the top."""
-    _category(rulebook, category)
-    _grid(org, grid_id)
-    owner = org.owner_at(grid_id, current_level)
-    if owner.parent is None or owner.level == Level.city:
-        return None
-    return plan_route(org, rulebook, grid_id, category, org.area(owner.parent).level)
+    check_category(rulebook, category)
+    check_grid(org, grid_id)
+    up = escalation_level(org, grid_id, current_level)
+    return None if up is None else plan_route(org, rulebook, grid_id, category, up)
 
 
 def plan_campaign(
