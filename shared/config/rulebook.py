@@ -20,6 +20,9 @@ Contract format (DESIGN.md, "Contract: org tree and rulebook")::
     escalate:
       on: [acknowledge_breach, resolve_breach, return, verification_failed_twice]
 
+Evidence (optional, per category): ``evidence: {report: photo, resolve: photo}`` — a report of the category
+must carry a photo (phase ``before``) and a resolve of its tasks a photo (phase ``after``); either may be absent.
+
 Extensions (optional): ``version:`` (default: the first 12 hex digits of the sha256 of the file's bytes), and
 ``urgency: {emergency: {min_start: street, sla_factor: 0.25}}`` — per urgency a minimum start level and a
 factor applied to both SLA durations. ``calendar``, ``timezone``, ``working_hours``, ``warn_at`` and ``escalate``
@@ -74,6 +77,18 @@ class Handler:
     co: tuple[str, ...] = ()
 
 
+EVIDENCE_KINDS: tuple[str, ...] = ("photo",)
+EVIDENCE_STAGES: tuple[str, ...] = ("report", "resolve")
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What a category's reports and resolves must carry (``None``: nothing)."""
+
+    report: str | None = None
+    resolve: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Category:
     id: str
@@ -83,6 +98,7 @@ class Category:
     handlers: dict[Level, Handler] = field(default_factory=dict)
     group: str | None = None
     description: str | None = None
+    evidence: Evidence = Evidence()
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +239,8 @@ def _working_hours(doc: Document, value: Any) -> tuple[tuple[time, time], ...]:
 
 def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
     doc.ident(cid, p, "category id")
-    m = doc.mapping(raw, p, required=("name", "start", "sla"), optional=("group", "description", "handlers"))
+    m = doc.mapping(raw, p, required=("name", "start", "sla"), optional=("group", "description", "handlers",
+                                                                                 "evidence"))
     sla_raw = doc.mapping(m["sla"], f"{p}.sla", required=("acknowledge", "resolve"), optional=("clock",))
     sla = Sla(
         doc.duration(sla_raw["acknowledge"], f"{p}.sla.acknowledge"),
@@ -252,5 +269,10 @@ def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
         handlers[level] = Handler(lead, tuple(co))
     group = doc.string(m["group"], f"{p}.group") if m.get("group") is not None else None
     description = doc.string(m["description"], f"{p}.description") if m.get("description") is not None else None
+    evidence = Evidence()
+    if m.get("evidence") is not None:
+        em = doc.mapping(m["evidence"], f"{p}.evidence", optional=EVIDENCE_STAGES)
+        evidence = Evidence(**{stage: doc.choice(kind, f"{p}.evidence.{stage}", EVIDENCE_KINDS, "evidence kind")
+                               for stage, kind in em.items() if kind is not None})
     return Category(cid, doc.string(m["name"], f"{p}.name"), doc.level(m["start"], f"{p}.start", "start level"),
-                    sla, handlers, group, description)
+                    sla, handlers, group, description, evidence)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from shared.events.models import Location, ResidentRef, Satisfaction, Urgency
+from shared.events.models import Location, MediaRef, ResidentRef, Satisfaction, Urgency
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,12 +20,20 @@ class ReportIssue:
     request_hash: str | None = None
     campaign: str | None = None
     resident: ResidentRef | None = None  # already sealed by the caller (the core never sees clear data)
+    media: tuple[MediaRef, ...] = ()
+    media_url: str | None = None
+    resolved_on_site: bool = False  # 即报即处: handled on the spot by the reporter; nothing is dispatched
+    note: str | None = None  # what was done on the spot
+    report_rule: str | None = None  # the evidence rule a report must meet (a photo, phase before), if any
+    resolve_rule: str | None = None  # the evidence rule a resolve must meet (a photo, phase after), if any
 
 
 @dataclass(frozen=True, slots=True)
 class ResolveOnSite:
     by: str
     note: str | None = None
+    media: tuple[MediaRef, ...] = ()
+    resolve_rule: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +54,8 @@ class ResolveTask:
     task_id: str
     by: str
     note: str | None = None
+    media: tuple[MediaRef, ...] = ()
+    resolve_rule: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +63,7 @@ class VerifyIssue:
     passed: bool
     by: str
     note: str | None = None
+    media: tuple[MediaRef, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

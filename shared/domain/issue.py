@@ -12,6 +12,7 @@ from shared.events import models as ev
 
 from . import commands as cmd
 from .errors import Conflict, Invalid, NotFound
+from .evidence import require_photo
 
 TASK_OPEN = frozenset({"dispatched", "acknowledged"})
 ISSUE_OPEN = frozenset({"reported", "dispatched", "in_progress", "resolved", "reopened"})
@@ -47,6 +48,22 @@ class TaskState:
 
 
 @dataclass(frozen=True, slots=True)
+class MediaItem:
+    """A medium the issue references: when (``stage``: report | resolve | verify | on_site), by whom, which
+    task's resolve (``task_id``), and its ``phase`` (before | after | other)."""
+
+    id: str
+    phase: str
+    stage: str
+    by: str
+    task_id: str | None = None
+
+
+def _media(refs: tuple[ev.MediaRef, ...], stage: str, by: str, task_id: str | None = None) -> tuple[MediaItem, ...]:
+    return tuple(MediaItem(m.id, m.phase, stage, by, task_id) for m in refs)
+
+
+@dataclass(frozen=True, slots=True)
 class IssueState:
     id: str
     grid: str = ""
@@ -75,6 +92,8 @@ class IssueState:
     closed_at: datetime | None = None
     closed_on_time: bool | None = None
     satisfaction: str | None = None
+    media: tuple[MediaItem, ...] = ()  # every medium referenced, in the order of the events
+    media_url: str | None = None  # an external link given with the report (never fetched)
     handled: frozenset[int] = field(default_factory=frozenset)  # causing seqs the router already reacted to
 
     @property
@@ -149,9 +168,12 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 grid=event.grid, category=event.category, title=event.title, description=event.description,
                 urgency=event.urgency, risk=event.risk, location=event.location, reporter=event.reporter,
                 reported_at=event.reported_at, request_hash=event.request_hash, campaign=event.campaign,
-                resident=event.resident,
-                status="reported",
+                resident=event.resident, media=_media(event.media, "report", event.reporter),
+                media_url=event.media_url, status="reported",
             )
+        case ev.IssueResolvedOnSite():
+            if event.media:
+                changes["media"] = state.media + _media(event.media, "on_site", event.by)
         case ev.IssueRouted():
             changes.update(level=event.level, owner_area=event.owner_area, rule=event.rule,
                            rulebook_version=event.rulebook_version)
@@ -174,6 +196,8 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                                          return_reason=event.reason)
         case ev.TaskResolved():
             changes["tasks"] = _set_task(state, event.task_id, status="resolved", resolved_at=event.at, note=event.note)
+            if event.media:
+                changes["media"] = state.media + _media(event.media, "resolve", event.by, event.task_id)
             if state.task(event.task_id).role == "lead":
                 changes["status"] = "resolved"
         case ev.TaskSuperseded():
@@ -192,6 +216,8 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
             changes["tasks"] = _set_task(state, event.task_id, resolve_due=event.resolve_due,
                                          resolve_warn=event.resolve_warn, extension_requested=None, extended=True)
         case ev.IssueVerified():
+            if event.media:
+                changes["media"] = state.media + _media(event.media, "verify", event.by)
             if not event.passed:
                 changes["failed_verifications"] = state.failed_verifications + 1
         case ev.IssueReopened():
@@ -224,18 +250,28 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
         case cmd.ReportIssue():
             if state.exists:
                 raise Conflict(f"issue {state.id} already exists", current_status=state.status)
-            return [ev.IssueReported(
+            require_photo(command.report_rule, command.media, "before")
+            reported = ev.IssueReported(
                 grid=command.grid, category=command.category, title=command.title, description=command.description,
                 urgency=command.urgency, risk=command.risk, location=command.location, reporter=command.reporter,
                 reported_at=now, request_hash=command.request_hash, campaign=command.campaign,
-                resident=command.resident,
-            )]
+                resident=command.resident, media=command.media, media_url=command.media_url,
+            )
+            if not command.resolved_on_site:
+                return [reported]
+            # 即报即处: reported, handled on the spot and closed in one append, so the router never sees an
+            # open issue to dispatch; the photos of the report are the on-site evidence
+            require_photo(command.resolve_rule, command.media, "after")
+            return [reported, ev.IssueResolvedOnSite(by=command.reporter, note=command.note),
+                    ev.IssueClosed(reason="resolved_on_site", on_time=True, closed_at=now)]
         case cmd.ResolveOnSite():
             _require_open(state)
             if state.tasks:
                 raise Conflict("issue already dispatched to departments; verify their work instead",
                                current_status=state.status)
-            return [ev.IssueResolvedOnSite(by=command.by, note=command.note),
+            require_photo(command.resolve_rule, (*command.media, *(m for m in state.media if m.stage == "report")),
+                          "after")
+            return [ev.IssueResolvedOnSite(by=command.by, note=command.note, media=command.media),
                     ev.IssueClosed(reason="resolved_on_site", on_time=True, closed_at=now)]
         case cmd.AcknowledgeTask():
             _require_open(state)
@@ -254,13 +290,14 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             t = state.task(command.task_id)
             if not t.open:
                 raise Conflict(f"task {t.id} is {t.status}", current_status=t.status)
-            return [ev.TaskResolved(task_id=t.id, by=command.by, note=command.note, at=now)]
+            require_photo(command.resolve_rule, command.media, "after")
+            return [ev.TaskResolved(task_id=t.id, by=command.by, note=command.note, at=now, media=command.media)]
         case cmd.VerifyIssue():
             _require_open(state)
             if state.status != "resolved":
                 raise Conflict(f"issue {state.id} is {state.status}; only a resolved issue can be verified",
                                current_status=state.status)
-            verified = ev.IssueVerified(passed=command.passed, by=command.by, note=command.note)
+            verified = ev.IssueVerified(passed=command.passed, by=command.by, note=command.note, media=command.media)
             if command.passed:
                 lead = state.lead
                 on_time = lead is not None and lead.resolved_at is not None and lead.resolved_at <= lead.resolve_due

@@ -28,6 +28,17 @@ class Location(BaseModel):
 
 
 RESIDENT_ID = r"^[A-Za-z0-9_-]{1,64}$"
+MEDIA_ID = r"^[0-9a-f]{64}$"
+MediaPhase = Literal["before", "after", "other"]
+
+
+class MediaRef(BaseModel):
+    """A photo kept in the media store (``GET /v1/media/{id}``), referenced by its content address: events
+    carry references only, never the bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str = Field(pattern=MEDIA_ID, description="the medium's id: the sha256 (hex) of the stored bytes")
+    phase: MediaPhase = Field(description="before the work (the report), after it (the fix), or other")
 
 
 class ResidentRef(BaseModel):
@@ -66,6 +77,9 @@ class IssueReported(Event):
     request_hash: str | None = None
     campaign: str | None = None
     resident: ResidentRef | None = None
+    media: tuple[MediaRef, ...] = ()
+    media_url: str | None = Field(default=None, description="an external link given with the report (Open311 "
+                                                            "media_url); never fetched by needle")
 
 
 class IssueResolvedOnSite(Event):
@@ -73,6 +87,7 @@ class IssueResolvedOnSite(Event):
     ce_type = "needle.issue.resolved_on_site.v1"
     by: str
     note: str | None = None
+    media: tuple[MediaRef, ...] = ()
 
 
 class IssueRouted(Event):
@@ -130,6 +145,7 @@ class TaskResolved(Event):
     by: str
     note: str | None = None
     at: datetime
+    media: tuple[MediaRef, ...] = ()
 
 
 class TaskSuperseded(Event):
@@ -197,6 +213,7 @@ class IssueVerified(Event):
     passed: bool
     by: str
     note: str | None = None
+    media: tuple[MediaRef, ...] = ()
 
 
 class IssueReopened(Event):

@@ -173,6 +173,8 @@ def breaking_changes(old: Any, new: Any, path: str = "$") -> list[str]:
             here = f"{path}.{key}"
             if key in ANNOTATIONS:
                 continue
+            if key == "definitions" and key not in old:  # the first shared definition: new definitions are allowed
+                continue
             if key not in new or key not in old:
                 out.append(f"{here} {'removed' if key not in new else 'added'}")
             elif key in ("properties", "definitions") and isinstance(old[key], dict) and isinstance(new[key], dict):

@@ -157,6 +157,7 @@ class Stack:
         from services.intake.app import create_app
         from services.intake.context import AppContext
         from services.intake.observability import LagMonitor
+        from services.media.store import MediaStore
 
         key = auth.load_or_create_key(self.settings.data_dir)
         assert self.store is not None and self.nc is not None
@@ -166,7 +167,8 @@ class Stack:
             self.tasks.append(asyncio.create_task(monitor.run(), name="lag-monitor"))
         ctx = AppContext(settings=self.settings, org=self.org, rulebook=self.rulebook, store=self.store,
                          verifier=auth.TokenVerifier(key, revocations=self.revocations), residents=self.residents,
-                         health=self.health, extras=self.extras, limiter=AppContext.limiter_for(self.settings))
+                         health=self.health, extras=self.extras, limiter=AppContext.limiter_for(self.settings),
+                         media=MediaStore(self.nc, replicas=self.settings.stream_replicas))
         routers = tuple(self.extras.get("routers", ()))
 
         def hold(rb: Rulebook) -> None:
