@@ -48,7 +48,8 @@ MEDIA_SCHEMA = {"type": "object", "required": ["id", "sha256", "content_type", "
 
 def _workdir(ctx: AppContext) -> Path:
     """Temporary files of uploads and reads: on the data directory's disk, not in memory."""
-    workdir = _workdir(ctx)
+    workdir = ctx.settings.data_dir / "tmp"
+    workdir.mkdir(parents=True, exist_ok=True)
     return workdir
 
 

@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from nats.aio.client import Client as NATS
 from nats.js.api import KeyValueConfig, ObjectMeta, ObjectStoreConfig, StorageType
-from nats.js.errors import BadRequestError, BucketNotFoundError, NoKeysError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
@@ -111,10 +111,16 @@ class MediaStore:
     async def referencing(self, media_id: str) -> list[str]:
         """The issues indexed as referencing the medium (to be confirmed against their events)."""
         _, refs = await self._open()
+        # a watch on the medium's keys only (KeyValue.keys would read every key of the bucket)
+        watcher = await refs.watch(f"{media_id}.*", ignore_deletes=True, meta_only=True)
+        keys: list[str] = []
         try:
-            keys = await refs.keys(filters=[f"{media_id}.*"])
-        except NoKeysError:  # no keys at all
-            return []
+            async for entry in watcher:
+                if entry is None:  # caught up
+                    break
+                keys.append(entry.key)
+        finally:
+            await watcher.stop()
         return sorted(k.split(".", 1)[1] for k in keys if "." in k)
 
 
