@@ -225,3 +225,37 @@ async def test_a_report_resolved_on_the_spot_is_never_dispatched(h: NeedleHandle
     assert types == ["needle.issue.reported.v1", "needle.issue.resolved_on_site.v1", "needle.issue.closed.v1"]
     problem(await h.client.post("/v1/issues", headers=h.auth(*G1), json={
         "grid": "wuxing-g1", "category": "road_damage", "title": "t", "note": "n"}), 422, "note")
+
+
+async def test_backup_and_restore_keep_the_photos(needle_factory: Callable[..., Any], nats_factory: Any,
+                                                  tmp_path: Path) -> None:
+    import nats
+
+    from services.ops import backup as bk
+
+    a: NeedleHandle = await needle_factory(ORG, RULES)
+    photo = png_bytes(color=(77, 66, 55))
+    media_id = await uploaded(a, photo)
+    r = await a.client.post("/v1/issues", headers=a.auth(*G1), json={
+        "grid": "wuxing-g1", "category": "litter", "title": "kept", "media": [{"id": media_id, "phase": "before"}]})
+    assert r.status_code == 201, r.text
+    issue_id = r.json()["id"]
+    assert a.stack.nc is not None
+    manifest = await bk.backup(a.stack.nc, tmp_path / "bk")
+    names = [s["name"] for s in manifest["streams"]]
+    assert f"OBJ_{BUCKET}" in names and "KV_NEEDLE_MEDIA_REFS" in names
+    await a.close()
+
+    fresh = nats_factory()
+    nc = await nats.connect(fresh.url)
+    try:
+        await bk.restore(nc, tmp_path / "bk")
+    finally:
+        await nc.close()
+    b: NeedleHandle = await needle_factory(ORG, RULES, nats_url=fresh.url, services=("intake",))
+    got = await b.client.get(f"/v1/media/{media_id}", headers=b.auth(*G1))
+    assert got.status_code == 200 and got.content == photo
+    thumb = await b.client.get(f"/v1/media/{media_id}?size=thumb", headers=b.auth(*G1))
+    assert thumb.status_code == 200 and thumb.content[:3] == b"\xff\xd8\xff"
+    assert (await b.client.get(f"/v1/media/{media_id}", headers=b.auth(*G2))).status_code == 403
+    assert [m["id"] for m in (await issue(b, issue_id))["media"]] == [media_id]
