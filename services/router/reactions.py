@@ -96,7 +96,9 @@ def react(state: IssueState, event: ev.Event, seq: int, rules: RouterRules, now:
         return []
     match event:
         case ev.IssueReported():
-            if state.status != "reported" or state.tasks:
+            # a report handled on the spot (即报即处) is closed in its own append: never dispatched, even when
+            # only the report itself has been folded (the router's batched fast path)
+            if state.status != "reported" or state.tasks or event.resolved_on_site:
                 return []
             level = start_level(rules.rulebook, state.category, state.urgency, state.risk)
             plan = plan_route(rules.org, rules.rulebook, state.grid, state.category, level)

@@ -20,6 +20,7 @@ is the tolerance of their checks and of the point -> grid lookup. Gaps between c
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,7 @@ KNOWN_KINDS: frozenset[str] = frozenset(
     }
 )
 """Every department kind a rulebook may name; an org or rulebook naming another kind does not load."""
+log = logging.getLogger("needle.org")
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +221,10 @@ def _haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 def load_org(path: str | Path) -> OrgTree:
     """Load and validate an org file; raises :class:`shared.config.loader.ConfigError`."""
     text, name, digest = read_source(path)
-    return parse_org(text, name, digest=digest, base=Path(path).parent)
+    tree = parse_org(text, name, digest=digest, base=Path(path).parent)
+    for warning in tree.warnings:  # loads, but looks wrong (gaps between boundaries)
+        log.warning("%s: %s", name, warning)
+    return tree
 
 
 def parse_org(text: str, source: str = "<org>", *, digest: str | None = None, base: Path | None = None) -> OrgTree:

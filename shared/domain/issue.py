@@ -256,6 +256,7 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 urgency=command.urgency, risk=command.risk, location=command.location, reporter=command.reporter,
                 reported_at=now, request_hash=command.request_hash, campaign=command.campaign,
                 resident=command.resident, media=command.media, media_url=command.media_url,
+                resolved_on_site=command.resolved_on_site,
             )
             if not command.resolved_on_site:
                 return [reported]

@@ -80,6 +80,9 @@ class IssueReported(Event):
     media: tuple[MediaRef, ...] = ()
     media_url: str | None = Field(default=None, description="an external link given with the report (Open311 "
                                                             "media_url); never fetched by needle")
+    resolved_on_site: bool = Field(default=False, description="即报即处: handled on the spot by the reporter; "
+                                                              "resolved_on_site and closed follow in the same "
+                                                              "append, and nothing is ever dispatched")
 
 
 class IssueResolvedOnSite(Event):
