@@ -27,19 +27,22 @@ from services.intake.issues_api import json_response
 from services.intake.security import Actor, Ctx, can_read, require_role
 from shared.auth import Principal
 from shared.commanding import load_existing_state
-from shared.domain.errors import Invalid, NotAllowed, NotFound, TooLarge, UnsupportedMediaType
+from shared.domain.errors import NotAllowed, NotFound, TooLarge, UnsupportedMediaType
 
 from . import probe
+from .receive import FORM_OVERHEAD, sink_for
 from .references import media_store
 
 router = APIRouter(tags=["media"])
 WRITERS = ("grid_worker", "handler", "supervisor")
 MEDIA_ID = re.compile(r"^[0-9a-f]{64}$")
-HEAD = 16
 UPLOAD_PATH = "/v1/media"
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
-UPLOAD_BODY = {"requestBody": {"required": True, "description": "the photo's bytes (JPEG, PNG or WebP)",
-                               "content": {t: _BINARY for t in probe.TYPES}}}
+_FORM = {"schema": {"type": "object", "required": ["file"], "properties": {"file": {"type": "string",
+                                                                                   "format": "binary"}}}}
+UPLOAD_BODY = {"requestBody": {"required": True, "description": "the photo's bytes (JPEG, PNG or WebP), or a form "
+                                                                "with the photo in the part named file",
+                               "content": {**{t: _BINARY for t in probe.TYPES}, "multipart/form-data": _FORM}}}
 MEDIA_SCHEMA = {"type": "object", "required": ["id", "sha256", "content_type", "bytes", "width", "height"],
                 "properties": {"id": {"type": "string"}, "sha256": {"type": "string"},
                                "content_type": {"type": "string"}, "bytes": {"type": "integer"},
@@ -53,42 +56,35 @@ def _workdir(ctx: AppContext) -> Path:
     return workdir
 
 
-def _declared(request: Request) -> str | None:
-    value = request.headers.get("content-type")
-    return value.split(";", 1)[0].strip().lower() if value else None
-
-
 @router.post(UPLOAD_PATH, status_code=201, openapi_extra=UPLOAD_BODY,
              responses={201: {"description": "the stored photo", "content": {"application/json": {
                  "schema": MEDIA_SCHEMA}}}})
 async def upload_media(request: Request, ctx: Ctx, p: Actor) -> Response:
-    """Upload a photo (raw body with its Content-Type). The same bytes are the same medium."""
+    """Upload a photo: the raw body with its Content-Type, or multipart/form-data with the photo in the part
+    named ``file`` (with that part's Content-Type). The same bytes are the same medium."""
     require_role(p, *WRITERS)
     store = media_store(ctx)
     limit = ctx.settings.media_max_bytes
     length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
+    multipart = (request.headers.get("content-type") or "").lower().startswith("multipart/")
+    room = limit + (FORM_OVERHEAD if multipart else 0)
+    if length is not None and (not length.isdigit() or int(length) > room):
         raise TooLarge(f"a photo may have at most {limit} bytes", field="body", limit=limit)
-    declared = _declared(request)
-    if declared is None or declared not in probe.TYPES:
-        raise UnsupportedMediaType(f"send the photo's bytes as {', '.join(probe.TYPES)} (got {declared})",
-                                         field="Content-Type", accepted=sorted(probe.TYPES))
     workdir = _workdir(ctx)
     fd, name = tempfile.mkstemp(dir=workdir, suffix=".upload")
     upload = Path(name)
     prepared: probe.Prepared | None = None
     try:
-        size, head = 0, b""
         with os.fdopen(fd, "wb") as out:
+            sink = sink_for(request.headers.get("content-type"), out, limit)
+            if not multipart and sink.declared not in probe.TYPES:
+                raise UnsupportedMediaType(f"send the photo's bytes as {', '.join(probe.TYPES)}, or a "
+                                           f"multipart/form-data form (got {sink.declared})",
+                                           field="Content-Type", accepted=sorted(probe.TYPES))
             async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise TooLarge(f"a photo may have at most {limit} bytes", field="body", limit=limit)
-                if len(head) < HEAD:
-                    head += chunk[:HEAD - len(head)]
-                out.write(chunk)
-        if size == 0:
-            raise Invalid("the body is empty: send the photo's bytes", field="body")
+                sink.write(chunk)
+            sink.finish()
+        declared, head = sink.declared, sink.head
         content_type = probe.check_declared(declared, head)
         prepared = await asyncio.to_thread(
             probe.prepare, upload, content_type, strip_location=ctx.settings.media_exif_location == "strip",

@@ -140,6 +140,23 @@ async def test_the_type_comes_from_the_bytes_and_the_size_is_limited(h: NeedleHa
     assert not list((h.stack.settings.data_dir / "tmp").glob("*"))  # and no temporary file left
 
 
+async def test_a_photo_may_come_as_a_multipart_form(h: NeedleHandle) -> None:
+    photo = png_bytes(color=(12, 34, 56))
+    r = await h.client.post("/v1/media", headers=h.auth(*G1), data={"caption": "路口"},
+                            files={"file": ("p.png", photo, "image/png")})
+    assert r.status_code == 201, r.text
+    assert r.json()["bytes"] == len(photo) and r.json()["id"] == (await upload(h, photo)).json()["id"]
+    problem(await h.client.post("/v1/media", headers=h.auth(*G1), files={"file": ("p.jpg", photo, "image/jpeg")}),
+            415, "Content-Type")
+    problem(await h.client.post("/v1/media", headers=h.auth(*G1), files={"other": ("a.png", photo, "image/png"),
+                                                                          "file": ("b.png", photo, "image/png")}),
+            422, "file")
+    problem(await h.client.post("/v1/media", headers=h.auth(*G1), data={"caption": "no photo"},
+                                files={"x": (None, b"text")}), 422, "file")
+    problem(await h.client.post("/v1/media", headers=h.auth(*G1), files={"file": ("n.png", noise_png(64),
+                                                                                  "image/png")}), 413, "body")
+
+
 async def test_the_exif_location_is_stripped_and_the_rest_kept(h: NeedleHandle) -> None:
     import io
 
