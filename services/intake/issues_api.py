@@ -169,6 +169,7 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
                               location=body.location, reporter=p.subject, request_hash=rhash,
                               resident=sealed.ref if sealed else None, media=media, media_url=body.media_url,
                               resolved_on_site=body.resolved_on_site, note=body.note,
+                              review=ctx.rulebook.category(body.category).intake == "review",
                               report_rule=evidence_rule(ctx, body.category, "report"),
                               resolve_rule=evidence_rule(ctx, body.category, "resolve"))
     now = utcnow()

@@ -86,6 +86,16 @@ class ReasonBody(Strict):
     reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
 
 
+class AcceptBody(Strict):
+    reason: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
+
+
+class RecategoriseBody(Strict):
+    category: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    grid: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
+
+
 class VerifyBody(Strict):
     passed: bool
     note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
@@ -143,4 +153,5 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None) -> dict[st
         "reopen_count": s.reopen_count, "escalations": s.escalations, "satisfaction": s.satisfaction,
         "campaign": s.campaign, "resident": resident, "tasks": [task_view(t) for t in s.tasks],
         "media": [media_view(m) for m in s.media], "media_url": s.media_url,
+        "triage": {"decision": s.triage, "reason": s.triage_reason, "by": s.triaged_by} if s.triage else None,
     }

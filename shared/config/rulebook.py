@@ -20,6 +20,10 @@ Contract format (DESIGN.md, "Contract: org tree and rulebook")::
     escalate:
       on: [acknowledge_breach, resolve_breach, return, verification_failed_twice]
 
+Intake (optional, per category): ``intake: auto`` (the default: a report is dispatched by the rules at once)
+or ``intake: review`` (受理: the report waits in ``pending_review`` until the command centre or a supervisor
+accepts, rejects, voids or recategorises it).
+
 Evidence (optional, per category): ``evidence: {report: photo, resolve: photo}`` — a report of the category
 must carry a photo (phase ``before``) and a resolve of its tasks a photo (phase ``after``); either may be absent.
 
@@ -77,6 +81,7 @@ class Handler:
     co: tuple[str, ...] = ()
 
 
+INTAKE_MODES: tuple[str, ...] = ("auto", "review")
 EVIDENCE_KINDS: tuple[str, ...] = ("photo",)
 EVIDENCE_STAGES: tuple[str, ...] = ("report", "resolve")
 
@@ -99,6 +104,7 @@ class Category:
     group: str | None = None
     description: str | None = None
     evidence: Evidence = Evidence()
+    intake: str = "auto"  # auto | review
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +246,7 @@ def _working_hours(doc: Document, value: Any) -> tuple[tuple[time, time], ...]:
 def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
     doc.ident(cid, p, "category id")
     m = doc.mapping(raw, p, required=("name", "start", "sla"), optional=("group", "description", "handlers",
-                                                                                 "evidence"))
+                                                                                 "evidence", "intake"))
     sla_raw = doc.mapping(m["sla"], f"{p}.sla", required=("acknowledge", "resolve"), optional=("clock",))
     sla = Sla(
         doc.duration(sla_raw["acknowledge"], f"{p}.sla.acknowledge"),
@@ -274,5 +280,6 @@ def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
         em = doc.mapping(m["evidence"], f"{p}.evidence", optional=EVIDENCE_STAGES)
         evidence = Evidence(**{stage: doc.choice(kind, f"{p}.evidence.{stage}", EVIDENCE_KINDS, "evidence kind")
                                for stage, kind in em.items() if kind is not None})
+    intake = doc.choice(m.get("intake", "auto"), f"{p}.intake", INTAKE_MODES, "intake mode")
     return Category(cid, doc.string(m["name"], f"{p}.name"), doc.level(m["start"], f"{p}.start", "start level"),
-                    sla, handlers, group, description, evidence)
+                    sla, handlers, group, description, evidence, intake)

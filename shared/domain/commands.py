@@ -22,6 +22,7 @@ class ReportIssue:
     resident: ResidentRef | None = None  # already sealed by the caller (the core never sees clear data)
     media: tuple[MediaRef, ...] = ()
     media_url: str | None = None
+    review: bool = False  # 受理: the category's intake is review (wait in pending_review)
     resolved_on_site: bool = False  # 即报即处: handled on the spot by the reporter; nothing is dispatched
     note: str | None = None  # what was done on the spot
     report_rule: str | None = None  # the evidence rule a report must meet (a photo, phase before), if any
@@ -34,6 +35,32 @@ class ResolveOnSite:
     note: str | None = None
     media: tuple[MediaRef, ...] = ()
     resolve_rule: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptIssue:
+    by: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectIssue:
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VoidIssue:
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecategoriseIssue:
+    by: str
+    reason: str
+    category: str
+    grid: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +130,7 @@ class UrgeIssue:
 
 
 Command = (
-    ReportIssue | ResolveOnSite | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
+    ReportIssue | ResolveOnSite | AcceptIssue | RejectIssue | VoidIssue | RecategoriseIssue
+    | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
     | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
 )

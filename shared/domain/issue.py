@@ -15,7 +15,8 @@ from .errors import Conflict, Invalid, NotFound
 from .evidence import require_photo
 
 TASK_OPEN = frozenset({"dispatched", "acknowledged"})
-ISSUE_OPEN = frozenset({"reported", "dispatched", "in_progress", "resolved", "reopened"})
+ISSUE_OPEN = frozenset({"pending_review", "reported", "dispatched", "in_progress", "resolved", "reopened"})
+ISSUE_ENDED = frozenset({"closed", "rejected", "voided"})  # nothing more is done for these
 _D = TypeVar("_D")
 
 
@@ -94,6 +95,9 @@ class IssueState:
     satisfaction: str | None = None
     media: tuple[MediaItem, ...] = ()  # every medium referenced, in the order of the events
     media_url: str | None = None  # an external link given with the report (never fetched)
+    triage: str | None = None  # the last triage decision: accepted | rejected | voided | recategorised
+    triage_reason: str | None = None
+    triaged_by: str | None = None
     handled: frozenset[int] = field(default_factory=frozenset)  # causing seqs the router already reacted to
 
     @property
@@ -169,8 +173,20 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 urgency=event.urgency, risk=event.risk, location=event.location, reporter=event.reporter,
                 reported_at=event.reported_at, request_hash=event.request_hash, campaign=event.campaign,
                 resident=event.resident, media=_media(event.media, "report", event.reporter),
-                media_url=event.media_url, status="reported",
+                media_url=event.media_url, status="pending_review" if event.review else "reported",
             )
+        case ev.IssueAccepted():
+            changes.update(status="reported", triage="accepted", triage_reason=event.reason, triaged_by=event.by)
+        case ev.IssueRejected():
+            changes.update(status="rejected", triage="rejected", triage_reason=event.reason, triaged_by=event.by,
+                           tasks=_superseded(state.tasks))
+        case ev.IssueVoided():
+            changes.update(status="voided", triage="voided", triage_reason=event.reason, triaged_by=event.by,
+                           tasks=_superseded(state.tasks))
+        case ev.IssueRecategorised():
+            changes.update(category=event.to_category, grid=event.to_grid, status="reported", level=None,
+                           owner_area=None, rule=None, tasks=_superseded(state.tasks), triage="recategorised",
+                           triage_reason=event.reason, triaged_by=event.by)
         case ev.IssueResolvedOnSite():
             if event.media:
                 changes["media"] = state.media + _media(event.media, "on_site", event.by)
@@ -240,8 +256,23 @@ def fold(issue_id: str, events: list[tuple[ev.Event, int]]) -> IssueState:
 def _require_open(state: IssueState) -> None:
     if not state.exists:
         raise NotFound(f"issue {state.id} not found", field="id")
-    if state.status == "closed":
-        raise Conflict(f"issue {state.id} is closed", current_status=state.status)
+    if state.status in ISSUE_ENDED:
+        raise Conflict(f"issue {state.id} is {state.status}", current_status=state.status)
+
+
+def _require_untouched(state: IssueState, ended: str | None = None) -> bool:
+    """Triage is possible while no task has been acknowledged. True when the issue already ended as
+    ``ended`` (a retry of the same decision: nothing more to record)."""
+    if not state.exists:
+        raise NotFound(f"issue {state.id} not found", field="id")
+    if ended is not None and state.status == ended:
+        return True
+    if state.status in ISSUE_ENDED:
+        raise Conflict(f"issue {state.id} is {state.status}", current_status=state.status)
+    if any(t.acknowledged_at is not None for t in state.tasks):
+        raise Conflict(f"a task of issue {state.id} was acknowledged: it can no longer be triaged",
+                       current_status=state.status)
+    return False
 
 
 def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Event]:
@@ -256,7 +287,7 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 urgency=command.urgency, risk=command.risk, location=command.location, reporter=command.reporter,
                 reported_at=now, request_hash=command.request_hash, campaign=command.campaign,
                 resident=command.resident, media=command.media, media_url=command.media_url,
-                resolved_on_site=command.resolved_on_site,
+                resolved_on_site=command.resolved_on_site, review=command.review and not command.resolved_on_site,
             )
             if not command.resolved_on_site:
                 return [reported]
@@ -265,6 +296,25 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             require_photo(command.resolve_rule, command.media, "after")
             return [reported, ev.IssueResolvedOnSite(by=command.reporter, note=command.note),
                     ev.IssueClosed(reason="resolved_on_site", on_time=True, closed_at=now)]
+        case cmd.AcceptIssue():
+            _require_untouched(state)
+            if state.status != "pending_review":  # accepted already (a retry), or never held: nothing to do
+                return []
+            return [ev.IssueAccepted(by=command.by, reason=command.reason)]
+        case cmd.RejectIssue():
+            if _require_untouched(state, ended="rejected"):
+                return []
+            return [ev.IssueRejected(by=command.by, reason=command.reason)]
+        case cmd.VoidIssue():
+            if _require_untouched(state, ended="voided"):
+                return []
+            return [ev.IssueVoided(by=command.by, reason=command.reason)]
+        case cmd.RecategoriseIssue():
+            _require_untouched(state)
+            if (command.category, command.grid) == (state.category, state.grid):  # a retry, or no change
+                return []
+            return [ev.IssueRecategorised(by=command.by, reason=command.reason, from_category=state.category,
+                                          to_category=command.category, from_grid=state.grid, to_grid=command.grid)]
         case cmd.ResolveOnSite():
             _require_open(state)
             if state.tasks:

@@ -80,6 +80,9 @@ class IssueReported(Event):
     media: tuple[MediaRef, ...] = ()
     media_url: str | None = Field(default=None, description="an external link given with the report (Open311 "
                                                             "media_url); never fetched by needle")
+    review: bool = Field(default=False, description="受理: the category's intake is review; the issue waits in "
+                                                    "pending_review until accepted, rejected, voided or "
+                                                    "recategorised, and nothing is dispatched before")
     resolved_on_site: bool = Field(default=False, description="即报即处: handled on the spot by the reporter; "
                                                               "resolved_on_site and closed follow in the same "
                                                               "append, and nothing is ever dispatched")
@@ -91,6 +94,48 @@ class IssueResolvedOnSite(Event):
     by: str
     note: str | None = None
     media: tuple[MediaRef, ...] = ()
+
+
+class IssueAccepted(Event):
+    """受理: the command centre (or a supervisor) accepts a report waiting for review; the router dispatches
+    it by the rules."""
+
+    name = "issue_accepted"
+    ce_type = "needle.issue.accepted.v1"
+    by: str
+    reason: str | None = None
+
+
+class IssueRejected(Event):
+    """不予受理: not government business, out of jurisdiction...; the grid worker sees why. Open tasks end."""
+
+    name = "issue_rejected"
+    ce_type = "needle.issue.rejected.v1"
+    by: str
+    reason: str
+
+
+class IssueVoided(Event):
+    """作废: a mistake or a test. Open tasks end."""
+
+    name = "issue_voided"
+    ce_type = "needle.issue.voided.v1"
+    by: str
+    reason: str
+
+
+class IssueRecategorised(Event):
+    """改类: another category and/or grid; open tasks end and the router routes the issue anew, with new
+    clocks."""
+
+    name = "issue_recategorised"
+    ce_type = "needle.issue.recategorised.v1"
+    by: str
+    reason: str
+    from_category: str
+    to_category: str
+    from_grid: str
+    to_grid: str
 
 
 class IssueRouted(Event):
@@ -282,6 +327,10 @@ class ResidentForgotten(Event):
 EVENT_TYPES: tuple[type[Event], ...] = (
     IssueReported,
     IssueResolvedOnSite,
+    IssueAccepted,
+    IssueRejected,
+    IssueVoided,
+    IssueRecategorised,
     IssueRouted,
     TaskDispatched,
     TaskAcknowledged,
