@@ -25,29 +25,16 @@ from shared.events.models import Event
 from .context import AppContext
 from .issues_api import IfMatch, check_if_match, json_response, state_headers
 from .schemas import AcceptBody, ReasonBody, RecategoriseBody, issue_view
-from .security import Actor, Ctx, in_area
+from .security import Actor, Ctx, in_area, is_command_center
 
 router = APIRouter(tags=["triage"])
 SOURCE = "needle/intake"
 
 
-def command_center_of(ctx: AppContext, state: IssueState) -> str | None:
-    """The department id of the command centre that triages the issue."""
-    if state.owner_area is not None:
-        owner = state.owner_area
-    else:
-        category = ctx.rulebook.categories.get(state.category)
-        if category is None or state.grid not in ctx.org.areas:
-            return None
-        owner = ctx.org.owner_at(state.grid, category.start).id
-    dept = ctx.org.serving(owner, "command_center")
-    return dept.id if dept else None
-
-
 def require_triager(ctx: AppContext, p: Principal, state: IssueState) -> None:
     if p.role == "admin" or (p.role == "supervisor" and in_area(ctx.org, p, state.grid)):
         return
-    if p.role == "handler" and p.scope_id is not None and p.scope_id == command_center_of(ctx, state):
+    if is_command_center(ctx, p, state):
         return
     raise NotAllowed(f"{p.role} scope {p.scope or '-'} may not triage issue {state.id} (its command centre or a "
                      "supervisor over its grid may)")

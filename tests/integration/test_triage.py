@@ -59,6 +59,9 @@ async def test_review_holds_dispatch_until_the_command_centre_accepts(h: NeedleH
     await settled(h)
     held = await issue(h, iid)
     assert (held["status"], held["tasks"]) == ("pending_review", [])
+    seen = await h.client.get(f"/v1/issues/{iid}", headers=h.auth(*CENTRE))  # the command centre reads it
+    assert seen.status_code == 200 and seen.json()["status"] == "pending_review"
+    assert (await h.client.get(f"/v1/issues/{iid}", headers=h.auth(*ROADS))).status_code == 403
     assert (await act(h, iid, "accept", G1)).status_code == 403  # not the grid worker's call
     assert (await act(h, iid, "accept", ROADS)).status_code == 403  # nor another department's
     r = await act(h, iid, "accept", CENTRE, {"reason": "属实"})
