@@ -24,7 +24,7 @@ from services.intake.security import check_rate, ctx_of, in_area
 from shared.auth import Principal, TokenError
 from shared.commanding import load_existing_state, utcnow
 from shared.domain import ids
-from shared.domain.errors import Conflict, DomainError, NotFound, RateLimited
+from shared.domain.errors import Conflict, DomainError, Invalid, RateLimited
 
 from . import catalog, search, view
 from .formats import FORMATS, Format, Open311Error, check_format, error_response, render, split_format
@@ -176,7 +176,7 @@ async def _by_ids(ctx: AppContext, wanted: tuple[str, ...]) -> list[dict[str, ob
     async def one(issue_id: str) -> dict[str, object] | None:
         try:
             ids.check_issue_id(issue_id)
-        except NotFound:
+        except Invalid:
             return None
         async with sem:
             state, envs = await load_existing_state(ctx.store, issue_id)
@@ -218,7 +218,7 @@ async def _one(request: Request, name: str, tokens: bool) -> Response:
     what = "token" if tokens else "service_request_id"
     try:
         issue_id = ids.check_issue_id(stem)
-    except NotFound:
+    except Invalid:
         raise Open311Error(404, f"{what} {stem} not found") from None
     state, envs = await load_existing_state(ctx.store, issue_id)
     if not state.exists:

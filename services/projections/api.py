@@ -182,7 +182,7 @@ async def get_audit(request: Request, issue_id: str, ctx: Ctx, p: Actor) -> Resp
     """Who did what when (supervisors and admins)."""
     if p.role not in ("supervisor", "admin"):
         raise NotAllowed(f"role {p.role} cannot read the audit view")
-    ids.check_issue_id(issue_id)  # 404 for what cannot be an issue id (a NUL in it was a 500 from Postgres)
+    ids.check_issue_id(issue_id)  # 422 for what cannot be an issue id (a NUL in it was a 500 from Postgres)
     seq = await _caught_up(ctx, None)
     rows = await queries.audit(_pool(ctx), issue_id)
     if rows and p.role == "supervisor":

@@ -30,7 +30,11 @@ def issue_event(issue_id: str, event_name: str) -> str:
 
 
 def issue_events(issue_id: str) -> str:
-    """Every event of one issue (the OCC scope of the issue aggregate)."""
+    """Every event of one issue (the OCC scope of the issue aggregate). ``issue_id`` must be one subject
+    token: the HTTP layer refuses other ids with 422, and this is the last line (a ``*`` or ``>`` here would
+    read, or guard, every issue at once)."""
+    if not _TOKEN.match(issue_id):
+        raise ValueError(f"not an issue id: {issue_id!r}")
     return f"{EVENTS_ROOT}.issue.{issue_id}.*"
 
 

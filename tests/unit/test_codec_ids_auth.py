@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from shared import auth
 from shared.domain import ids
-from shared.domain.errors import NotFound
+from shared.domain.errors import Invalid
 from shared.events import codec, subjects
 from shared.events import models as ev
 
@@ -221,23 +221,30 @@ def test_a_task_id_names_its_issue(ms: int, r: int, n: int) -> None:
     assert ids.issue_of_task(task) == issue
 
 
-@pytest.mark.parametrize("task", ["", "abc", "abc-", "-1", "abc-x", "abc-1a"])
-def test_a_task_id_without_issue_and_ordinal_is_not_found(task: str) -> None:
-    with pytest.raises(NotFound) as info:
+@pytest.mark.parametrize("task", ["", "abc", "abc-", "-1", "abc-x", "abc-1a", "*-1", ">-1", "a.b-1", "a*-1",
+                                  "abc-1\n", "abc-\u0661", "x" * 41 + "-1", "abc-1234567"])
+def test_a_task_id_that_is_no_issue_and_ordinal_is_invalid_naming_the_path_param(task: str) -> None:
+    with pytest.raises(Invalid) as info:
         ids.issue_of_task(task)
-    assert info.value.field == "task_id"
+    assert info.value.field == "task_id" and info.value.status == 422
 
 
-@pytest.mark.parametrize("issue_id", ["", "a.b", "*", ">", "abc.*", "a b", "ABC", "x" * 41, "abc-1", "abci"])
+@pytest.mark.parametrize("issue_id", ["", "a.b", "*", ">", "abc.*", "a b", "ABC", "x" * 41, "abc-1", "abci",
+                                      "abc\n", "\u0661"])
 def test_check_issue_id_rejects_ids_that_could_not_be_subject_tokens_or_ours(issue_id: str) -> None:
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(Invalid) as info:
         ids.check_issue_id(issue_id)
-    assert info.value.field == "id"
+    assert info.value.field == "issue_id" and info.value.status == 422
+
+
+@pytest.mark.parametrize("issue_id", ["*", ">", "a.b", ""])
+def test_the_issue_subject_refuses_a_wildcard_as_a_last_line(issue_id: str) -> None:
+    with pytest.raises(ValueError):
+        subjects.issue_events(issue_id)
 
 
 @pytest.mark.parametrize("key", ["", "x" * 201, "a\nb", "a\x00b"])
 def test_an_idempotency_key_must_be_1_to_200_printable_characters(key: str) -> None:
-    from shared.domain.errors import Invalid
 
     with pytest.raises(Invalid):
         ids.check_idempotency_key(key)
