@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=200, ge=1)
     rate_limit_read_per_s: float = Field(default=200.0, ge=0)  # reads (GET, HEAD)
     rate_limit_read_burst: int = Field(default=1000, ge=1)
+    # Open311 reads without an api_key, per client address (docs/SECURITY.md); 0 switches the limit off
+    open311_anonymous_per_s: float = Field(default=5.0, ge=0)
+    open311_anonymous_burst: int = Field(default=100, ge=1)
     # browser origins allowed to call the API (CORS), comma-separated or a JSON list; none by default
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 

@@ -147,9 +147,10 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/open311/v2/discovery.{fmt}"): Case(public()),
     ("GET", "/open311/v2/services.{fmt}"): Case(public()),
     ("GET", "/open311/v2/services/{name}"): Case(public()),
-    ("GET", "/open311/v2/requests.{fmt}"): Case(public()),
-    ("GET", "/open311/v2/requests/{name}"): Case(public()),
-    ("GET", "/open311/v2/tokens/{name}"): Case(public()),
+    # requests: anyone without a key (the anonymous view), any valid key; a key that is sent must be valid
+    ("GET", "/open311/v2/requests.{fmt}"): Case(public() | {"expired": 403, "revoked": 403}),
+    ("GET", "/open311/v2/requests/{name}"): Case(public() | {"expired": 403, "revoked": 403}),
+    ("GET", "/open311/v2/tokens/{name}"): Case(public() | {"expired": 403, "revoked": 403}),
     ("POST", "/open311/v2/requests.{fmt}"): Case(only("gw_a", "integrator", "admin", bad=403), succeeds=True,
                                                  data={"service_code": "road_damage", "description": "m",
                                                        "attribute[grid]": GRID_A}),
@@ -384,3 +385,18 @@ async def test_by_default_no_origin_is_allowed_and_the_dashboard_keeps_its_own_c
     csp = page.headers.get_list("content-security-policy")
     assert len(csp) == 1 and "script-src 'self'" in csp[0] and "'unsafe-inline'" not in csp[0]
     assert page.headers["x-frame-options"] == "DENY"
+
+
+# Open311 reads: the full request (description, exact point and address, notes) only to a key that covers the
+# issue; everyone else, no key included, gets the anonymous view (docs/OPEN311.md)
+OPEN311_FULL = {"gw_a", "handler_x", "handler_y", "sup_street", "integrator", "admin"}
+
+
+@pytest.mark.parametrize("who", [c for c in CALLERS if c not in ("expired", "revoked")])
+async def test_open311_reads_show_full_detail_only_to_a_key_covering_the_issue(
+        stack: tuple[NeedleHandle, World], who: str) -> None:
+    h, w = stack
+    r = await h.client.get(f"/open311/v2/requests/{w.issue}.json", headers=w.headers[who])
+    assert r.status_code == 200, r.text
+    (req,) = r.json()
+    assert (req["description"] is not None) == (who in OPEN311_FULL), (who, req)

@@ -3,6 +3,7 @@ wildcards, what Open311 shows without a key, webhook targets, who files what, CS
 Every test here failed on the code before the fix."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import uuid
@@ -85,3 +86,98 @@ async def test_a_well_formed_unknown_task_is_still_404(h: NeedleHandle) -> None:
     issue_id = await report_ok(h)
     problem(await h.client.post(f"/v1/tasks/{issue_id}-9/acknowledge", headers=h.auth(*ROADS)), 404)
     problem(await h.client.get("/v1/issues/0123456789abcdefghjkmnpqrs", headers=h.auth(*ADMIN)), 404)
+
+
+# -- item 1: what Open311 shows without a key ------------------------------------------------------------------
+V2 = "/open311/v2"
+SECRET_TEXT = "flat 3-1102, Mr Zhang's door"
+
+
+async def a_worked_issue(h: NeedleHandle) -> str:
+    """A road issue with a private description, an exact point and address, returned once with a reason."""
+    body = ROAD | {"description": SECRET_TEXT, "location": {"lat": 30.012345, "lon": 122.106789,
+                                                            "address": "Huannan Road 88"}}
+    issue_id = await report_ok(h, body)
+    issue = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*ADMIN), lambda b: len(b["tasks"]) >= 2)
+    lead = next(t["id"] for t in issue["tasks"] if t["role"] == "lead")
+    r = await h.client.post(f"/v1/tasks/{lead}/resolve", json={"note": "the note names Mr Zhang"},
+                            headers=h.auth(*ROADS))
+    assert r.status_code == 200, r.text
+    return issue_id
+
+
+def assert_anonymous(req: dict[str, Any]) -> None:
+    text = str(req)
+    assert req["description"] is None and SECRET_TEXT not in text and "Zhang" not in text, req
+    assert "Huannan Road 88" not in text, req
+    assert req["status"] == "open" and req["service_code"] == "road_damage" and req["requested_datetime"]
+    assert req["lat"] == 30.012 and req["long"] == 122.107, req  # rounded to 3 decimals
+
+
+async def test_open311_reads_without_a_key_show_no_free_text_and_a_rounded_point(h: NeedleHandle) -> None:
+    issue_id = await a_worked_issue(h)
+    r = await h.client.get(f"{V2}/requests/{issue_id}.json")
+    assert r.status_code == 200, r.text
+    assert r.headers["cache-control"] == "no-store"
+    (req,) = r.json()
+    assert_anonymous(req)
+    assert "awaiting verification" in req["status_notes"], req
+    (by_id,) = (await h.client.get(f"{V2}/requests.json", params={"service_request_id": issue_id})).json()
+    assert_anonymous(by_id)
+    # the list (read models): no title either
+    listed = []
+    for _ in range(100):
+        listed = [x for x in (await h.client.get(f"{V2}/requests.json")).json() if x["service_request_id"] == issue_id]
+        if listed:
+            break
+        await asyncio.sleep(0.1)
+    assert listed and listed[0]["description"] is None, listed
+    assert "pothole" not in str(listed)
+
+
+@pytest.mark.parametrize(("who", "full"), [(GW1, True), (SUP_DINGHAI, True), (ROADS, True), (ADMIN, True),
+                                           (("integrator", ""), True), (("grid_worker", "area:wuxing-g2"), False),
+                                           (("supervisor", "area:wuxing-g2"), False),
+                                           (("handler", "dept:wuxing-committee"), False)])
+async def test_open311_full_detail_needs_a_key_that_covers_the_issue(
+        h: NeedleHandle, who: tuple[str, str], full: bool) -> None:
+    issue_id = await a_worked_issue(h)
+    r = await h.client.get(f"{V2}/requests/{issue_id}.json", headers=h.auth(*who))
+    assert r.status_code == 200, r.text
+    (req,) = r.json()
+    if full:
+        assert req["description"] == SECRET_TEXT and req["address"] == "Huannan Road 88", req
+        assert req["lat"] == 30.012345 and "Mr Zhang" in req["status_notes"], req
+    else:
+        assert_anonymous(req)
+
+
+async def test_open311_refuses_a_bad_key_on_reads_and_any_key_in_the_query_string(h: NeedleHandle) -> None:
+    r = await h.client.get(f"{V2}/requests.json", headers={"Authorization": "Bearer not-a-token"})
+    assert r.status_code == 403 and "api_key" in r.json()[0]["description"], r.text
+    key = h.token("integrator", "")
+    r = await h.client.get(f"{V2}/requests.json", params={"api_key": key})
+    assert r.status_code == 400 and "query string" in r.json()[0]["description"], r.text
+    r = await h.client.post(f"{V2}/requests.json?api_key={key}",
+                            data={"service_code": "road_damage", "attribute[grid]": "wuxing-g1"})
+    assert r.status_code == 400 and "query string" in r.json()[0]["description"], r.text
+
+
+async def test_every_answer_without_caching_of_its_own_says_no_store(h: NeedleHandle) -> None:
+    for path in (f"{V2}/services.json", f"{V2}/discovery.json", "/healthz", f"{V2}/requests/nope.json"):
+        r = await h.client.get(path)
+        assert r.headers.get("cache-control") == "no-store", (path, r.headers)
+    assert (await h.client.get("/v1/schemas")).headers["cache-control"].startswith("public")
+
+
+async def test_open311_anonymous_reads_are_rate_limited_per_client_address(needle_factory: Any) -> None:
+    hh: NeedleHandle = await needle_factory(services=("intake",), open311_anonymous_per_s=0.01,
+                                            open311_anonymous_burst=3)
+    statuses = [(await hh.client.get(f"{V2}/requests/0123456789abcdefghjkmnpqrs.json")).status_code
+                for _ in range(4)]
+    assert statuses == [404, 404, 404, 429], statuses
+    r = await hh.client.get(f"{V2}/requests/0123456789abcdefghjkmnpqrs.json")
+    assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1 and r.json()[0]["code"] == 429
+    # a key reads on its own (per subject) bucket
+    r = await hh.client.get(f"{V2}/requests/0123456789abcdefghjkmnpqrs.json", headers=hh.auth(*ADMIN))
+    assert r.status_code == 404, r.text
