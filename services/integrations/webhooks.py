@@ -24,6 +24,7 @@ from shared.store.settling import settled
 
 from .delivery import Deliverer, DeliveryConfig, Sender, consumer_name, group_of, now_iso, render
 from .registry import Registry, Webhook
+from .targets import AllowList
 
 if TYPE_CHECKING:
     from shared.runtime.stack import Stack
@@ -203,7 +204,7 @@ async def start_webhooks(stack: Stack, config: DeliveryConfig | None = None,
     js = stack.nc.jetstream()
     registry = await settled("webhook buckets", lambda: Registry.open(js, replicas=stack.settings.stream_replicas),
                              within_s=stack.settings.start_timeout_s)
-    sender = sender or Sender.pooled()
+    sender = sender or Sender.pooled(allow=AllowList.parse(config.allow_private))
     service = WebhookService(stack.nc, stack.org, registry, sender, config, health=stack.health,
                              deliver=stack.settings.webhook_delivery)
     stack.closers.append(sender.client.aclose)

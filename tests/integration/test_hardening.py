@@ -181,3 +181,64 @@ async def test_open311_anonymous_reads_are_rate_limited_per_client_address(needl
     # a key reads on its own (per subject) bucket
     r = await hh.client.get(f"{V2}/requests/0123456789abcdefghjkmnpqrs.json", headers=hh.auth(*ADMIN))
     assert r.status_code == 404, r.text
+
+
+# -- item 2: webhooks cannot reach the internal network --------------------------------------------------------
+HOOK = {"types": ["issue_reported"], "secret": "hardening-secret-0123456789"}
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:9/x", "http://localhost:8222/varz", "http://169.254.169.254/",
+                                 "http://10.0.0.1/", "http://[::1]:4222/", "http://[::ffff:127.0.0.1]/",
+                                 "https://192.168.1.1/", "http://0.0.0.0:5432/", "http://100.64.0.1/"])
+async def test_a_webhook_to_an_internal_target_is_refused_at_registration(h: NeedleHandle, url: str) -> None:
+    r = await h.client.post("/v1/webhooks", json=HOOK | {"url": url}, headers=h.auth("integrator", ""))
+    problem(r, 422, "url")
+
+
+async def test_the_operator_allows_listed_private_targets_and_caps_webhooks_per_owner(needle_factory: Any) -> None:
+    hh: NeedleHandle = await needle_factory(services=("intake",), webhook_allow_private=["127.0.0.1"],
+                                            webhook_max_per_owner=2)
+    mine = hh.auth("integrator", "", subject="hardening-owner")
+    for _ in range(2):
+        r = await hh.client.post("/v1/webhooks", json=HOOK | {"url": "http://127.0.0.1:9/x"}, headers=mine)
+        assert r.status_code == 201, r.text
+    problem(await hh.client.post("/v1/webhooks", json=HOOK | {"url": "http://127.0.0.1:9/x"}, headers=mine), 409)
+    problem(await hh.client.post("/v1/webhooks", json=HOOK | {"url": "http://10.0.0.1/x"},
+                                 headers=hh.auth("integrator", "", subject="other")), 422, "url")  # not listed
+    r = await hh.client.post("/v1/webhooks", json=HOOK | {"url": "http://127.0.0.1:9/x"},
+                             headers=hh.auth("integrator", "", subject="another-owner"))
+    assert r.status_code == 201, r.text
+    hook = (await hh.client.get("/v1/webhooks", headers=mine)).json()[0]["id"]
+    assert (await hh.client.delete(f"/v1/webhooks/{hook}", headers=mine)).status_code == 204
+    r = await hh.client.post("/v1/webhooks", json=HOOK | {"url": "http://127.0.0.1:9/x"}, headers=mine)
+    assert r.status_code == 201, r.text
+
+
+async def test_every_connect_checks_the_target_and_connects_to_the_checked_address() -> None:
+    """The delivery transport resolves once, refuses an internal address (a name registered while it pointed
+    elsewhere, DNS rebinding) before any byte is sent, and connects to the address it checked."""
+    from services.integrations.targets import AllowList
+    from services.integrations.transport import KeepAliveTransport
+
+    connections: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer.get_extra_info("peername")[0])
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        for url in (f"http://127.0.0.1:{port}/x", f"http://localhost:{port}/x"):
+            async with httpx.AsyncClient(transport=KeepAliveTransport()) as client:
+                with pytest.raises(httpx.ConnectError, match="target refused"):
+                    await client.post(url, content=b"{}")
+        assert connections == []
+        async with httpx.AsyncClient(transport=KeepAliveTransport(allow=AllowList.parse(["localhost"]))) as client:
+            r = await client.post(f"http://localhost:{port}/x", content=b"{}")
+        assert r.status_code == 204 and connections == ["127.0.0.1"]
+    finally:
+        server.close()
