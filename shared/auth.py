@@ -1,7 +1,8 @@
 """Bearer tokens: HS256 JWTs signed with a key kept in the data directory (never logged).
 
 Roles and scopes (DESIGN.md): grid_worker ``area:<grid>``, handler ``dept:<department>``,
-supervisor ``area:<area>`` (everything below it), integrator, admin.
+supervisor ``area:<area>`` (everything below it), integrator, admin; and ``reporter`` (a public app that files
+Open311 requests for residents: ``""`` for any grid, or ``area:<area>``; docs/SECURITY.md, "Who files what").
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import jwt
 
 from shared.revocation import Revocations
 
-ROLES = ("grid_worker", "handler", "supervisor", "integrator", "admin")
+ROLES = ("grid_worker", "handler", "supervisor", "integrator", "admin", "reporter")
 ISSUER = "needle"
 KEY_FILE = "secrets/token.key"
 
@@ -65,6 +66,8 @@ def validate_scope(role: str, scope: str) -> None:
     want = {"grid_worker": "area", "handler": "dept", "supervisor": "area"}.get(role)
     if want and not scope.startswith(f"{want}:"):
         raise ValueError(f"role {role} needs scope {want}:<id>, got {scope!r}")
+    if role == "reporter" and scope and not scope.startswith("area:"):
+        raise ValueError(f"role reporter takes no scope (any grid) or area:<id>, got {scope!r}")
 
 
 def issue_token(key: bytes, *, role: str, scope: str, subject: str | None = None, ttl_s: int = 30 * 86400,

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from services.intake.context import AppContext
 from services.intake.issues_api import record_report, validate_report
 from services.intake.schemas import ReportIssueBody
-from services.intake.security import can_read, check_rate, ctx_of, in_area
+from services.intake.security import FILERS, can_read, check_rate, ctx_of, in_area, require_filing
 from shared.auth import Principal, TokenError
 from shared.commanding import load_existing_state, utcnow
 from shared.domain import ids
@@ -36,7 +36,6 @@ router = APIRouter(tags=["open311"])
 log = structlog.get_logger("needle.open311")
 BASE = "/open311/v2"
 SOURCE = "needle/open311"
-KEY_ROLES = ("integrator", "admin", "grid_worker")
 MAX_WAIT_S = 5.0
 STARTED = datetime.now(UTC)
 _KNOWN_PATH = re.compile(r"^v2/(discovery|services|requests|tokens)(\.[^/]*|/[^/]+)$")
@@ -153,8 +152,8 @@ def _principal(ctx: AppContext, request: Request, params: Params) -> Principal:
     if key is None:
         raise Open311Error(403, "api_key was not provided")
     p = _verify(ctx, key)
-    if p.role not in KEY_ROLES:
-        raise Open311Error(403, f"api_key of role {p.role} may not submit requests (needs {', '.join(KEY_ROLES)})")
+    if p.role not in FILERS:  # integrators read (DESIGN.md); a public app files with a reporter key
+        raise Open311Error(403, f"api_key of role {p.role} may not submit requests (needs {', '.join(FILERS)})")
     try:
         check_rate(ctx, p, write=True)
     except RateLimited as e:
@@ -192,8 +191,7 @@ async def _create(request: Request, fmt: Format) -> Response:
     attrs = attributes(params)
     urgency, risk = urgency_of(attrs), risk_of(ctx.rulebook, attrs)
     where = place(ctx.org, params, attrs)
-    if p.role == "grid_worker" and not in_area(ctx.org, p, where.grid):
-        raise Open311Error(403, f"api_key scope {p.scope} does not cover grid {where.grid}")
+    require_filing(ctx.org, ctx.rulebook, p, where.grid, urgency, risk)
     description = first(params, "description")
     title = _title(description, category.name)
     if where.address is not None:  # an address without a point: keep it where the handler will read it
@@ -294,7 +292,7 @@ async def discovery(request: Request, fmt: str) -> Response:
         url = str(request.base_url).rstrip("/") + BASE + "/"
         changeset = view.ts(STARTED, ctx_of(request).rulebook.tz)
         body = {"changeset": changeset, "contact": "the operator of this needle",
-                "key_service": "api_key: a needle bearer token (needle token issue --role integrator)",
+                "key_service": "api_key: a needle bearer token (needle token issue --role reporter)",
                 "endpoints": [{"specification": "http://wiki.open311.org/GeoReport_v2", "url": url,
                                "changeset": changeset, "type": "production",
                                "formats": ["application/json", "text/xml"]}]}

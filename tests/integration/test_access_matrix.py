@@ -3,8 +3,8 @@ new route without an entry here fails) × every kind of caller, against one real
 
 Callers: grid workers of grids A and B, handlers of the lead department X, of the co-handling department
 Y and of a department Z with no task, a supervisor of the street over both grids and one of grid B only,
-an integrator, an admin, and no / an expired / a revoked token. The issue under test lies in grid A and
-is dispatched to X (lead) and Y (co).
+an integrator, an admin, a public app's reporter key, and no / an expired / a revoked token. The issue under
+test lies in grid A and is dispatched to X (lead) and Y (co).
 
 An expected ``OK`` means the caller got past authentication and authorization: a 2xx, or for a write a
 409 (allowed, but the issue's state has moved on: earlier callers in the matrix act on the same issue).
@@ -44,6 +44,7 @@ PRINCIPALS: dict[str, tuple[str, str]] = {
     "sup_other": ("supervisor", f"area:{GRID_B}"),  # covers grid B only
     "integrator": ("integrator", ""),
     "admin": ("admin", ""),
+    "reporter": ("reporter", ""),  # a public app: files Open311 requests, reads nothing beyond the public view
 }
 BAD = ("none", "expired", "revoked")
 CALLERS = (*PRINCIPALS, *BAD)
@@ -151,7 +152,8 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/open311/v2/requests.{fmt}"): Case(public() | {"expired": 403, "revoked": 403}),
     ("GET", "/open311/v2/requests/{name}"): Case(public() | {"expired": 403, "revoked": 403}),
     ("GET", "/open311/v2/tokens/{name}"): Case(public() | {"expired": 403, "revoked": 403}),
-    ("POST", "/open311/v2/requests.{fmt}"): Case(only("gw_a", "integrator", "admin", bad=403), succeeds=True,
+    # files: a grid worker in its grid, a public app's reporter key, an admin; never an integrator (reads only)
+    ("POST", "/open311/v2/requests.{fmt}"): Case(only("gw_a", "reporter", "admin", bad=403), succeeds=True,
                                                  data={"service_code": "road_damage", "description": "m",
                                                        "attribute[grid]": GRID_A}),
     # anything else under /open311 is a 404 in the GeoReport form, whoever asks

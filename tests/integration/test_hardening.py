@@ -242,3 +242,41 @@ async def test_every_connect_checks_the_target_and_connects_to_the_checked_addre
         assert r.status_code == 204 and connections == ["127.0.0.1"]
     finally:
         server.close()
+
+
+# -- item 5: who files what ------------------------------------------------------------------------------------
+DEMO_ORG = Path(__file__).resolve().parents[2] / "deploy" / "org" / "zhoushan.yaml"
+DEMO_RULES = Path(__file__).resolve().parents[2] / "deploy" / "rules" / "zhoushan.yaml"
+G33 = {"service_code": "sea_safety", "attribute[grid]": "zhanmao-g33", "description": "x"}
+
+
+async def test_who_files_what_on_open311(needle_factory: Any) -> None:
+    hh: NeedleHandle = await needle_factory(DEMO_ORG, DEMO_RULES, services=("intake",))
+
+    async def post(who: tuple[str, str], **extra: str) -> httpx.Response:
+        return await hh.client.post(f"{V2}/requests.json", data={"api_key": hh.token(*who), **G33, **extra})
+
+    app = ("reporter", "")
+    # integrators read (contract): never file; a public app files with a reporter key
+    r = await post(("integrator", ""))
+    assert r.status_code == 403 and "integrator" in r.json()[0]["description"], r.text
+    assert (await post(app)).status_code == 201
+    assert (await post(app, **{"attribute[urgency]": "urgent"})).status_code == 201
+    # a flag that lifts no higher than the street: a reporter may; above the street: staff only
+    assert (await post(app, **{"attribute[risk][]": "collective_petition"})).status_code == 201
+    for flag in ("violence", "mass_casualty"):
+        r = await post(app, **{"attribute[risk][]": flag})
+        assert r.status_code == 403 and flag in r.json()[0]["description"], r.text
+        assert (await post(("grid_worker", "area:zhanmao-g33"), **{"attribute[risk][]": flag})).status_code == 201
+    r = await post(app, **{"attribute[urgency]": "emergency"})
+    assert r.status_code == 403, r.text
+    assert (await post(("admin", ""), **{"attribute[urgency]": "emergency"})).status_code == 201
+    # a reporter key scoped to an area files there only
+    assert (await post(("reporter", "area:zhanmao"))).status_code == 201
+    assert (await post(("reporter", "area:dinghai"))).status_code == 403
+    # handlers and supervisors file nothing here; a reporter nothing on /v1
+    for who in (("handler", "dept:putuo-ocean"), ("supervisor", "area:putuo")):
+        assert (await post(who)).status_code == 403, who
+    r = await hh.client.post("/v1/issues", json={"grid": "zhanmao-g33", "category": "sea_safety", "title": "t"},
+                             headers=hh.auth(*app))
+    problem(r, 403)
