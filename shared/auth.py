@@ -47,10 +47,29 @@ def key_path(data_dir: Path) -> Path:
     return Path(data_dir) / KEY_FILE
 
 
+MIN_KEY_BYTES = 32  # HS256 wants at least 256 bits (RFC 7518 §3.2); needle writes 64 hex characters
+
+
+class TokenKeyError(ValueError):
+    """``DIR/secrets/token.key`` is too short to sign tokens safely."""
+
+
+def check_key(key: bytes) -> bytes:
+    if len(key) < MIN_KEY_BYTES:
+        raise TokenKeyError(f"a token key needs at least {MIN_KEY_BYTES} bytes, not {len(key)}")
+    return key
+
+
 def load_or_create_key(data_dir: Path) -> bytes:
+    """The token key, created (32 random bytes, hex) on first use. An existing key shorter than 32 bytes
+    (an empty file, a typed-in word) is refused: anyone could guess it and mint an admin token."""
     path = key_path(data_dir)
     if path.exists():
-        return path.read_bytes().strip()
+        key = path.read_bytes().strip()
+        if len(key) < MIN_KEY_BYTES:
+            raise TokenKeyError(f"{path} holds {len(key)} bytes; a token key needs at least {MIN_KEY_BYTES} "
+                                f"(delete it to have a new random one made, then issue tokens again)")
+        return key
     path.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     key = secrets.token_hex(32).encode()
@@ -73,6 +92,7 @@ def validate_scope(role: str, scope: str) -> None:
 def issue_token(key: bytes, *, role: str, scope: str, subject: str | None = None, ttl_s: int = 30 * 86400,
                 now: float | None = None) -> str:
     validate_scope(role, scope)
+    check_key(key)
     now = time.time() if now is None else now
     claims = {
         "iss": ISSUER,
@@ -91,7 +111,7 @@ class TokenVerifier:
     consulted on every call, cache hit or not (the bucket follower updates it in place)."""
 
     def __init__(self, key: bytes, cache_size: int = 10_000, revocations: Revocations | None = None) -> None:
-        self._key = key
+        self._key = check_key(key)
         self._cache: dict[str, tuple[Principal, float]] = {}
         self._cache_size = cache_size
         self.revocations = revocations if revocations is not None else Revocations()

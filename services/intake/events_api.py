@@ -136,9 +136,12 @@ def parse_last_id(header: str | None, query: str | None) -> int | None:
     raw = header if header is not None else query  # the header wins: browsers send it on reconnect
     if raw is None or not raw.strip():
         return None
-    if not raw.strip().isdigit():
+    text = raw.strip()
+    # ASCII digits only ("²".isdigit() is True and int() refuses it), and no longer than a stream sequence can be
+    # (int() refuses more than 4300 digits; JetStream sequences are uint64): 422, never a 500
+    if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) < 2**64):
         raise Invalid("Last-Event-ID must be a stream sequence (a non-negative integer)", field="Last-Event-ID")
-    return int(raw)
+    return int(text)
 
 
 def _frame(seq: int, ce_type: str, data: bytes) -> bytes:

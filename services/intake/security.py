@@ -117,9 +117,12 @@ def can_read(org: OrgTree, p: Principal, state: IssueState) -> bool:
         return True
     if p.role in ("grid_worker", "supervisor"):
         return in_area(org, p, state.grid)
-    if p.role == "handler":
-        return any(t.department == p.scope_id for t in state.tasks)
+    if p.role == "handler":  # while its department holds a task: not once it is returned or superseded
+        return any(t.department == p.scope_id and t.status not in HANDED_BACK for t in state.tasks)
     return False
+
+
+HANDED_BACK = frozenset({"returned", "superseded"})  # a task that no longer gives its department the issue
 
 
 def require_read(org: OrgTree, p: Principal, state: IssueState) -> None:

@@ -162,7 +162,7 @@ def _principal(ctx: AppContext, request: Request, params: Params) -> Principal:
 
 
 def _title(description: str | None, fallback: str) -> str:
-    line = next((x.strip() for x in (description or "").splitlines() if x.strip()), "")
+    line = next((" ".join(x.split()) for x in (description or "").splitlines() if x.strip()), "")
     if not line:
         return fallback
     return line if len(line) <= 80 else line[:79] + "…"

@@ -94,7 +94,7 @@ class Stack:
         assert nc is not None
         bucket = await settled("revocations bucket", lambda: open_bucket(nc, self.settings.stream_replicas),
                                within_s=self.settings.start_timeout_s)
-        follower = RevocationFollower(bucket, self.revocations)
+        follower = RevocationFollower(bucket, self.revocations, health=self.health)
         await follower.start()
         self.closers.append(follower.stop)
 

@@ -300,3 +300,108 @@ async def test_csv_export_neutralises_formula_cells(h: NeedleHandle) -> None:
             break
         await asyncio.sleep(0.1)
     assert sorted(seen) == sorted("'" + t for t in titles), seen
+
+
+# -- item 11: small fixes --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["²", "1" * 5000, "１２"])
+async def test_a_last_event_id_that_is_no_ascii_sequence_is_422_not_500(h: NeedleHandle, value: str) -> None:
+    headers: dict[str, Any] = h.auth(*ADMIN) | {"Last-Event-ID": value.encode()}  # raw UTF-8 bytes on the wire
+    r = await h.client.get("/v1/events/stream", headers=headers)
+    problem(r, 422, "Last-Event-ID")
+    r = await h.client.get("/v1/events/stream", params={"last_event_id": value}, headers=h.auth(*ADMIN))
+    problem(r, 422, "Last-Event-ID")
+
+
+@pytest.mark.parametrize(("field", "text"), [("title", "a\x00b"), ("title", "a\x1bb"), ("title", "a\u202eb"),
+                                             ("title", "line\nbreak"), ("description", "a\u2066b"),
+                                             ("description", "bell\x07"), ("location", "road\u202d88")])
+async def test_control_and_bidi_characters_are_refused_in_text_fields(h: NeedleHandle, field: str,
+                                                                       text: str) -> None:
+    body = dict(ROAD)
+    if field == "location":
+        body["location"] = {"lat": 30.0, "lon": 122.1, "address": text}  # type: ignore[assignment]
+    else:
+        body[field] = text
+    problem(await h.client.post("/v1/issues", json=body, headers=h.auth(*GW1)), 422, field)
+
+
+async def test_control_characters_are_refused_in_notes_reasons_and_campaigns(h: NeedleHandle) -> None:
+    issue_id = await report_ok(h)
+    issue = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*ADMIN), lambda b: len(b["tasks"]) >= 2)
+    lead = next(t["id"] for t in issue["tasks"] if t["role"] == "lead")
+    r = await h.client.post(f"/v1/tasks/{lead}/return", json={"reason": "not \u202eours"}, headers=h.auth(*ROADS))
+    problem(r, 422, "reason")
+    r = await h.client.post(f"/v1/tasks/{lead}/resolve", json={"note": "done\x00"}, headers=h.auth(*ROADS))
+    problem(r, 422, "note")
+    r = await h.client.post("/v1/campaigns", json={"area": "wuxing", "category": "road_damage", "title": "a\x00b"},
+                            headers=h.auth(*ADMIN))
+    problem(r, 422, "title")
+    # multi-line text keeps its line breaks and tabs
+    r = await h.client.post(f"/v1/tasks/{lead}/resolve", json={"note": "filled\n\tand rolled"},
+                            headers=h.auth(*ROADS))
+    assert r.status_code == 200, r.text
+
+
+async def test_a_handler_loses_the_issue_once_its_task_is_returned(h: NeedleHandle) -> None:
+    issue_id = await report_ok(h)
+    issue = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*ADMIN), lambda b: len(b["tasks"]) >= 2)
+    lead = next(t["id"] for t in issue["tasks"] if t["role"] == "lead")
+    assert (await h.client.get(f"/v1/issues/{issue_id}", headers=h.auth(*ROADS))).status_code == 200
+    r = await h.client.post(f"/v1/tasks/{lead}/return", json={"reason": "not ours"}, headers=h.auth(*ROADS))
+    assert r.status_code == 200, r.text
+    for suffix in ("", "/events"):
+        problem(await h.client.get(f"/v1/issues/{issue_id}{suffix}", headers=h.auth(*ROADS)), 403)
+    r = await h.client.get(f"/open311/v2/requests/{issue_id}.json", headers=h.auth(*ROADS))
+    assert r.status_code == 200 and r.json()[0]["description"] is None  # the public view only
+
+
+async def test_a_handler_loses_the_issue_once_its_task_is_superseded(h: NeedleHandle) -> None:
+    issue_id = await report_ok(h)
+    await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*ADMIN), lambda b: len(b["tasks"]) >= 2)
+    r = await h.client.post(f"/v1/issues/{issue_id}/escalate", json={"reason": "too big"}, headers=h.auth(*GW1))
+    assert r.status_code == 202, r.text
+    body = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*ADMIN),
+                            lambda b: any(t["status"] == "superseded" for t in b["tasks"]))
+    gone = {t["department"] for t in body["tasks"] if t["status"] == "superseded"}
+    still = {t["department"] for t in body["tasks"] if t["status"] not in ("superseded", "returned")}
+    for dept in gone - still:
+        problem(await h.client.get(f"/v1/issues/{issue_id}", headers=h.auth("handler", f"dept:{dept}")), 403)
+    for dept in still:
+        assert (await h.client.get(f"/v1/issues/{issue_id}", headers=h.auth("handler", f"dept:{dept}"))
+                ).status_code == 200
+    assert gone - still, body["tasks"]
+
+
+async def test_when_the_revocation_watch_dies_health_says_so_and_it_comes_back(h: NeedleHandle) -> None:
+    from shared.revocation import Revocations
+    from shared.store.revocations import RevocationFollower, open_bucket, revoke_token
+
+    assert h.stack.nc is not None and h.stack.health.get("revocations") is True
+    bucket = await open_bucket(h.stack.nc)
+    health: dict[str, bool] = {}
+    seen = Revocations()
+    follower = RevocationFollower(bucket, seen, health=health, retry_s=0.2)
+    await follower.start()
+    try:
+        assert health == {"revocations": True}
+        assert follower._watcher is not None
+        await follower._watcher.stop()  # the watch ends (as when its consumer is lost for good)
+        for _ in range(50):
+            if health["revocations"] is False:
+                break
+            await asyncio.sleep(0.01)
+        assert health["revocations"] is False
+        for _ in range(300):
+            if health["revocations"]:
+                break
+            await asyncio.sleep(0.01)
+        assert health["revocations"] is True
+        jti = uuid.uuid4().hex
+        await revoke_token(bucket, jti, at=0.0, by="hardening")
+        for _ in range(300):
+            if jti in seen.jtis:
+                break
+            await asyncio.sleep(0.01)
+        assert jti in seen.jtis  # the watch that came back applies new revocations
+    finally:
+        await follower.stop()

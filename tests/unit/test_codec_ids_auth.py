@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import jwt
 import orjson
@@ -390,3 +391,31 @@ def test_base32_digits_are_the_bits_most_significant_first_at_every_length() -> 
             value = rng.getrandbits(rng.choice([5 * length, 5 * length + 9, 256]))
             one_by_one = "".join(alphabet[(value >> 5 * (length - 1 - i)) & 31] for i in range(length))
             assert ids._b32(value, length) == one_by_one, (value, length)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"secret", b"x" * 31])
+def test_a_short_or_empty_token_key_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = auth.key_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(auth.TokenKeyError):
+        auth.load_or_create_key(tmp_path)
+    with pytest.raises(auth.TokenKeyError):
+        auth.TokenVerifier(content.strip())
+    with pytest.raises(auth.TokenKeyError):
+        auth.issue_token(content.strip(), role="admin", scope="")
+
+
+def test_a_new_token_key_is_64_hex_characters(tmp_path: Path) -> None:
+    key = auth.load_or_create_key(tmp_path)
+    assert len(key) == 64 and auth.load_or_create_key(tmp_path) == key
+
+
+@pytest.mark.parametrize("raw", ["²", "١٢", "9" * 21, "1" * 5000, str(2**64), "-1", "1 2"])
+def test_last_event_id_that_is_no_ascii_sequence_is_invalid_not_a_crash(raw: str) -> None:
+    from services.intake.events_api import parse_last_id
+
+    with pytest.raises(Invalid) as info:
+        parse_last_id(raw, None)
+    assert info.value.field == "Last-Event-ID"
+    assert parse_last_id(str(2**64 - 1), None) == 2**64 - 1
