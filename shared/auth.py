@@ -33,6 +33,7 @@ class Principal:
     scope: str  # "area:<id>", "dept:<id>", "*" or ""
     token_id: str
     issued_at: float = 0.0  # the token's ``iat`` (a subject's revocation covers tokens issued before it)
+    expires_at: float = float("inf")  # the token's ``exp``: open event streams end then
 
     @property
     def scope_kind(self) -> str:
@@ -145,7 +146,7 @@ class TokenVerifier:
         if not isinstance(claims.get("iat"), int | float):
             raise TokenError("invalid token")
         p = Principal(subject=str(claims["sub"]), role=role, scope=scope, token_id=str(claims["jti"]),
-                      issued_at=float(claims["iat"]))
+                      issued_at=float(claims["iat"]), expires_at=float(claims["exp"]))
         if self.is_revoked(p):
             raise TokenError("token revoked")
         if len(self._cache) >= self._cache_size:

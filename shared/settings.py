@@ -57,6 +57,7 @@ class Settings(BaseSettings):
     # Open311 reads without an api_key, per client address (docs/SECURITY.md); 0 switches the limit off
     open311_anonymous_per_s: float = Field(default=5.0, ge=0)
     open311_anonymous_burst: int = Field(default=100, ge=1)
+    sse_max_per_subject: int = Field(default=8, ge=1)  # open event streams per token subject (both SSE routes)
     # browser origins allowed to call the API (CORS), comma-separated or a JSON list; none by default
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # webhook targets allowed though not public (loopback, private, link-local...): host names and CIDRs,

@@ -405,3 +405,54 @@ async def test_when_the_revocation_watch_dies_health_says_so_and_it_comes_back(h
         assert jti in seen.jtis  # the watch that came back applies new revocations
     finally:
         await follower.stop()
+
+
+# -- item 8: event streams: a cap per token subject, and the end at the token's expiry -------------------------
+async def test_open_event_streams_are_capped_per_token_subject(needle_factory: Any) -> None:
+    hh: NeedleHandle = await needle_factory(sse_max_per_subject=2)
+    sup = hh.token("supervisor", "area:dinghai", subject="hardening-sse")
+    other = hh.token("supervisor", "area:dinghai", subject="hardening-sse-other")
+    same_subject_new_token = hh.token("supervisor", "area:wuxing", subject="hardening-sse")
+    async with contextlib.AsyncExitStack() as stack:
+        for _ in range(2):
+            r = await stack.enter_async_context(hh.client.stream(
+                "GET", "/v1/events/stream", params={"live": "true"}, headers={"Authorization": f"Bearer {sup}"}))
+            assert r.status_code == 200
+        r = await hh.client.get("/v1/events/stream", headers={"Authorization": f"Bearer {same_subject_new_token}"})
+        body = problem(r, 429)
+        assert int(r.headers["Retry-After"]) >= 1 and "hardening-sse" in body["detail"]
+        r = await hh.client.get("/dashboard/stream", params={"access_token": sup})
+        problem(r, 429)  # the dashboard's stream counts too
+        async with hh.client.stream("GET", "/dashboard/stream", params={"access_token": other}) as r:
+            assert r.status_code == 200  # another subject is not held back
+    # the streams closed: their slots are free again
+    for _ in range(100):
+        async with hh.client.stream("GET", "/dashboard/stream", params={"access_token": sup}) as r:
+            if r.status_code == 200:
+                break
+        await asyncio.sleep(0.05)
+    assert r.status_code == 200
+
+
+async def test_an_event_stream_ends_when_its_token_expires(h: NeedleHandle) -> None:
+    from shared import auth
+
+    key = auth.load_or_create_key(h.stack.settings.data_dir)
+    for path, params, name in [("/v1/events/stream", {"live": "true"}, "events"), ("/dashboard/stream", {}, "dash")]:
+        token = auth.issue_token(key, role="supervisor", scope="area:dinghai", subject=f"expiring-{name}", ttl_s=2)
+        if name == "dash":
+            params = {"access_token": token}
+        started = asyncio.get_running_loop().time()
+        body = b""
+        async with h.client.stream("GET", path, params=params,
+                                   headers={} if name == "dash" else {"Authorization": f"Bearer {token}"}) as r:
+            assert r.status_code == 200
+            async with asyncio.timeout(8):  # before: the events stream ran on, the dashboard's for 60 s more
+                async for chunk in r.aiter_bytes():
+                    body += chunk
+        took = asyncio.get_running_loop().time() - started
+        assert took < 5, (name, took)
+        if name == "dash":
+            assert b"event: expired" in body, body
+        assert (await h.client.get(path, params=params, headers={} if name == "dash" else
+                                   {"Authorization": f"Bearer {token}"})).status_code == 401
