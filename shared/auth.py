@@ -90,6 +90,37 @@ def validate_scope(role: str, scope: str) -> None:
         raise ValueError(f"role reporter takes no scope (any grid) or area:<id>, got {scope!r}")
 
 
+# Default lifetimes (docs/SECURITY.md, "Token subjects and lifetimes"): an admin token lasts a working day;
+# people's tokens a week (re-issued, or revoked by subject, when someone leaves); machines' (integrators,
+# public apps) a quarter, to be rotated
+DEFAULT_TTL_S: dict[str, int] = {"admin": 8 * 3600, "grid_worker": 7 * 86400, "handler": 7 * 86400,
+                                 "supervisor": 7 * 86400, "integrator": 90 * 86400, "reporter": 90 * 86400}
+
+
+def new_subject(role: str, scope: str, suffix: str | None = None) -> str:
+    """A subject of its own for one token holder: ``role:scope:<8 hex>`` (idempotency keys, rate buckets, the
+    audit actor and subject revocation are then this holder's alone, not every worker's of the grid)."""
+    return f"{role}:{scope or '-'}:{suffix or secrets.token_hex(4)}"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenPlan:
+    subject: str
+    ttl_s: int
+    generated: bool  # the subject was made up here: tell the operator which it is
+
+
+def plan_token(role: str, scope: str, subject: str | None, ttl_s: int | None) -> TokenPlan:
+    """What ``needle token issue`` issues: the given subject or a new one; the given lifetime or the role's."""
+    validate_scope(role, scope)
+    if subject is not None and not subject.strip():
+        raise ValueError("--subject must not be empty")
+    ttl = DEFAULT_TTL_S[role] if ttl_s is None else ttl_s
+    if ttl <= 0:
+        raise ValueError(f"--ttl must be positive, got {ttl}")
+    return TokenPlan(subject or new_subject(role, scope), ttl, subject is None)
+
+
 def issue_token(key: bytes, *, role: str, scope: str, subject: str | None = None, ttl_s: int = 30 * 86400,
                 now: float | None = None) -> str:
     validate_scope(role, scope)
@@ -97,7 +128,7 @@ def issue_token(key: bytes, *, role: str, scope: str, subject: str | None = None
     now = time.time() if now is None else now
     claims = {
         "iss": ISSUER,
-        "sub": subject or f"{role}:{scope or '-'}",
+        "sub": subject or f"{role}:{scope or '-'}",  # the CLI always names one (plan_token); tests may not
         "role": role,
         "scope": scope,
         "iat": int(now),

@@ -223,23 +223,25 @@ def run(service: Annotated[str, typer.Argument(help="intake | router | projectio
 
 @token_app.command("issue")
 def token_issue(
-    role: Annotated[str, typer.Option(help="grid_worker | handler | supervisor | integrator | admin")],
+    role: Annotated[str, typer.Option(help="grid_worker | handler | supervisor | integrator | admin | reporter")],
     scope: Annotated[str, typer.Option(help="area:<id> | dept:<id> | (empty for integrator/admin)")] = "",
     data_dir: DataDir = None,
-    ttl: Annotated[str, typer.Option(help="lifetime, ISO 8601 (P30D) or seconds")] = "P30D",
-    subject: Annotated[str | None, typer.Option(help="who the token stands for (default: role:scope)")] = None,
+    ttl: Annotated[str, typer.Option(help="lifetime, ISO 8601 or seconds (default per role: SECURITY.md)")] = "",
+    subject: Annotated[str | None, typer.Option(help="who the token stands for (default: a new one, printed)")] = None,
 ) -> None:
-    """Print a bearer token that the server using DATA_DIR accepts."""
+    """Print a bearer token that the server using DATA_DIR accepts (the last line of stdout)."""
     from shared import auth
     from shared.config.loader import parse_duration
 
     settings = _settings(data_dir)
     try:
-        ttl_s = int(ttl) if ttl.isdigit() else int(parse_duration(ttl).total_seconds())
-        if ttl_s <= 0:
-            raise ValueError(f"--ttl must be positive, got {ttl!r}")
+        ttl_s = None if not ttl else int(ttl) if ttl.isdigit() else int(parse_duration(ttl).total_seconds())
+        plan = auth.plan_token(role, scope, subject, ttl_s)
         key = auth.load_or_create_key(settings.data_dir)
-        typer.echo(auth.issue_token(key, role=role, scope=scope, subject=subject, ttl_s=ttl_s))
+        token = auth.issue_token(key, role=role, scope=scope, subject=plan.subject, ttl_s=plan.ttl_s)
+        if plan.generated:
+            typer.echo(f"subject: {plan.subject} (--subject {plan.subject} issues another token for it)", err=True)
+        typer.echo(token)
     except ValueError as exc:
         raise _fail(str(exc)) from None
 

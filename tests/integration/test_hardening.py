@@ -456,3 +456,29 @@ async def test_an_event_stream_ends_when_its_token_expires(h: NeedleHandle) -> N
             assert b"event: expired" in body, body
         assert (await h.client.get(path, params=params, headers={} if name == "dash" else
                                    {"Authorization": f"Bearer {token}"})).status_code == 401
+
+
+# -- item 6: token subjects and lifetimes ----------------------------------------------------------------------
+def test_needle_token_issue_gives_each_token_its_own_subject_and_a_role_lifetime(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import jwt
+
+    needle = Path(sys.executable).parent / "needle"
+
+    def issue(*args: str) -> tuple[dict[str, Any], str]:
+        r = subprocess.run([str(needle), "token", "issue", "--data-dir", str(tmp_path), *args],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        token = r.stdout.strip().splitlines()[-1]  # the token stays the last line of stdout
+        return jwt.decode(token, options={"verify_signature": False}), r.stderr
+
+    a, said = issue("--role", "grid_worker", "--scope", "area:wuxing-g1")
+    b, _ = issue("--role", "grid_worker", "--scope", "area:wuxing-g1")
+    assert a["sub"] != b["sub"] and a["sub"] in said, said  # two workers of one grid: two subjects
+    assert a["exp"] - a["iat"] == 7 * 86400
+    admin, _ = issue("--role", "admin")
+    assert admin["exp"] - admin["iat"] == 8 * 3600  # before: 30 days
+    named, said = issue("--role", "integrator", "--subject", "city-portal", "--ttl", "P1D")
+    assert (named["sub"], named["exp"] - named["iat"]) == ("city-portal", 86400) and "subject" not in said

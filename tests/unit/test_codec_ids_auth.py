@@ -419,3 +419,18 @@ def test_last_event_id_that_is_no_ascii_sequence_is_invalid_not_a_crash(raw: str
         parse_last_id(raw, None)
     assert info.value.field == "Last-Event-ID"
     assert parse_last_id(str(2**64 - 1), None) == 2**64 - 1
+
+
+def test_each_token_holder_gets_a_subject_of_its_own_and_a_lifetime_for_its_role() -> None:
+    a = auth.plan_token("grid_worker", "area:wuxing-g1", None, None)
+    b = auth.plan_token("grid_worker", "area:wuxing-g1", None, None)
+    assert a.generated and a.subject != b.subject and a.subject.startswith("grid_worker:area:wuxing-g1:")
+    assert a.ttl_s == 7 * 86400
+    assert auth.plan_token("admin", "", None, None).ttl_s == 8 * 3600
+    assert auth.plan_token("integrator", "", None, None).ttl_s == 90 * 86400
+    assert all(ttl <= 90 * 86400 for ttl in auth.DEFAULT_TTL_S.values()) and set(auth.DEFAULT_TTL_S) == set(auth.ROLES)
+    named = auth.plan_token("integrator", "", "city-portal", 3600)
+    assert (named.subject, named.ttl_s, named.generated) == ("city-portal", 3600, False)
+    for bad in [("mayor", "", None, None), ("admin", "", "  ", None), ("admin", "", None, 0)]:
+        with pytest.raises(ValueError):
+            auth.plan_token(*bad)
