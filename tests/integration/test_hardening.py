@@ -482,3 +482,46 @@ def test_needle_token_issue_gives_each_token_its_own_subject_and_a_role_lifetime
     assert admin["exp"] - admin["iat"] == 8 * 3600  # before: 30 days
     named, said = issue("--role", "integrator", "--subject", "city-portal", "--ttl", "P1D")
     assert (named["sub"], named["exp"] - named["iat"]) == ("city-portal", 86400) and "subject" not in said
+
+
+# -- item 3: the embedded Postgres asks for a password ---------------------------------------------------------
+async def test_the_embedded_postgres_needs_its_password_and_an_old_trusting_cluster_is_fixed(tmp_path: Path) -> None:
+    import stat
+
+    import asyncpg
+
+    from shared.runtime.embedded import PG_PASSWORD_FILE, EmbeddedPostgres
+
+    async def refused_without_password(port: int) -> None:
+        with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):  # before: trust, superuser
+            conn = await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{port}/postgres")
+            await conn.close()
+        with pytest.raises(asyncpg.PostgresError):
+            conn = await asyncpg.connect(f"postgresql://postgres:guess@127.0.0.1:{port}/postgres")
+            await conn.close()
+
+    pg = EmbeddedPostgres(tmp_path / "data")
+    await asyncio.to_thread(pg.start)
+    try:
+        conn = await asyncpg.connect(pg.url)
+        assert await conn.fetchval("SELECT 1") == 1
+        await conn.close()
+        await refused_without_password(pg.port)
+        secret = tmp_path / "data" / PG_PASSWORD_FILE
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and stat.S_IMODE(secret.parent.stat().st_mode) == 0o700
+        assert len(secret.read_text().strip()) == 64 and secret.read_text().strip() in pg.url
+        hba = (pg.pgdata / "pg_hba.conf").read_text()
+        assert "trust" not in [line.split()[-1] for line in hba.splitlines() if line.strip() and line[0] != "#"]
+    finally:
+        await asyncio.to_thread(pg.stop)
+    # a data dir from before: pg_hba.conf trusts everyone; the next start sets the password and asks for it
+    hba_path = pg.pgdata / "pg_hba.conf"
+    hba_path.write_text(hba_path.read_text().replace("scram-sha-256", "trust"))
+    again = EmbeddedPostgres(tmp_path / "data")
+    await asyncio.to_thread(again.start)
+    try:
+        conn = await asyncpg.connect(again.url)
+        await conn.close()
+        await refused_without_password(again.port)
+    finally:
+        await asyncio.to_thread(again.stop)
