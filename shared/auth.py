@@ -15,6 +15,7 @@ from pathlib import Path
 
 import jwt
 
+from shared.files import private_dir
 from shared.revocation import Revocations
 
 ROLES = ("grid_worker", "handler", "supervisor", "integrator", "admin", "reporter")
@@ -71,8 +72,7 @@ def load_or_create_key(data_dir: Path) -> bytes:
             raise TokenKeyError(f"{path} holds {len(key)} bytes; a token key needs at least {MIN_KEY_BYTES} "
                                 f"(delete it to have a new random one made, then issue tokens again)")
         return key
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.chmod(path.parent, 0o700)
+    private_dir(path.parent)
     key = secrets.token_hex(32).encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:

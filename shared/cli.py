@@ -12,6 +12,7 @@ import typer
 if TYPE_CHECKING:
     from shared.runtime.supervisor import Child
 
+from shared.files import prepare_data_dir, write_private
 from shared.runtime.nats_users import nats_servers
 from shared.settings import Settings
 
@@ -101,9 +102,7 @@ def write_runtime(settings: Settings, nats_url: str, database_url: str | None, s
 
     info = {"pid": os.getpid(), "nats_url": nats_url, "database_url": database_url, "services": list(services),
             "http": f"http://{settings.host}:{settings.port}", "org": str(settings.org), "rules": str(settings.rules)}
-    path = settings.data_dir / RUNTIME_FILE
-    path.write_text(json.dumps(info, indent=2))
-    path.chmod(0o600)
+    write_private(settings.data_dir / RUNTIME_FILE, json.dumps(info, indent=2))  # 0600 from the start
 
 
 def clear_runtime(settings: Settings) -> None:
@@ -139,7 +138,7 @@ def _boot(settings: Settings, services: tuple[str, ...], child_services: tuple[s
     from shared.runtime.stack import Stack, Urls, print_ready, run_stack
 
     configure(settings.log_level, settings.log_json)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)  # 0700, with logs/, nats/, secrets/
     try:
         stack = Stack.from_settings(settings, Urls(nats=settings.nats_url or "", database=settings.database_url))
     except ConfigError as exc:

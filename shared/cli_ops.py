@@ -47,7 +47,9 @@ def _servers(settings: Settings, *, database: bool) -> Iterator[dict[str, str]]:
     if info is not None:
         yield info
         return
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    from shared.files import prepare_data_dir
+
+    prepare_data_dir(settings.data_dir)
     started: list[EmbeddedNats | EmbeddedPostgres] = []
     try:
         n = EmbeddedNats(settings.data_dir, sync_always=settings.sync_always)

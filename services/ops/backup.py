@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from shared.events import subjects as sj
+from shared.files import open_private, private_dir, write_private
 from shared.store import snapshots as snap
 
 FORMAT = "needle-backup/1"
@@ -70,7 +72,7 @@ async def backup(nc: NATS, target: Path, *, announce: Announce | None = None, co
     sealed personal data (everyone is shredded), but the backup holds no personal data in clear reach."""
     if (target / MANIFEST).exists():
         raise BackupError(f"{target} already holds a backup ({MANIFEST}); choose an empty directory")
-    target.mkdir(parents=True, exist_ok=True)
+    private_dir(target)  # 0700: the snapshots hold every event (and, unless left out, the residents' keys)
     names = _ordered([n for n in await snap.stream_names(nc) if owned(n) and (resident_keys or n != KEYS_STREAM)])
     if sj.EVENTS_STREAM not in names:
         raise BackupError(f"no {sj.EVENTS_STREAM} stream on this server: nothing to back up")
@@ -80,13 +82,13 @@ async def backup(nc: NATS, target: Path, *, announce: Announce | None = None, co
         total = int((info or {}).get("state", {}).get("bytes", 0))
         tick = announce(name, total) if announce else None
         path = target / f"{name}.tar.s2"
-        with open(path, "wb") as out:
+        with os.fdopen(open_private(path), "wb") as out:  # 0600 from the start
             s = await snap.snapshot(nc, name, out, consumers=consumers, progress=tick)
         entries.append({"name": name, "file": path.name, "size": s.bytes, "sha256": s.sha256, "config": s.config,
                         "state": {k: s.state.get(k) for k in STATE_KEYS if k in s.state}})
     manifest = {"format": FORMAT, "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                 "consumers": consumers, "streams": entries}
-    (target / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    write_private(target / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.files import private_dir, write_private
+
 from .embedded import nats_config, nats_server_binary
 from .nats_users import authorization_block, load_or_create_passwords, url_for
 from .processes import free_port, spawn, stop, wait_port
@@ -106,14 +108,13 @@ class NatsCluster:
 
     # -- life cycle ----------------------------------------------------------------------------
     def _write_config(self, node: Node) -> Path:
-        node.root.mkdir(parents=True, exist_ok=True)
+        private_dir(node.root)
         routes = [n.cluster_port for n in self.nodes if n is not node]
         conf = node.root / "nats.conf"
-        conf.write_text(nats_config(port=node.port, store_dir=node.root / "jetstream", sync_always=self.sync_always,
+        write_private(conf, nats_config(port=node.port, store_dir=node.root / "jetstream", sync_always=self.sync_always,
                                     monitor_port=node.monitor_port, server_name=node.name,
                                     cluster=cluster_block(CLUSTER_NAME, node.cluster_port, routes),
-                                    authorization=authorization_block(self._passwords())))
-        conf.chmod(0o600)
+                                    authorization=authorization_block(self._passwords())))  # 0600 from the start
         return conf
 
     def start_node(self, i: int, timeout: float = 30.0) -> None:

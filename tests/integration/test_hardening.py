@@ -500,8 +500,10 @@ async def test_the_embedded_postgres_needs_its_password_and_an_old_trusting_clus
             conn = await asyncpg.connect(f"postgresql://postgres:guess@127.0.0.1:{port}/postgres")
             await conn.close()
 
+    tmp_path.chmod(0o700)
     pg = EmbeddedPostgres(tmp_path / "data")
     await asyncio.to_thread(pg.start)
+    assert _mode(tmp_path) == 0o700  # as root: the parents are not widened for the postgres user (was 0711)
     try:
         conn = await asyncpg.connect(pg.url)
         assert await conn.fetchval("SELECT 1") == 1
@@ -525,3 +527,44 @@ async def test_the_embedded_postgres_needs_its_password_and_an_old_trusting_clus
         await refused_without_password(again.port)
     finally:
         await asyncio.to_thread(again.stop)
+
+
+# -- item 9: files at rest -------------------------------------------------------------------------------------
+def _mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+async def test_data_dir_files_are_private_from_their_creation(h: NeedleHandle, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Created 0600/0700, not chmod'ed afterwards: with chmod doing nothing (and a permissive umask) they are
+    still private."""
+    from services.ops.backup import backup
+    from shared import cli
+    from shared.files import prepare_data_dir
+    from shared.runtime.embedded import EmbeddedNats
+
+    monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
+    old_umask = os.umask(0o022)
+    try:
+        data = tmp_path / "data"
+        prepare_data_dir(data)
+        for d in (data, data / "logs", data / "nats", data / "secrets"):
+            assert _mode(d) == 0o700, d
+        settings = h.stack.settings.model_copy(update={"data_dir": data})
+        cli.write_runtime(settings, "nats://x", "postgresql://postgres:pw@127.0.0.1:1/postgres", ("intake",))
+        assert _mode(data / "runtime.json") == 0o600
+        nats = EmbeddedNats(tmp_path / "nats-data")
+        await asyncio.to_thread(nats.start)
+        try:
+            assert _mode(tmp_path / "nats-data" / "nats" / "nats.conf") == 0o600
+            assert _mode(tmp_path / "nats-data" / "nats") == 0o700 and _mode(tmp_path / "nats-data" / "logs") == 0o700
+        finally:
+            await asyncio.to_thread(nats.stop)
+        assert h.stack.nc is not None
+        target = tmp_path / "backup"
+        await backup(h.stack.nc, target, consumers=False)
+        assert _mode(target) == 0o700
+        files = list(target.iterdir())
+        assert files and all(_mode(f) == 0o600 for f in files), {f.name: oct(_mode(f)) for f in files}
+    finally:
+        os.umask(old_umask)
