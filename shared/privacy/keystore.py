@@ -246,6 +246,74 @@ class ResidentKeys:
                 self._cache.pop(made.resident_id, None)
         raise KeyStoreError("no key could be made for this phone")
 
+    # -- residents known by an explicit id and a phone ---------------------------------------------------
+    async def subject_token(self, resident_id: str) -> str:
+        """What stands for ``resident_id`` in a NATS subject: ``r`` + a keyed HMAC, never the id itself (a
+        caller's own id may be a register or ID-card number; subjects show in stream listings and filters)."""
+        return "r" + sealing.index_digest(await self.index_secret(), f"resident\x00{resident_id}")[:32]
+
+    async def _link_key(self, phone_e164: str, resident_id: str) -> str:
+        secret = await self.index_secret()
+        return (f"q.{sealing.index_digest(secret, phone_e164)}."
+                f"{sealing.index_digest(secret, f'resident{chr(0)}{resident_id}')[:16]}")
+
+    async def link_phone(self, phone_e164: str, resident_id: str) -> None:
+        """Remember that the resident a caller named ``resident_id`` gave this phone (keyed HMACs only), so
+        that forgetting the phone reaches them too."""
+        try:
+            await self.kv.put(await self._link_key(phone_e164, resident_id), resident_id.encode())
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("residents' keys could not be written in time") from exc
+
+    async def linked_ids(self, phone_e164: str) -> list[str]:
+        """The explicit ids that reported this phone (link_phone)."""
+        prefix = f"q.{sealing.index_digest(await self.index_secret(), phone_e164)}."
+        keys = await self._keys_like(prefix + "*")
+        out = []
+        for k in keys:
+            entry = await self._entry(k)
+            if entry is not None and entry.value:
+                out.append(entry.value.decode())
+        return out
+
+    async def unlink_phone(self, phone_e164: str) -> None:
+        """Drop every explicit-id link of this phone (after forgetting it: the links name those residents)."""
+        prefix = f"q.{sealing.index_digest(await self.index_secret(), phone_e164)}."
+        for k in await self._keys_like(prefix + "*"):
+            await self.kv.purge(k)
+
+    async def _keys_like(self, pattern: str) -> list[str]:
+        """The live keys matching a subject ``pattern`` (a watch filtered by the server, not every key)."""
+        try:
+            watcher = await self.kv.watch(pattern, meta_only=True, ignore_deletes=True)
+            try:
+                out: list[str] = []
+                while True:
+                    entry = await watcher.updates(timeout=5)
+                    if entry is None:
+                        return out
+                    out.append(entry.key)
+            finally:
+                await watcher.stop()
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("residents' keys did not answer in time") from exc
+
+    async def find_all(self, who: str) -> list[tuple[str, ResidentKey | None]]:
+        """Every resident ``who`` names: an id names one; a phone names the resident keyed by it and every
+        resident reported under an explicit id with it."""
+        first = await self.find(who)
+        found = [first]
+        if not who.startswith("res_") and any(c.isdigit() for c in who):
+            try:
+                phone = sealing.normalize_phone(who)
+            except ValueError:
+                return found
+            for rid in await self.linked_ids(phone):
+                if rid != first[0] and valid_token(rid):
+                    self._cache.pop(rid, None)
+                    found.append((rid, await self.lookup(rid)))
+        return found
+
     # -- forgetting ---------------------------------------------------------------------------------
     async def find(self, who: str) -> tuple[str, ResidentKey | None]:
         """A resident id or a phone number -> (resident id, current key or None)."""

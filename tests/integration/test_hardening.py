@@ -568,3 +568,42 @@ async def test_data_dir_files_are_private_from_their_creation(h: NeedleHandle, t
         assert files and all(_mode(f) == 0o600 for f in files), {f.name: oct(_mode(f)) for f in files}
     finally:
         os.umask(old_umask)
+
+
+# -- item 10 (part): personal data -----------------------------------------------------------------------------
+async def test_forgetting_a_phone_reaches_residents_reported_under_an_explicit_id_and_subjects_hide_ids(
+        h: NeedleHandle) -> None:
+    from shared.events import subjects as sj
+
+    digits = "139" + str(uuid.uuid4().int)[:8]
+    explicit = f"hukou-{uuid.uuid4().hex[:10]}"
+
+    async def filed(resident: dict[str, Any]) -> str:
+        r = await h.client.post("/v1/issues", json=ROAD | {"resident": resident}, headers=h.auth(*GW1))
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    by_phone = await filed({"name": "王五", "phone": digits})
+    by_id = await filed({"id": explicit, "name": "王五", "phone": digits})  # the same person, under a register id
+    r = await h.client.delete(f"/v1/residents/{digits}", headers=h.auth(*ADMIN))  # by phone
+    assert r.status_code == 204, r.text
+    for issue_id in (by_phone, by_id):  # before: the explicit-id report kept its name and phone
+        body = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*ADMIN),
+                                lambda b: b["resident"]["name"] == "[erased]", timeout=10)
+        assert body["resident"]["phone"] == "[erased]"
+    # resident_forgotten subjects carry a keyed HMAC of the resident id, never the id itself
+    assert h.stack.nc is not None
+    js = h.stack.nc.jetstream()
+    sub = await js.subscribe(sj.RESIDENT_EVENTS, ordered_consumer=True)
+    subjects = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1)
+            except Exception:
+                break
+            subjects.append(msg.subject)
+    finally:
+        await sub.unsubscribe()
+    assert len(subjects) >= 2
+    assert not any(explicit in s or "res_" in s for s in subjects), subjects
