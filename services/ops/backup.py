@@ -144,9 +144,21 @@ async def reapply_forgets(nc: NATS) -> int:
 
     resp = orjson.loads((await nc.request(f"$JS.API.STREAM.INFO.{sj.EVENTS_STREAM}", orjson.dumps(
         {"subjects_filter": sj.resident_event("*", "resident_forgotten")}), timeout=10)).data)
-    ids = sorted({subject.split(".")[3] for subject in (resp.get("state", {}).get("subjects") or {})})
-    if not ids:
+    subjects = sorted(resp.get("state", {}).get("subjects") or {})
+    if not subjects:
         return 0
+    # the subject names a keyed HMAC of the resident (shared/privacy/keystore.py, subject_token): the id is
+    # read from the events themselves (before, it was the subject's token)
+    js = nc.jetstream()
+    found: set[str] = set()
+    for subject in subjects:
+        msg = await js.get_last_msg(sj.EVENTS_STREAM, subject)
+        try:
+            body = orjson.loads(msg.data or b"{}")
+            found.add(str(body["data"]["resident_id"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            found.add(subject.split(".")[3])  # written by an earlier needle: the token is the id
+    ids = sorted(found)
     keys = ResidentKeys(nc)
     await keys.start(watch=False)
     destroyed = 0
