@@ -355,7 +355,7 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
     import nats
 
     from shared.commanding import utcnow
-    from shared.privacy.keystore import ResidentKeys
+    from shared.privacy.keystore import ResidentKeys, load_or_create_kek
     from shared.privacy.residents import forget as do_forget
 
     settings = _settings(data_dir)
@@ -364,7 +364,7 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
     async def go() -> tuple[str, tuple[str, ...]]:
         nc = await nats.connect(nats_servers(info["nats_url"]))
         try:
-            keys = ResidentKeys(nc, replicas=settings.stream_replicas)
+            keys = ResidentKeys(nc, replicas=settings.stream_replicas, kek=load_or_create_kek(settings.data_dir))
             await keys.start(watch=False)
             out = await do_forget(nc, keys, resident, by=os.environ.get("USER", "cli"), now=utcnow())
             return out.resident_id, out.key_ids

@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 import structlog
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -40,6 +44,7 @@ from nats.js.kv import KeyValue
 
 from shared.domain.errors import Unavailable
 from shared.events.subjects import valid_token
+from shared.files import open_private, private_dir
 from shared.store.settling import JetStreamRefused, settled
 
 from . import sealing
@@ -72,6 +77,39 @@ def bucket_config(replicas: int = 1) -> dict[str, object]:
     }
 
 
+KEK_FILE = "secrets/resident-kek.key"  # the key-encryption key of the residents' data keys, never in NATS
+
+
+def load_or_create_kek(data_dir: Path) -> bytes:
+    """The key-encryption key: 32 random bytes (hex) in ``DIR/secrets/resident-kek.key``, created 0600 in the
+    0700 ``secrets/``. Every process of one needle reads the same file; a backup of the key bucket is of no use
+    without it (back it up apart from the data, or keep it in a KMS and write it here at start)."""
+    path = Path(data_dir) / KEK_FILE
+    if not path.exists():
+        private_dir(path.parent)
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            with os.fdopen(open_private(path), "w") as f:
+                f.write(secrets.token_hex(32))
+    kek = bytes.fromhex(path.read_text().strip())
+    if len(kek) != 32:
+        raise KeyStoreError(f"{path} must hold 32 bytes (64 hex characters)")
+    return kek
+
+
+def _wrap(kek: bytes, resident_id: str, key_id: str, key: bytes) -> str:
+    nonce = secrets.token_bytes(12)
+    return sealing.b64(nonce + AESGCM(kek).encrypt(nonce, key, f"{resident_id}\x00{key_id}".encode()))
+
+
+def _unwrap(kek: bytes, resident_id: str, key_id: str, blob: str) -> bytes:
+    raw = sealing.unb64(blob)
+    try:
+        return AESGCM(kek).decrypt(raw[:12], raw[12:], f"{resident_id}\x00{key_id}".encode())
+    except InvalidTag:
+        raise KeyStoreError(f"the data key of resident {resident_id} does not open with this key-encryption "
+                            f"key ({KEK_FILE})") from None
+
+
 @dataclass(frozen=True, slots=True)
 class ResidentKey:
     resident_id: str
@@ -80,13 +118,22 @@ class ResidentKey:
     index: str | None  # the phone index entry pointing here, if any
     revision: int = 0
 
-    def encode(self) -> bytes:
-        return orjson.dumps({"key_id": self.key_id, "key": sealing.b64(self.key), "index": self.index})
+    def encode(self, kek: bytes | None = None) -> bytes:
+        """The bucket's value: the data key wrapped with ``kek`` (AES-256-GCM bound to the resident and the
+        key id) when there is one, else as it is (needles before the key-encryption key)."""
+        if kek is None:
+            return orjson.dumps({"key_id": self.key_id, "key": sealing.b64(self.key), "index": self.index})
+        return orjson.dumps({"key_id": self.key_id, "wrapped": _wrap(kek, self.resident_id, self.key_id, self.key),
+                             "index": self.index})
 
     @classmethod
-    def decode(cls, resident_id: str, raw: bytes, revision: int) -> ResidentKey:
+    def decode(cls, resident_id: str, raw: bytes, revision: int, kek: bytes | None = None) -> ResidentKey:
         d = orjson.loads(raw)
-        return cls(resident_id, d["key_id"], sealing.unb64(d["key"]), d.get("index"), revision)
+        if "wrapped" in d:  # without the key-encryption key: b"", good for destroying the key only
+            key = _unwrap(kek, resident_id, d["key_id"], d["wrapped"]) if kek is not None else b""
+        else:
+            key = sealing.unb64(d["key"])
+        return cls(resident_id, d["key_id"], key, d.get("index"), revision)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +168,9 @@ class ResidentKeys:
     """The keys of one needle, with a small cache that a watch on the bucket invalidates at once (any
     change of ``r.<id>``) and that never serves an entry older than CACHE_TTL_S."""
 
-    def __init__(self, nc: NATS, *, replicas: int = 1, ttl_s: float = CACHE_TTL_S) -> None:
+    def __init__(self, nc: NATS, *, replicas: int = 1, ttl_s: float = CACHE_TTL_S, kek: bytes | None = None) -> None:
         self.nc, self.replicas, self.ttl_s = nc, replicas, ttl_s
+        self.kek = kek  # wraps every new data key (load_or_create_kek); None: keys are stored unwrapped
         self._kv: KeyValue | None = None
         self._secret: bytes | None = None
         self._cache: dict[str, tuple[ResidentKey | None, float]] = {}
@@ -171,7 +219,7 @@ class ResidentKeys:
         if hit is not None and hit[1] > now:
             return hit[0]
         entry = await self._entry(f"r.{resident_id}")
-        key = ResidentKey.decode(resident_id, entry.value, entry.revision) if entry is not None else None
+        key = ResidentKey.decode(resident_id, entry.value, entry.revision, self.kek) if entry is not None else None
         self._remember(resident_id, key)
         return key
 
@@ -203,7 +251,7 @@ class ResidentKeys:
         """A fresh key for ``resident_id``, or None when it already has one."""
         key = ResidentKey(resident_id, secrets.token_hex(8), secrets.token_bytes(sealing.KEY_BYTES), index)
         try:
-            rev = await self.kv.create(f"r.{resident_id}", key.encode())
+            rev = await self.kv.create(f"r.{resident_id}", key.encode(self.kek))
         except KeyWrongLastSequenceError:
             return None
         except (NatsError, TimeoutError) as exc:

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 
 from shared import auth
 from shared.config import OrgTree, Rulebook, load_org, load_rulebook
-from shared.privacy.keystore import ResidentKeys
+from shared.privacy.keystore import ResidentKeys, load_or_create_kek
 from shared.revocation import Revocations
 from shared.settings import Settings
 from shared.store.eventstore import JetStreamEventStore
@@ -80,7 +80,8 @@ class Stack:
         await settled("streams", lambda: ensure_streams(nc, options), within_s=within)
         self.store = JetStreamEventStore(self.nc)
         await self.store.start()
-        self.residents = ResidentKeys(self.nc, replicas=self.settings.stream_replicas)
+        self.residents = ResidentKeys(self.nc, replicas=self.settings.stream_replicas,
+                                      kek=load_or_create_kek(self.settings.data_dir))
         await self.residents.start(settle_s=within)
         self.closers.append(self.residents.close)
         await self._follow_revocations()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from tests.support import NeedleHandle, start_needle
@@ -607,3 +608,29 @@ async def test_forgetting_a_phone_reaches_residents_reported_under_an_explicit_i
         await sub.unsubscribe()
     assert len(subjects) >= 2
     assert not any(explicit in s or "res_" in s for s in subjects), subjects
+
+
+async def test_resident_data_keys_are_wrapped_with_a_key_encryption_key_kept_outside_nats(h: NeedleHandle) -> None:
+    import stat
+
+    from shared.privacy.keystore import KEK_FILE, ResidentKeys, load_or_create_kek
+
+    r = await h.client.post("/v1/issues", json=ROAD | {"resident": {"name": "赵六", "phone": "13911112222"}},
+                            headers=h.auth(*GW1))
+    assert r.status_code == 201, r.text
+    body = (await h.client.get(f"/v1/issues/{r.json()['id']}", headers=h.auth(*GW1))).json()
+    rid = body["resident"]["id"]
+    assert body["resident"]["name"] == "赵六"  # readable through the needle that holds the KEK
+    assert h.stack.nc is not None and h.stack.residents is not None
+    entry = await h.stack.residents.kv.get(f"r.{rid}")
+    stored = orjson.loads(entry.value)
+    assert "key" not in stored and "wrapped" in stored  # before: the data key itself, in NATS
+    kek_path = h.stack.settings.data_dir / KEK_FILE
+    assert stat.S_IMODE(kek_path.stat().st_mode) == 0o600
+    # the bucket alone opens nothing; the KEK opens it
+    bare = ResidentKeys(h.stack.nc)
+    await bare.start(watch=False)
+    assert (await bare.lookup(rid)).key == b""  # type: ignore[union-attr]
+    with_kek = ResidentKeys(h.stack.nc, kek=load_or_create_kek(h.stack.settings.data_dir))
+    await with_kek.start(watch=False)
+    assert (await with_kek.lookup(rid)).key == (await h.stack.residents.lookup(rid)).key  # type: ignore[union-attr]
