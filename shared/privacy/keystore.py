@@ -10,7 +10,12 @@ tells every process's cache).
 
 Keys of the bucket:
 
-* ``r.<resident id>`` -> ``{"key_id", "key" (base64), "index"}``: the resident's AES-256 data key.
+* ``h.<HMAC(index secret, id)>`` -> ``{"key_id", "wrapped", "index"}``: the resident's AES-256 data key,
+  wrapped with the key-encryption key kept in ``DIR/secrets`` (never in NATS). The entry's name is a subject
+  token, so it holds an HMAC of the id, never the id. Keys stored by an earlier needle stay readable under
+  ``r.<resident id>`` -> ``{"key_id", "key" (base64), "index"}``.
+* ``q.<HMAC(phone)>.<HMAC(id)>`` -> resident id: a resident reported under a caller's id with a phone, so
+  that forgetting the phone reaches them.
 * ``p.<HMAC(index secret, phone)>`` -> resident id: the phone index, so one phone's reports share a
   key and ``needle forget`` may be given the phone. It is purged with the key: after a forget nothing
   links the (random) resident id left in the stream to a phone, and a new report of the same phone
@@ -117,6 +122,7 @@ class ResidentKey:
     key: bytes
     index: str | None  # the phone index entry pointing here, if any
     revision: int = 0
+    name: str = ""  # its entry in the bucket: h.<HMAC(id)>, or r.<id> for a key made before
 
     def encode(self, kek: bytes | None = None) -> bytes:
         """The bucket's value: the data key wrapped with ``kek`` (AES-256-GCM bound to the resident and the
@@ -127,13 +133,14 @@ class ResidentKey:
                              "index": self.index})
 
     @classmethod
-    def decode(cls, resident_id: str, raw: bytes, revision: int, kek: bytes | None = None) -> ResidentKey:
+    def decode(cls, resident_id: str, raw: bytes, revision: int, kek: bytes | None = None,
+               name: str = "") -> ResidentKey:
         d = orjson.loads(raw)
         if "wrapped" in d:  # without the key-encryption key: b"", good for destroying the key only
             key = _unwrap(kek, resident_id, d["key_id"], d["wrapped"]) if kek is not None else b""
         else:
             key = sealing.unb64(d["key"])
-        return cls(resident_id, d["key_id"], key, d.get("index"), revision)
+        return cls(resident_id, d["key_id"], key, d.get("index"), revision, name or f"r.{resident_id}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +181,7 @@ class ResidentKeys:
         self._kv: KeyValue | None = None
         self._secret: bytes | None = None
         self._cache: dict[str, tuple[ResidentKey | None, float]] = {}
+        self._ids: dict[str, str] = {}  # HMAC -> resident id, for the watch's cache invalidation
         self._watch: Any = None
 
     async def start(self, watch: bool = True, settle_s: float = 15.0) -> None:
@@ -185,7 +193,7 @@ class ResidentKeys:
                                  within_s=settle_s)
         if watch:
             self._watch = await self.nc.jetstream().subscribe(
-                f"{KV_PREFIX}r.>", stream=KV_STREAM, cb=self._on_change, ordered_consumer=True,
+                f"{KV_PREFIX}>", stream=KV_STREAM, cb=self._on_change, ordered_consumer=True,
                 config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, headers_only=True))
 
     async def close(self) -> None:
@@ -195,7 +203,13 @@ class ResidentKeys:
             self._watch = None
 
     async def _on_change(self, msg: Msg) -> None:
-        self._cache.pop(msg.subject[len(KV_PREFIX) + 2:], None)
+        name = msg.subject[len(KV_PREFIX):]
+        if name.startswith("h."):
+            resident_id = self._ids.get(name[2:])
+            if resident_id is not None:
+                self._cache.pop(resident_id, None)
+        elif name.startswith("r."):
+            self._cache.pop(name[2:], None)
 
     @property
     def kv(self) -> KeyValue:
@@ -218,10 +232,24 @@ class ResidentKeys:
         hit = self._cache.get(resident_id)
         if hit is not None and hit[1] > now:
             return hit[0]
-        entry = await self._entry(f"r.{resident_id}")
-        key = ResidentKey.decode(resident_id, entry.value, entry.revision, self.kek) if entry is not None else None
+        name = await self.entry_name(resident_id)
+        entry = await self._entry(name)
+        if entry is None:  # a key made before keys were named by an HMAC of the id
+            name = f"r.{resident_id}"
+            entry = await self._entry(name)
+        key = (ResidentKey.decode(resident_id, entry.value, entry.revision, self.kek, name)
+               if entry is not None else None)
         self._remember(resident_id, key)
         return key
+
+    async def entry_name(self, resident_id: str) -> str:
+        """The bucket entry of a resident's key: ``h.<HMAC(id)>``. The entry name is a NATS subject token
+        (``$KV.NEEDLE_RESIDENT_KEYS.h.…``), so it never holds the id (which may be a register number)."""
+        digest = (await self.subject_token(resident_id))[1:]
+        if len(self._ids) >= CACHE_MAX:
+            self._ids.clear()
+        self._ids[digest] = resident_id
+        return f"h.{digest}"
 
     def _remember(self, resident_id: str, key: ResidentKey | None) -> None:
         if len(self._cache) >= CACHE_MAX:
@@ -249,14 +277,15 @@ class ResidentKeys:
     # -- creating -----------------------------------------------------------------------------------
     async def _create_key(self, resident_id: str, index: str | None) -> ResidentKey | None:
         """A fresh key for ``resident_id``, or None when it already has one."""
-        key = ResidentKey(resident_id, secrets.token_hex(8), secrets.token_bytes(sealing.KEY_BYTES), index)
+        name = await self.entry_name(resident_id)
+        key = ResidentKey(resident_id, secrets.token_hex(8), secrets.token_bytes(sealing.KEY_BYTES), index, 0, name)
         try:
-            rev = await self.kv.create(f"r.{resident_id}", key.encode(self.kek))
+            rev = await self.kv.create(name, key.encode(self.kek))
         except KeyWrongLastSequenceError:
             return None
         except (NatsError, TimeoutError) as exc:
             raise Unavailable("residents' keys could not be written in time") from exc
-        key = ResidentKey(key.resident_id, key.key_id, key.key, key.index, rev)
+        key = ResidentKey(key.resident_id, key.key_id, key.key, key.index, rev, name)
         self._remember(resident_id, key)
         return key
 
@@ -290,7 +319,7 @@ class ResidentKeys:
                     await self.kv.update(index, made.resident_id.encode(), last=entry.revision)
                 return made
             except KeyWrongLastSequenceError:  # lost the race: drop our key, use the winner's
-                await self.kv.purge(f"r.{made.resident_id}")
+                await self.kv.purge(made.name)
                 self._cache.pop(made.resident_id, None)
         raise KeyStoreError("no key could be made for this phone")
 
@@ -384,7 +413,7 @@ class ResidentKeys:
                 await self.nc.jetstream().delete_msg(KV_STREAM, key.revision)  # secure erase (no_erase: false)
             except Exception as exc:  # already gone (a concurrent forget): the purge below still holds
                 log.info("key message not erased", resident=key.resident_id, error=repr(exc))
-        await self.kv.purge(f"r.{key.resident_id}")
+        await self.kv.purge(key.name or f"r.{key.resident_id}")
         self._cache.pop(key.resident_id, None)
         if key.index:
             entry = await self._entry(key.index)

@@ -10,6 +10,7 @@ import io
 import os
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -608,6 +609,12 @@ async def test_forgetting_a_phone_reaches_residents_reported_under_an_explicit_i
         await sub.unsubscribe()
     assert len(subjects) >= 2
     assert not any(explicit in s or "res_" in s for s in subjects), subjects
+    # nor in the key bucket's entry names (they are subjects too: $KV.NEEDLE_RESIDENT_KEYS.<name>)
+    other = f"hukou-{uuid.uuid4().hex[:10]}"
+    await filed({"id": other, "name": "钱七"})
+    info = await js.stream_info("KV_NEEDLE_RESIDENT_KEYS", subjects_filter=">")
+    names = list((info.state.subjects or {}).keys())
+    assert names and not any(other in n or explicit in n for n in names), names
 
 
 async def test_resident_data_keys_are_wrapped_with_a_key_encryption_key_kept_outside_nats(h: NeedleHandle) -> None:
@@ -622,7 +629,7 @@ async def test_resident_data_keys_are_wrapped_with_a_key_encryption_key_kept_out
     rid = body["resident"]["id"]
     assert body["resident"]["name"] == "赵六"  # readable through the needle that holds the KEK
     assert h.stack.nc is not None and h.stack.residents is not None
-    entry = await h.stack.residents.kv.get(f"r.{rid}")
+    entry = await h.stack.residents.kv.get(await h.stack.residents.entry_name(rid))
     stored = orjson.loads(entry.value)
     assert "key" not in stored and "wrapped" in stored  # before: the data key itself, in NATS
     kek_path = h.stack.settings.data_dir / KEK_FILE
@@ -634,3 +641,20 @@ async def test_resident_data_keys_are_wrapped_with_a_key_encryption_key_kept_out
     with_kek = ResidentKeys(h.stack.nc, kek=load_or_create_kek(h.stack.settings.data_dir))
     await with_kek.start(watch=False)
     assert (await with_kek.lookup(rid)).key == (await h.stack.residents.lookup(rid)).key  # type: ignore[union-attr]
+
+
+async def test_a_key_stored_by_an_earlier_needle_is_still_read_and_forgotten(h: NeedleHandle) -> None:
+    from shared.privacy.keystore import ResidentKey
+    from shared.privacy.residents import forget
+
+    keys = h.stack.residents
+    assert keys is not None and h.stack.nc is not None
+    rid = f"res_{uuid.uuid4().hex[:24]}"
+    old = ResidentKey(rid, "0a1b2c3d4e5f6071", bytes(range(32)), None)
+    await keys.kv.create(f"r.{rid}", old.encode())  # unwrapped, named by the id: as needle stored keys before
+    found = await keys.lookup(rid)
+    assert found is not None and found.key == old.key and found.name == f"r.{rid}"
+    out = await forget(h.stack.nc, keys, rid, by="hardening", now=datetime.now(UTC))
+    assert out.key_ids == ("0a1b2c3d4e5f6071",)
+    keys._cache.clear()
+    assert await keys.lookup(rid) is None

@@ -151,7 +151,8 @@ async def test_resident_sealed_readable_then_forgotten_everywhere(needle_factory
     key = await h.stack.residents.lookup(rid)
     assert key is not None
     key_b64 = sealing.b64(key.key).encode()
-    wrapped = orjson.loads((await h.stack.residents.kv.get(f"r.{rid}")).value)["wrapped"].encode()
+    entry = await h.stack.residents.kv.get(await h.stack.residents.entry_name(rid))
+    wrapped = orjson.loads(entry.value)["wrapped"].encode()
     assert wrapped in disk_bytes(tmp_path) and key_b64 not in disk_bytes(tmp_path)
     assert not any(key_b64 in p or wrapped in p for p in payloads)
 
