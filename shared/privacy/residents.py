@@ -92,9 +92,12 @@ def resident_id_only(ce: dict[str, Any]) -> bool:
     return False
 
 
-def forgotten_envelope(resident_id: str, key_ids: tuple[str, ...], by: str, now: datetime) -> Envelope:
+def forgotten_envelope(resident_id: str, key_ids: tuple[str, ...], by: str, now: datetime,
+                       token: str | None = None) -> Envelope:
+    """``token`` (the subject token of the resident, an HMAC) names the event's id and so its Nats-Msg-Id
+    header, instead of the id; the data and the CloudEvents subject name the resident."""
     event = ResidentForgotten(resident_id=resident_id, key_ids=key_ids, by=by, at=now)
-    return Envelope(id=f"resident.{resident_id}.{'.'.join(key_ids) or 'none'}", source="needle/residents",
+    return Envelope(id=f"resident.{token or resident_id}.{'.'.join(key_ids) or 'none'}", source="needle/residents",
                     subject=resident_id, time=now, data=event, actor=by)
 
 
@@ -119,9 +122,9 @@ async def forget_one(nc: NATS, keys: ResidentKeys, resident_id: str, key: Reside
     nothing. The event's NATS subject carries a keyed HMAC of the id, never the id (``subject_token``)."""
     if key is None:
         return Forgotten(resident_id, ())
-    env = forgotten_envelope(resident_id, (key.key_id,), by, now)
     try:
         token = await keys.subject_token(resident_id)
+        env = forgotten_envelope(resident_id, (key.key_id,), by, now, token)
         msg = await nc.request(sj.resident_event(token, ResidentForgotten.name), encode(env),
                                headers={"Nats-Msg-Id": env.id}, timeout=5)
         ack = orjson.loads(msg.data)

@@ -605,6 +605,7 @@ async def test_forgetting_a_phone_reaches_residents_reported_under_an_explicit_i
             except Exception:
                 break
             subjects.append(msg.subject)
+            assert explicit not in str(orjson.loads(msg.data)["id"]) and explicit not in str(msg.headers)
     finally:
         await sub.unsubscribe()
     assert len(subjects) >= 2
