@@ -84,6 +84,31 @@ class ExtensionRequestBody(Strict):
     reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
 
 
+class ReturnApproveBody(Strict):
+    reassign_to: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                                    description="the department that takes the task (改派); else the rules' next")
+    reason: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
+
+
+class ReassignBody(Strict):
+    department: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
+
+
+class SuspendBody(Strict):
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
+    until: datetime = Field(description="the review date (RFC 3339 with a zone), at most a year ahead")
+
+    @field_validator("until")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None or v.utcoffset() is None:
+            raise ValueError("until needs a time zone (e.g. 2026-06-01T09:00:00+08:00)")
+        if v.year > 9000:
+            raise ValueError("until is too far ahead")
+        return v
+
+
 class Created(BaseModel):
     id: str
     status: str
@@ -103,6 +128,10 @@ def task_view(t: TaskState) -> dict[str, Any]:
         "returned_at": _ts(t.returned_at), "return_reason": t.return_reason, "note": t.note,
         "warned": sorted(t.warned), "breached": sorted(t.breached),
         "extension_requested": t.extension_requested.total_seconds() if t.extension_requested else None,
+        "return_requested": t.return_requested, "return_rejections": t.return_rejections,
+        "extensions": t.extensions, "suspension_requested": _ts(t.suspension_requested),
+        "suspended": t.suspended, "suspended_until": _ts(t.suspended_until), "suspensions": t.suspensions,
+        "suspended_for": t.suspended_for.total_seconds(), "reassigned_to": t.reassigned_to,
     }
 
 
@@ -118,4 +147,5 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None) -> dict[st
         "version": s.version, "sequence": s.last_seq, "rule": s.rule, "rulebook_version": s.rulebook_version,
         "reopen_count": s.reopen_count, "escalations": s.escalations, "satisfaction": s.satisfaction,
         "campaign": s.campaign, "visit": s.visit, "resident": resident, "tasks": [task_view(t) for t in s.tasks],
+        "suspended_until": _ts(min((t.suspended_until for t in s.open_tasks if t.suspended_until), default=None)),
     }

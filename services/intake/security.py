@@ -98,3 +98,34 @@ def require_task_holder(p: Principal, task: TaskState) -> None:
         return
     if p.role != "handler" or p.scope_id != task.department:
         raise NotAllowed(f"task {task.id} belongs to {task.department}, not to {p.scope or p.role}")
+
+
+COMMAND_CENTER = "command_center"
+
+
+def is_command_center_over(org: OrgTree, p: Principal, area_id: str) -> bool:
+    """A handler of a command centre whose area is ``area_id`` or above it (指挥中心)."""
+    if p.role != "handler" or p.scope_kind != "dept":
+        return False
+    dept = org.departments.get(p.scope_id)
+    return dept is not None and dept.kind == COMMAND_CENTER and org.is_under(area_id, dept.area)
+
+
+def require_owner_supervisor(org: OrgTree, p: Principal, state: IssueState) -> None:
+    """A supervisor whose scope covers the issue's owner area (not just its grid): a city-level task is
+    overseen from the city."""
+    require_role(p, "supervisor")
+    area = state.owner_area or state.grid
+    if not in_area(org, p, area):
+        raise NotAllowed(f"{p.role} scope {p.scope or '-'} does not cover the owner area {area} of issue {state.id}")
+
+
+def require_overseer(org: OrgTree, p: Principal, state: IssueState) -> None:
+    """退单审核, 改派, 缓办: the command centre of the owner area or above it, or a supervisor over the owner area."""
+    area = state.owner_area or state.grid
+    if p.role == "admin" or is_command_center_over(org, p, area):
+        return
+    if p.role == "supervisor" and in_area(org, p, area):
+        return
+    raise NotAllowed(f"{p.role} scope {p.scope or '-'} is neither a command centre nor a supervisor over the "
+                     f"owner area {area} of issue {state.id}")

@@ -36,6 +36,7 @@ METRICS = (
     "verifications", "reopened", "escalated", "feedback", "feedback_satisfied",
     "tasks_dispatched", "tasks_acknowledged", "tasks_ack_on_time", "tasks_resolved", "tasks_resolved_on_time",
     "tasks_returned", "tasks_extended", "sla_warned", "sla_breached", "dispatch_ms_sum",
+    "returns_requested", "returns_rejected", "tasks_reassigned", "extensions_rejected", "tasks_suspended",
 )
 RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
@@ -283,13 +284,41 @@ def apply(batch: Batch, env: Envelope) -> None:
                 if e.satisfaction in ("satisfied", "basically_satisfied"):
                     batch.count_area(issue, at, "feedback_satisfied")
             issue["satisfaction"] = e.satisfaction
+        case ev.ReturnRequested() | ev.ReturnRejected() | ev.ReturnApproved() | ev.TaskReassigned() \
+                | ev.ExtensionRejected() | ev.SuspensionApproved() | ev.TaskResumed():
+            _apply_dispatch_control(batch, issue, e, seq, at)
     _refresh_lead(batch, issue)
+
+
+_CONTROL_METRIC = {"return_requested": "returns_requested", "return_rejected": "returns_rejected",
+                   "task_reassigned": "tasks_reassigned", "extension_rejected": "extensions_rejected",
+                   "suspension_approved": "tasks_suspended", "return_approved": "tasks_returned"}
+
+
+def _apply_dispatch_control(batch: Batch, issue: dict[str, Any], e: ev.Event, seq: int, at: datetime) -> None:
+    """退单审核, 改派, 延期驳回, 缓办 (issue 19): the task rows and the department's (and, for a lead, the area's)
+    counters. A suspended task is ``suspended`` (no deadline to be overdue on) until it resumes."""
+    t = batch.tasks.get(getattr(e, "task_id", ""))
+    if t is None:
+        return
+    if (metric := _CONTROL_METRIC.get(e.name)) is not None:
+        batch.count_dept(t["department"], at, metric)
+        if t["role"] == "lead":
+            batch.count_area(issue, at, metric)
+    match e:
+        case ev.ReturnApproved():
+            t.update(status="returned", returned_at=e.at, seq=seq)
+        case ev.SuspensionApproved():
+            t.update(status="suspended", seq=seq)
+        case ev.TaskResumed():
+            t.update(status="acknowledged" if t["acknowledged_at"] else "dispatched", seq=seq,
+                     acknowledge_due=e.acknowledge_due, resolve_due=e.resolve_due)
 
 
 def _close_open_tasks(batch: Batch, issue_id: str, seq: int) -> None:
     for tid in batch.tasks_of.get(issue_id, ()):
         t = batch.tasks[tid]
-        if t["status"] in ("dispatched", "acknowledged"):
+        if t["status"] in ("dispatched", "acknowledged", "suspended"):
             t.update(status="superseded", seq=seq)
 
 

@@ -61,6 +61,19 @@ SAMPLES: dict[type[ev.Event], ev.Event] = {
     ev.VisitRecorded: ev.VisitRecorded(grid="wuxing-g1", household="ab" * 32, kind="campaign", campaign="c1",
                                        visited_at=T0, by="grid_worker:area:wuxing-g1", note="独居老人",
                                        issues=(ISSUE,), request_hash="cd" * 32),
+    ev.ReturnRequested: ev.ReturnRequested(task_id=f"{ISSUE}-1", by="h", reason="不属本单位", at=T0),
+    ev.ReturnRejected: ev.ReturnRejected(task_id=f"{ISSUE}-1", by="h:c", reason="属于"),
+    ev.ReturnApproved: ev.ReturnApproved(task_id=f"{ISSUE}-1", by="h:c", to_department="d", to_task_id=f"{ISSUE}-3",
+                                         at=T0),
+    ev.TaskReassigned: ev.TaskReassigned(task_id=f"{ISSUE}-1", to_task_id=f"{ISSUE}-3", from_department="a",
+                                         to_department="b", by="sup", reason="改派", clocks="continue"),
+    ev.ExtensionRejected: ev.ExtensionRejected(task_id=f"{ISSUE}-1", by="sup", reason="不批"),
+    ev.SuspensionRequested: ev.SuspensionRequested(task_id=f"{ISSUE}-1", by="h", reason="诉讼", until=T0),
+    ev.SuspensionApproved: ev.SuspensionApproved(task_id=f"{ISSUE}-1", by="sup", until=T0, at=T0),
+    ev.SuspensionRejected: ev.SuspensionRejected(task_id=f"{ISSUE}-1", by="sup", reason="不批"),
+    ev.SuspensionReviewDue: ev.SuspensionReviewDue(task_id=f"{ISSUE}-1", until=T0, caused_by=3),
+    ev.TaskResumed: ev.TaskResumed(task_id=f"{ISSUE}-1", by="h", at=T0, acknowledge_due=T0, resolve_due=T0,
+                                   acknowledge_warn=T0, resolve_warn=T0),
 }
 
 

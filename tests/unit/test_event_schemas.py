@@ -60,6 +60,19 @@ SAMPLES: dict[str, dict[str, Any]] = {
                        "request_hash": "cd" * 32},
     "resident_forgotten": {"resident_id": "res_0123456789abcdef01234567", "key_ids": ["0a1b2c3d4e5f6071"],
                            "by": "admin", "at": T},
+    "return_requested": TASK | {"by": "h:dazhan", "reason": "not ours", "at": T},
+    "return_rejected": TASK | {"by": "h:center", "reason": "it is yours"},
+    "return_approved": TASK | {"by": "h:center", "reason": "ok", "to_department": "dinghai-roads",
+                               "to_task_id": "01TASK0000000000000000000B", "at": T},
+    "task_reassigned": TASK | {"to_task_id": "01TASK0000000000000000000B", "from_department": "a",
+                               "to_department": "b", "by": "sup:putuo", "reason": "wrong unit", "clocks": "restart"},
+    "extension_rejected": TASK | {"by": "sup:putuo", "reason": "no"},
+    "suspension_requested": TASK | {"by": "h:dazhan", "reason": "court ruling", "until": T},
+    "suspension_approved": TASK | {"by": "sup:putuo", "until": T, "at": T},
+    "suspension_rejected": TASK | {"by": "sup:putuo", "reason": "no"},
+    "suspension_review_due": TASK | {"until": T},
+    "task_resumed": TASK | {"by": "h:dazhan", "at": T, "acknowledge_due": T, "resolve_due": T,
+                            "acknowledge_warn": T, "resolve_warn": T},
 }
 
 

@@ -1,0 +1,260 @@
+"""Dispatch control (issue 19) through the HTTP API on a real stack (nats-server, intake, router): 退单审核
+(reviewed returns), 改派 (reassignment), 缓办 (suspension) with its review reminder, extension refusal and the
+rulebook's caps. dispatch_rules.yaml: returns need the command centre; extension {max: PT1H, max_count: 1};
+suspension {max: P30D, max_count: 2}, care_home {max: P90D, max_count: 1}.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from tests.integration.test_router_sla import lead_at, router_idle, task_call
+from tests.support import NeedleHandle, events, issue, now, of_type, report, sleep_until, ts
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+ORG = FIXTURES / "contract_org.yaml"
+RULES = FIXTURES / "dispatch_rules.yaml"
+
+DISPATCHED = "needle.task.dispatched.v1"
+SUPERSEDED = "needle.task.superseded.v1"
+ESCALATED = "needle.issue.escalated.v1"
+WARNED = "needle.sla.warned.v1"
+BREACHED = "needle.sla.breached.v1"
+RETURNED = "needle.task.returned.v1"
+RETURN_REQUESTED = "needle.task.return_requested.v1"
+RETURN_REJECTED = "needle.task.return_rejected.v1"
+RETURN_APPROVED = "needle.task.return_approved.v1"
+REASSIGNED = "needle.task.reassigned.v1"
+EXT_REJECTED = "needle.task.extension_rejected.v1"
+EXT_APPROVED = "needle.task.extension_approved.v1"
+SUSPENDED = "needle.task.suspension_approved.v1"
+REVIEW_DUE = "needle.task.suspension_review_due.v1"
+RESUMED = "needle.task.resumed.v1"
+
+
+async def control_needle(needle_factory: Callable[..., Any]) -> NeedleHandle:
+    h: NeedleHandle = await needle_factory(org=ORG, rules=RULES, services=("intake", "router"))
+    assert h.stack.nc is not None
+    h.stack.nc.options["drain_timeout"] = 2
+    return h
+
+
+async def dispatched(h: NeedleHandle, issue_id: str, n: int = 1) -> dict[str, Any]:
+    body: dict[str, Any] = await h.wait_for(f"/v1/issues/{issue_id}", h.auth("admin"),
+                                            lambda b: len(b["tasks"]) >= n, 10)
+    return body
+
+
+async def post(h: NeedleHandle, path: str, headers: dict[str, str], json: Any = None, status: int = 200) -> Any:
+    r = await h.client.post(path, headers=headers, json=json)
+    assert r.status_code == status, r.text
+    return r.json()
+
+
+def center(h: NeedleHandle, dept: str) -> dict[str, str]:
+    return h.auth("handler", f"dept:{dept}")
+
+
+# -- 退单审核 ---------------------------------------------------------------------------------------------------
+async def test_return_rejected_stays_with_the_department(needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "pothole")  # district: lead dinghai-roads, co dinghai-police
+    lead = lead_at(await dispatched(h, iid, 2), "district")
+    asked = await task_call(h, lead, "return", {"reason": "this is a private road"})
+    assert asked["return_requested"] == "this is a private road" and asked["status"] == "dispatched"
+    path = f"/v1/tasks/{lead['id']}/return/reject"
+    # the street's command centre is below the owner area (dinghai); the co-handler is no command centre
+    await post(h, path, center(h, "huannan-center"), {"reason": "x"}, 403)
+    await post(h, path, center(h, "dinghai-police"), {"reason": "x"}, 403)
+    rejected = await post(h, path, center(h, "dinghai-center"), {"reason": "the road is public"})
+    assert rejected["return_requested"] is None and rejected["return_rejections"] == 1
+    assert rejected["status"] == "dispatched" and rejected["department"] == "dinghai-roads"
+    await post(h, path, center(h, "dinghai-center"), {"reason": "again"}, 409)  # nothing to review any more
+    await router_idle(h)
+    evs = await events(h, iid)
+    assert len(of_type(evs, RETURN_REQUESTED)) == 1 and len(of_type(evs, RETURN_REJECTED)) == 1
+    assert of_type(evs, RETURNED) == [] and of_type(evs, ESCALATED) == []
+    body = await issue(h, iid)
+    assert len(body["tasks"]) == 2 and body["level"] == "district"
+    await task_call(h, lead, "acknowledge")  # still the department's to do
+
+
+async def test_return_approved_goes_to_a_named_department(needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "pothole")
+    lead = lead_at(await dispatched(h, iid, 2), "district")
+    await task_call(h, lead, "return", {"reason": "not ours"})
+    path = f"/v1/tasks/{lead['id']}/return/approve"
+    r = await h.client.post(path, headers=center(h, "dinghai-center"), json={"reassign_to": "huannan-center"})
+    assert r.status_code == 422 and "reassign_to" in r.text, r.text  # the street's centre does not serve dinghai
+    r = await h.client.post(path, headers=center(h, "dinghai-center"), json={"reassign_to": "nobody"})
+    assert r.status_code == 422 and "reassign_to" in r.text, r.text
+    out = await post(h, path, center(h, "dinghai-center"), {"reassign_to": "city-center", "reason": "city roads"})
+    assert out["status"] == "returned" and out["reassigned_to"] == f"{iid}-3"
+    body = await issue(h, iid)
+    new = body["tasks"][2]
+    assert (new["id"], new["department"], new["role"], new["level"]) == (f"{iid}-3", "city-center", "lead", "district")
+    assert body["tasks"][1]["status"] == "dispatched"  # the co-handler carries on
+    await router_idle(h)
+    evs = await events(h, iid)
+    (approved,) = of_type(evs, RETURN_APPROVED)
+    assert approved["data"]["to_department"] == "city-center" and approved["actor"].startswith("handler")
+    assert of_type(evs, ESCALATED) == [] and of_type(evs, RETURNED) == []
+    assert len(of_type(evs, DISPATCHED)) == 3
+
+
+async def test_return_approved_goes_to_the_rules_next(needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "noise_complaint")  # community: lead wuxing-committee; no centre at wuxing
+    (lead,) = (await dispatched(h, iid))["tasks"]
+    await task_call(h, lead, "return", {"reason": "a police matter"})
+    # a supervisor over the owner area may decide too; the grid's may not
+    await post(h, f"/v1/tasks/{lead['id']}/return/approve", h.auth("supervisor", "area:wuxing-g1"), None, 403)
+    await post(h, f"/v1/tasks/{lead['id']}/return/approve", h.auth("supervisor", "area:huannan"))
+    body = await issue(h, iid)
+    assert [(t["department"], t["status"]) for t in body["tasks"]] == [
+        ("wuxing-committee", "returned"), ("huannan-center", "dispatched")]  # the nearest centre above
+    assert body["level"] == "community"
+
+
+async def test_approved_return_with_nobody_left_escalates(needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "stray_dogs")  # street: huannan-center leads
+    (lead,) = (await dispatched(h, iid))["tasks"]
+    assert lead["department"] == "huannan-center"
+    await task_call(h, lead, "return", {"reason": "the district's dog squad"})
+    await post(h, f"/v1/tasks/{lead['id']}/return/approve", center(h, "dinghai-center"))
+    body = await h.wait_for(f"/v1/issues/{iid}", h.auth("admin"), lambda b: b["level"] == "district", 10)
+    assert lead_at(body, "district")["department"] == "dinghai-center"
+    await router_idle(h)
+    (esc,) = of_type(await events(h, iid), ESCALATED)
+    assert esc["data"]["cause"] == "return" and esc["data"]["reason"] == "the district's dog squad"
+
+
+# -- 改派 --------------------------------------------------------------------------------------------------------
+async def test_reassignment_by_a_supervisor(needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "noise_complaint")
+    (lead,) = (await dispatched(h, iid))["tasks"]
+    path = f"/v1/tasks/{lead['id']}/reassign"
+    body = {"department": "huannan-center", "reason": "a street-wide matter"}
+    await post(h, path, h.auth("supervisor", "area:wuxing-g2"), body, 403)  # the grid's scope: not the owner area
+    await post(h, path, center(h, "wuxing-committee"), body, 403)
+    r = await h.client.post(path, headers=h.auth("supervisor", "area:huannan"),
+                            json={"department": "dinghai-roads", "reason": "x"})
+    assert r.status_code == 200, r.text  # dinghai-roads serves dinghai, hence wuxing below it
+    r = await h.client.post(f"/v1/tasks/{iid}-2/reassign", headers=h.auth("supervisor", "area:huannan"),
+                            json={"department": "dinghai-roads", "reason": "x"})
+    assert r.status_code == 422 and "department" in r.text, r.text  # already with it
+    out = await post(h, f"/v1/tasks/{iid}-2/reassign", h.auth("supervisor", "area:huannan", "sup:li"), body)
+    assert out["status"] == "superseded" and out["reassigned_to"] == f"{iid}-3"
+    state = await issue(h, iid)
+    assert [(t["department"], t["status"]) for t in state["tasks"]] == [
+        ("wuxing-committee", "superseded"), ("dinghai-roads", "superseded"), ("huannan-center", "dispatched")]
+    await router_idle(h)
+    evs = await events(h, iid)
+    moves = of_type(evs, REASSIGNED)
+    assert [(e["data"]["from_department"], e["data"]["to_department"]) for e in moves] == [
+        ("wuxing-committee", "dinghai-roads"), ("dinghai-roads", "huannan-center")]
+    assert moves[1]["data"]["by"] == "sup:li" and moves[1]["data"]["reason"] == "a street-wide matter"
+    assert moves[1]["data"]["clocks"] == "restart"
+    assert [e["data"]["reason"] for e in of_type(evs, SUPERSEDED)][-1] == "reassigned to huannan-center: " \
+                                                                         "a street-wide matter"
+    new = state["tasks"][2]
+    assert ts(new["dispatched_at"]) > ts(lead["dispatched_at"])
+    assert ts(new["resolve_due"]) - ts(new["dispatched_at"]) == timedelta(hours=1)  # restarted
+
+
+# -- 缓办 --------------------------------------------------------------------------------------------------------
+async def test_suspension_holds_the_clocks_and_resume_gives_back_the_time_left(
+        needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "care_home")  # 12 s clocks (warning at 6 s): they would breach during the test
+    (lead,) = (await dispatched(h, iid))["tasks"]
+    await task_call(h, lead, "acknowledge")
+    until = now() + timedelta(seconds=5)
+    asked = await task_call(h, lead, "suspend", {"reason": "waiting for the court", "until": until.isoformat()})
+    assert asked["suspension_requested"] is not None and not asked["suspended"]
+    path = f"/v1/tasks/{lead['id']}/suspend/approve"
+    await post(h, path, h.auth("supervisor", "area:wuxing-g1"), None, 403)
+    out = await post(h, path, center(h, "huannan-center"))
+    assert out["suspended"] and ts(out["suspended_until"]) == until
+    assert ts(out["issue"]["suspended_until"]) == until
+    paused_at = now()
+    left = ts(lead["resolve_due"]) - paused_at
+    assert left > timedelta(seconds=6), "the machine was too slow to suspend before the warning"
+
+    await sleep_until(ts(lead["resolve_due"]) + timedelta(seconds=2))  # the old clock ran out meanwhile
+    await router_idle(h)
+    evs = await events(h, iid)
+    assert of_type(evs, WARNED) == [] and of_type(evs, BREACHED) == [] and of_type(evs, ESCALATED) == []
+    (review,) = of_type(evs, REVIEW_DUE)  # the reminder at the review date (a durable timer)
+    assert ts(review["time"]) >= until
+
+    resumed = await task_call(h, lead, "resume")
+    resumed_at = now()
+    assert not resumed["suspended"] and resumed["suspensions"] == 1
+    new_due = ts(resumed["resolve_due"])
+    assert resumed_at + left - timedelta(seconds=2) <= new_due <= resumed_at + left + timedelta(seconds=1)
+    assert resumed["suspended_for"] > 5
+    await post(h, f"/v1/tasks/{lead['id']}/resume", center(h, "huannan-center"), None, 409)  # not suspended now
+    # care_home allows one suspension (suspension.max_count: 1)
+    r = await h.client.post(f"/v1/tasks/{lead['id']}/suspend", headers=center(h, "wuxing-committee"),
+                            json={"reason": "again", "until": (now() + timedelta(days=1)).isoformat()})
+    assert r.status_code == 409 and "suspension.max_count" in r.text, r.text
+    # the clock runs again: it breaches at the new due time
+    await sleep_until(new_due + timedelta(seconds=2))
+    await router_idle(h)
+    evs = await events(h, iid)
+    assert len(of_type(evs, BREACHED, task_id=lead["id"], clock="resolve")) == 1
+    assert len(of_type(evs, SUSPENDED)) == 1 and len(of_type(evs, RESUMED)) == 1
+
+
+async def test_suspension_cap_and_refusal(needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "pothole")  # suspension {max: P30D, max_count: 2}
+    lead = lead_at(await dispatched(h, iid, 2), "district")
+    r = await h.client.post(f"/v1/tasks/{lead['id']}/suspend", headers=center(h, "dinghai-roads"),
+                            json={"reason": "winter", "until": (now() + timedelta(days=31)).isoformat()})
+    assert r.status_code == 409 and "suspension.max" in r.text, r.text
+    co = body_co = (await issue(h, iid))["tasks"][1]
+    assert body_co["role"] == "co"
+    r = await h.client.post(f"/v1/tasks/{co['id']}/suspend", headers=center(h, "dinghai-police"),
+                            json={"reason": "x", "until": (now() + timedelta(days=1)).isoformat()})
+    assert r.status_code == 409, r.text  # the lead asks
+    await task_call(h, lead, "suspend", {"reason": "winter", "until": (now() + timedelta(days=20)).isoformat()})
+    out = await post(h, f"/v1/tasks/{lead['id']}/suspend/reject", h.auth("supervisor", "area:dinghai"),
+                     {"reason": "fill it now"})
+    assert out["suspension_requested"] is None and not out["suspended"]
+    await router_idle(h)
+    assert len(of_type(await events(h, iid), "needle.task.suspension_rejected.v1")) == 1
+
+
+# -- 延期 --------------------------------------------------------------------------------------------------------
+async def test_extension_refused_and_capped(needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "pothole")  # owner area dinghai; extension {max: PT1H, max_count: 1}
+    lead = lead_at(await dispatched(h, iid, 2), "district")
+    await task_call(h, lead, "extension", {"extension": "PT30M", "reason": "asphalt"})
+    # only a supervisor whose scope covers the owner area (dinghai) decides: the street's may not
+    await post(h, f"/v1/tasks/{lead['id']}/extension/approve", h.auth("supervisor", "area:huannan"), None, 403)
+    await post(h, f"/v1/tasks/{lead['id']}/extension/reject", h.auth("supervisor", "area:huannan"),
+               {"reason": "no"}, 403)
+    out = await post(h, f"/v1/tasks/{lead['id']}/extension/reject", h.auth("supervisor", "area:dinghai"),
+                     {"reason": "the road is dangerous"})
+    assert out["extension_requested"] is None and out["extensions"] == 0
+    assert out["resolve_due"] == lead["resolve_due"]
+    r = await h.client.post(f"/v1/tasks/{lead['id']}/extension", headers=center(h, "dinghai-roads"),
+                            json={"extension": "PT2H", "reason": "more"})
+    assert r.status_code == 409 and "extension.max" in r.text, r.text
+    await task_call(h, lead, "extension", {"extension": "PT1H", "reason": "asphalt"})
+    out = await post(h, f"/v1/tasks/{lead['id']}/extension/approve", h.auth("supervisor", "area:city"))
+    assert out["extensions"] == 1 and ts(out["resolve_due"]) == ts(lead["resolve_due"]) + timedelta(hours=1)
+    r = await h.client.post(f"/v1/tasks/{lead['id']}/extension", headers=center(h, "dinghai-roads"),
+                            json={"extension": "PT10M", "reason": "more"})
+    assert r.status_code == 409 and "extension.max_count" in r.text, r.text
+    await router_idle(h)
+    evs = await events(h, iid)
+    assert len(of_type(evs, EXT_REJECTED)) == 1 and len(of_type(evs, EXT_APPROVED)) == 1
