@@ -5,11 +5,17 @@ suspension {max: P30D, max_count: 2}, care_home {max: P90D, max_count: 1}.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import subprocess
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from tests.integration.test_router_recovery import NEEDLE, Routers, poll, precreate_router_consumers
+from tests.integration.test_router_recovery import router_idle as router_idle_js
 from tests.integration.test_router_sla import lead_at, router_idle, task_call
 from tests.support import NeedleHandle, events, issue, now, of_type, report, sleep_until, ts
 
@@ -258,3 +264,84 @@ async def test_extension_refused_and_capped(needle_factory: Callable[..., Any]) 
     await router_idle(h)
     evs = await events(h, iid)
     assert len(of_type(evs, EXT_REJECTED)) == 1 and len(of_type(evs, EXT_APPROVED)) == 1
+
+
+# -- exactly once across a router restart ------------------------------------------------------------------------
+class DispatchRouters(Routers):
+    """``needle run router`` subprocesses on dispatch_rules.yaml."""
+
+    def start(self, nats_url: str) -> subprocess.Popen[bytes]:
+        n = len(self.procs)
+        data_dir = self.root / f"router{n}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_ORG": str(ORG), "NEEDLE_RULES": str(RULES),
+               "NEEDLE_LOG_LEVEL": "warning"}
+        env.pop("NEEDLE_DATABASE_URL", None)
+        with open(self.root / f"router{n}.log", "ab") as log:
+            proc = subprocess.Popen([str(NEEDLE), "run", "router", "--data-dir", str(data_dir)], env=env,
+                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+
+@pytest.fixture
+def dispatch_routers(tmp_path: Path) -> Iterator[DispatchRouters]:
+    r = DispatchRouters(tmp_path / "routers")
+    r.root.mkdir()
+    yield r
+    r.close()
+
+
+async def test_each_path_records_its_events_exactly_once_across_a_router_restart(
+        needle_factory: Callable[..., Any], dispatch_routers: DispatchRouters) -> None:
+    h: NeedleHandle = await needle_factory(org=ORG, rules=RULES, services=("intake",))
+    assert h.stack.nc is not None
+    h.stack.nc.options["drain_timeout"] = 2
+    js = h.stack.nc.jetstream()
+    await precreate_router_consumers(js)
+    router = dispatch_routers.start(h.stack.urls.nats)
+    try:
+        care = await report(h, "care_home")
+        dogs = await report(h, "stray_dogs")
+        noise = await report(h, "noise_complaint")
+        (lead,) = (await dispatched(h, care))["tasks"]
+        (dog_lead,) = (await dispatched(h, dogs))["tasks"]
+        (noise_lead,) = (await dispatched(h, noise))["tasks"]
+        await task_call(h, lead, "acknowledge")
+        until = now() + timedelta(seconds=6)
+        await task_call(h, lead, "suspend", {"reason": "court", "until": until.isoformat()})
+        await post(h, f"/v1/tasks/{lead['id']}/suspend/approve", center(h, "huannan-center"))
+        await task_call(h, dog_lead, "return", {"reason": "the district's"})
+        await post(h, f"/v1/tasks/{dog_lead['id']}/return/approve", center(h, "dinghai-center"))
+        await post(h, f"/v1/tasks/{noise_lead['id']}/reassign", center(h, "huannan-center"),
+                   {"department": "huannan-center", "reason": "street-wide"})
+        dispatch_routers.kill(router)  # killed with the cues (approval, return) perhaps fetched, not acked
+        router = dispatch_routers.start(h.stack.urls.nats)
+        await h.wait_for(f"/v1/issues/{dogs}", h.auth("admin"), lambda b: b["level"] == "district", 20)
+        await sleep_until(until + timedelta(seconds=2))
+        await poll(lambda: _has(h, care, REVIEW_DUE), 15, "the review reminder")
+        resumed = await task_call(h, lead, "resume")
+        dispatch_routers.kill(router)  # the resumed clock's timer is set from the event by the next router
+        router = dispatch_routers.start(h.stack.urls.nats)
+        await sleep_until(ts(resumed["resolve_due"]) + timedelta(seconds=2))
+        await poll(lambda: _has(h, care, BREACHED), 20, "the breach of the resumed clock")
+        await poll(lambda: router_idle_js(js), 20, "the router consumer to drain")
+        assert router.poll() is None, dispatch_routers.logs()
+    except AssertionError:
+        print(dispatch_routers.logs())
+        raise
+    evs = await events(h, care)
+    assert len(of_type(evs, SUSPENDED)) == 1 and len(of_type(evs, REVIEW_DUE)) == 1
+    assert len(of_type(evs, RESUMED)) == 1 and len(of_type(evs, BREACHED, clock="resolve")) == 1
+    assert len(of_type(evs, WARNED, clock="resolve")) == 1 and len(of_type(evs, ESCALATED)) == 1  # the breach
+    evs = await events(h, dogs)
+    assert len(of_type(evs, RETURN_APPROVED)) == 1 and len(of_type(evs, ESCALATED)) == 1
+    assert len(of_type(evs, "needle.issue.routed.v1")) == 2 and len(of_type(evs, DISPATCHED)) == 2
+    evs = await events(h, noise)
+    assert len(of_type(evs, REASSIGNED)) == 1 and len(of_type(evs, DISPATCHED)) == 2
+    assert len(of_type(evs, SUPERSEDED)) == 1
+
+
+async def _has(h: NeedleHandle, issue_id: str, ce_type: str) -> bool:
+    return bool(of_type(await events(h, issue_id), ce_type))
