@@ -175,6 +175,17 @@ class ResumeTask:
 
 
 @dataclass(frozen=True, slots=True)
+class AddComment:
+    by: str
+    role: str
+    text: str
+    kind: str = "comment"
+    department: str | None = None
+    task_id: str | None = None
+    media: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class UrgeIssue:
     by: str
     note: str | None = None
@@ -184,5 +195,5 @@ Command = (
     ReportIssue | ResolveOnSite | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
     | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
     | RequestReturn | RejectReturn | ApproveReturn | ReassignTask | RejectExtension
-    | RequestSuspension | ApproveSuspension | RejectSuspension | ResumeTask
+    | RequestSuspension | ApproveSuspension | RejectSuspension | ResumeTask | AddComment
 )

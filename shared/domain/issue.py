@@ -94,6 +94,8 @@ class IssueState:
     closed_on_time: bool | None = None
     satisfaction: str | None = None
     handled: frozenset[int] = field(default_factory=frozenset)  # causing seqs the router already reacted to
+    comments: int = 0  # comments, progress reports and information requests/replies (issue 19)
+    last_progress_at: datetime | None = None  # the lead's latest progress report (阶段性答复)
 
     @property
     def exists(self) -> bool:
@@ -220,6 +222,10 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                            tasks=_superseded(state.tasks))
         case ev.FeedbackRecorded():
             changes["satisfaction"] = event.satisfaction
+        case ev.CommentAdded():
+            changes["comments"] = state.comments + 1
+            if event.kind == "progress":
+                changes["last_progress_at"] = event.at
         case ev.ReturnRequested():
             changes["tasks"] = _set_task(state, event.task_id, return_requested=event.reason)
         case ev.ReturnRejected():
@@ -420,6 +426,22 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             return [ev.TaskResumed(task_id=t.id, by=command.by, at=now, acknowledge_due=command.acknowledge_due,
                                    resolve_due=command.resolve_due, acknowledge_warn=command.acknowledge_warn,
                                    resolve_warn=command.resolve_warn)]
+        case cmd.AddComment():
+            if not state.exists:
+                raise NotFound(f"issue {state.id} not found", field="id")
+            if command.kind == "progress":  # 阶段性答复: the lead's department, on its open task
+                lead = state.lead
+                if lead is None or not lead.open or lead.department != command.department:
+                    raise Conflict("a progress report comes from the department holding the open lead task",
+                                   current_status=state.status)
+                task_id: str | None = lead.id
+            else:
+                task_id = command.task_id
+                if task_id is not None:
+                    state.task(task_id)
+            return [ev.CommentAdded(by=command.by, role=command.role, department=command.department,
+                                    kind=command.kind, text=command.text, task_id=task_id,  # type: ignore[arg-type]
+                                    media=command.media, at=now)]
     raise TypeError(f"unknown command {command!r}")  # pragma: no cover
 
 

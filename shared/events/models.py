@@ -398,6 +398,25 @@ class TaskResumed(Event):
     resolve_warn: datetime
 
 
+CommentKind = Literal["comment", "progress", "info_request", "info_reply"]
+
+
+class CommentAdded(Event):
+    """A participant's message on the issue: a comment, a lead's progress report (阶段性答复), a request for more
+    information (补充材料) or its reply. ``text`` is free text: no personal data belongs in it."""
+
+    name = "comment_added"
+    ce_type = "needle.issue.comment_added.v1"
+    by: str
+    role: str
+    department: str | None = None
+    kind: CommentKind = "comment"
+    text: str
+    task_id: str | None = None
+    media: tuple[str, ...] = Field(default=(), description="references to media already stored (URLs or ids)")
+    at: datetime
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     IssueReported,
     IssueResolvedOnSite,
@@ -430,6 +449,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SuspensionRejected,
     SuspensionReviewDue,
     TaskResumed,
+    CommentAdded,
 )
 BY_NAME: dict[str, type[Event]] = {t.name: t for t in EVENT_TYPES}
 BY_CE_TYPE: dict[str, type[Event]] = {t.ce_type: t for t in EVENT_TYPES}

@@ -131,6 +131,12 @@ MATRIX: dict[tuple[str, str], Case] = {
                                                      setup="fresh", succeeds=True),
     ("POST", "/v1/issues/{issue_id}/urge"): Case(only("sup_street", "admin"), json={"note": "m"}, setup="fresh",
                                                  succeeds=True),
+    # comments (issue 19): every participant — the grid's worker, the departments with a task, the command centre
+    # over the owner area, a supervisor over the grid; integrators read what they may read, nobody else
+    ("POST", "/v1/issues/{issue_id}/comments"): Case(only("gw_a", "handler_x", "handler_y", "center", "sup_street",
+                                                          "admin"), json={"text": "m"}, succeeds=True),
+    ("GET", "/v1/issues/{issue_id}/comments"): Case(only("gw_a", "handler_x", "handler_y", "center", "sup_street",
+                                                         "integrator", "admin")),
     # a handler of one department never acts on another's task (X holds it; Y co-handles the issue)
     ("POST", "/v1/tasks/{task_id}/acknowledge"): Case(only("handler_x", "admin"), setup="fresh", succeeds=True),
     ("POST", "/v1/tasks/{task_id}/return"): Case(only("handler_x", "admin"), json={"reason": "not ours"},

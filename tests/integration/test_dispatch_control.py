@@ -345,3 +345,40 @@ async def test_each_path_records_its_events_exactly_once_across_a_router_restart
 
 async def _has(h: NeedleHandle, issue_id: str, ce_type: str) -> bool:
     return bool(of_type(await events(h, issue_id), ce_type))
+
+
+# -- comments and progress reports ---------------------------------------------------------------------------------
+async def test_comments_are_visible_to_each_participant_and_refused_to_others(
+        needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "pothole")  # grid wuxing-g1; owner dinghai; lead dinghai-roads, co dinghai-police
+    lead = lead_at(await dispatched(h, iid, 2), "district")
+    participants = {
+        "grid worker": h.auth("grid_worker", "area:wuxing-g1"), "lead": center(h, "dinghai-roads"),
+        "co-handler": center(h, "dinghai-police"), "command centre": center(h, "city-center"),
+        "supervisor": h.auth("supervisor", "area:huannan"),
+    }
+    others = {"other grid": h.auth("grid_worker", "area:wuxing-g2"), "no task": center(h, "wuxing-committee"),
+              "street centre below the owner area": center(h, "huannan-center"),
+              "supervisor of another grid": h.auth("supervisor", "area:wuxing-g2")}
+    path = f"/v1/issues/{iid}/comments"
+    for who, headers in participants.items():
+        out = await post(h, path, headers, {"text": f"from the {who}"}, 201)
+        assert out["kind"] == "comment" and out["text"] == f"from the {who}"
+    progress = await post(h, path, participants["lead"], {"text": "half done", "kind": "progress",
+                                                          "media": ["photos/1.jpg"]}, 201)
+    assert progress["task_id"] == lead["id"] and progress["department"] == "dinghai-roads"
+    await post(h, path, participants["co-handler"], {"text": "x", "kind": "progress"}, 409)  # the lead reports
+    for who, headers in others.items():
+        r = await h.client.post(path, headers=headers, json={"text": "x"})
+        assert r.status_code == 403, (who, r.text)
+        r = await h.client.get(path, headers=headers)
+        assert r.status_code == 403, (who, r.text)
+    for who, headers in participants.items():
+        r = await h.client.get(path, headers=headers)
+        assert r.status_code == 200, (who, r.text)
+        assert [c["text"] for c in r.json()["items"]] == [f"from the {w}" for w in participants] + ["half done"]
+    r = await h.client.post(path, headers=participants["lead"], json={"text": "x", "kind": "gossip"})
+    assert r.status_code == 422 and "kind" in r.text
+    evs = of_type(await events(h, iid), "needle.issue.comment_added.v1")
+    assert len(evs) == 6 and evs[-1]["data"]["media"] == ["photos/1.jpg"]

@@ -72,6 +72,7 @@ SAMPLES: dict[type[ev.Event], ev.Event] = {
     ev.SuspensionApproved: ev.SuspensionApproved(task_id=f"{ISSUE}-1", by="sup", until=T0, at=T0),
     ev.SuspensionRejected: ev.SuspensionRejected(task_id=f"{ISSUE}-1", by="sup", reason="不批"),
     ev.SuspensionReviewDue: ev.SuspensionReviewDue(task_id=f"{ISSUE}-1", until=T0, caused_by=3),
+    ev.CommentAdded: ev.CommentAdded(by="h", role="handler", department="d", kind="progress", text="进展", at=T0),
     ev.TaskResumed: ev.TaskResumed(task_id=f"{ISSUE}-1", by="h", at=T0, acknowledge_due=T0, resolve_due=T0,
                                    acknowledge_warn=T0, resolve_warn=T0),
 }

@@ -71,6 +71,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "suspension_approved": TASK | {"by": "sup:putuo", "until": T, "at": T},
     "suspension_rejected": TASK | {"by": "sup:putuo", "reason": "no"},
     "suspension_review_due": TASK | {"until": T},
+    "comment_added": {"by": "h:dazhan", "role": "handler", "department": "dazhan-committee", "kind": "progress",
+                      "text": "materials ordered", "task_id": "01TASK0000000000000000000A", "media": ["m/1.jpg"],
+                      "at": T},
     "task_resumed": TASK | {"by": "h:dazhan", "at": T, "acknowledge_due": T, "resolve_due": T,
                             "acknowledge_warn": T, "resolve_warn": T},
 }
