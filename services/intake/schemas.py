@@ -109,6 +109,20 @@ class SuspendBody(Strict):
         return v
 
 
+class SuperviseBody(Strict):
+    due: datetime = Field(description="the supervision's own due date (RFC 3339 with a zone)")
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
+    remind_every: timedelta = Field(default=timedelta(days=1), ge=timedelta(seconds=1), le=timedelta(days=365),
+                                    description="ISO 8601 duration between reminders (default P1D)")
+
+    @field_validator("due")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None or v.utcoffset() is None:
+            raise ValueError("due needs a time zone (e.g. 2026-06-01T09:00:00+08:00)")
+        return v
+
+
 class Created(BaseModel):
     id: str
     status: str
@@ -132,6 +146,7 @@ def task_view(t: TaskState) -> dict[str, Any]:
         "extensions": t.extensions, "suspension_requested": _ts(t.suspension_requested),
         "suspended": t.suspended, "suspended_until": _ts(t.suspended_until), "suspensions": t.suspensions,
         "suspended_for": t.suspended_for.total_seconds(), "reassigned_to": t.reassigned_to,
+        "urges": t.urges, "supervised_due": _ts(t.supervised_due),
     }
 
 

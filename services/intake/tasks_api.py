@@ -26,6 +26,7 @@ from .schemas import (
     ReasonBody,
     ReassignBody,
     ReturnApproveBody,
+    SuperviseBody,
     SuspendBody,
     VerifyBody,
     issue_view,
@@ -321,4 +322,14 @@ async def resume_task(task_id: str, ctx: Ctx, p: Actor) -> Response:
                               resolve_warn=d.resolve_warn)
 
     out = await _run(ctx, ids.issue_of_task(task_id), p.subject, None, check, command)
+    return _task_response(out, task_id)
+
+
+@router.post("/v1/tasks/{task_id}/supervise")
+async def supervise_task(task_id: str, body: SuperviseBody, ctx: Ctx, p: Actor) -> Response:
+    """督办: a supervisor over the owner area or the command centre above puts an open task under supervision with
+    its own ``due`` date; the router reminds every ``remind_every`` until the task is resolved."""
+    out = await _run(ctx, ids.issue_of_task(task_id), p.subject, None, lambda s: require_overseer(ctx.org, p, s),
+                     lambda s, now: cmd.SuperviseTask(task_id=task_id, by=p.subject, due=body.due, reason=body.reason,
+                                                      remind_every=body.remind_every))
     return _task_response(out, task_id)

@@ -18,7 +18,11 @@ rate               numerator                                   denominator
 返工率 rework       reopened                                    verifications
 退单率 returns      tasks_returned                              tasks_dispatched
 延期率 extensions   tasks_extended                              tasks_dispatched
+督办按期率          supervised_on_time                          supervision_closed
 =================  ==========================================  ====================================
+
+催办 (``urged``) counts against the department leading the issue when the urge was recorded; 督办件数 is
+``supervised`` (orders), and a supervised task superseded before it was resolved leaves the 督办按期率.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ METRICS = (
     "tasks_dispatched", "tasks_acknowledged", "tasks_ack_on_time", "tasks_resolved", "tasks_resolved_on_time",
     "tasks_returned", "tasks_extended", "sla_warned", "sla_breached", "dispatch_ms_sum",
     "returns_requested", "returns_rejected", "tasks_reassigned", "extensions_rejected", "tasks_suspended",
+    "urged", "supervised", "supervision_closed", "supervised_on_time",
 )
 RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
@@ -46,6 +51,7 @@ RATES: dict[str, tuple[str, str]] = {
     "rework_rate": ("reopened", "verifications"),
     "return_rate": ("tasks_returned", "tasks_dispatched"),
     "extension_rate": ("tasks_extended", "tasks_dispatched"),
+    "supervision_on_time_rate": ("supervised_on_time", "supervision_closed"),
 }
 DEPT_RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
@@ -53,6 +59,7 @@ DEPT_RATES: dict[str, tuple[str, str]] = {
     "on_time_resolve_rate": ("tasks_resolved_on_time", "tasks_resolved"),
     "return_rate": ("tasks_returned", "tasks_dispatched"),
     "extension_rate": ("tasks_extended", "tasks_dispatched"),
+    "supervision_on_time_rate": ("supervised_on_time", "supervision_closed"),
 }
 
 StatKey = tuple[date, str, str, str]  # (day, scope "area"|"dept", id, metric)
@@ -284,6 +291,19 @@ def apply(batch: Batch, env: Envelope) -> None:
                 if e.satisfaction in ("satisfied", "basically_satisfied"):
                     batch.count_area(issue, at, "feedback_satisfied")
             issue["satisfaction"] = e.satisfaction
+        case ev.IssueUrged():
+            if issue.get("lead_department"):
+                batch.count_dept(issue["lead_department"], at, "urged")
+            batch.count_area(issue, at, "urged")
+        case ev.SupervisionOrdered():
+            if (t := batch.tasks.get(e.task_id)) is not None:
+                batch.count_dept(t["department"], at, "supervised")
+                batch.count_area(issue, at, "supervised")
+        case ev.SupervisionClosed():
+            if (t := batch.tasks.get(e.task_id)) is not None:
+                for metric in ("supervision_closed", "supervised_on_time")[:2 if e.on_time else 1]:
+                    batch.count_dept(t["department"], at, metric)
+                    batch.count_area(issue, at, metric)
         case ev.ReturnRequested() | ev.ReturnRejected() | ev.ReturnApproved() | ev.TaskReassigned() \
                 | ev.ExtensionRejected() | ev.SuspensionApproved() | ev.TaskResumed():
             _apply_dispatch_control(batch, issue, e, seq, at)

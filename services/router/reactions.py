@@ -184,7 +184,16 @@ def pending_edges(task: TaskState) -> list[tuple[datetime, TimerEdge]]:
         edges.append((task.resolve_warn, TimerEdge(task.id, "resolve", "warn")))
     if "resolve" not in task.breached:
         edges.append((task.resolve_due, TimerEdge(task.id, "resolve", "due")))
+    if (reminder := next_supervision_reminder(task)) is not None:
+        edges.append((reminder, TimerEdge(task.id, "supervision", "warn")))
     return sorted(edges, key=lambda e: (e[0], e[1].edge == "due"))
+
+
+def next_supervision_reminder(task: TaskState) -> datetime | None:
+    """督办: the next reminder of a supervised open task (every ``supervision_every`` from the order)."""
+    if task.supervised_at is None or task.supervision_every is None:
+        return None
+    return (task.supervision_reminded or task.supervised_at) + task.supervision_every
 
 
 def next_edge(task: TaskState) -> tuple[datetime, TimerEdge] | None:
@@ -218,6 +227,10 @@ def on_timer(state: IssueState, task_id: str, rules: RouterRules, now: datetime)
 def _at_edge(state: IssueState, t: TaskState, edge: TimerEdge, rules: RouterRules, now: datetime) -> list[ev.Event]:
     """The events of one clock edge of ``t`` that is past: a warning, or a breach (and, for the lead when the
     rulebook says so, the breaches already due on the other tasks and the escalation that supersedes them)."""
+    if edge.clock == "supervision":
+        at = next_supervision_reminder(t)
+        assert at is not None and t.supervised_due is not None
+        return [ev.SupervisionReminded(task_id=t.id, due=t.supervised_due, at=at)]
     if edge.clock == "suspension":
         assert t.suspended_until is not None
         return [ev.SuspensionReviewDue(task_id=t.id, until=t.suspended_until)]

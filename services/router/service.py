@@ -43,7 +43,8 @@ from .timers import SOURCE, StateCache, TimerMixin, _after, load_holding
 
 log = structlog.get_logger("needle.router")
 REACTS_TO = frozenset({"issue_reported", "task_returned", "issue_escalated", "issue_reopened", "return_approved"})
-RESCHEDULES = frozenset({"suspension_approved", "task_resumed", "task_reassigned", "return_approved"})
+RESCHEDULES = frozenset({"suspension_approved", "task_resumed", "task_reassigned", "return_approved",
+                         "supervision_ordered"})
 """Events that move a dispatch's clocks (or add a task) without a lead's task_dispatched: the timers are set
 again from the state (the same schedule subject: a redelivery sets the same timer)."""
 CONSUMES = REACTS_TO | RESCHEDULES | {"task_dispatched"}  # what the router handles; the rest is acked unread

@@ -186,6 +186,15 @@ class AddComment:
 
 
 @dataclass(frozen=True, slots=True)
+class SuperviseTask:
+    task_id: str
+    by: str
+    due: datetime
+    reason: str
+    remind_every: timedelta
+
+
+@dataclass(frozen=True, slots=True)
 class UrgeIssue:
     by: str
     note: str | None = None
@@ -196,4 +205,5 @@ Command = (
     | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
     | RequestReturn | RejectReturn | ApproveReturn | ReassignTask | RejectExtension
     | RequestSuspension | ApproveSuspension | RejectSuspension | ResumeTask | AddComment
+    | SuperviseTask
 )

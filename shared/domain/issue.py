@@ -52,6 +52,11 @@ class TaskState:
     suspensions: int = 0  # approved suspensions
     suspended_for: timedelta = timedelta(0)  # the time the clocks were paused, over every suspension
     reassigned_to: str | None = None  # the task that took this one over (改派, 退单同意)
+    urges: int = 0  # 催办 while this task led the issue
+    supervised_at: datetime | None = None  # 督办 ordered at
+    supervised_due: datetime | None = None
+    supervision_every: timedelta | None = None
+    supervision_reminded: datetime | None = None  # the latest reminder's scheduled time
 
     @property
     def suspended(self) -> bool:
@@ -222,6 +227,15 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                            tasks=_superseded(state.tasks))
         case ev.FeedbackRecorded():
             changes["satisfaction"] = event.satisfaction
+        case ev.IssueUrged():
+            lead = state.lead
+            if lead is not None:
+                changes["tasks"] = _set_task(state, lead.id, urges=lead.urges + 1)
+        case ev.SupervisionOrdered():
+            changes["tasks"] = _set_task(state, event.task_id, supervised_at=event.at, supervised_due=event.due,
+                                         supervision_every=event.remind_every, supervision_reminded=None)
+        case ev.SupervisionReminded():
+            changes["tasks"] = _set_task(state, event.task_id, supervision_reminded=event.at)
         case ev.CommentAdded():
             changes["comments"] = state.comments + 1
             if event.kind == "progress":
@@ -314,7 +328,8 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             t = state.task(command.task_id)
             if not t.open:
                 raise Conflict(f"task {t.id} is {t.status}", current_status=t.status)
-            return [ev.TaskResolved(task_id=t.id, by=command.by, note=command.note, at=now)]
+            return [ev.TaskResolved(task_id=t.id, by=command.by, note=command.note, at=now),
+                    *_supervision_closed(t, now)]
         case cmd.VerifyIssue():
             _require_open(state)
             if state.status != "resolved":
@@ -426,6 +441,14 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             return [ev.TaskResumed(task_id=t.id, by=command.by, at=now, acknowledge_due=command.acknowledge_due,
                                    resolve_due=command.resolve_due, acknowledge_warn=command.acknowledge_warn,
                                    resolve_warn=command.resolve_warn)]
+        case cmd.SuperviseTask():
+            t = _open_task(state, command.task_id)
+            if command.due <= now:
+                raise Invalid("due must be in the future", field="due")
+            if command.remind_every <= timedelta(0):
+                raise Invalid("remind_every must be positive", field="remind_every")
+            return [ev.SupervisionOrdered(task_id=t.id, by=command.by, due=command.due, reason=command.reason,
+                                          remind_every=command.remind_every, at=now)]
         case cmd.AddComment():
             if not state.exists:
                 raise NotFound(f"issue {state.id} not found", field="id")
@@ -443,6 +466,13 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                                     kind=command.kind, text=command.text, task_id=task_id,  # type: ignore[arg-type]
                                     media=command.media, at=now)]
     raise TypeError(f"unknown command {command!r}")  # pragma: no cover
+
+
+def _supervision_closed(t: TaskState, now: datetime) -> list[ev.Event]:
+    """督办 ends with the task's resolution: on time when resolved by the supervision's due date."""
+    if t.supervised_due is None:
+        return []
+    return [ev.SupervisionClosed(task_id=t.id, due=t.supervised_due, on_time=now <= t.supervised_due, at=now)]
 
 
 def _open_task(state: IssueState, task_id: str) -> TaskState:

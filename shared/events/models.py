@@ -398,6 +398,42 @@ class TaskResumed(Event):
     resolve_warn: datetime
 
 
+class SupervisionOrdered(Event):
+    """督办: a supervisor or the command centre above puts the task under supervision with its own ``due`` date;
+    reminders come every ``remind_every`` until the task is resolved."""
+
+    name = "supervision_ordered"
+    ce_type = "needle.task.supervision_ordered.v1"
+    task_id: str
+    by: str
+    due: datetime
+    reason: str
+    remind_every: timedelta
+    at: datetime
+
+
+class SupervisionReminded(Event):
+    """A 督办 reminder (a durable timer): ``at`` is the reminder's scheduled time."""
+
+    name = "supervision_reminded"
+    ce_type = "needle.task.supervision_reminded.v1"
+    task_id: str
+    due: datetime
+    at: datetime
+    caused_by: int = 0
+
+
+class SupervisionClosed(Event):
+    """The supervised task was resolved: on time when by the supervision's ``due``."""
+
+    name = "supervision_closed"
+    ce_type = "needle.task.supervision_closed.v1"
+    task_id: str
+    due: datetime
+    on_time: bool
+    at: datetime
+
+
 CommentKind = Literal["comment", "progress", "info_request", "info_reply"]
 
 
@@ -450,6 +486,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SuspensionReviewDue,
     TaskResumed,
     CommentAdded,
+    SupervisionOrdered,
+    SupervisionReminded,
+    SupervisionClosed,
 )
 BY_NAME: dict[str, type[Event]] = {t.name: t for t in EVENT_TYPES}
 BY_CE_TYPE: dict[str, type[Event]] = {t.ce_type: t for t in EVENT_TYPES}

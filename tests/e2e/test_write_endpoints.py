@@ -160,6 +160,9 @@ def test_every_write_endpoint_answers_its_documented_success_under_needle_up(nee
     assert n.call("POST", "/v1/tasks/{task_id}/suspend/approve", f"/v1/tasks/{task6}/suspend/approve",
                   headers=district).status_code == 200
     assert n.call("POST", "/v1/tasks/{task_id}/resume", f"/v1/tasks/{task6}/resume", headers=cc).status_code == 200
+    r = n.call("POST", "/v1/tasks/{task_id}/supervise", f"/v1/tasks/{task6}/supervise", headers=district,
+               json={"due": "2099-01-01T00:00:00+08:00", "reason": "督办", "remind_every": "P7D"})
+    assert r.status_code == 200, r.text
     r = n.call("POST", "/v1/issues/{issue_id}/comments", f"/v1/issues/{five}/comments", headers=cc,
                json={"text": "已协调施工队", "kind": "progress"})
     assert r.status_code == 201, r.text

@@ -164,6 +164,8 @@ MATRIX: dict[tuple[str, str], Case] = {
                                                           succeeds=True),
     ("POST", "/v1/tasks/{task_id}/suspend/reject"): Case(only("center", "admin"), json={"reason": "m"},
                                                          setup="suspend_requested", succeeds=True),
+    ("POST", "/v1/tasks/{task_id}/supervise"): Case(only("center", "admin"), setup="fresh", succeeds=True,
+                                                    json={"due": UNTIL, "reason": "m"}),
     ("POST", "/v1/tasks/{task_id}/resume"): Case(only("handler_x", "center", "admin"), setup="suspended",
                                                  succeeds=True),
     # integrators: their webhooks; never an issue write (above: 403 everywhere)

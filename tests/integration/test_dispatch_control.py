@@ -5,6 +5,7 @@ suspension {max: P30D, max_count: 2}, care_home {max: P90D, max_count: 1}.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -382,3 +383,52 @@ async def test_comments_are_visible_to_each_participant_and_refused_to_others(
     assert r.status_code == 422 and "kind" in r.text
     evs = of_type(await events(h, iid), "needle.issue.comment_added.v1")
     assert len(evs) == 6 and evs[-1]["data"]["media"] == ["photos/1.jpg"]
+
+
+# -- 催办 and 督办 count -------------------------------------------------------------------------------------------
+async def test_urge_and_supervision_counts_in_stats(needle_factory: Callable[..., Any]) -> None:
+    h: NeedleHandle = await needle_factory(org=ORG, rules=RULES)  # with the projections
+    one, two = await report(h, "noise_complaint"), await report(h, "pothole")
+    (lead1,) = (await dispatched(h, one))["tasks"]
+    lead2 = lead_at(await dispatched(h, two, 2), "district")
+    sup = h.auth("supervisor", "area:huannan")
+    for iid in (one, one, two):
+        await post(h, f"/v1/issues/{iid}/urge", h.auth("supervisor", "area:wuxing-g1"), {"note": "快"})
+    # 督办: a short due date with reminders every second; the first task is resolved in time, the second late
+    due1, due2 = now() + timedelta(seconds=30), now() + timedelta(seconds=3)
+    out = await post(h, f"/v1/tasks/{lead1['id']}/supervise", sup,
+                     {"due": due1.isoformat(), "reason": "反复投诉", "remind_every": "PT1S"})
+    assert ts(out["supervised_due"]) == due1
+    await post(h, f"/v1/tasks/{lead2['id']}/supervise", sup, {"due": due2.isoformat(), "reason": "x"}, 403)  # dinghai
+    await post(h, f"/v1/tasks/{lead2['id']}/supervise", center(h, "dinghai-center"),
+               {"due": due2.isoformat(), "reason": "道路安全", "remind_every": "PT2S"})
+    await poll(lambda: _count(h, one, "needle.task.supervision_reminded.v1", 2), 10, "two reminders")
+    await task_call(h, lead1, "resolve", {"note": "done"})
+    await sleep_until(due2 + timedelta(seconds=1))
+    r = await h.client.post(f"/v1/tasks/{lead2['id']}/resolve", headers=center(h, "dinghai-roads"), json={"note": "x"})
+    assert r.status_code == 200, r.text
+    seq = r.headers["Needle-Seq"]
+    await router_idle(h)
+    reminders = of_type(await events(h, one), "needle.task.supervision_reminded.v1")
+    assert reminders and all(ts(b["data"]["at"]) - ts(a["data"]["at"]) == timedelta(seconds=1)
+                             for a, b in itertools.pairwise(reminders))
+    resolved_at = ts(of_type(await events(h, one), "needle.task.resolved.v1")[0]["time"])
+    assert all(ts(e["time"]) <= resolved_at + timedelta(seconds=1) for e in reminders)  # they stop
+    r = await h.client.get("/v1/stats", params={"area": "dinghai"},
+                           headers=h.auth("admin") | {"Needle-Min-Seq": seq})
+    assert r.status_code == 200, r.text
+    stats = r.json()
+    overall = stats["overall"]["counts"]
+    assert (overall["urged"], overall["supervised"], overall["supervision_closed"], overall["supervised_on_time"]) \
+        == (3, 2, 2, 1)
+    assert stats["overall"]["rates"]["supervision_on_time_rate"]["value"] == 0.5
+    depts = stats["departments"]
+    assert depts["wuxing-committee"]["counts"]["urged"] == 2 and depts["dinghai-roads"]["counts"]["urged"] == 1
+    assert depts["wuxing-committee"]["rates"]["supervision_on_time_rate"]["value"] == 1.0
+    assert depts["dinghai-roads"]["rates"]["supervision_on_time_rate"]["value"] == 0.0
+    body = await issue(h, one)
+    assert body["tasks"][0]["urges"] == 2
+
+
+async def _count(h: NeedleHandle, issue_id: str, ce_type: str, n: int) -> bool:
+    return len(of_type(await events(h, issue_id), ce_type)) >= n

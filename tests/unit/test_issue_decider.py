@@ -429,10 +429,13 @@ def test_version_counts_events_and_last_seq_follows_the_stream_sequence() -> Non
     assert initial_state(ISSUE).version == 0 and not initial_state(ISSUE).exists
 
 
-def test_events_that_do_not_touch_the_issue_only_bump_the_version() -> None:
+def test_an_urge_only_counts_against_the_lead_task() -> None:
     s = dispatched_issue()
     after = evolve(s, ev.IssueUrged(by="sup", note="快"), 99)
-    assert after == replace(s, version=s.version + 1, last_seq=99)
+    lead = s.lead
+    assert lead is not None
+    tasks = tuple(replace(t, urges=1) if t.id == lead.id else t for t in s.tasks)
+    assert after == replace(s, version=s.version + 1, last_seq=99, tasks=tasks)
 
 
 def test_sla_warnings_and_breaches_are_remembered_per_clock() -> None:

@@ -240,7 +240,8 @@ def test_the_whole_happy_path_counts_every_rate_once() -> None:
     r = rates(g.area("city"))
     assert {k: v["value"] for k, v in r.items()} == {
         "response_rate": 1.0, "resolution_rate": 1.0, "satisfaction_rate": 1.0, "on_time_close_rate": 1.0,
-        "rework_rate": 0.0, "return_rate": 0.0, "extension_rate": 0.0}
+        "rework_rate": 0.0, "return_rate": 0.0, "extension_rate": 0.0,
+        "supervision_on_time_rate": None}
     d = rates(g.dept("dinghai-police"), DEPT_RATES)
     assert (d["response_rate"]["value"], d["resolution_rate"]["value"]) == (0.0, 1.0)
     assert [a[0] for a in g.batch.audit] == list(range(1, 12))
@@ -359,11 +360,13 @@ def test_an_escalation_supersedes_and_hands_the_lead_to_the_upper_level() -> Non
                           "escalated": 1})
 
 
-def test_urges_and_extension_requests_only_bump_the_version_and_the_audit() -> None:
+def test_urges_count_against_the_lead_department_and_extension_requests_only_bump_the_version() -> None:
     g = a_dispatched_issue()
-    before = dict(g.batch.stats)
+    before = Counter(g.batch.stats)
     g(ev.IssueUrged(by="sup", note="hurry"), ev.ExtensionRequested(task_id=LEAD, by="h", extension=HOUR, reason="r"))
-    assert dict(g.batch.stats) == before
+    added = Counter(g.batch.stats) - before
+    assert {k[1:] for k in added} == {("dept", g.task(LEAD)["department"], "urged")} | {
+        ("area", a, "urged") for a in ("city", "dinghai", "huannan", "wuxing", "wuxing-g1")}
     assert g.issue["version"] == 6 and g.issue["seq"] == 6
     assert [a[2] for a in g.batch.audit[-2:]] == ["issue_urged", "extension_requested"]
 
