@@ -101,6 +101,9 @@ class IssueState:
     handled: frozenset[int] = field(default_factory=frozenset)  # causing seqs the router already reacted to
     comments: int = 0  # comments, progress reports and information requests/replies (issue 19)
     last_progress_at: datetime | None = None  # the lead's latest progress report (阶段性答复)
+    first_dispatch_at: datetime | None = None  # 按期结案 is measured from here ...
+    first_resolve_due: datetime | None = None  # ... against the first lead's resolve clock as dispatched
+    granted: timedelta = timedelta(0)  # plus the time approved extensions and suspensions moved the resolve due
 
     @property
     def exists(self) -> bool:
@@ -190,6 +193,8 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
             changes["tasks"] = (*state.tasks, task)
             if event.role == "lead":  # a new lead (first dispatch, escalation, fallback, rework): not acknowledged yet
                 changes["status"] = "dispatched"
+                if state.first_dispatch_at is None:
+                    changes.update(first_dispatch_at=event.dispatched_at, first_resolve_due=event.resolve_due)
         case ev.TaskAcknowledged():
             changes["tasks"] = _set_task(state, event.task_id, status="acknowledged", acknowledged_at=event.at)
             if state.status == "dispatched" and state.task(event.task_id).role == "lead":
@@ -214,6 +219,7 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
         case ev.ExtensionRequested():
             changes["tasks"] = _set_task(state, event.task_id, extension_requested=event.extension)
         case ev.ExtensionApproved():
+            changes["granted"] = state.granted + (event.resolve_due - state.task(event.task_id).resolve_due)
             changes["tasks"] = _set_task(state, event.task_id, resolve_due=event.resolve_due,
                                          resolve_warn=event.resolve_warn, extension_requested=None, extended=True,
                                          extensions=state.task(event.task_id).extensions + 1)
@@ -271,6 +277,7 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
         case ev.TaskResumed():
             t = state.task(event.task_id)
             paused = event.at - t.suspended_at if t.suspended_at is not None else timedelta(0)
+            changes["granted"] = state.granted + max(timedelta(0), event.resolve_due - t.resolve_due)
             changes["tasks"] = _set_task(state, event.task_id, suspended_at=None, suspended_until=None,
                                          suspended_for=t.suspended_for + paused,
                                          acknowledge_due=event.acknowledge_due, resolve_due=event.resolve_due,
@@ -337,9 +344,8 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                                current_status=state.status)
             verified = ev.IssueVerified(passed=command.passed, by=command.by, note=command.note)
             if command.passed:
-                lead = state.lead
-                on_time = lead is not None and lead.resolved_at is not None and lead.resolved_at <= lead.resolve_due
-                return [verified, ev.IssueClosed(reason="verified", on_time=on_time, closed_at=now)]
+                return [verified, ev.IssueClosed(reason="verified", on_time=closes_on_time(state, now),
+                                                 closed_at=now)]
             return [verified, ev.IssueReopened(reason=command.note, reopen_count=state.reopen_count + 1)]
         case cmd.RecordFeedback():
             if not state.exists:
@@ -466,6 +472,18 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                                     kind=command.kind, text=command.text, task_id=task_id,  # type: ignore[arg-type]
                                     media=command.media, at=now)]
     raise TypeError(f"unknown command {command!r}")  # pragma: no cover
+
+
+def closes_on_time(state: IssueState, closed_at: datetime) -> bool:
+    """按期结案, from the first dispatch: the lead's resolution that the verification accepts (the work's end; the
+    grid worker's verification time does not count against the departments, ``closed_at`` when there is none) by
+    the first dispatch's resolve due time plus what approved extensions and suspensions added
+    (``first_resolve_due + granted``), whichever departments and levels held the issue meanwhile."""
+    if state.first_resolve_due is None:
+        return True
+    lead = state.lead
+    done = lead.resolved_at if lead is not None and lead.resolved_at is not None else closed_at
+    return done <= state.first_resolve_due + state.granted
 
 
 def _supervision_closed(t: TaskState, now: datetime) -> list[ev.Event]:
