@@ -11,7 +11,7 @@ count lead tasks (the one accountable per issue); a department's count all of it
 =================  ==========================================  ====================================
 rate               numerator                                   denominator
 =================  ==========================================  ====================================
-响应率 response     tasks_ack_on_time                           tasks_dispatched
+响应率 response     tasks_ack_on_time                           tasks_ack_due
 解决率 resolution   issues_resolved                             issues_dispatched
 满意率 satisfaction feedback_satisfied                          feedback
 按期结案率 on time  closed_on_time                              closed
@@ -20,6 +20,11 @@ rate               numerator                                   denominator
 延期率 extensions   tasks_extended                              tasks_dispatched
 督办按期率          supervised_on_time                          supervision_closed
 =================  ==========================================  ====================================
+
+Fair rates (issue 19): a task's acknowledge clock is judged once, when it is acknowledged or when it breaches,
+whichever comes first (``tasks_ack_due``); a task not yet due, or superseded or returned before its clock ran out,
+is in no denominator. A department's 解决率 is ``tasks_resolved / tasks_resolve_due`` (resolved, or resolve clock
+breached, whichever first). The area's 解决率 stays ``issues_resolved / issues_dispatched``.
 
 催办 (``urged``) counts against the department leading the issue when the urge was recorded; 督办件数 is
 ``supervised`` (orders), and a supervised task superseded before it was resolved leaves the 督办按期率.
@@ -41,10 +46,10 @@ METRICS = (
     "tasks_dispatched", "tasks_acknowledged", "tasks_ack_on_time", "tasks_resolved", "tasks_resolved_on_time",
     "tasks_returned", "tasks_extended", "sla_warned", "sla_breached", "dispatch_ms_sum",
     "returns_requested", "returns_rejected", "tasks_reassigned", "extensions_rejected", "tasks_suspended",
-    "urged", "supervised", "supervision_closed", "supervised_on_time",
+    "urged", "supervised", "supervision_closed", "supervised_on_time", "tasks_ack_due", "tasks_resolve_due",
 )
 RATES: dict[str, tuple[str, str]] = {
-    "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
+    "response_rate": ("tasks_ack_on_time", "tasks_ack_due"),
     "resolution_rate": ("issues_resolved", "issues_dispatched"),
     "satisfaction_rate": ("feedback_satisfied", "feedback"),
     "on_time_close_rate": ("closed_on_time", "closed"),
@@ -54,8 +59,8 @@ RATES: dict[str, tuple[str, str]] = {
     "supervision_on_time_rate": ("supervised_on_time", "supervision_closed"),
 }
 DEPT_RATES: dict[str, tuple[str, str]] = {
-    "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
-    "resolution_rate": ("tasks_resolved", "tasks_dispatched"),
+    "response_rate": ("tasks_ack_on_time", "tasks_ack_due"),
+    "resolution_rate": ("tasks_resolved", "tasks_resolve_due"),
     "on_time_resolve_rate": ("tasks_resolved_on_time", "tasks_resolved"),
     "return_rate": ("tasks_returned", "tasks_dispatched"),
     "extension_rate": ("tasks_extended", "tasks_dispatched"),
@@ -215,6 +220,7 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.TaskAcknowledged():
             t = batch.tasks.get(e.task_id)
             if t is not None:
+                _judged(batch, issue, t, "acknowledge", at)
                 t.update(status="acknowledged", acknowledged_at=e.at, seq=seq)
                 batch.count_dept(t["department"], at, "tasks_acknowledged")
                 on_time = e.at <= t["acknowledge_due"]
@@ -236,6 +242,7 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.TaskResolved():
             t = batch.tasks.get(e.task_id)
             if t is not None:
+                _judged(batch, issue, t, "resolve", at)
                 t.update(status="resolved", resolved_at=e.at, seq=seq)
                 batch.count_dept(t["department"], at, "tasks_resolved")
                 if e.at <= t["resolve_due"]:
@@ -255,6 +262,7 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.SlaBreached():
             t = batch.tasks.get(e.task_id)
             if t is not None:
+                _judged(batch, issue, t, e.clock, at)
                 t["breached"] = ",".join(sorted({*filter(None, t["breached"].split(",")), e.clock}))
                 batch.count_dept(t["department"], at, "sla_breached")
                 if t["role"] == "lead":
@@ -308,6 +316,17 @@ def apply(batch: Batch, env: Envelope) -> None:
                 | ev.ExtensionRejected() | ev.SuspensionApproved() | ev.TaskResumed():
             _apply_dispatch_control(batch, issue, e, seq, at)
     _refresh_lead(batch, issue)
+
+
+def _judged(batch: Batch, issue: dict[str, Any], t: dict[str, Any], clock: str, at: datetime) -> None:
+    """A task's clock is judged once: at its acknowledgement / resolution, or at its breach, whichever comes
+    first (a breach is recorded only for a clock still running, so the later one sees it in ``breached``)."""
+    if clock in t["breached"].split(","):
+        return
+    metric = "tasks_ack_due" if clock == "acknowledge" else "tasks_resolve_due"
+    batch.count_dept(t["department"], at, metric)
+    if t["role"] == "lead":
+        batch.count_area(issue, at, metric)
 
 
 _CONTROL_METRIC = {"return_requested": "returns_requested", "return_rejected": "returns_rejected",

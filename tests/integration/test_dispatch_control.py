@@ -432,3 +432,85 @@ async def test_urge_and_supervision_counts_in_stats(needle_factory: Callable[...
 
 async def _count(h: NeedleHandle, issue_id: str, ce_type: str, n: int) -> bool:
     return len(of_type(await events(h, issue_id), ce_type)) >= n
+
+
+# -- fair rates: /v1/stats equals a recount from the raw events ------------------------------------------------------
+def recount(histories: list[list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
+    """Each department's 响应率 and 解决率 counts, from the raw events alone (the formulas of the README): a task's
+    acknowledge (resolve) clock is judged once, at its acknowledgement (resolution) or at its breach, whichever
+    comes first; on time when acknowledged by its acknowledge due. Plus the area's lead-task 响应率."""
+    out: dict[str, dict[str, int]] = {}
+    for evs in histories:
+        tasks: dict[str, dict[str, Any]] = {}
+        for e in evs:
+            d, kind = e["data"], e["type"].split(".")[-2]
+            if kind == "dispatched":
+                tasks[d["task_id"]] = d | {"judged": set()}
+                continue
+            t = tasks.get(d.get("task_id", ""))
+            if t is None:
+                continue
+            c = out.setdefault(t["department"], dict.fromkeys(
+                ("ack_on_time", "ack_due", "resolved", "resolve_due", "lead_ack_on_time", "lead_ack_due"), 0))
+            clock = {"acknowledged": "acknowledge", "resolved": "resolve"}.get(kind)
+            if kind == "breached":
+                clock = d["clock"]
+            if clock is None or clock in t["judged"]:
+                if kind == "resolved":
+                    c["resolved"] += 1
+                continue
+            t["judged"].add(clock)
+            lead = t["role"] == "lead"
+            if clock == "acknowledge":
+                c["ack_due"] += 1
+                c["lead_ack_due"] += lead
+                if kind == "acknowledged" and ts(d["at"]) <= ts(t["acknowledge_due"]):
+                    c["ack_on_time"] += 1
+                    c["lead_ack_on_time"] += lead
+            else:
+                c["resolve_due"] += 1
+                c["resolved"] += kind == "resolved"
+    return out
+
+
+async def test_stats_rates_equal_a_recount_from_the_raw_events(needle_factory: Callable[..., Any]) -> None:
+    h: NeedleHandle = await needle_factory(org=ORG, rules=RULES)
+    on_time = await report(h, "noise_complaint")  # acknowledged at once, then resolved
+    not_due = await report(h, "pothole")  # nobody acts: not yet due, in no denominator
+    escalated = await report(h, "pothole")  # superseded by a requested escalation before any clock ran out
+    breached = await report(h, "road_damage")  # 3 s acknowledge clock: breaches, escalates, breaches at the city
+    moved = await report(h, "noise_complaint")  # reassigned: the old task superseded before its clock ran out
+    (t1,) = (await dispatched(h, on_time))["tasks"]
+    await task_call(h, t1, "acknowledge")
+    await task_call(h, t1, "resolve", {"note": "quiet now"})
+    await dispatched(h, not_due, 2)
+    await dispatched(h, escalated, 2)
+    await post(h, f"/v1/issues/{escalated}/escalate", h.auth("grid_worker", "area:wuxing-g1"), {"reason": "x"}, 202)
+    (t5,) = (await dispatched(h, moved))["tasks"]
+    await post(h, f"/v1/tasks/{t5['id']}/reassign", center(h, "huannan-center"),
+               {"department": "huannan-center", "reason": "street"})
+    await h.wait_for(f"/v1/issues/{breached}", h.auth("admin"), lambda b: any(
+        t["level"] == "city" and "resolve" in t["breached"] for t in b["tasks"]), 30)
+    city_lead = lead_at(await issue(h, breached), "city")
+    await task_call(h, city_lead, "acknowledge")  # late: judged at its breach already
+    await router_idle(h)
+    histories = [await events(h, i) for i in (on_time, not_due, escalated, breached, moved)]
+    last = max(e["sequence"] for evs in histories for e in evs)
+    r = await h.client.get("/v1/stats", params={"area": "city"},
+                           headers=h.auth("admin") | {"Needle-Min-Seq": str(last)})
+    assert r.status_code == 200, r.text
+    stats = r.json()
+    expected = recount(histories)
+    assert expected["wuxing-committee"]["ack_due"] == 1 and expected["dinghai-roads"]["ack_due"] == 1  # the edges
+    assert expected["dinghai-police"]["ack_due"] == 1  # road_damage's co-handler breached; pothole's superseded
+    for dept, c in expected.items():
+        got = stats["departments"][dept]["rates"]
+        assert (got["response_rate"]["numerator"], got["response_rate"]["denominator"]) == \
+            (c["ack_on_time"], c["ack_due"]), dept
+        assert (got["resolution_rate"]["numerator"], got["resolution_rate"]["denominator"]) == \
+            (c["resolved"], c["resolve_due"]), dept
+        value = got["response_rate"]["value"]
+        assert value == (round(c["ack_on_time"] / c["ack_due"], 4) if c["ack_due"] else None), dept
+    overall = stats["overall"]["rates"]["response_rate"]
+    assert (overall["numerator"], overall["denominator"]) == (
+        sum(c["lead_ack_on_time"] for c in expected.values()), sum(c["lead_ack_due"] for c in expected.values()))
