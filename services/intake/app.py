@@ -7,7 +7,17 @@ from fastapi.middleware.cors import CORSMiddleware
 from services.media import api as media_api
 from services.open311.api import router as open311_router
 
-from . import campaigns_api, events_api, issues_api, problems, residents_api, tasks_api, triage_api, visits_api
+from . import (
+    campaigns_api,
+    comments_api,
+    events_api,
+    issues_api,
+    problems,
+    residents_api,
+    tasks_api,
+    triage_api,
+    visits_api,
+)
 from .context import AppContext
 from .fastpath import NeedleAPI
 from .issues_api import json_response
@@ -30,7 +40,7 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     app.state.ctx = ctx
     problems.install(app)
     for router in (issues_api.router, tasks_api.router, campaigns_api.router, events_api.router,
-                   residents_api.router, visits_api.router, media_api.router, triage_api.router):
+                   residents_api.router, visits_api.router, media_api.router, triage_api.router, comments_api.router):
         app.include_router(router, responses=problems.RESPONSES)
     app.include_router(open311_router)  # answers errors in the GeoReport form, declared in its own routes
     for r in extra_routers:  # read models, dashboard, webhooks: problem+json errors too

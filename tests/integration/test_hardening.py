@@ -491,6 +491,7 @@ async def test_the_embedded_postgres_needs_its_password_and_an_old_trusting_clus
     import stat
 
     import asyncpg
+
     from services.entrypoints.embedded import PG_PASSWORD_FILE, EmbeddedPostgres
 
     async def refused_without_password(port: int) -> None:
@@ -539,10 +540,9 @@ async def test_data_dir_files_are_private_from_their_creation(h: NeedleHandle, t
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Created 0600/0700, not chmod'ed afterwards: with chmod doing nothing (and a permissive umask) they are
     still private."""
-    from services.entrypoints.embedded import EmbeddedNats
-
-    from services.ops.backup import backup
     from services.entrypoints import cli
+    from services.entrypoints.embedded import EmbeddedNats
+    from services.ops.backup import backup
     from shared.files import prepare_data_dir
 
     monkeypatch.setattr(Path, "chmod", lambda self, mode: None)
