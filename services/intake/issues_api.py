@@ -168,6 +168,8 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
                               media_url=body.media_url,
                               resolved_on_site=body.resolved_on_site, note=body.note,
                               review=ctx.rulebook.category(body.category).intake == "review",
+                              review_within=ctx.rulebook.category(body.category).sla.review,
+                              warn_at=ctx.rulebook.warn_at,
                               report_rule=evidence_rule(ctx, body.category, "report"),
                               resolve_rule=evidence_rule(ctx, body.category, "resolve"))
     now = utcnow()

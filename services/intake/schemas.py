@@ -165,4 +165,6 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTr
         "unserved": [u.model_dump() for u in s.unserved],
         "media": [media_view(m) for m in s.media], "media_url": s.media_url,
         "triage": {"decision": s.triage, "reason": s.triage_reason, "by": s.triaged_by} if s.triage else None,
+        "review": ({"due": _ts(s.review_due), "warn": _ts(s.review_warn), "warned": s.review_warned,
+                    "breached": s.review_breached} if s.review_due is not None else None),
     }

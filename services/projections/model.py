@@ -37,7 +37,7 @@ METRICS = (
     "verifications", "reopened", "escalated", "feedback", "feedback_satisfied",
     "tasks_dispatched", "tasks_acknowledged", "tasks_ack_on_time", "tasks_resolved", "tasks_resolved_on_time",
     "tasks_returned", "tasks_extended", "sla_warned", "sla_breached", "dispatch_ms_sum",
-    "rejected", "voided", "recategorised",
+    "rejected", "voided", "recategorised", "review_warned", "review_breached",
 )
 RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
@@ -118,7 +118,8 @@ def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) ->
         "status": "pending_review" if e.review else "reported", "level": None, "owner_area": None, "areas": areas,
         "reported_at": e.reported_at, "dispatched_at": None, "closed_at": None, "closed_on_time": None,
         "first_resolved_at": None,
-        "lead_task": None, "lead_department": None, "lead_status": None, "next_due": None,
+        "lead_task": None, "lead_department": None, "lead_status": None,
+        "next_due": e.review_due if e.review else None,  # a held report's review clock (受理) until decided
         "reopen_count": 0, "escalations": 0, "satisfaction": None, "version": 0, "seq": seq,
         "updated_at": e.reported_at,
     }
@@ -153,7 +154,9 @@ def _refresh_lead(batch: Batch, issue: dict[str, Any]) -> None:
     """The lead task's state and the next deadline it must meet (for overdue lists)."""
     lead = batch.tasks.get(issue["lead_task"]) if issue["lead_task"] else None
     if lead is None:
-        issue["lead_department"] = issue["lead_status"] = issue["next_due"] = None
+        issue["lead_department"] = issue["lead_status"] = None
+        if issue["status"] != "pending_review":  # a held report keeps its review clock (受理) until decided
+            issue["next_due"] = None
         return
     issue["lead_department"] = lead["department"]
     issue["lead_status"] = lead["status"]
@@ -281,8 +284,12 @@ def apply(batch: Batch, env: Envelope) -> None:
             issue["reopen_count"] = e.reopen_count
             batch.count_area(issue, at, "reopened")
             _close_open_tasks(batch, issue_id, seq)
+        case ev.ReviewWarned():
+            batch.count_area(issue, at, "review_warned")
+        case ev.ReviewBreached():
+            batch.count_area(issue, at, "review_breached")
         case ev.IssueAccepted():
-            issue["status"] = "reported"
+            issue["status"] = "reported"  # the review clock stops (below)
         case ev.IssueRejected() | ev.IssueVoided():
             issue["status"] = "rejected" if isinstance(e, ev.IssueRejected) else "voided"
             batch.count_area(issue, at, issue["status"])
@@ -330,6 +337,8 @@ def _summary(e: ev.Event) -> str:
             return f"task {e.task_id} returned: {e.reason}"
         case ev.IssueEscalated():
             return f"escalated {e.from_level} -> {e.to_level} ({e.cause})"
+        case ev.ReviewBreached() | ev.ReviewWarned():
+            return f"review clock {'breached' if isinstance(e, ev.ReviewBreached) else 'warned'} (due {e.due:%H:%M})"
         case ev.SlaBreached() | ev.SlaWarned():
             return f"{e.clock} clock of {e.task_id} {'breached' if isinstance(e, ev.SlaBreached) else 'warned'}"
     fields = {k: v for k, v in e.model_dump(mode="json").items() if k in ("task_id", "by", "satisfaction", "passed")}

@@ -74,7 +74,8 @@ async def list_overdue(pool: asyncpg.Pool, *, area: str, now: datetime, limit: i
         d = dict(r)
         d["overdue_seconds"] = int((now - d["next_due"]).total_seconds())
         d["holder"] = d["lead_department"]
-        d["clock"] = "acknowledge" if d["lead_status"] == "dispatched" else "resolve"
+        d["clock"] = ("review" if d["status"] == "pending_review"  # 受理: held past the review clock
+                      else "acknowledge" if d["lead_status"] == "dispatched" else "resolve")
         out.append(d)
     return out
 

@@ -38,7 +38,7 @@ from shared.settings import Settings
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
 from shared.store.settling import settled
 
-from .reactions import RouterRules, react
+from .reactions import RouterRules, react, review_key
 from .timers import SOURCE, StateCache, TimerMixin, _after, load_holding
 
 log = structlog.get_logger("needle.router")
@@ -81,8 +81,18 @@ class Router(TimerMixin):
         if name not in REACTS_TO:
             return
         env = decode(msg.data, seq)
+        if isinstance(env.data, IssueReported):
+            await self.schedule_review(issue_id, env)
         with structlog.contextvars.bound_contextvars(trace_id=env.correlationid, issue=issue_id):
             await self._react(issue_id, name, env, seq)
+
+    async def schedule_review(self, issue_id: str, env: Envelope) -> None:
+        """A report held for 受理 with a review clock: its timer, set before the report's cue is acked (a
+        redelivered cue sets the same schedule again: one pending timer per subject)."""
+        e = env.data
+        if isinstance(e, IssueReported) and e.review and e.review_due is not None:
+            first = min(x for x in (e.review_warn, e.review_due) if x is not None)
+            await self.schedule(issue_id, review_key(issue_id), first, env.correlationid)
 
     async def _react(self, issue_id: str, name: str, env: Envelope, seq: int) -> None:
         for _ in range(5):
@@ -198,6 +208,7 @@ class Router(TimerMixin):
                     # a report is its issue's first event: fold it as delivered (no round trip); if more
                     # happened meanwhile, the OCC guard refuses the append and the slow path reloads
                     state = evolve(initial_state(issue_id), env.data, seq)
+                    await self.schedule_review(issue_id, env)
                 else:
                     async with self.sem:
                         state = await self.load_including(issue_id, seq)

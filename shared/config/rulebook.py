@@ -26,7 +26,9 @@ what nobody else owns (兜底; default ``command_center``).
 
 Intake (optional, per category): ``intake: auto`` (the default: a report is dispatched by the rules at once)
 or ``intake: review`` (受理: the report waits in ``pending_review`` until the command centre or a supervisor
-accepts, rejects, voids or recategorises it).
+accepts, rejects, voids or recategorises it). ``sla: {review: PT30M}`` (optional) is the review clock: a report
+still waiting that long is breached (``review_breached``), warned at ``warn_at`` of it (``review_warned``), on
+the natural clock; without it a held report has no clock.
 
 Evidence (optional, per category): ``evidence: {report: photo, resolve: photo}`` — a report of the category
 must carry a photo (phase ``before``) and a resolve of its tasks a photo (phase ``after``); either may be absent.
@@ -72,6 +74,7 @@ class Sla:
     acknowledge: timedelta
     resolve: timedelta
     clock: Clock = "natural"
+    review: timedelta | None = None  # 受理: how long a report may wait in pending_review (intake: review)
 
     def scaled(self, factor: float) -> Sla:
         """Both durations multiplied by ``factor`` (rounded to whole seconds)."""
@@ -297,17 +300,20 @@ def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
     doc.ident(cid, p, "category id")
     m = doc.mapping(raw, p, required=("name", "start", "sla"), optional=("group", "description", "handlers",
                                                                                  "evidence", "intake"))
-    sla_raw = doc.mapping(m["sla"], f"{p}.sla", required=("acknowledge", "resolve"), optional=("clock",))
+    sla_raw = doc.mapping(m["sla"], f"{p}.sla", required=("acknowledge", "resolve"), optional=("clock", "review"))
     sla = Sla(
         doc.duration(sla_raw["acknowledge"], f"{p}.sla.acknowledge"),
         doc.duration(sla_raw["resolve"], f"{p}.sla.resolve"),
         doc.choice(sla_raw.get("clock", "natural"), f"{p}.sla.clock", CLOCKS, "clock"),  # type: ignore[arg-type]
+        doc.duration(sla_raw["review"], f"{p}.sla.review") if sla_raw.get("review") is not None else None,
     )
     for part in ("acknowledge", "resolve"):
         if getattr(sla, part) <= timedelta(0):
             doc.fail(f"{p}.sla.{part}", "the duration must be longer than zero")
     if sla.acknowledge > sla.resolve:
         doc.fail(f"{p}.sla.acknowledge", "the acknowledge clock is longer than the resolve clock")
+    if sla.review is not None and sla.review <= timedelta(0):
+        doc.fail(f"{p}.sla.review", "the duration must be longer than zero")
     handlers: dict[Level, Handler] = {}
     for lv, hraw in doc.mapping(m.get("handlers") or {}, f"{p}.handlers").items():
         hp = f"{p}.handlers.{lv}"

@@ -87,6 +87,9 @@ class IssueReported(Event):
     review: bool = Field(default=False, description="受理: the category's intake is review; the issue waits in "
                                                     "pending_review until accepted, rejected, voided or "
                                                     "recategorised, and nothing is dispatched before")
+    review_due: datetime | None = Field(default=None, description="the review clock (rulebook sla.review): when a "
+                                                                  "report still pending_review is breached")
+    review_warn: datetime | None = Field(default=None, description="when a report still pending_review is warned")
     resolved_on_site: bool = Field(default=False, description="即报即处: handled on the spot by the reporter; "
                                                               "resolved_on_site and closed follow in the same "
                                                               "append, and nothing is ever dispatched")
@@ -254,6 +257,24 @@ class SlaWarned(Event):
     caused_by: int = 0
 
 
+class ReviewWarned(Event):
+    """The review clock (受理, rulebook ``sla.review``) of a report still pending_review reached its warning."""
+
+    name = "review_warned"
+    ce_type = "needle.review.warned.v1"
+    due: datetime
+    caused_by: int = 0
+
+
+class ReviewBreached(Event):
+    """The review clock of a report still pending_review ran out (it stays held for the command centre)."""
+
+    name = "review_breached"
+    ce_type = "needle.review.breached.v1"
+    due: datetime
+    caused_by: int = 0
+
+
 class SlaBreached(Event):
     name = "sla_breached"
     ce_type = "needle.sla.breached.v1"
@@ -378,6 +399,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     TaskSuperseded,
     SlaWarned,
     SlaBreached,
+    ReviewWarned,
+    ReviewBreached,
     IssueEscalated,
     ExtensionRequested,
     ExtensionApproved,

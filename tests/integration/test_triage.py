@@ -145,3 +145,66 @@ async def test_an_accepted_report_is_dispatched_once_across_a_router_restart(nee
     await asyncio.sleep(0.5)
     assert types(await events(h, iid)).count("task.dispatched") == 1
     assert second
+
+
+WARNED, BREACHED = "needle.review.warned.v1", "needle.review.breached.v1"
+
+
+async def test_the_review_clock_warns_then_breaches_a_held_report_and_the_overdue_list_shows_it(
+        h: NeedleHandle) -> None:
+    iid = await report(h, "petition", "信访件")  # sla.review PT3S: warned at 2.4 s, breached at 3 s
+    held = await issue(h, iid)
+    assert held["status"] == "pending_review" and held["review"]["breached"] is False
+    body = await h.wait_for(f"/v1/issues/{iid}", h.auth("admin"), lambda b: b["review"]["breached"], timeout=15)
+    assert body["status"] == "pending_review" and body["tasks"] == []  # still held for the command centre
+    evs = await events(h, iid)
+    assert [e["type"] for e in evs if e["type"] in (WARNED, BREACHED)] == [WARNED, BREACHED]
+    assert all(e["data"]["due"] == evs[0]["data"]["review_due"] for e in evs if e["type"] in (WARNED, BREACHED))
+
+    async def overdue() -> list[dict[str, Any]]:
+        r = await h.client.get("/v1/overdue", headers=h.auth(*SUP))
+        assert r.status_code == 200, r.text
+        return [row for row in r.json()["items"] if row["id"] == iid]
+
+    for _ in range(100):
+        if rows := await overdue():
+            break
+        await asyncio.sleep(0.1)
+    assert rows and rows[0]["clock"] == "review", rows
+    assert (await act(h, iid, "accept", CENTRE)).status_code == 200  # accepting stops the clock
+    await h.wait_for(f"/v1/issues/{iid}", h.auth("admin"), lambda b: len(b["tasks"]) == 1)
+    for _ in range(100):
+        if not await overdue():
+            break
+        await asyncio.sleep(0.1)
+    assert not await overdue()
+    evs = types(await events(h, iid))
+    assert evs.count("review.warned") == 1 and evs.count("review.breached") == 1
+
+
+async def test_a_report_accepted_in_time_is_never_warned(h: NeedleHandle) -> None:
+    iid = await report(h, "petition")
+    assert (await act(h, iid, "accept", CENTRE)).status_code == 200
+    await h.wait_for(f"/v1/issues/{iid}", h.auth("admin"), lambda b: len(b["tasks"]) == 1)
+    await asyncio.sleep(4)  # past the review clock's due time
+    evs = types(await events(h, iid))
+    assert "review.warned" not in evs and "review.breached" not in evs
+
+
+async def test_the_review_clock_fires_exactly_once_across_a_router_restart(needle_factory: Callable[..., Any]
+                                                                             ) -> None:
+    h: NeedleHandle = await needle_factory(ORG, RULES, services=("intake",))
+    url = h.stack.urls.nats
+    first: NeedleHandle = await needle_factory(ORG, RULES, nats_url=url, services=("router",))
+    iid = await report(h, "petition")  # the first router sets its review timer, then stops before it fires
+    other = await report(h, "road_damage")  # the router has handled the report's cue once this one is dispatched
+    await h.wait_for(f"/v1/issues/{other}", h.auth("admin"), lambda b: len(b["tasks"]) >= 1)
+    await first.close()
+    await asyncio.sleep(3.5)  # both edges pass with no router running
+    assert not any(t.startswith("review.") for t in types(await events(h, iid)))
+    second: NeedleHandle = await needle_factory(ORG, RULES, nats_url=url, services=("router",))
+    await h.wait_for(f"/v1/issues/{iid}", h.auth("admin"), lambda b: b["review"]["breached"], timeout=15)
+    await asyncio.sleep(1.5)
+    evs = types(await events(h, iid))
+    assert evs.count("review.warned") == 1 and evs.count("review.breached") == 1
+    assert second

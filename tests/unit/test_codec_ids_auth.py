@@ -48,6 +48,8 @@ SAMPLES: dict[type[ev.Event], ev.Event] = {
     ev.TaskResolved: ev.TaskResolved(task_id=TASK, by="roads", note=None, at=T0),
     ev.TaskSuperseded: ev.TaskSuperseded(task_id=TASK, reason="escalated to city", caused_by=9),
     ev.SlaWarned: ev.SlaWarned(task_id=TASK, clock="acknowledge", due=T0, caused_by=0),
+    ev.ReviewWarned: ev.ReviewWarned(due=T0),
+    ev.ReviewBreached: ev.ReviewBreached(due=T0),
     ev.SlaBreached: ev.SlaBreached(task_id=TASK, clock="resolve", due=T0),
     ev.IssueEscalated: ev.IssueEscalated(from_level="street", to_level="district", cause="requested",
                                          reason="逐级反映", by="gw", caused_by=0),

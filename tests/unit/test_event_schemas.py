@@ -51,6 +51,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "task_superseded": TASK | {"reason": "escalated to street"},
     "sla_warned": TASK | {"clock": "acknowledge", "due": T},
     "sla_breached": TASK | {"clock": "resolve", "due": T},
+    "review_warned": {"due": T},
+    "review_breached": {"due": T},
     "issue_escalated": {"from_level": "community", "to_level": "street", "cause": "acknowledge_breach"},
     "extension_requested": TASK | {"by": "h:dazhan", "extension": timedelta(days=1), "reason": "parts"},
     "extension_approved": TASK | {"by": "sup:zhanmao", "resolve_due": T, "resolve_warn": T},
