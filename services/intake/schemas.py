@@ -99,6 +99,12 @@ class RecategoriseBody(Strict):
     reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
 
 
+class MergeBody(Strict):
+    into: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$",
+                      description="the open issue this one is handled with (合并办理)")
+    reason: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
+
+
 class VerifyBody(Strict):
     passed: bool
     note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
@@ -165,6 +171,7 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTr
         "unserved": [u.model_dump() for u in s.unserved],
         "media": [media_view(m) for m in s.media], "media_url": s.media_url,
         "triage": {"decision": s.triage, "reason": s.triage_reason, "by": s.triaged_by} if s.triage else None,
+        "merged_into": s.merged_into, "duplicates": list(s.duplicates),
         "review": ({"due": _ts(s.review_due), "warn": _ts(s.review_warn), "warned": s.review_warned,
                     "breached": s.review_breached} if s.review_due is not None else None),
     }

@@ -37,7 +37,7 @@ METRICS = (
     "verifications", "reopened", "escalated", "feedback", "feedback_satisfied",
     "tasks_dispatched", "tasks_acknowledged", "tasks_ack_on_time", "tasks_resolved", "tasks_resolved_on_time",
     "tasks_returned", "tasks_extended", "sla_warned", "sla_breached", "dispatch_ms_sum",
-    "rejected", "voided", "recategorised", "review_warned", "review_breached",
+    "rejected", "voided", "recategorised", "review_warned", "review_breached", "merged",
 )
 RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
@@ -122,6 +122,8 @@ def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) ->
         "next_due": e.review_due if e.review else None,  # a held report's review clock (受理) until decided
         "reopen_count": 0, "escalations": 0, "satisfaction": None, "version": 0, "seq": seq,
         "updated_at": e.reported_at,
+        "lat": e.location.lat if e.location else None, "lon": e.location.lon if e.location else None,
+        "merged_into": None,
     }
 
 
@@ -299,6 +301,12 @@ def apply(batch: Batch, env: Envelope) -> None:
             issue.update(category=e.to_category, grid=e.to_grid, areas=_areas(batch.org, e.to_grid),
                          status="reported", level=None, owner_area=None)
             batch.count_area(issue, at, "recategorised")
+        case ev.IssueMerged():
+            issue.update(status="merged", merged_into=e.into)
+            batch.count_area(issue, at, "merged")
+            _close_open_tasks(batch, issue_id, seq)
+        case ev.IssueClosedWithTarget():  # closed with its group: counted in the target's close, not again
+            issue.update(status="closed", closed_at=e.closed_at, closed_on_time=e.on_time)
         case ev.IssueClosed():
             issue.update(status="closed", closed_at=e.closed_at, closed_on_time=e.on_time)
             batch.count_area(issue, at, "closed")

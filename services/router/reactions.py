@@ -143,6 +143,27 @@ def react(state: IssueState, event: ev.Event, seq: int, rules: RouterRules, now:
     return []
 
 
+# -- 合并办理: reactions across two issues ---------------------------------------------------------------------
+def attach_duplicate(target: IssueState, duplicate: str, seq: int, now: datetime) -> list[ev.Event]:
+    """A duplicate was merged into ``target`` (the cue at ``seq``): recorded on the target, so that closing it
+    closes the duplicate. Nothing when already handled; when the target closed meanwhile the duplicate is
+    closed instead (``close_with_target``)."""
+    if seq in target.handled or not target.exists or target.status in ISSUE_ENDED or duplicate in target.duplicates:
+        return []
+    return [ev.IssueDuplicateAttached(duplicate=duplicate, caused_by=seq)]
+
+
+def close_with_target(duplicate: IssueState, target: IssueState, seq: int, now: datetime) -> list[ev.Event]:
+    """The target a duplicate was merged into has closed (or was found closed): the duplicate closes with it,
+    once (its status is then ``closed``). On time when the target closed on time."""
+    if seq in duplicate.handled or duplicate.status != "merged" or duplicate.merged_into != target.id:
+        return []
+    if target.status != "closed":
+        return []
+    return [ev.IssueClosedWithTarget(into=target.id, on_time=bool(target.closed_on_time),
+                                     closed_at=target.closed_at or now, caused_by=seq)]
+
+
 def _fallback_dispatch(state: IssueState, rules: RouterRules, now: datetime, *, returned: TaskState,
                        caused_by: int) -> list[ev.Event]:
     """兜底: the owner area's command centre takes a returned lead (unless it was the one returning)."""

@@ -30,6 +30,10 @@ accepts, rejects, voids or recategorises it). ``sla: {review: PT30M}`` (optional
 still waiting that long is breached (``review_breached``), warned at ``warn_at`` of it (``review_warned``), on
 the natural clock; without it a held report has no clock.
 
+Duplicates (optional, top level or per category): ``similar: {radius_m: 200, within: P3D}`` (the default) —
+open issues of the same category within that distance of a report's location, reported within that window of
+it, are listed as similar (合并办理).
+
 Evidence (optional, per category): ``evidence: {report: photo, resolve: photo}`` — a report of the category
 must carry a photo (phase ``before``) and a resolve of its tasks a photo (phase ``after``); either may be absent.
 
@@ -107,6 +111,15 @@ class Evidence:
 
 
 @dataclass(frozen=True, slots=True)
+class Similar:
+    """合并办理: open issues of the same category within ``radius_m`` of a report's location and reported
+    within ``within`` of it are listed as similar (possible duplicates)."""
+
+    radius_m: float = 200.0
+    within: timedelta = timedelta(days=3)
+
+
+@dataclass(frozen=True, slots=True)
 class Category:
     id: str
     name: str
@@ -117,6 +130,7 @@ class Category:
     description: str | None = None
     evidence: Evidence = Evidence()
     intake: str = "auto"  # auto | review
+    similar: Similar | None = None  # overrides the rulebook's top-level ``similar``
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +170,7 @@ class Rulebook:
     urgency: dict[str, UrgencyRule] = field(default_factory=dict)
     coverage: Coverage = field(default_factory=lambda: Coverage())
     fallback: str = DEFAULT_FALLBACK
+    similar: Similar = Similar()
     source: str = field(default="", compare=False, repr=False)
     """The file (or ``source``) it was parsed from, for messages."""
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -181,6 +196,10 @@ class Rulebook:
         except KeyError:
             raise KeyError(f"unknown category {category_id!r}") from None
 
+    def similar_for(self, category_id: str) -> Similar:
+        """The category's ``similar`` (合并办理), else the rulebook's (default 200 m within 3 days)."""
+        return self.category(category_id).similar or self.similar
+
     def sla_for(self, category_id: str, urgency: str = "normal") -> Sla:
         """The category's SLA scaled by the urgency's ``sla_factor`` when the rulebook sets one."""
         sla = self.category(category_id).sla
@@ -196,7 +215,7 @@ def load_rulebook(path: str | Path) -> Rulebook:
 
 
 _TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version",
-             "coverage", "fallback")
+             "coverage", "fallback", "similar")
 
 
 def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None = None) -> Rulebook:
@@ -248,7 +267,19 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
     return Rulebook(categories=categories, version=version, calendar=calendar, timezone=timezone,
                     working_hours=hours, warn_at=warn_at, risk=risk, escalate_on=escalate_on, urgency=urgency,
                     coverage=_coverage(doc, top["coverage"]) if top.get("coverage") is not None else Coverage(),
-                    fallback=fallback, source=source, lines=dict(doc.lines))
+                    fallback=fallback, source=source, lines=dict(doc.lines),
+                    similar=_similar(doc, top["similar"], "similar") if top.get("similar") is not None else Similar())
+
+
+def _similar(doc: Document, raw: Any, p: str) -> Similar:
+    m = doc.mapping(raw, p, optional=("radius_m", "within"))
+    radius = doc.number(m.get("radius_m", 200), f"{p}.radius_m")
+    if not 0.0 < radius <= 100_000:
+        doc.fail(f"{p}.radius_m", f"must be in (0, 100000] metres, got {radius:g}")
+    within = doc.duration(m["within"], f"{p}.within") if m.get("within") is not None else timedelta(days=3)
+    if within <= timedelta(0):
+        doc.fail(f"{p}.within", "the duration must be longer than zero")
+    return Similar(float(radius), within)
 
 
 def _coverage(doc: Document, raw: Any) -> Coverage:
@@ -299,7 +330,7 @@ def _working_hours(doc: Document, value: Any) -> tuple[tuple[time, time], ...]:
 def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
     doc.ident(cid, p, "category id")
     m = doc.mapping(raw, p, required=("name", "start", "sla"), optional=("group", "description", "handlers",
-                                                                                 "evidence", "intake"))
+                                                                                 "evidence", "intake", "similar"))
     sla_raw = doc.mapping(m["sla"], f"{p}.sla", required=("acknowledge", "resolve"), optional=("clock", "review"))
     sla = Sla(
         doc.duration(sla_raw["acknowledge"], f"{p}.sla.acknowledge"),
@@ -338,4 +369,5 @@ def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
                                for stage, kind in em.items() if kind is not None})
     intake = doc.choice(m.get("intake", "auto"), f"{p}.intake", INTAKE_MODES, "intake mode")
     return Category(cid, doc.string(m["name"], f"{p}.name"), doc.level(m["start"], f"{p}.start", "start level"),
-                    sla, handlers, group, description, evidence, intake)
+                    sla, handlers, group, description, evidence, intake,
+                    _similar(doc, m["similar"], f"{p}.similar") if m.get("similar") is not None else None)

@@ -68,6 +68,15 @@ class RecategoriseIssue:
 
 
 @dataclass(frozen=True, slots=True)
+class MergeIssue:
+    """合并办理: handle this issue with ``into`` (an open issue, checked by the caller)."""
+
+    by: str
+    into: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class AcknowledgeTask:
     task_id: str
     by: str
@@ -134,7 +143,7 @@ class UrgeIssue:
 
 
 Command = (
-    ReportIssue | ResolveOnSite | AcceptIssue | RejectIssue | VoidIssue | RecategoriseIssue
+    ReportIssue | ResolveOnSite | AcceptIssue | RejectIssue | VoidIssue | RecategoriseIssue | MergeIssue
     | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
     | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
 )

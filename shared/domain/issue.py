@@ -17,7 +17,7 @@ from .evidence import require_photo
 URGENCY_RANK: dict[str, int] = {"normal": 0, "urgent": 1, "emergency": 2}
 TASK_OPEN = frozenset({"dispatched", "acknowledged"})
 ISSUE_OPEN = frozenset({"pending_review", "reported", "dispatched", "in_progress", "resolved", "reopened"})
-ISSUE_ENDED = frozenset({"closed", "rejected", "voided"})  # nothing more is done for these
+ISSUE_ENDED = frozenset({"closed", "rejected", "voided", "merged"})  # nothing more is done for these
 _D = TypeVar("_D")
 
 
@@ -102,6 +102,8 @@ class IssueState:
     triage: str | None = None  # the last triage decision: accepted | rejected | voided | recategorised
     triage_reason: str | None = None
     triaged_by: str | None = None
+    merged_into: str | None = None  # 合并办理: the issue this one is handled with
+    duplicates: tuple[str, ...] = ()  # the issues merged into this one (attached by the router)
     review_due: datetime | None = None  # the review clock of a report held for 受理 (rulebook sla.review)
     review_warn: datetime | None = None
     review_warned: bool = False
@@ -210,6 +212,15 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
             changes.update(category=event.to_category, grid=event.to_grid, status="reported", level=None,
                            owner_area=None, rule=None, tasks=_superseded(state.tasks), triage="recategorised",
                            triage_reason=event.reason, triaged_by=event.by)
+        case ev.IssueMerged():
+            changes.update(status="merged", merged_into=event.into, triage="merged", triage_reason=event.reason,
+                           triaged_by=event.by, tasks=_superseded(state.tasks))
+        case ev.IssueDuplicateAttached():
+            if event.duplicate not in state.duplicates:
+                changes["duplicates"] = (*state.duplicates, event.duplicate)
+        case ev.IssueClosedWithTarget():
+            changes.update(status="closed", closed_at=event.closed_at, closed_on_time=event.on_time,
+                           tasks=_superseded(state.tasks))
         case ev.IssueResolvedOnSite():
             if event.media:
                 changes["media"] = state.media + _media(event.media, "on_site", event.by)
@@ -351,6 +362,13 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 return []
             return [ev.IssueRecategorised(by=command.by, reason=command.reason, from_category=state.category,
                                           to_category=command.category, from_grid=state.grid, to_grid=command.grid)]
+        case cmd.MergeIssue():
+            if command.into == state.id:
+                raise Invalid("an issue cannot be merged into itself", field="into")
+            if state.status == "merged" and state.merged_into == command.into:
+                return []  # a retry
+            _require_untouched(state)
+            return [ev.IssueMerged(by=command.by, into=command.into, reason=command.reason)]
         case cmd.ResolveOnSite():
             _require_open(state)
             if state.tasks:

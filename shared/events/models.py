@@ -166,6 +166,37 @@ class IssueRecategorised(Event):
     to_grid: str
 
 
+class IssueMerged(Event):
+    """合并办理: a duplicate is merged into another open issue (``into``); its open tasks end and it is handled
+    with the target: closing the target closes it (``issue_closed_with_target``)."""
+
+    name = "issue_merged"
+    ce_type = "needle.issue.merged.v1"
+    by: str
+    into: str
+    reason: str | None = None
+
+
+class IssueDuplicateAttached(Event):
+    """The router's record, on the target, of a duplicate merged into it (so that closing it closes them)."""
+
+    name = "issue_duplicate_attached"
+    ce_type = "needle.issue.duplicate_attached.v1"
+    duplicate: str
+    caused_by: int = 0
+
+
+class IssueClosedWithTarget(Event):
+    """A merged issue closed because the issue it was merged into closed (the router's reaction)."""
+
+    name = "issue_closed_with_target"
+    ce_type = "needle.issue.closed_with_target.v1"
+    into: str
+    on_time: bool
+    closed_at: datetime
+    caused_by: int = 0
+
+
 class UnservedKind(BaseModel):
     """A department kind the rulebook asks for that no department serves at the owner area or above."""
 
@@ -391,6 +422,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     IssueRejected,
     IssueVoided,
     IssueRecategorised,
+    IssueMerged,
+    IssueDuplicateAttached,
+    IssueClosedWithTarget,
     IssueRouted,
     TaskDispatched,
     TaskAcknowledged,

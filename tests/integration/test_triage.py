@@ -124,8 +124,9 @@ async def test_every_decision_is_409_once_a_task_is_acknowledged(h: NeedleHandle
     body = await dispatched(h)
     lead = next(t for t in body["tasks"] if t["role"] == "lead")
     assert (await h.client.post(f"/v1/tasks/{lead['id']}/acknowledge", headers=h.auth(*ROADS))).status_code == 200
+    other = await report(h, "road_damage")
     for verb, payload in (("reject", {"reason": "x"}), ("void", {"reason": "x"}), ("accept", None),
-                          ("recategorise", {"category": "litter", "reason": "x"})):
+                          ("recategorise", {"category": "litter", "reason": "x"}), ("merge", {"into": other})):
         r = await act(h, body["id"], verb, SUP, payload)
         assert r.status_code == 409, (verb, r.text)
 
@@ -208,3 +209,86 @@ async def test_the_review_clock_fires_exactly_once_across_a_router_restart(needl
     evs = types(await events(h, iid))
     assert evs.count("review.warned") == 1 and evs.count("review.breached") == 1
     assert second
+
+
+
+# -- 合并办理 ------------------------------------------------------------------------------------------------
+A, B, FAR = (30.0005, 122.1015), (30.0010, 122.1016), (30.0035, 122.1016)  # A-B ~57 m, B-FAR ~278 m
+
+
+async def report_at(h: NeedleHandle, category: str, at: tuple[float, float], title: str = "路面塌陷") -> str:
+    r = await h.client.post("/v1/issues", headers=h.auth(*G1),
+                            json={"grid": "wuxing-g1", "category": category, "title": title,
+                                  "location": {"lat": at[0], "lon": at[1]}})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+async def similar_ids(h: NeedleHandle, iid: str, who: tuple[str, str] = SUP) -> list[str]:
+    r = await h.client.get(f"/v1/issues/{iid}/similar", headers=h.auth(*who))
+    assert r.status_code == 200, r.text
+    return [row["id"] for row in r.json()["items"]]
+
+
+async def test_similar_issues_are_found_and_a_merged_duplicate_closes_with_its_target(h: NeedleHandle) -> None:
+    target = await report_at(h, "road_damage", A)
+    far = await report_at(h, "road_damage", FAR)
+    other_kind = await report_at(h, "complaint", B, "投诉")
+    dup = await report_at(h, "road_damage", B, "同一处塌陷")
+    for _ in range(100):  # the read models catch up
+        if target in await similar_ids(h, dup):
+            break
+        await asyncio.sleep(0.1)
+    found = await similar_ids(h, dup)
+    assert target in found and far not in found and other_kind not in found and dup not in found
+    assert (await issue(h, dup))["similar"] >= 1
+    g2 = h.auth("grid_worker", "area:wuxing-g2")  # who may not read the issue may not see its duplicates
+    assert (await h.client.get(f"/v1/issues/{dup}/similar", headers=g2)).status_code == 403
+
+    assert (await act(h, dup, "merge", G1, {"into": target})).status_code == 403  # not the grid worker's call
+    assert (await act(h, dup, "merge", SUP, {"into": dup})).status_code == 422
+    missing = await act(h, dup, "merge", SUP, {"into": "01NOSUCHISSUE0000000000000"})
+    assert missing.status_code == 422 and "into" in missing.text
+    for attempt in range(2):  # the retry records nothing
+        r = await act(h, dup, "merge", SUP, {"into": target, "reason": "同一处"})
+        assert r.status_code == 200, r.text
+        assert (r.headers.get("Idempotent-Replayed") == "true") == (attempt == 1)
+    merged = await issue(h, dup)
+    assert merged["status"] == "merged" and merged["merged_into"] == target
+    assert {t["status"] for t in merged["tasks"]} <= {"superseded"}
+    assert types(await events(h, dup)).count("issue.merged") == 1
+    assert (await act(h, far, "merge", SUP, {"into": dup})).status_code == 409  # a merged issue is no target
+    assert (await act(h, dup, "merge", SUP, {"into": far})).status_code == 409  # merged already, elsewhere
+    await h.wait_for(f"/v1/issues/{target}", h.auth("admin"), lambda b: b["duplicates"] == [dup])
+    for _ in range(100):
+        if target not in await similar_ids(h, far) and dup not in await similar_ids(h, target):
+            break
+        await asyncio.sleep(0.1)
+    assert dup not in await similar_ids(h, target)  # merged: no longer an open candidate
+
+    # the target is handled and verified: the duplicate closes with it, once, and its reporter's feedback counts
+    body = await h.wait_for(f"/v1/issues/{target}", h.auth("admin"), lambda b: len(b["tasks"]) >= 1)
+    lead = next(t for t in body["tasks"] if t["role"] == "lead")
+    assert (await h.client.post(f"/v1/tasks/{lead['id']}/acknowledge", headers=h.auth(*ROADS))).status_code == 200
+    r = await h.client.post(f"/v1/tasks/{lead['id']}/resolve", headers=h.auth(*ROADS), json={"note": "补好了"})
+    assert r.status_code == 200, r.text
+    r = await h.client.post(f"/v1/issues/{target}/verify", headers=h.auth(*G1), json={"passed": True})
+    assert r.status_code == 200, r.text
+    closed = await h.wait_for(f"/v1/issues/{dup}", h.auth("admin"), lambda b: b["status"] == "closed")
+    assert closed["closed_at"] is not None
+    r = await h.client.post(f"/v1/issues/{dup}/feedback", headers=h.auth(*G1), json={"satisfaction": "satisfied"})
+    assert r.status_code == 200, r.text
+    await asyncio.sleep(0.5)
+    assert types(await events(h, dup)).count("issue.closed_with_target") == 1
+    assert types(await events(h, target)).count("issue.duplicate_attached") == 1
+
+
+async def test_a_duplicate_merged_into_an_issue_that_closed_meanwhile_closes_at_once(h: NeedleHandle) -> None:
+    target = await report_at(h, "road_damage", A)
+    dup = await report_at(h, "road_damage", B)
+    r = await act(h, dup, "merge", SUP, {"into": target})
+    assert r.status_code == 200, r.text
+    await h.wait_for(f"/v1/issues/{target}", h.auth("admin"), lambda b: b["duplicates"] == [dup])
+    assert (await act(h, target, "void", SUP, {"reason": "测试"})).status_code == 200
+    await asyncio.sleep(1)  # a voided target closes nothing: the duplicate stays merged
+    assert (await issue(h, dup))["status"] == "merged"
