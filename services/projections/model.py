@@ -19,6 +19,9 @@ rate               numerator                                   denominator
 退单率 returns      tasks_returned                              tasks_dispatched
 延期率 extensions   tasks_extended                              tasks_dispatched
 =================  ==========================================  ====================================
+
+A rejected, voided or merged issue takes its ``issues_dispatched`` back (``_leave_the_rates``); a merged
+issue's close (``issue_closed_with_target``) is not counted: a merged group counts once, by its target.
 """
 from __future__ import annotations
 
@@ -295,6 +298,7 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.IssueRejected() | ev.IssueVoided():
             issue["status"] = "rejected" if isinstance(e, ev.IssueRejected) else "voided"
             batch.count_area(issue, at, issue["status"])
+            _leave_the_rates(batch, issue, at)
             _close_open_tasks(batch, issue_id, seq)
         case ev.IssueRecategorised():
             _close_open_tasks(batch, issue_id, seq)
@@ -304,6 +308,7 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.IssueMerged():
             issue.update(status="merged", merged_into=e.into)
             batch.count_area(issue, at, "merged")
+            _leave_the_rates(batch, issue, at)  # the group is counted once: by its target
             _close_open_tasks(batch, issue_id, seq)
         case ev.IssueClosedWithTarget():  # closed with its group: counted in the target's close, not again
             issue.update(status="closed", closed_at=e.closed_at, closed_on_time=e.on_time)
@@ -322,6 +327,17 @@ def apply(batch: Batch, env: Envelope) -> None:
                     batch.count_area(issue, at, "feedback_satisfied")
             issue["satisfaction"] = e.satisfaction
     _refresh_lead(batch, issue)
+
+
+def _leave_the_rates(batch: Batch, issue: dict[str, Any], at: datetime) -> None:
+    """A rejected, voided or merged issue leaves the issue rates: if it was dispatched before the decision (no
+    task acknowledged, so nothing resolved), its ``issues_dispatched`` and dispatch time are taken back (on the
+    day of the decision). Its tasks end superseded."""
+    if issue["dispatched_at"] is None:
+        return
+    batch.count_area(issue, at, "issues_dispatched", -1)
+    ms = int((issue["dispatched_at"] - issue["reported_at"]).total_seconds() * 1000)
+    batch.count_area(issue, at, "dispatch_ms_sum", -max(ms, 0))
 
 
 def _close_open_tasks(batch: Batch, issue_id: str, seq: int) -> None:

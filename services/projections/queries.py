@@ -121,8 +121,11 @@ async def stats(pool: asyncpg.Pool, *, area: str, children: list[str], departmen
                 until: date) -> dict[str, Any]:
     area_counts = await _sum(pool, "area", [area, *children], since, until)
     dept_counts = await _sum(pool, "dept", departments, since, until) if departments else {}
+    statuses = {r["status"]: int(r["n"]) for r in await pool.fetch(
+        "SELECT status, count(*) AS n FROM issues WHERE areas @> ARRAY[$1]::text[] GROUP BY status", area)}
     return {
         "area": area, "from": since.isoformat(), "to": until.isoformat(),
+        "statuses": statuses,  # the issues under the area now, by status (pending_review, rejected, merged ...)
         "overall": _with_rates(area_counts.get(area, {}), RATES),
         "areas": {c: _with_rates(area_counts.get(c, {}), RATES) for c in children},
         "departments": {d: _with_rates(dept_counts.get(d, {}), DEPT_RATES) for d in departments},

@@ -292,3 +292,28 @@ async def test_a_duplicate_merged_into_an_issue_that_closed_meanwhile_closes_at_
     assert (await act(h, target, "void", SUP, {"reason": "测试"})).status_code == 200
     await asyncio.sleep(1)  # a voided target closes nothing: the duplicate stays merged
     assert (await issue(h, dup))["status"] == "merged"
+
+
+async def test_the_rates_leave_rejected_voided_and_merged_issues_out_and_stats_know_the_statuses(
+        h: NeedleHandle) -> None:
+    kept = [(await dispatched(h))["id"] for _ in range(2)]
+    voided, rejected, merged = [(await dispatched(h))["id"] for _ in range(3)]
+    held = await report(h, "complaint")
+    assert (await act(h, voided, "void", SUP, {"reason": "测试"})).status_code == 200
+    assert (await act(h, rejected, "reject", SUP, {"reason": "不属于政府职责"})).status_code == 200
+    assert (await act(h, merged, "merge", SUP, {"into": kept[0]})).status_code == 200
+    want_statuses = {"dispatched": 2, "voided": 1, "rejected": 1, "merged": 1, "pending_review": 1}
+    body: dict[str, Any] = {}
+    for _ in range(100):
+        r = await h.client.get("/v1/stats", headers=h.auth(*SUP))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["statuses"] == want_statuses:
+            break
+        await asyncio.sleep(0.1)
+    assert body["statuses"] == want_statuses, body["statuses"]
+    counts = body["overall"]["counts"]
+    assert counts["reported"] == 6 and counts["issues_dispatched"] == 2  # five were dispatched, two count
+    assert (counts["voided"], counts["rejected"], counts["merged"]) == (1, 1, 1)
+    assert body["overall"]["rates"]["resolution_rate"]["denominator"] == 2
+    assert held
