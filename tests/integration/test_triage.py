@@ -317,3 +317,23 @@ async def test_the_rates_leave_rejected_voided_and_merged_issues_out_and_stats_k
     assert (counts["voided"], counts["rejected"], counts["merged"]) == (1, 1, 1)
     assert body["overall"]["rates"]["resolution_rate"]["denominator"] == 2
     assert held
+
+
+async def test_a_merge_closes_its_duplicate_exactly_once_across_a_router_restart(needle_factory: Callable[..., Any]
+                                                                                   ) -> None:
+    h: NeedleHandle = await needle_factory(ORG, RULES, services=("intake",))
+    target, dup = await report_at(h, "road_damage", A), await report_at(h, "road_damage", B)
+    assert (await act(h, dup, "merge", SUP, {"into": target})).status_code == 200
+    r = await h.client.post(f"/v1/issues/{target}/resolve-on-site", headers=h.auth(*G1), json={"note": "当场处理"})
+    assert r.status_code == 200, r.text  # the target closes before any router has seen the merge
+    url = h.stack.urls.nats
+    first: NeedleHandle = await needle_factory(ORG, RULES, nats_url=url, services=("router",))
+    await h.wait_for(f"/v1/issues/{dup}", h.auth("admin"), lambda b: b["status"] == "closed")
+    await first.close()
+    second: NeedleHandle = await needle_factory(ORG, RULES, nats_url=url, services=("router",))
+    other = await report(h, "road_damage")  # the second router has caught up once this one is dispatched
+    await h.wait_for(f"/v1/issues/{other}", h.auth("admin"), lambda b: len(b["tasks"]) >= 1)
+    await asyncio.sleep(0.5)
+    assert types(await events(h, dup)).count("issue.closed_with_target") == 1
+    assert "task.dispatched" not in types(await events(h, dup)) + types(await events(h, target))
+    assert second
