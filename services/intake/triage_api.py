@@ -108,10 +108,7 @@ async def merge_issue(issue_id: str, body: MergeBody, ctx: Ctx, p: Actor, if_mat
     into = body.into
     if into == issue_id:
         raise Invalid("an issue cannot be merged into itself", field="into")
-    try:
-        ids.check_issue_id(into)
-    except NotFound:
-        raise Invalid(f"issue {into} not found", field="into") from None
+    ids.check_issue_id(into, field="into")
     target, _ = await load_current_state(ctx.store, into)
     if not target.exists:
         raise Invalid(f"issue {into} not found", field="into")

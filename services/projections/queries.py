@@ -119,10 +119,11 @@ def _with_rates(counts: dict[str, int], table: dict[str, tuple[str, str]]) -> di
 
 async def stats(pool: asyncpg.Pool, *, area: str, children: list[str], departments: list[str], since: date,
                 until: date) -> dict[str, Any]:
-    area_counts = await _sum(pool, "area", [area, *children], since, until)
-    dept_counts = await _sum(pool, "dept", departments, since, until) if departments else {}
+    # the statuses first: the counters read after them are at least as recent (two reads, not one snapshot)
     statuses = {r["status"]: int(r["n"]) for r in await pool.fetch(
         "SELECT status, count(*) AS n FROM issues WHERE areas @> ARRAY[$1]::text[] GROUP BY status", area)}
+    area_counts = await _sum(pool, "area", [area, *children], since, until)
+    dept_counts = await _sum(pool, "dept", departments, since, until) if departments else {}
     return {
         "area": area, "from": since.isoformat(), "to": until.isoformat(),
         "statuses": statuses,  # the issues under the area now, by status (pending_review, rejected, merged ...)
