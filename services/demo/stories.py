@@ -55,6 +55,7 @@ async def slope_works(d: Demo, run: str, res: StoryResult) -> None:
     linked = await _visit(d, visit["id"], d.handler(team))
     d.note(f"⤷ visit {visit['id']} lists the issues raised from it: {', '.join(linked['issues'])}")
     await d.wait_routed(iid, "street")
+    dup = await _duplicate(d, run, res, grid, iid)
     d.note("[italic]次日, 街道领导带相关部门负责人和网格团队到现场[/italic]")
     measures = "召开居民、妇女、党员等座谈会7场; 责令施工方限制爆破药量、避开休息时间、清扫道路; 落实跟踪回访"
     lead = d.open_tasks(await d.issue(iid))[0]
@@ -68,6 +69,35 @@ async def slope_works(d: Demo, run: str, res: StoryResult) -> None:
     photos = ", ".join(f"{m['phase']} ({m['stage']}) {m['id'][:12]}…" for m in (await d.issue(iid))["media"])
     d.note(f"[italic]核查 compares the photos: {photos}[/italic]")
     await d.verify_and_feedback(iid, grid, "爆破药量已减、作业时段已调整、道路已清扫, 居民情绪平稳")
+    closed = await d.wait_issue(dup, lambda i: i["status"] == "closed", "the merged report to close with its target")
+    d.note(f"⤷ merged issue {dup} {d.styled(closed['status'])} with {iid} (issue_closed_with_target)")
+    await d.call(d.grid_worker(grid), "回访 the second caller's feedback counts too", "POST",
+                 f"/v1/issues/{dup}/feedback", json={"satisfaction": "satisfied"})
+
+
+async def _duplicate(d: Demo, run: str, res: StoryResult, grid: str, iid: str) -> str:
+    """合并办理: a neighbour reports the same slope; the street's supervisor finds it similar and merges it."""
+    created = await d.call(d.grid_worker(grid), "上报 a neighbour's call about the same slope (a duplicate)", "POST",
+                           "/v1/issues", idempotency_key=f"{run}-slope-dup", json={
+                               "grid": grid, "category": "construction_nuisance",
+                               "title": "边坡工地爆破, 房屋震动", "location": {"lat": 30.0352, "lon": 122.2456}})
+    dup = str(created["id"])
+    res.issue_ids.append(dup)
+    sup = d.supervisor("zhanmao")
+    deadline = time.monotonic() + d.timeout
+    while True:  # the read models hold the first report once it is listed
+        similar = await d.call(sup, "查重 lists open issues of the same kind within 200 m / 3 days", "GET",
+                               f"/v1/issues/{dup}/similar", quiet=True)
+        if any(row["id"] == iid for row in similar["items"]):
+            break
+        if time.monotonic() > deadline:
+            raise DemoError(f"issue {dup}: {iid} never listed as similar")
+        await asyncio.sleep(0.1)
+    near = next(row for row in similar["items"] if row["id"] == iid)
+    d.note(f"⤷ similar: {iid} at {near['distance_m']:.0f} m")
+    await d.call(sup, "合并办理 merges the duplicate into the first report", "POST", f"/v1/issues/{dup}/merge",
+                 json={"into": iid, "reason": "同一边坡工程, 合并办理"})
+    return dup
 
 
 async def _visit(d: Demo, visit_id: str, reader: Any) -> dict[str, Any]:

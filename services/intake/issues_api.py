@@ -168,6 +168,8 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
                               media_url=body.media_url,
                               resolved_on_site=body.resolved_on_site, note=body.note,
                               review=ctx.rulebook.category(body.category).intake == "review",
+                              review_within=ctx.rulebook.category(body.category).sla.review,
+                              warn_at=ctx.rulebook.warn_at,
                               report_rule=evidence_rule(ctx, body.category, "report"),
                               resolve_rule=evidence_rule(ctx, body.category, "resolve"))
     now = utcnow()
@@ -196,12 +198,30 @@ async def _readable(ctx: AppContext, p: Any, issue_id: str) -> tuple[IssueState,
     return state, envs
 
 
+async def readable_issue(ctx: AppContext, p: Any, issue_id: str) -> IssueState:
+    """The issue, if the caller may read it (404 / 403 otherwise)."""
+    state, _ = await _readable(ctx, p, issue_id)
+    return state
+
+
+async def similar_count(ctx: AppContext, state: IssueState) -> int | None:
+    """How many open issues are similar to this one (合并办理); None where no read models are served here."""
+    if ctx.read_models is None or state.location is None or state.category not in ctx.rulebook.categories:
+        return None
+    from services.projections.similar import find_similar
+
+    return len(await find_similar(ctx.read_models.pool, state, ctx.rulebook.similar_for(state.category)))
+
+
 @router.get("/v1/issues/{issue_id}")
 async def get_issue(issue_id: str, ctx: Ctx, p: Actor) -> Response:
-    """The issue as of every write that returned 2xx (folded from the stream, not a read model)."""
+    """The issue as of every write that returned 2xx (folded from the stream, not a read model); ``similar``:
+    how many open issues look like duplicates of it (from the read models; see ``/similar``)."""
     state, _ = await _readable(ctx, p, issue_id)
     resident = await resident_view(ctx.residents, state.resident, p.role)
-    return json_response(issue_view(state, resident, ctx.org), headers=state_headers(state, state.last_seq))
+    view = issue_view(state, resident, ctx.org)
+    view["similar"] = await similar_count(ctx, state)
+    return json_response(view, headers=state_headers(state, state.last_seq))
 
 
 @router.get("/v1/issues/{issue_id}/events")

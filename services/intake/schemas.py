@@ -113,6 +113,12 @@ class RecategoriseBody(Strict):
     reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
 
 
+class MergeBody(Strict):
+    into: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$",
+                      description="the open issue this one is handled with (合并办理)")
+    reason: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
+
+
 class VerifyBody(Strict):
     passed: bool
     note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
@@ -224,4 +230,7 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTr
         "media": [media_view(m) for m in s.media], "media_url": s.media_url,
         "triage": {"decision": s.triage, "reason": s.triage_reason, "by": s.triaged_by} if s.triage else None,
         "suspended_until": _ts(min((t.suspended_until for t in s.open_tasks if t.suspended_until), default=None)),
+        "merged_into": s.merged_into, "duplicates": list(s.duplicates),
+        "review": ({"due": _ts(s.review_due), "warn": _ts(s.review_warn), "warned": s.review_warned,
+                    "breached": s.review_breached} if s.review_due is not None else None),
     }

@@ -1,5 +1,5 @@
-"""受理 at the command centre: accept (dispatch by the rules), reject (不予受理), void (作废) and recategorise (改类)
-a report while no task has been acknowledged, each with a reason and one event.
+"""受理 at the command centre: accept (dispatch by the rules), reject (不予受理), void (作废), recategorise (改类)
+and merge (合并办理) a report while no task has been acknowledged, each with a reason and one event.
 
 Who: a handler of the ``command_center`` serving the issue's owner area (the area at the category's start
 level above the grid, once routed the one the router chose), a supervisor over the issue's grid, or an
@@ -14,17 +14,17 @@ from datetime import datetime
 from fastapi import APIRouter, Response
 
 from shared.auth import Principal
-from shared.commanding import execute
+from shared.commanding import execute, load_current_state
 from shared.domain import commands as cmd
 from shared.domain import ids
-from shared.domain.errors import Invalid, NotAllowed, NotFound
-from shared.domain.issue import IssueState, decide
+from shared.domain.errors import Conflict, Invalid, NotAllowed, NotFound
+from shared.domain.issue import ISSUE_ENDED, IssueState, decide
 from shared.domain.levels import Level
 from shared.events.models import Event
 
 from .context import AppContext
 from .issues_api import IfMatch, check_if_match, json_response, state_headers
-from .schemas import AcceptBody, ReasonBody, RecategoriseBody, issue_view
+from .schemas import AcceptBody, MergeBody, ReasonBody, RecategoriseBody, issue_view
 from .security import Actor, Ctx, in_area, is_command_center
 
 router = APIRouter(tags=["triage"])
@@ -97,5 +97,25 @@ async def recategorise_issue(issue_id: str, body: RecategoriseBody, ctx: Ctx, p:
             raise NotAllowed(f"supervisor scope {p.scope} does not cover grid {grid}")
         return cmd.RecategoriseIssue(by=p.subject, reason=body.reason, category=body.category or s.category,
                                      grid=grid)
+
+    return await _triage(ctx, p, issue_id, if_match, command)
+
+
+@router.post("/v1/issues/{issue_id}/merge")
+async def merge_issue(issue_id: str, body: MergeBody, ctx: Ctx, p: Actor, if_match: IfMatch = None) -> Response:
+    """合并办理: the issue is a duplicate of ``into`` (an open issue): it becomes ``merged``, its open tasks end,
+    and it closes when ``into`` closes (the router's reaction). Its triager decides; the target must be open."""
+    into = body.into
+    if into == issue_id:
+        raise Invalid("an issue cannot be merged into itself", field="into")
+    ids.check_issue_id(into, field="into")
+    target, _ = await load_current_state(ctx.store, into)
+    if not target.exists:
+        raise Invalid(f"issue {into} not found", field="into")
+
+    def command(s: IssueState) -> cmd.Command:
+        if target.status in ISSUE_ENDED and not (s.status == "merged" and s.merged_into == into):
+            raise Conflict(f"issue {into} is {target.status}: merge into an open issue", current_status=s.status)
+        return cmd.MergeIssue(by=p.subject, into=into, reason=body.reason)
 
     return await _triage(ctx, p, issue_id, if_match, command)

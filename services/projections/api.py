@@ -215,3 +215,20 @@ async def get_audit(request: Request, issue_id: str, ctx: Ctx, p: Actor) -> Resp
         if not in_area(ctx.org, p, state.grid):
             raise NotAllowed(f"issue {issue_id} is outside scope {p.scope}")
     return _respond(request, {"items": rows}, seq)
+
+
+@router.get("/v1/issues/{issue_id}/similar")
+async def get_similar(request: Request, issue_id: str, ctx: Ctx, p: Actor) -> Response:
+    """合并办理: the open issues of the same category within the rulebook's ``similar`` radius and window of
+    this one (possible duplicates), nearest first, for whoever may read the issue."""
+    from services.intake.issues_api import readable_issue
+
+    from .similar import find_similar
+
+    state = await readable_issue(ctx, p, issue_id)
+    seq = await _caught_up(ctx, None)
+    rule = ctx.rulebook.similar_for(state.category) if state.category in ctx.rulebook.categories else None
+    rows = await find_similar(_pool(ctx), state, rule) if rule is not None else []
+    body = {"items": rows, "radius_m": rule.radius_m if rule else None,
+            "within_s": int(rule.within.total_seconds()) if rule else None, "sequence": seq}
+    return _respond(request, body, seq)

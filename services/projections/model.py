@@ -28,6 +28,9 @@ breached, whichever first). The area's 解决率 stays ``issues_resolved / issue
 
 催办 (``urged``) counts against the department leading the issue when the urge was recorded; 督办件数 is
 ``supervised`` (orders), and a supervised task superseded before it was resolved leaves the 督办按期率.
+
+A rejected, voided or merged issue takes its ``issues_dispatched`` back (``_leave_the_rates``); a merged
+issue's close (``issue_closed_with_target``) is not counted: a merged group counts once, by its target.
 """
 from __future__ import annotations
 
@@ -49,6 +52,7 @@ METRICS = (
     "rejected", "voided", "recategorised",
     "returns_requested", "returns_rejected", "tasks_reassigned", "extensions_rejected", "tasks_suspended",
     "urged", "supervised", "supervision_closed", "supervised_on_time", "tasks_ack_due", "tasks_resolve_due",
+    "review_warned", "review_breached", "merged",
 )
 RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_ack_due"),
@@ -131,9 +135,12 @@ def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) ->
         "status": "pending_review" if e.review else "reported", "level": None, "owner_area": None, "areas": areas,
         "reported_at": e.reported_at, "dispatched_at": None, "closed_at": None, "closed_on_time": None,
         "first_resolved_at": None,
-        "lead_task": None, "lead_department": None, "lead_status": None, "next_due": None,
+        "lead_task": None, "lead_department": None, "lead_status": None,
+        "next_due": e.review_due if e.review else None,  # a held report's review clock (受理) until decided
         "reopen_count": 0, "escalations": 0, "satisfaction": None, "version": 0, "seq": seq,
         "updated_at": e.reported_at,
+        "lat": e.location.lat if e.location else None, "lon": e.location.lon if e.location else None,
+        "merged_into": None,
     }
 
 
@@ -166,7 +173,9 @@ def _refresh_lead(batch: Batch, issue: dict[str, Any]) -> None:
     """The lead task's state and the next deadline it must meet (for overdue lists)."""
     lead = batch.tasks.get(issue["lead_task"]) if issue["lead_task"] else None
     if lead is None:
-        issue["lead_department"] = issue["lead_status"] = issue["next_due"] = None
+        issue["lead_department"] = issue["lead_status"] = None
+        if issue["status"] != "pending_review":  # a held report keeps its review clock (受理) until decided
+            issue["next_due"] = None
         return
     issue["lead_department"] = lead["department"]
     issue["lead_status"] = lead["status"]
@@ -297,17 +306,29 @@ def apply(batch: Batch, env: Envelope) -> None:
             issue["reopen_count"] = e.reopen_count
             batch.count_area(issue, at, "reopened")
             _close_open_tasks(batch, issue_id, seq)
+        case ev.ReviewWarned():
+            batch.count_area(issue, at, "review_warned")
+        case ev.ReviewBreached():
+            batch.count_area(issue, at, "review_breached")
         case ev.IssueAccepted():
-            issue["status"] = "reported"
+            issue["status"] = "reported"  # the review clock stops (below)
         case ev.IssueRejected() | ev.IssueVoided():
             issue["status"] = "rejected" if isinstance(e, ev.IssueRejected) else "voided"
             batch.count_area(issue, at, issue["status"])
+            _leave_the_rates(batch, issue, at)
             _close_open_tasks(batch, issue_id, seq)
         case ev.IssueRecategorised():
             _close_open_tasks(batch, issue_id, seq)
             issue.update(category=e.to_category, grid=e.to_grid, areas=_areas(batch.org, e.to_grid),
                          status="reported", level=None, owner_area=None)
             batch.count_area(issue, at, "recategorised")
+        case ev.IssueMerged():
+            issue.update(status="merged", merged_into=e.into)
+            batch.count_area(issue, at, "merged")
+            _leave_the_rates(batch, issue, at)  # the group is counted once: by its target
+            _close_open_tasks(batch, issue_id, seq)
+        case ev.IssueClosedWithTarget():  # closed with its group: counted in the target's close, not again
+            issue.update(status="closed", closed_at=e.closed_at, closed_on_time=e.on_time)
         case ev.IssueClosed():
             issue.update(status="closed", closed_at=e.closed_at, closed_on_time=e.on_time)
             batch.count_area(issue, at, "closed")
@@ -377,6 +398,17 @@ def _apply_dispatch_control(batch: Batch, issue: dict[str, Any], e: ev.Event, se
                      acknowledge_due=e.acknowledge_due, resolve_due=e.resolve_due)
 
 
+def _leave_the_rates(batch: Batch, issue: dict[str, Any], at: datetime) -> None:
+    """A rejected, voided or merged issue leaves the issue rates: if it was dispatched before the decision (no
+    task acknowledged, so nothing resolved), its ``issues_dispatched`` and dispatch time are taken back (on the
+    day of the decision). Its tasks end superseded."""
+    if issue["dispatched_at"] is None:
+        return
+    batch.count_area(issue, at, "issues_dispatched", -1)
+    ms = int((issue["dispatched_at"] - issue["reported_at"]).total_seconds() * 1000)
+    batch.count_area(issue, at, "dispatch_ms_sum", -max(ms, 0))
+
+
 def _close_open_tasks(batch: Batch, issue_id: str, seq: int) -> None:
     for tid in batch.tasks_of.get(issue_id, ()):
         t = batch.tasks[tid]
@@ -398,6 +430,8 @@ def _summary(e: ev.Event) -> str:
             return f"task {e.task_id} returned: {e.reason}"
         case ev.IssueEscalated():
             return f"escalated {e.from_level} -> {e.to_level} ({e.cause})"
+        case ev.ReviewBreached() | ev.ReviewWarned():
+            return f"review clock {'breached' if isinstance(e, ev.ReviewBreached) else 'warned'} (due {e.due:%H:%M})"
         case ev.SlaBreached() | ev.SlaWarned():
             return f"{e.clock} clock of {e.task_id} {'breached' if isinstance(e, ev.SlaBreached) else 'warned'}"
     fields = {k: v for k, v in e.model_dump(mode="json").items() if k in ("task_id", "by", "satisfaction", "passed")}

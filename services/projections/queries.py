@@ -74,7 +74,8 @@ async def list_overdue(pool: asyncpg.Pool, *, area: str, now: datetime, limit: i
         d = dict(r)
         d["overdue_seconds"] = int((now - d["next_due"]).total_seconds())
         d["holder"] = d["lead_department"]
-        d["clock"] = "acknowledge" if d["lead_status"] == "dispatched" else "resolve"
+        d["clock"] = ("review" if d["status"] == "pending_review"  # 受理: held past the review clock
+                      else "acknowledge" if d["lead_status"] == "dispatched" else "resolve")
         out.append(d)
     return out
 
@@ -118,10 +119,14 @@ def _with_rates(counts: dict[str, int], table: dict[str, tuple[str, str]]) -> di
 
 async def stats(pool: asyncpg.Pool, *, area: str, children: list[str], departments: list[str], since: date,
                 until: date) -> dict[str, Any]:
+    # the statuses first: the counters read after them are at least as recent (two reads, not one snapshot)
+    statuses = {r["status"]: int(r["n"]) for r in await pool.fetch(
+        "SELECT status, count(*) AS n FROM issues WHERE areas @> ARRAY[$1]::text[] GROUP BY status", area)}
     area_counts = await _sum(pool, "area", [area, *children], since, until)
     dept_counts = await _sum(pool, "dept", departments, since, until) if departments else {}
     return {
         "area": area, "from": since.isoformat(), "to": until.isoformat(),
+        "statuses": statuses,  # the issues under the area now, by status (pending_review, rejected, merged ...)
         "overall": _with_rates(area_counts.get(area, {}), RATES),
         "areas": {c: _with_rates(area_counts.get(c, {}), RATES) for c in children},
         "departments": {d: _with_rates(dept_counts.get(d, {}), DEPT_RATES) for d in departments},

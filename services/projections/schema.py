@@ -9,6 +9,7 @@ from sqlalchemy import (
     Column,
     Date,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -19,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 PROJECTION = "read_models"
-PROJECTION_VERSION = 3  # bump when the projection functions change: the worker rebuilds on start
+PROJECTION_VERSION = 4  # bump when the projection functions change: the worker rebuilds on start
 
 
 def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
@@ -50,7 +51,11 @@ def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
         Column("version", Integer, nullable=False),
         Column("seq", BigInteger, nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),
+        Column("lat", Float),  # the reported location, for similar issues (合并办理)
+        Column("lon", Float),
+        Column("merged_into", Text),
     )
+    Index(f"ix_issues{suffix}_similar", issues.c.category, issues.c.status, issues.c.lat)
     Index(f"ix_issues{suffix}_areas", issues.c.areas, postgresql_using="gin")
     Index(f"ix_issues{suffix}_reported", issues.c.reported_at.desc(), issues.c.id.desc())
     Index(f"ix_issues{suffix}_open_due", issues.c.next_due, postgresql_where=issues.c.next_due.isnot(None))

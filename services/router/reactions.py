@@ -152,6 +152,27 @@ def react(state: IssueState, event: ev.Event, seq: int, rules: RouterRules, now:
     return []
 
 
+# -- 合并办理: reactions across two issues ---------------------------------------------------------------------
+def attach_duplicate(target: IssueState, duplicate: str, seq: int, now: datetime) -> list[ev.Event]:
+    """A duplicate was merged into ``target`` (the cue at ``seq``): recorded on the target, so that closing it
+    closes the duplicate. Nothing when already handled; when the target closed meanwhile the duplicate is
+    closed instead (``close_with_target``)."""
+    if seq in target.handled or not target.exists or target.status in ISSUE_ENDED or duplicate in target.duplicates:
+        return []
+    return [ev.IssueDuplicateAttached(duplicate=duplicate, caused_by=seq)]
+
+
+def close_with_target(duplicate: IssueState, target: IssueState, seq: int, now: datetime) -> list[ev.Event]:
+    """The target a duplicate was merged into has closed (or was found closed): the duplicate closes with it,
+    once (its status is then ``closed``). On time when the target closed on time."""
+    if seq in duplicate.handled or duplicate.status != "merged" or duplicate.merged_into != target.id:
+        return []
+    if target.status != "closed":
+        return []
+    return [ev.IssueClosedWithTarget(into=target.id, on_time=bool(target.closed_on_time),
+                                     closed_at=target.closed_at or now, caused_by=seq)]
+
+
 def _fallback_dispatch(state: IssueState, rules: RouterRules, now: datetime, *, returned: TaskState,
                        caused_by: int) -> list[ev.Event]:
     """兜底: the owner area's command centre takes a returned lead (unless it was the one returning)."""
@@ -289,6 +310,37 @@ def latest_dispatch_timer(state: IssueState) -> tuple[str, datetime] | None:
     return dispatch_timer(state, state.tasks[-1].id) if state.tasks else None
 
 
+REVIEW_TIMER = "-review"  # the review clock's timer key: ``<issue id>-review`` (task keys end in a number)
+
+
+def review_key(issue_id: str) -> str:
+    return f"{issue_id}{REVIEW_TIMER}"
+
+
+def is_review_key(key: str) -> bool:
+    return key.endswith(REVIEW_TIMER)
+
+
+def review_timer(state: IssueState) -> tuple[str, datetime] | None:
+    """The timer of the issue's review clock (受理): (its key, the next edge), or None once the report left
+    pending_review or both edges fired. One per issue, keyed apart from the dispatches' timers."""
+    edges = state.review_edges
+    return (review_key(state.id), edges[0][0]) if edges else None
+
+
+def on_review_clock(state: IssueState, now: datetime) -> list[ev.Event]:
+    """The review clock's edges now past, for a report still held in pending_review: a warning, then a breach.
+    A held report is never moved by its breach: it stays for the command centre (the breach is on record and in
+    the overdue list)."""
+    out: list[ev.Event] = []
+    for at, edge in state.review_edges:
+        if at > now:
+            break
+        assert state.review_due is not None
+        out.append(ev.ReviewWarned(due=state.review_due) if edge == "warn" else ev.ReviewBreached(due=state.review_due))
+    return out
+
+
 def on_issue_timer(state: IssueState, rules: RouterRules, now: datetime) -> list[ev.Event]:
     """The issue's timer fired: every clock edge now past, over all its open tasks, in time order (warnings
     before breaches at the same instant); a breach that escalates ends the answer (the escalation supersedes
@@ -296,7 +348,7 @@ def on_issue_timer(state: IssueState, rules: RouterRules, now: datetime) -> list
     the second time, and a task acknowledged before its deadline is never breached."""
     if not state.exists or state.status in ISSUE_ENDED:
         return []
-    out: list[ev.Event] = []
+    out: list[ev.Event] = on_review_clock(state, now)
     s = state
     for _ in range(4 * len(state.tasks) + 1):  # each round records one edge: bounded
         past = [(at, edge.edge == "due", i, edge, t) for i, t in enumerate(s.open_tasks)

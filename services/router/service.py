@@ -25,25 +25,34 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
-from shared.commanding import utcnow
+from shared.commanding import load_current_state, utcnow
 from shared.config import OrgTree, Rulebook
 from shared.domain.clocks import SlaClocks
 from shared.domain.errors import ConcurrencyConflict, DomainError
 from shared.domain.issue import IssueState, evolve, initial_state
 from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
-from shared.events.models import IssueReported, TaskDispatched
+from shared.events.models import IssueMerged, IssueReported, TaskDispatched
 from shared.lifecycle import Lifecycle
 from shared.settings import Settings
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
 from shared.store.settling import settled
 
-from .reactions import RouterRules, dispatch_timer, latest_dispatch_timer, react
+from .reactions import (
+    RouterRules,
+    attach_duplicate,
+    close_with_target,
+    dispatch_timer,
+    latest_dispatch_timer,
+    react,
+    review_key,
+)
 from .timers import SOURCE, StateCache, TimerMixin, _after, load_holding
 
 log = structlog.get_logger("needle.router")
+ACROSS = frozenset({"issue_merged", "issue_closed", "issue_closed_with_target"})  # 合并办理: other issues react
 REACTS_TO = frozenset({"issue_reported", "task_returned", "issue_escalated", "issue_reopened", "issue_accepted",
-                       "issue_recategorised", "return_approved"})
+                       "issue_recategorised", "return_approved"}) | ACROSS
 RESCHEDULES = frozenset({"suspension_approved", "task_resumed", "task_reassigned", "return_approved",
                          "supervision_ordered"})
 """Events that move a dispatch's clocks (or add a task) without a lead's task_dispatched: the timers are set
@@ -97,8 +106,22 @@ class Router(TimerMixin):
         if name not in REACTS_TO:
             return
         env = decode(msg.data, seq)
+        if isinstance(env.data, IssueReported):
+            await self.schedule_review(issue_id, env)
+        if name in ACROSS:
+            with structlog.contextvars.bound_contextvars(trace_id=env.correlationid, issue=issue_id):
+                await self._react_across(issue_id, env, seq)
+            return
         with structlog.contextvars.bound_contextvars(trace_id=env.correlationid, issue=issue_id):
             await self._react(issue_id, name, env, seq)
+
+    async def schedule_review(self, issue_id: str, env: Envelope) -> None:
+        """A report held for 受理 with a review clock: its timer, set before the report's cue is acked (a
+        redelivered cue sets the same schedule again: one pending timer per subject)."""
+        e = env.data
+        if isinstance(e, IssueReported) and e.review and e.review_due is not None:
+            first = min(x for x in (e.review_warn, e.review_due) if x is not None)
+            await self.schedule(issue_id, review_key(issue_id), first, env.correlationid)
 
     async def _react(self, issue_id: str, name: str, env: Envelope, seq: int) -> None:
         for _ in range(5):
@@ -117,6 +140,41 @@ class Router(TimerMixin):
                 return
             except ConcurrencyConflict:
                 continue
+        raise ConcurrencyConflict(f"issue {issue_id}: could not react to seq {seq}")
+
+    async def _react_across(self, issue_id: str, env: Envelope, seq: int) -> None:
+        """合并办理: a merge is attached to its target (or, the target closed meanwhile, the duplicate closes);
+        a closing issue closes the duplicates attached to it. Each append is OCC-guarded and marked
+        ``caused_by`` the cue, and each pure reaction answers nothing once done: exactly once."""
+        e = env.data
+        if isinstance(e, IssueMerged):
+            target = await self._append_reaction(e.into, lambda t: attach_duplicate(t, issue_id, seq, utcnow()),
+                                                 env, seq)
+            if target.status == "closed":
+                await self._append_reaction(issue_id, lambda d: close_with_target(d, target, seq, utcnow()), env, seq)
+            return
+        state = await self.load_including(issue_id, seq)
+        if state.status != "closed" or not state.duplicates:
+            return
+        for dup in state.duplicates:
+            await self._append_reaction(dup, lambda d: close_with_target(d, state, seq, utcnow()), env, seq)
+
+    async def _append_reaction(self, issue_id: str, decide_: Any, env: Envelope, seq: int) -> IssueState:
+        """Load ``issue_id``, append what ``decide_(state)`` answers (OCC, retried on conflicts); its state after."""
+        for _ in range(5):
+            state, _envs = await load_current_state(self.store, issue_id)
+            events = decide_(state)
+            if not events:
+                return state
+            try:
+                res = await self.store.append(issue_id, events, expected_last_seq=state.last_seq,
+                                              version=state.version, now=utcnow(), actor="router",
+                                              msg_id=f"across:{issue_id}:{seq}", causation=env.id, source=SOURCE,
+                                              correlation=env.correlationid)
+            except ConcurrencyConflict:
+                continue
+            log.info("reacted", cue=env.data.name, seq=seq, on=issue_id, events=[x.name for x in events])
+            return _after(state, res.envelopes)
         raise ConcurrencyConflict(f"issue {issue_id}: could not react to seq {seq}")
 
     async def load_including(self, issue_id: str, seq: int) -> IssueState:
@@ -172,7 +230,7 @@ class Router(TimerMixin):
         if unread:  # events the router does not react to (its own, handlers' ...): done with
             await asyncio.gather(*(m.ack() for m in unread))
         single = {issue: ms[0] for issue, ms in groups.items()
-                  if len(ms) == 1 and ms[0].subject.rsplit(".", 1)[1] in REACTS_TO}
+                  if len(ms) == 1 and ms[0].subject.rsplit(".", 1)[1] in REACTS_TO - ACROSS}
         done: set[str] = set()
         if len(single) > 1:
             done = await self._react_together(single)
@@ -214,6 +272,7 @@ class Router(TimerMixin):
                     # a report is its issue's first event: fold it as delivered (no round trip); if more
                     # happened meanwhile, the OCC guard refuses the append and the slow path reloads
                     state = evolve(initial_state(issue_id), env.data, seq)
+                    await self.schedule_review(issue_id, env)
                 else:
                     async with self.sem:
                         state = await self.load_including(issue_id, seq)

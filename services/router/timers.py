@@ -28,7 +28,14 @@ from shared.events import subjects as sj
 from shared.events.models import TaskDispatched
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
 
-from .reactions import RouterRules, dispatch_timer, latest_dispatch_timer, on_issue_timer
+from .reactions import (
+    RouterRules,
+    dispatch_timer,
+    is_review_key,
+    latest_dispatch_timer,
+    on_issue_timer,
+    review_timer,
+)
 
 log = structlog.get_logger("needle.router")
 SOURCE = "needle/router"
@@ -99,7 +106,8 @@ class TimerMixin:
         state this router wrote or read, and remember it: the task_dispatched events up to that state then need
         no schedule of their own (a router that restarted, or another one, does not remember and sets it again
         from the event: the same timer)."""
-        timers = {t[0]: t[1] for t in (latest_dispatch_timer(state), *(dispatch_timer(state, k) for k in keys))
+        timers = {t[0]: t[1] for t in (latest_dispatch_timer(state), review_timer(state),
+                                        *(dispatch_timer(state, k) for k in keys if not is_review_key(k)))
                   if t is not None}
         await asyncio.gather(*(self.schedule(state.id, key, at, trace) for key, at in timers.items()))
         self.timers_set[state.id] = state.last_seq
@@ -302,8 +310,9 @@ async def load_holding(store: Any, issue_id: str, holds: Callable[[IssueState], 
 
 
 def _holds(state: IssueState, tasks: Iterable[str]) -> bool:
+    """The state holds the fired timers' dispatches (and, for the review clock's, the report)."""
     have = {t.id for t in state.tasks}
-    return all(t in have for t in tasks)
+    return all(state.exists if is_review_key(t) else t in have for t in tasks)
 
 
 def _chunks(items: list[tuple[IssueState, AppendRequest]], max_events: int) -> list[list[tuple[IssueState,

@@ -26,7 +26,13 @@ what nobody else owns (兜底; default ``command_center``).
 
 Intake (optional, per category): ``intake: auto`` (the default: a report is dispatched by the rules at once)
 or ``intake: review`` (受理: the report waits in ``pending_review`` until the command centre or a supervisor
-accepts, rejects, voids or recategorises it).
+accepts, rejects, voids or recategorises it). ``sla: {review: PT30M}`` (optional) is the review clock: a report
+still waiting that long is breached (``review_breached``), warned at ``warn_at`` of it (``review_warned``), on
+the natural clock; without it a held report has no clock.
+
+Duplicates (optional, top level or per category): ``similar: {radius_m: 200, within: P3D}`` (the default) —
+open issues of the same category within that distance of a report's location, reported within that window of
+it, are listed as similar (合并办理).
 
 Evidence (optional, per category): ``evidence: {report: photo, resolve: photo}`` — a report of the category
 must carry a photo (phase ``before``) and a resolve of its tasks a photo (phase ``after``); either may be absent.
@@ -81,6 +87,7 @@ class Sla:
     acknowledge: timedelta
     resolve: timedelta
     clock: Clock = "natural"
+    review: timedelta | None = None  # 受理: how long a report may wait in pending_review (intake: review)
 
     def scaled(self, factor: float) -> Sla:
         """Both durations multiplied by ``factor`` (rounded to whole seconds)."""
@@ -113,6 +120,15 @@ class Evidence:
 
 
 @dataclass(frozen=True, slots=True)
+class Similar:
+    """合并办理: open issues of the same category within ``radius_m`` of a report's location and reported
+    within ``within`` of it are listed as similar (possible duplicates)."""
+
+    radius_m: float = 200.0
+    within: timedelta = timedelta(days=3)
+
+
+@dataclass(frozen=True, slots=True)
 class Category:
     id: str
     name: str
@@ -123,6 +139,7 @@ class Category:
     description: str | None = None
     evidence: Evidence = Evidence()
     intake: str = "auto"  # auto | review
+    similar: Similar | None = None  # overrides the rulebook's top-level ``similar``
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +202,7 @@ class Rulebook:
     urgency: dict[str, UrgencyRule] = field(default_factory=dict)
     coverage: Coverage = field(default_factory=lambda: Coverage())
     fallback: str = DEFAULT_FALLBACK
+    similar: Similar = Similar()
     source: str = field(default="", compare=False, repr=False)
     """The file (or ``source``) it was parsed from, for messages."""
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -216,6 +234,10 @@ class Rulebook:
         except KeyError:
             raise KeyError(f"unknown category {category_id!r}") from None
 
+    def similar_for(self, category_id: str) -> Similar:
+        """The category's ``similar`` (合并办理), else the rulebook's (default 200 m within 3 days)."""
+        return self.category(category_id).similar or self.similar
+
     def sla_for(self, category_id: str, urgency: str = "normal") -> Sla:
         """The category's SLA scaled by the urgency's ``sla_factor`` when the rulebook sets one."""
         sla = self.category(category_id).sla
@@ -231,7 +253,7 @@ def load_rulebook(path: str | Path) -> Rulebook:
 
 
 _TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version",
-             "coverage", "fallback", *DISPATCH_KEYS)
+             "coverage", "fallback", "similar", *DISPATCH_KEYS)
 
 
 def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None = None) -> Rulebook:
@@ -288,7 +310,8 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
                     working_hours=hours, warn_at=warn_at, risk=risk, escalate_on=escalate_on, urgency=urgency,
                     coverage=_coverage(doc, top["coverage"]) if top.get("coverage") is not None else Coverage(),
                     fallback=fallback, source=source, lines=dict(doc.lines),
-                    dispatch=dispatch, dispatch_by_category=dispatch_by_category)
+                    dispatch=dispatch, dispatch_by_category=dispatch_by_category,
+                    similar=_similar(doc, top["similar"], "similar") if top.get("similar") is not None else Similar())
 
 
 def _positive(doc: Document, value: Any, path: str) -> timedelta:
@@ -332,6 +355,17 @@ def _dispatch_rules(doc: Document, m: dict[str, Any], prefix: str, base: Dispatc
             doc.fail(f"{prefix}info_request.pauses", f"expected true or false, got {pauses!r}")
         out = replace(out, info_request_pauses=pauses)
     return out
+
+
+def _similar(doc: Document, raw: Any, p: str) -> Similar:
+    m = doc.mapping(raw, p, optional=("radius_m", "within"))
+    radius = doc.number(m.get("radius_m", 200), f"{p}.radius_m")
+    if not 0.0 < radius <= 100_000:
+        doc.fail(f"{p}.radius_m", f"must be in (0, 100000] metres, got {radius:g}")
+    within = doc.duration(m["within"], f"{p}.within") if m.get("within") is not None else timedelta(days=3)
+    if within <= timedelta(0):
+        doc.fail(f"{p}.within", "the duration must be longer than zero")
+    return Similar(float(radius), within)
 
 
 def _coverage(doc: Document, raw: Any) -> Coverage:
@@ -382,18 +416,21 @@ def _working_hours(doc: Document, value: Any) -> tuple[tuple[time, time], ...]:
 def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
     doc.ident(cid, p, "category id")
     m = doc.mapping(raw, p, required=("name", "start", "sla"),
-                    optional=("group", "description", "handlers", "evidence", "intake", *DISPATCH_KEYS))
-    sla_raw = doc.mapping(m["sla"], f"{p}.sla", required=("acknowledge", "resolve"), optional=("clock",))
+                    optional=("group", "description", "handlers", "evidence", "intake", "similar", *DISPATCH_KEYS))
+    sla_raw = doc.mapping(m["sla"], f"{p}.sla", required=("acknowledge", "resolve"), optional=("clock", "review"))
     sla = Sla(
         doc.duration(sla_raw["acknowledge"], f"{p}.sla.acknowledge"),
         doc.duration(sla_raw["resolve"], f"{p}.sla.resolve"),
         doc.choice(sla_raw.get("clock", "natural"), f"{p}.sla.clock", CLOCKS, "clock"),  # type: ignore[arg-type]
+        doc.duration(sla_raw["review"], f"{p}.sla.review") if sla_raw.get("review") is not None else None,
     )
     for part in ("acknowledge", "resolve"):
         if getattr(sla, part) <= timedelta(0):
             doc.fail(f"{p}.sla.{part}", "the duration must be longer than zero")
     if sla.acknowledge > sla.resolve:
         doc.fail(f"{p}.sla.acknowledge", "the acknowledge clock is longer than the resolve clock")
+    if sla.review is not None and sla.review <= timedelta(0):
+        doc.fail(f"{p}.sla.review", "the duration must be longer than zero")
     handlers: dict[Level, Handler] = {}
     for lv, hraw in doc.mapping(m.get("handlers") or {}, f"{p}.handlers").items():
         hp = f"{p}.handlers.{lv}"
@@ -418,4 +455,5 @@ def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
                                for stage, kind in em.items() if kind is not None})
     intake = doc.choice(m.get("intake", "auto"), f"{p}.intake", INTAKE_MODES, "intake mode")
     return Category(cid, doc.string(m["name"], f"{p}.name"), doc.level(m["start"], f"{p}.start", "start level"),
-                    sla, handlers, group, description, evidence, intake)
+                    sla, handlers, group, description, evidence, intake,
+                    _similar(doc, m["similar"], f"{p}.similar") if m.get("similar") is not None else None)

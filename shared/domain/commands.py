@@ -25,6 +25,8 @@ class ReportIssue:
     media: tuple[MediaRef, ...] = ()
     media_url: str | None = None
     review: bool = False  # 受理: the category's intake is review (wait in pending_review)
+    review_within: timedelta | None = None  # the review clock (rulebook sla.review), if any
+    warn_at: float = 0.8  # the fraction of the review clock elapsed when it warns
     resolved_on_site: bool = False  # 即报即处: handled on the spot by the reporter; nothing is dispatched
     note: str | None = None  # what was done on the spot
     report_rule: str | None = None  # the evidence rule a report must meet (a photo, phase before), if any
@@ -63,6 +65,15 @@ class RecategoriseIssue:
     reason: str
     category: str
     grid: str
+
+
+@dataclass(frozen=True, slots=True)
+class MergeIssue:
+    """合并办理: handle this issue with ``into`` (an open issue, checked by the caller)."""
+
+    by: str
+    into: str
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +250,7 @@ class UrgeIssue:
 
 
 Command = (
-    ReportIssue | ResolveOnSite | AcceptIssue | RejectIssue | VoidIssue | RecategoriseIssue
+    ReportIssue | ResolveOnSite | AcceptIssue | RejectIssue | VoidIssue | RecategoriseIssue | MergeIssue
     | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
     | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
     | RequestReturn | RejectReturn | ApproveReturn | ReassignTask | RejectExtension

@@ -18,7 +18,7 @@ from .evidence import require_photo
 URGENCY_RANK: dict[str, int] = {"normal": 0, "urgent": 1, "emergency": 2}
 TASK_OPEN = frozenset({"dispatched", "acknowledged"})
 ISSUE_OPEN = frozenset({"pending_review", "reported", "dispatched", "in_progress", "resolved", "reopened"})
-ISSUE_ENDED = frozenset({"closed", "rejected", "voided"})  # nothing more is done for these
+ISSUE_ENDED = frozenset({"closed", "rejected", "voided", "merged"})  # nothing more is done for these
 _D = TypeVar("_D")
 
 
@@ -123,6 +123,12 @@ class IssueState:
     triage: str | None = None  # the last triage decision: accepted | rejected | voided | recategorised
     triage_reason: str | None = None
     triaged_by: str | None = None
+    merged_into: str | None = None  # 合并办理: the issue this one is handled with
+    duplicates: tuple[str, ...] = ()  # the issues merged into this one (attached by the router)
+    review_due: datetime | None = None  # the review clock of a report held for 受理 (rulebook sla.review)
+    review_warn: datetime | None = None
+    review_warned: bool = False
+    review_breached: bool = False
     handled: frozenset[int] = field(default_factory=frozenset)  # causing seqs the router already reacted to
     comments: int = 0  # comments, progress reports and information requests/replies (issue 19)
     last_progress_at: datetime | None = None  # the lead's latest progress report (阶段性答复)
@@ -133,6 +139,19 @@ class IssueState:
     @property
     def exists(self) -> bool:
         return self.version > 0
+
+    @property
+    def review_edges(self) -> tuple[tuple[datetime, str], ...]:
+        """The review clock's edges still to fire, earliest first (``warn`` | ``due``): only while the report
+        is held in pending_review."""
+        if self.status != "pending_review" or self.review_due is None:
+            return ()
+        out: list[tuple[datetime, str]] = []
+        if not self.review_warned and self.review_warn is not None:
+            out.append((self.review_warn, "warn"))
+        if not self.review_breached:
+            out.append((self.review_due, "due"))
+        return tuple(out)
 
     @property
     def open_tasks(self) -> tuple[TaskState, ...]:
@@ -205,6 +224,7 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 resident=event.resident, visit=event.visit, households_target=event.households_target,
                 media=_media(event.media, "report", event.reporter),
                 media_url=event.media_url, status="pending_review" if event.review else "reported",
+                review_due=event.review_due, review_warn=event.review_warn,
             )
         case ev.IssueAccepted():
             changes.update(status="reported", triage="accepted", triage_reason=event.reason, triaged_by=event.by)
@@ -218,6 +238,15 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
             changes.update(category=event.to_category, grid=event.to_grid, status="reported", level=None,
                            owner_area=None, rule=None, tasks=_superseded(state.tasks), triage="recategorised",
                            triage_reason=event.reason, triaged_by=event.by)
+        case ev.IssueMerged():
+            changes.update(status="merged", merged_into=event.into, triage="merged", triage_reason=event.reason,
+                           triaged_by=event.by, tasks=_superseded(state.tasks))
+        case ev.IssueDuplicateAttached():
+            if event.duplicate not in state.duplicates:
+                changes["duplicates"] = (*state.duplicates, event.duplicate)
+        case ev.IssueClosedWithTarget():
+            changes.update(status="closed", closed_at=event.closed_at, closed_on_time=event.on_time,
+                           tasks=_superseded(state.tasks))
         case ev.IssueResolvedOnSite():
             if event.media:
                 changes["media"] = state.media + _media(event.media, "on_site", event.by)
@@ -253,6 +282,10 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 changes["status"] = "resolved"
         case ev.TaskSuperseded():
             changes["tasks"] = _set_task(state, event.task_id, status="superseded")
+        case ev.ReviewWarned():
+            changes["review_warned"] = True
+        case ev.ReviewBreached():
+            changes.update(review_warned=True, review_breached=True)
         case ev.SlaWarned():
             warned = state.task(event.task_id).warned | {event.clock}
             changes["tasks"] = _set_task(state, event.task_id, warned=warned)
@@ -368,13 +401,19 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             if state.exists:
                 raise Conflict(f"issue {state.id} already exists", current_status=state.status)
             require_photo(command.report_rule, command.media, "before")
+            review = command.review and not command.resolved_on_site
+            review_due = review_warn = None
+            if review and command.review_within is not None:  # natural clock: now + review, warned at warn_at
+                review_due = now + command.review_within
+                review_warn = now + timedelta(seconds=round(command.review_within.total_seconds() * command.warn_at))
             reported = ev.IssueReported(
                 grid=command.grid, category=command.category, title=command.title, description=command.description,
                 urgency=command.urgency, risk=command.risk, location=command.location, reporter=command.reporter,
                 reported_at=now, request_hash=command.request_hash, campaign=command.campaign,
                 resident=command.resident, visit=command.visit, households_target=command.households_target,
                 media=command.media, media_url=command.media_url,
-                resolved_on_site=command.resolved_on_site, review=command.review and not command.resolved_on_site,
+                resolved_on_site=command.resolved_on_site, review=review, review_due=review_due,
+                review_warn=review_warn,
             )
             if not command.resolved_on_site:
                 return [reported]
@@ -402,6 +441,13 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 return []
             return [ev.IssueRecategorised(by=command.by, reason=command.reason, from_category=state.category,
                                           to_category=command.category, from_grid=state.grid, to_grid=command.grid)]
+        case cmd.MergeIssue():
+            if command.into == state.id:
+                raise Invalid("an issue cannot be merged into itself", field="into")
+            if state.status == "merged" and state.merged_into == command.into:
+                return []  # a retry
+            _require_untouched(state)
+            return [ev.IssueMerged(by=command.by, into=command.into, reason=command.reason)]
         case cmd.ResolveOnSite():
             _require_open(state)
             if state.tasks:

@@ -87,6 +87,9 @@ class IssueReported(Event):
     review: bool = Field(default=False, description="受理: the category's intake is review; the issue waits in "
                                                     "pending_review until accepted, rejected, voided or "
                                                     "recategorised, and nothing is dispatched before")
+    review_due: datetime | None = Field(default=None, description="the review clock (rulebook sla.review): when a "
+                                                                  "report still pending_review is breached")
+    review_warn: datetime | None = Field(default=None, description="when a report still pending_review is warned")
     resolved_on_site: bool = Field(default=False, description="即报即处: handled on the spot by the reporter; "
                                                               "resolved_on_site and closed follow in the same "
                                                               "append, and nothing is ever dispatched")
@@ -161,6 +164,37 @@ class IssueRecategorised(Event):
     to_category: str
     from_grid: str
     to_grid: str
+
+
+class IssueMerged(Event):
+    """合并办理: a duplicate is merged into another open issue (``into``); its open tasks end and it is handled
+    with the target: closing the target closes it (``issue_closed_with_target``)."""
+
+    name = "issue_merged"
+    ce_type = "needle.issue.merged.v1"
+    by: str
+    into: str
+    reason: str | None = None
+
+
+class IssueDuplicateAttached(Event):
+    """The router's record, on the target, of a duplicate merged into it (so that closing it closes them)."""
+
+    name = "issue_duplicate_attached"
+    ce_type = "needle.issue.duplicate_attached.v1"
+    duplicate: str
+    caused_by: int = 0
+
+
+class IssueClosedWithTarget(Event):
+    """A merged issue closed because the issue it was merged into closed (the router's reaction)."""
+
+    name = "issue_closed_with_target"
+    ce_type = "needle.issue.closed_with_target.v1"
+    into: str
+    on_time: bool
+    closed_at: datetime
+    caused_by: int = 0
 
 
 class UnservedKind(BaseModel):
@@ -250,6 +284,24 @@ class SlaWarned(Event):
     ce_type = "needle.sla.warned.v1"
     task_id: str
     clock: Clock
+    due: datetime
+    caused_by: int = 0
+
+
+class ReviewWarned(Event):
+    """The review clock (受理, rulebook ``sla.review``) of a report still pending_review reached its warning."""
+
+    name = "review_warned"
+    ce_type = "needle.review.warned.v1"
+    due: datetime
+    caused_by: int = 0
+
+
+class ReviewBreached(Event):
+    """The review clock of a report still pending_review ran out (it stays held for the command centre)."""
+
+    name = "review_breached"
+    ce_type = "needle.review.breached.v1"
     due: datetime
     caused_by: int = 0
 
@@ -540,6 +592,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     IssueRejected,
     IssueVoided,
     IssueRecategorised,
+    IssueMerged,
+    IssueDuplicateAttached,
+    IssueClosedWithTarget,
     IssueRouted,
     TaskDispatched,
     TaskAcknowledged,
@@ -548,6 +603,8 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     TaskSuperseded,
     SlaWarned,
     SlaBreached,
+    ReviewWarned,
+    ReviewBreached,
     IssueEscalated,
     ExtensionRequested,
     ExtensionApproved,

@@ -211,6 +211,11 @@ def test_every_write_endpoint_answers_its_documented_success_under_needle_up(nee
         r = n.call("POST", f"/v1/issues/{{issue_id}}/{action}", f"/v1/issues/{issue_id}/{action}", headers=center,
                    json=body)
         assert r.status_code == 200, (action, r.text)
+    target, duplicate = n.report(gw), n.report(gw)  # 合并办理: a duplicate merged into an open issue
+    n.issue(duplicate)
+    r = n.call("POST", "/v1/issues/{issue_id}/merge", f"/v1/issues/{duplicate}/merge", headers=center,
+               json={"into": target, "reason": "同一处"})
+    assert r.status_code == 200, r.text
 
     # a household visit (走访) by the grid's worker, and the report raised on it
     r = n.call("POST", "/v1/visits", headers=gw | {"Idempotency-Key": str(uuid.uuid4())},

@@ -186,6 +186,10 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("POST", "/v1/issues/{issue_id}/void"): Case(only(*TRIAGERS), json={"reason": "m"}, setup="fresh", succeeds=True),
     ("POST", "/v1/issues/{issue_id}/recategorise"): Case(only(*TRIAGERS), setup="fresh", succeeds=True,
                                                          json={"category": "neighbour_dispute", "reason": "m"}),
+    # 合并办理: a fresh report merged into the matrix issue (``{issue_id}``: filled in by ``call``)
+    ("POST", "/v1/issues/{issue_id}/merge"): Case(only("sup_street", "admin"), setup="fresh", succeeds=True,
+                                                  json={"into": "{issue_id}", "reason": "m"}),
+    ("GET", "/v1/issues/{issue_id}/similar"): Case(only(*ISSUE_READERS)),
     ("POST", "/v1/webhooks"): Case(only("integrator", "admin"), json=HOOK, succeeds=True),
     ("GET", "/v1/webhooks"): Case(only("integrator", "admin")),
     ("GET", "/v1/webhooks/{hook_id}"): Case(only("integrator", "admin")),
@@ -360,6 +364,8 @@ async def call(h: NeedleHandle, w: World, method: str, path: str, case: Case, wh
     kwargs: dict[str, Any] = {"headers": headers, "params": params}
     if case.json is not None:
         kwargs["json"] = case.json
+        if isinstance(case.json, dict) and case.json.get("into") == "{issue_id}":
+            kwargs["json"] = case.json | {"into": w.issue}  # merge: into the matrix issue
     if case.data is not None:
         kwargs["data"] = case.data
     if case.content is not None:

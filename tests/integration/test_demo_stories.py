@@ -58,7 +58,7 @@ async def test_four_stories(needle_factory: Callable[..., Any]) -> None:
 
     # ① slope works: the collective-petition risk lifts it to the street at once; the street command centre
     # leads with urban management, ecology and housing as co-handlers
-    (slope,), _ = _story(result, "slope")
+    (slope, dup), _ = _story(result, "slope")
     issue = result.issues[slope]
     assert (issue["status"], issue["level"], issue["owner_area"], issue["satisfaction"]) == \
         ("closed", "street", "zhanmao", "satisfied")
@@ -70,7 +70,13 @@ async def test_four_stories(needle_factory: Callable[..., Any]) -> None:
     # photo evidence: the grid worker's before-photo with the report, the lead's after-photo with its resolve
     assert [(m["phase"], m["stage"]) for m in issue["media"]] == [("before", "report"), ("after", "resolve")]
     assert issue["media"][1]["task_id"] == lead["id"] and "POST /v1/media → 201" in text
+    # 合并办理: a neighbour's report of the same slope, found similar, merged, closed with it; its feedback counts
+    assert (result.issues[dup]["status"], result.issues[dup]["merged_into"]) == ("closed", slope)
+    assert issue["duplicates"] == [dup] and "合并办理" in text and "similar:" in text
+    assert _types(await _events(h, dup))[-3:] == ["issue.merged", "issue.closed_with_target", "issue.feedback_recorded"]
     ev = await _events(h, slope)
+    assert _types(ev).count("issue.duplicate_attached") == 1
+    ev = [e for e in ev if not e["type"].endswith(".duplicate_attached.v1")]  # the rest is the story as before
     assert _types(ev) == ["issue.reported", "issue.routed", *["task.dispatched"] * 4,
                           *["task.acknowledged"] * 4, *["task.resolved"] * 4, *CLOSE]
     assert ev[0]["data"]["risk"] == ["collective_petition"]

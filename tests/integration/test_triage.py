@@ -124,8 +124,9 @@ async def test_every_decision_is_409_once_a_task_is_acknowledged(h: NeedleHandle
     body = await dispatched(h)
     lead = next(t for t in body["tasks"] if t["role"] == "lead")
     assert (await h.client.post(f"/v1/tasks/{lead['id']}/acknowledge", headers=h.auth(*ROADS))).status_code == 200
+    other = await report(h, "road_damage")
     for verb, payload in (("reject", {"reason": "x"}), ("void", {"reason": "x"}), ("accept", None),
-                          ("recategorise", {"category": "litter", "reason": "x"})):
+                          ("recategorise", {"category": "litter", "reason": "x"}), ("merge", {"into": other})):
         r = await act(h, body["id"], verb, SUP, payload)
         assert r.status_code == 409, (verb, r.text)
 
@@ -144,4 +145,196 @@ async def test_an_accepted_report_is_dispatched_once_across_a_router_restart(nee
     await h.wait_for(f"/v1/issues/{other}", h.auth("admin"), lambda b: len(b["tasks"]) >= 1)
     await asyncio.sleep(0.5)
     assert types(await events(h, iid)).count("task.dispatched") == 1
+    assert second
+
+
+WARNED, BREACHED = "needle.review.warned.v1", "needle.review.breached.v1"
+
+
+async def test_the_review_clock_warns_then_breaches_a_held_report_and_the_overdue_list_shows_it(
+        h: NeedleHandle) -> None:
+    iid = await report(h, "petition", "信访件")  # sla.review PT3S: warned at 2.4 s, breached at 3 s
+    held = await issue(h, iid)
+    assert held["status"] == "pending_review" and held["review"]["breached"] is False
+    body = await h.wait_for(f"/v1/issues/{iid}", h.auth("admin"), lambda b: b["review"]["breached"], timeout=15)
+    assert body["status"] == "pending_review" and body["tasks"] == []  # still held for the command centre
+    evs = await events(h, iid)
+    assert [e["type"] for e in evs if e["type"] in (WARNED, BREACHED)] == [WARNED, BREACHED]
+    assert all(e["data"]["due"] == evs[0]["data"]["review_due"] for e in evs if e["type"] in (WARNED, BREACHED))
+
+    async def overdue() -> list[dict[str, Any]]:
+        r = await h.client.get("/v1/overdue", headers=h.auth(*SUP))
+        assert r.status_code == 200, r.text
+        return [row for row in r.json()["items"] if row["id"] == iid]
+
+    for _ in range(100):
+        if rows := await overdue():
+            break
+        await asyncio.sleep(0.1)
+    assert rows and rows[0]["clock"] == "review", rows
+    assert (await act(h, iid, "accept", CENTRE)).status_code == 200  # accepting stops the clock
+    await h.wait_for(f"/v1/issues/{iid}", h.auth("admin"), lambda b: len(b["tasks"]) == 1)
+    for _ in range(100):
+        if not await overdue():
+            break
+        await asyncio.sleep(0.1)
+    assert not await overdue()
+    evs = types(await events(h, iid))
+    assert evs.count("review.warned") == 1 and evs.count("review.breached") == 1
+
+
+async def test_a_report_accepted_in_time_is_never_warned(h: NeedleHandle) -> None:
+    iid = await report(h, "petition")
+    assert (await act(h, iid, "accept", CENTRE)).status_code == 200
+    await h.wait_for(f"/v1/issues/{iid}", h.auth("admin"), lambda b: len(b["tasks"]) == 1)
+    await asyncio.sleep(4)  # past the review clock's due time
+    evs = types(await events(h, iid))
+    assert "review.warned" not in evs and "review.breached" not in evs
+
+
+async def test_the_review_clock_fires_exactly_once_across_a_router_restart(needle_factory: Callable[..., Any]
+                                                                             ) -> None:
+    h: NeedleHandle = await needle_factory(ORG, RULES, services=("intake",))
+    url = h.stack.urls.nats
+    first: NeedleHandle = await needle_factory(ORG, RULES, nats_url=url, services=("router",))
+    iid = await report(h, "petition")  # the first router sets its review timer, then stops before it fires
+    other = await report(h, "road_damage")  # the router has handled the report's cue once this one is dispatched
+    await h.wait_for(f"/v1/issues/{other}", h.auth("admin"), lambda b: len(b["tasks"]) >= 1)
+    await first.close()
+    await asyncio.sleep(3.5)  # both edges pass with no router running
+    assert not any(t.startswith("review.") for t in types(await events(h, iid)))
+    second: NeedleHandle = await needle_factory(ORG, RULES, nats_url=url, services=("router",))
+    await h.wait_for(f"/v1/issues/{iid}", h.auth("admin"), lambda b: b["review"]["breached"], timeout=15)
+    await asyncio.sleep(1.5)
+    evs = types(await events(h, iid))
+    assert evs.count("review.warned") == 1 and evs.count("review.breached") == 1
+    assert second
+
+
+
+# -- 合并办理 ------------------------------------------------------------------------------------------------
+A, B, FAR = (30.0005, 122.1015), (30.0010, 122.1016), (30.0035, 122.1016)  # A-B ~57 m, B-FAR ~278 m
+
+
+async def report_at(h: NeedleHandle, category: str, at: tuple[float, float], title: str = "路面塌陷") -> str:
+    r = await h.client.post("/v1/issues", headers=h.auth(*G1),
+                            json={"grid": "wuxing-g1", "category": category, "title": title,
+                                  "location": {"lat": at[0], "lon": at[1]}})
+    assert r.status_code == 201, r.text
+    return str(r.json()["id"])
+
+
+async def similar_ids(h: NeedleHandle, iid: str, who: tuple[str, str] = SUP) -> list[str]:
+    r = await h.client.get(f"/v1/issues/{iid}/similar", headers=h.auth(*who))
+    assert r.status_code == 200, r.text
+    return [row["id"] for row in r.json()["items"]]
+
+
+async def test_similar_issues_are_found_and_a_merged_duplicate_closes_with_its_target(h: NeedleHandle) -> None:
+    target = await report_at(h, "road_damage", A)
+    far = await report_at(h, "road_damage", FAR)
+    other_kind = await report_at(h, "complaint", B, "投诉")
+    dup = await report_at(h, "road_damage", B, "同一处塌陷")
+    for _ in range(100):  # the read models catch up
+        if target in await similar_ids(h, dup):
+            break
+        await asyncio.sleep(0.1)
+    found = await similar_ids(h, dup)
+    assert target in found and far not in found and other_kind not in found and dup not in found
+    assert (await issue(h, dup))["similar"] >= 1
+    g2 = h.auth("grid_worker", "area:wuxing-g2")  # who may not read the issue may not see its duplicates
+    assert (await h.client.get(f"/v1/issues/{dup}/similar", headers=g2)).status_code == 403
+
+    assert (await act(h, dup, "merge", G1, {"into": target})).status_code == 403  # not the grid worker's call
+    assert (await act(h, dup, "merge", SUP, {"into": dup})).status_code == 422
+    for into in ("01m97e6a7bapp6xvpvnsfmv000", "01NOSUCHISSUE"):  # well formed but unknown; malformed
+        missing = await act(h, dup, "merge", SUP, {"into": into})
+        assert missing.status_code == 422 and missing.json()["field"] == "into", missing.text
+    for attempt in range(2):  # the retry records nothing
+        r = await act(h, dup, "merge", SUP, {"into": target, "reason": "同一处"})
+        assert r.status_code == 200, r.text
+        assert (r.headers.get("Idempotent-Replayed") == "true") == (attempt == 1)
+    merged = await issue(h, dup)
+    assert merged["status"] == "merged" and merged["merged_into"] == target
+    assert {t["status"] for t in merged["tasks"]} <= {"superseded"}
+    assert types(await events(h, dup)).count("issue.merged") == 1
+    assert (await act(h, far, "merge", SUP, {"into": dup})).status_code == 409  # a merged issue is no target
+    assert (await act(h, dup, "merge", SUP, {"into": far})).status_code == 409  # merged already, elsewhere
+    await h.wait_for(f"/v1/issues/{target}", h.auth("admin"), lambda b: b["duplicates"] == [dup])
+    for _ in range(100):
+        if target not in await similar_ids(h, far) and dup not in await similar_ids(h, target):
+            break
+        await asyncio.sleep(0.1)
+    assert dup not in await similar_ids(h, target)  # merged: no longer an open candidate
+
+    # the target is handled and verified: the duplicate closes with it, once, and its reporter's feedback counts
+    body = await h.wait_for(f"/v1/issues/{target}", h.auth("admin"), lambda b: len(b["tasks"]) >= 1)
+    lead = next(t for t in body["tasks"] if t["role"] == "lead")
+    assert (await h.client.post(f"/v1/tasks/{lead['id']}/acknowledge", headers=h.auth(*ROADS))).status_code == 200
+    r = await h.client.post(f"/v1/tasks/{lead['id']}/resolve", headers=h.auth(*ROADS), json={"note": "补好了"})
+    assert r.status_code == 200, r.text
+    r = await h.client.post(f"/v1/issues/{target}/verify", headers=h.auth(*G1), json={"passed": True})
+    assert r.status_code == 200, r.text
+    closed = await h.wait_for(f"/v1/issues/{dup}", h.auth("admin"), lambda b: b["status"] == "closed")
+    assert closed["closed_at"] is not None
+    r = await h.client.post(f"/v1/issues/{dup}/feedback", headers=h.auth(*G1), json={"satisfaction": "satisfied"})
+    assert r.status_code == 200, r.text
+    await asyncio.sleep(0.5)
+    assert types(await events(h, dup)).count("issue.closed_with_target") == 1
+    assert types(await events(h, target)).count("issue.duplicate_attached") == 1
+
+
+async def test_a_duplicate_merged_into_an_issue_that_closed_meanwhile_closes_at_once(h: NeedleHandle) -> None:
+    target = await report_at(h, "road_damage", A)
+    dup = await report_at(h, "road_damage", B)
+    r = await act(h, dup, "merge", SUP, {"into": target})
+    assert r.status_code == 200, r.text
+    await h.wait_for(f"/v1/issues/{target}", h.auth("admin"), lambda b: b["duplicates"] == [dup])
+    assert (await act(h, target, "void", SUP, {"reason": "测试"})).status_code == 200
+    await asyncio.sleep(1)  # a voided target closes nothing: the duplicate stays merged
+    assert (await issue(h, dup))["status"] == "merged"
+
+
+async def test_the_rates_leave_rejected_voided_and_merged_issues_out_and_stats_know_the_statuses(
+        h: NeedleHandle) -> None:
+    kept = [(await dispatched(h))["id"] for _ in range(2)]
+    voided, rejected, merged = [(await dispatched(h))["id"] for _ in range(3)]
+    held = await report(h, "complaint")
+    assert (await act(h, voided, "void", SUP, {"reason": "测试"})).status_code == 200
+    assert (await act(h, rejected, "reject", SUP, {"reason": "不属于政府职责"})).status_code == 200
+    assert (await act(h, merged, "merge", SUP, {"into": kept[0]})).status_code == 200
+    want_statuses = {"dispatched": 2, "voided": 1, "rejected": 1, "merged": 1, "pending_review": 1}
+    body: dict[str, Any] = {}
+    for _ in range(100):
+        r = await h.client.get("/v1/stats", headers=h.auth(*SUP))
+        assert r.status_code == 200, r.text
+        body = r.json()
+        if body["statuses"] == want_statuses and body["overall"]["counts"].get("merged"):
+            break
+        await asyncio.sleep(0.1)
+    assert body["statuses"] == want_statuses, body["statuses"]
+    counts = body["overall"]["counts"]
+    assert counts["reported"] == 6 and counts["issues_dispatched"] == 2, body  # five were dispatched, two count
+    assert (counts["voided"], counts["rejected"], counts["merged"]) == (1, 1, 1)
+    assert body["overall"]["rates"]["resolution_rate"]["denominator"] == 2
+    assert held
+
+
+async def test_a_merge_closes_its_duplicate_exactly_once_across_a_router_restart(needle_factory: Callable[..., Any]
+                                                                                   ) -> None:
+    h: NeedleHandle = await needle_factory(ORG, RULES, services=("intake",))
+    target, dup = await report_at(h, "road_damage", A), await report_at(h, "road_damage", B)
+    assert (await act(h, dup, "merge", SUP, {"into": target})).status_code == 200
+    r = await h.client.post(f"/v1/issues/{target}/resolve-on-site", headers=h.auth(*G1), json={"note": "当场处理"})
+    assert r.status_code == 200, r.text  # the target closes before any router has seen the merge
+    url = h.stack.urls.nats
+    first: NeedleHandle = await needle_factory(ORG, RULES, nats_url=url, services=("router",))
+    await h.wait_for(f"/v1/issues/{dup}", h.auth("admin"), lambda b: b["status"] == "closed")
+    await first.close()
+    second: NeedleHandle = await needle_factory(ORG, RULES, nats_url=url, services=("router",))
+    other = await report(h, "road_damage")  # the second router has caught up once this one is dispatched
+    await h.wait_for(f"/v1/issues/{other}", h.auth("admin"), lambda b: len(b["tasks"]) >= 1)
+    await asyncio.sleep(0.5)
+    assert types(await events(h, dup)).count("issue.closed_with_target") == 1
+    assert "task.dispatched" not in types(await events(h, dup)) + types(await events(h, target))
     assert second

@@ -2,8 +2,13 @@
 rejects, voids or recategorises it, then one event, nothing on a retry, and 409 once a task is acknowledged."""
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
+from services.router.reactions import on_review_clock, review_key, review_timer
+from shared.config.loader import ConfigError
+from shared.config.rulebook import parse_rulebook
 from shared.domain import commands as cmd
 from shared.domain.errors import Conflict
 from shared.domain.issue import IssueState, decide, initial_state
@@ -52,3 +57,51 @@ def test_no_triage_once_a_task_was_acknowledged(command: cmd.Command) -> None:
     state = when(dispatched_issue(), cmd.AcknowledgeTask(LEAD, by="roads"))
     with pytest.raises(Conflict):
         decide(state, command, T0)
+
+
+def test_the_review_clock_warns_then_breaches_once_and_stops_when_the_report_is_decided() -> None:
+    report = cmd.ReportIssue(grid="wuxing-g1", category="complaint", title="t", reporter="gw", review=True,
+                             review_within=timedelta(minutes=30), warn_at=0.8)
+    state = apply(initial_state(ISSUE), decide(initial_state(ISSUE), report, T0))
+    assert (state.review_warn, state.review_due) == (T0 + timedelta(minutes=24), T0 + timedelta(minutes=30))
+    assert review_timer(state) == (review_key(ISSUE), T0 + timedelta(minutes=24))
+    assert on_review_clock(state, T0 + timedelta(minutes=23)) == []
+    [warned] = on_review_clock(state, T0 + timedelta(minutes=25))
+    assert isinstance(warned, ev.ReviewWarned)
+    state = apply(state, [warned])
+    assert review_timer(state) == (review_key(ISSUE), T0 + timedelta(minutes=30))
+    assert on_review_clock(state, T0 + timedelta(minutes=25)) == []  # a timer handled twice: nothing more
+    late = on_review_clock(apply(initial_state(ISSUE), decide(initial_state(ISSUE), report, T0)),
+                           T0 + timedelta(hours=1))
+    assert [type(e) for e in late] == [ev.ReviewWarned, ev.ReviewBreached]  # both edges past: in order
+    state = apply(state, [ev.ReviewBreached(due=T0 + timedelta(minutes=30))])
+    assert state.review_breached and state.status == "pending_review" and review_timer(state) is None
+    accepted = when(held_with(report), cmd.AcceptIssue(by="centre"))
+    assert review_timer(accepted) is None and on_review_clock(accepted, T0 + timedelta(hours=1)) == []
+
+
+def held_with(report: cmd.ReportIssue) -> IssueState:
+    return apply(initial_state(ISSUE), decide(initial_state(ISSUE), report, T0))
+
+
+def test_an_automatic_intake_has_no_review_clock() -> None:
+    report = cmd.ReportIssue(grid="wuxing-g1", category="complaint", title="t", reporter="gw", review=False,
+                             review_within=timedelta(minutes=30))
+    [reported] = decide(initial_state(ISSUE), report, T0)
+    assert isinstance(reported, ev.IssueReported) and reported.review_due is None and reported.review_warn is None
+
+
+def test_the_rulebook_reads_the_review_clock_per_category() -> None:
+    text = """categories:
+  complaint:
+    name: 投诉
+    start: community
+    intake: review
+    sla: {acknowledge: PT1H, resolve: P1D, review: PT30M}
+"""
+    assert parse_rulebook(text).categories["complaint"].sla.review == timedelta(minutes=30)
+    assert parse_rulebook(text.replace(", review: PT30M", "")).categories["complaint"].sla.review is None
+    with pytest.raises(ConfigError, match=r"sla\.review"):
+        parse_rulebook(text.replace("PT30M", "PT0S"))
+    with pytest.raises(ConfigError, match=r"sla\.review"):
+        parse_rulebook(text.replace("PT30M", "soon"))

@@ -36,6 +36,10 @@
     tasks_returned: ["退单", "returned"],
     tasks_extended: ["延期", "extended"],
     sla_breached: ["超时", "SLA breaches"],
+    rejected: ["不予受理", "rejected"],
+    voided: ["作废", "voided"],
+    merged: ["合并办理", "merged"],
+    pending_review: ["待受理", "pending review"],
     overdue: ["超期", "overdue"],
     // household visits (组团式服务)
     households: ["户数", "households"], visited: ["已走访户", "households visited"], visits: ["走访", "visits"],

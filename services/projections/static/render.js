@@ -7,7 +7,8 @@
     "rework_rate", "return_rate", "extension_rate"];
   const DEPT_RATE_KEYS = ["response_rate", "resolution_rate", "on_time_resolve_rate", "return_rate", "extension_rate",
     "supervision_on_time_rate"];
-  const COUNT_KEYS = ["reported", "issues_dispatched", "issues_resolved", "closed", "escalated", "sla_breached"];
+  const COUNT_KEYS = ["reported", "issues_dispatched", "issues_resolved", "closed", "escalated", "sla_breached",
+    "rejected", "voided", "merged"];
   const previous = new Map();  // element id -> last text, to flash what changed
 
   function el(tag, attrs, ...kids) {
@@ -95,6 +96,9 @@
     const o = stats.overall;
     const counts = COUNT_KEYS.map((k) => el("div", { class: "count", id: "count-" + k },
       tracked("count-" + k, "div", "count-value", String((o.counts || {})[k] || 0)), el("div", { class: "count-label" }, I.bi(k))));
+    const held = (stats.statuses || {}).pending_review || 0;  // 待受理: reports waiting for the command centre now
+    counts.push(el("div", { class: "count", id: "count-pending_review" },
+      tracked("count-pending_review", "div", "count-value", String(held)), el("div", { class: "count-label" }, I.bi("pending_review"))));
     counts.push(el("div", { class: "count " + (overdueCount ? "bad" : ""), id: "count-overdue" },
       tracked("count-overdue", "div", "count-value", String(overdueCount)), el("div", { class: "count-label" }, I.bi("overdue"))));
     if (coverage) {
