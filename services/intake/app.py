@@ -6,7 +6,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from services.open311.api import router as open311_router
 
-from . import campaigns_api, events_api, issues_api, problems, residents_api, tasks_api, visits_api
+from . import campaigns_api, events_api, issues_api, problems, residents_api, surfaces, tasks_api, visits_api
 from .context import AppContext
 from .fastpath import NeedleAPI
 from .issues_api import json_response
@@ -23,7 +23,8 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
         title="needle",
         version="0.1.0",
         description="千条线穿进一根针 — event-sourced issue escalation for grid-based community governance.",
-        docs_url="/docs",
+        docs_url=None,  # /docs and /redoc come from surfaces.py, with their assets from the package (offline)
+        redoc_url=None,
         openapi_url="/openapi.json",
     )
     app.state.ctx = ctx
@@ -31,6 +32,7 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     for router in (issues_api.router, tasks_api.router, campaigns_api.router, events_api.router,
                    residents_api.router, visits_api.router):
         app.include_router(router, responses=problems.RESPONSES)
+    app.include_router(surfaces.router)  # /app/ (the working pages), /docs, /redoc: static, no data
     app.include_router(open311_router)  # answers errors in the GeoReport form, declared in its own routes
     for r in extra_routers:  # read models, dashboard, webhooks: problem+json errors too
         app.include_router(r, responses=problems.RESPONSES)  # type: ignore[arg-type]
