@@ -8,8 +8,9 @@ worker verifies on the spot and records the resident's feedback. Each step's scr
 every page no wider than the phone (the supervisor dashboard too), /docs and /redoc drawn from local assets,
 and no console error. Skipped without /usr/bin/chromium, as the dashboard's browser test.
 
-Not yet driven (their endpoints are not on this branch): the command centre's triage accept (issue 18),
-photo upload (media, issue 18) and the handler's comments (issue 19).
+The rulebook is the demo's with 施工扰民 held for 受理 (``intake: review``) and a photo required at report and
+at resolve (``evidence``), so the story needs the command centre's accept and both photos. Not yet driven: the
+handler's comments (issue 19's endpoint is not on this branch).
 """
 from __future__ import annotations
 
@@ -51,7 +52,13 @@ async def fits(page: Any) -> None:
 async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any], tmp_path: Path) -> None:
     async_api = pytest.importorskip("playwright.async_api", reason="pip install playwright (test extra)")
     expect = async_api.expect
-    h: NeedleHandle = await needle_factory(org=ORG, rules=RULES)
+    head = "  construction_nuisance:\n    name: 施工扰民\n"
+    text = RULES.read_text(encoding="utf-8")
+    assert head in text
+    story_rules = tmp_path / "rules.yaml"
+    story_rules.write_text(text.replace(head, head + "    intake: review\n"
+                                        "    evidence: {report: photo, resolve: photo}\n"), encoding="utf-8")
+    h: NeedleHandle = await needle_factory(org=ORG, rules=story_rules)
     gw, handler, sup = ("grid_worker", "area:zhanmao-g33"), ("handler", "dept:zhanmao-center"), ("supervisor",
                                                                                                   "area:zhanmao")
     shell = await h.client.get("/app/")
@@ -79,7 +86,7 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
         browser = await pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             phone = await browser.new_context(viewport=PHONE, device_scale_factor=1, is_mobile=True, has_touch=True,
-                                              locale="zh-CN", geolocation={"latitude": 29.95, "longitude": 122.2},
+                                              locale="zh-CN", geolocation={"latitude": 30.035, "longitude": 122.2454},
                                               permissions=["geolocation"])
             desk = await browser.new_context(viewport={"width": 1280, "height": 860}, locale="zh-CN")
 
@@ -91,31 +98,39 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await w.get_by_label("标题").fill(TITLE)
             await w.get_by_label("描述").fill("边坡工程爆破震动，居民扬言集体上访")
             await w.get_by_role("button", name="用GPS定位").click()
-            await expect(w.locator("#f-where")).to_contain_text("29.95, 122.2")
+            await expect(w.locator("#f-where")).to_contain_text("30.035, 122.2454")
             await w.locator("#f-photo").set_input_files(str(photo))
             await expect(w.locator(".thumbs img")).to_have_count(1)
             await w.get_by_label("集体上访", exact=False).check()
             await fits(w)
             await w.screenshot(path=str(SHOTS / "1-worker-report.png"), full_page=True)
             await w.get_by_role("button", name="提交上报").click()
+            await w.locator("#flash:not([hidden])").wait_for()
+            assert await w.locator("#flash.ok").count() == 1, await w.locator("#flash").text_content()
             await expect(w.locator("main h1")).to_have_text(TITLE)
             await expect(w.locator(".flash.ok")).to_contain_text("已上报")
             issue_id = (await w.locator(".flash.ok code").text_content() or "").strip()
-            body = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw),
-                                    lambda b: any(t["department"] == "zhanmao-center" for t in b["tasks"]))
-            assert (body["location"]["lat"], body["location"]["lon"]) == (29.95, 122.2)
+            body = (await h.client.get(f"/v1/issues/{issue_id}", headers=h.auth(*gw))).json()
+            assert body["status"] == "pending_review" and body["tasks"] == []  # held for 受理
+            assert (body["location"]["lat"], body["location"]["lon"]) == (30.035, 122.2454)
             assert body["risk"] == ["collective_petition"]
             assert body["category"] == "construction_nuisance"
+            assert [m["phase"] for m in body["media"]] == ["before"]
+            await expect(w.locator(".photos img.photo[src^='blob:']")).to_have_count(1)  # read back with the token
             await fits(w)
 
-            # 2. the command centre sees it (its triage accept waits for issue 18's endpoints)
-            await h.wait_for("/v1/issues?area=zhanmao", h.auth(*sup),
+            # 2. the command centre finds it in the triage queue and accepts it (受理): dispatched by the rules
+            await h.wait_for("/v1/issues?area=zhanmao&status=pending_review", h.auth(*sup),
                              lambda b: any(i["id"] == issue_id for i in b["items"]))
             c = watch(await desk.new_page())
             await c.goto(f"{h.base_url}/app/#token={h.token(*sup)}")
-            await c.get_by_role("button", name="全部事项").click()
-            await expect(c.locator(".item", has_text=TITLE)).to_be_visible()
-            await c.screenshot(path=str(SHOTS / "2-centre.png"), full_page=True)
+            await c.locator("#queue .item", has_text=TITLE).click()
+            await c.get_by_label("理由").fill("情况属实，予以受理")
+            await c.screenshot(path=str(SHOTS / "2-centre-triage.png"), full_page=True)
+            await c.get_by_role("button", name="受理", exact=False).first.click()
+            await expect(c.locator(".flash.ok")).to_contain_text("已受理")
+            await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw),
+                             lambda b: any(t["department"] == "zhanmao-center" for t in b["tasks"]))
 
             # 3. the handler: a refused return says why in words, then acknowledge and resolve with a photo
             hp = watch(await desk.new_page())
@@ -136,11 +151,14 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await hp.screenshot(path=str(SHOTS / "3b-handler-task.png"), full_page=True)
             await hp.get_by_role("button", name="办结反馈").click()
             await expect(hp.locator(".flash.ok")).to_contain_text("已办结")
-            await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw), lambda b: b["status"] == "resolved")
+            resolved = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw), lambda b: b["status"] == "resolved")
+            assert sorted(m["phase"] for m in resolved["media"]) == ["after", "before"]
 
             # 4. the grid worker verifies on the spot and records the resident's 回访
             await w.get_by_role("button", name="我的上报").first.click()
             await w.locator(".item", has_text=TITLE).click()
+            await expect(w.locator(".photos figure")).to_have_count(2)  # before and after, side by side
+            await expect(w.locator(".photos img.photo[src^='blob:']")).to_have_count(2)
             await w.get_by_role("button", name="核查通过").click()
             await w.get_by_label("满意度").select_option("satisfied")
             await w.screenshot(path=str(SHOTS / "4a-worker-verify.png"), full_page=True)

@@ -5,7 +5,8 @@
   const PAGES = { grid_worker: "worker", handler: "handler", supervisor: "centre" };
   const ROLE_NAMES = { grid_worker: ["网格员", "grid worker"], handler: ["承办部门", "handler"],
     supervisor: ["指挥中心", "command centre"], integrator: ["系统对接", "integrator"], admin: ["管理员", "admin"] };
-  const STATUS = { reported: ["已上报", "reported"], routed: ["已分派", "routed"], dispatched: ["待响应", "dispatched"],
+  const STATUS = { pending_review: ["待受理", "awaiting triage"], rejected: ["不予受理", "rejected"],
+    voided: ["已作废", "voided"], reported: ["已上报", "reported"], routed: ["已分派", "routed"], dispatched: ["待响应", "dispatched"],
     acknowledged: ["处理中", "in progress"], in_progress: ["处理中", "in progress"], resolved: ["待核查", "to verify"],
     verified: ["已核查", "verified"], closed: ["已办结", "closed"], reopened: ["返工", "reopened"],
     returned: ["已退单", "returned"], superseded: ["已结束", "superseded"], escalated: ["已上提", "escalated"], cancelled: ["已撤销", "cancelled"] };
@@ -75,10 +76,11 @@
   async function call(method, path, body, extra) {
     const headers = { Authorization: "Bearer " + st.token, Accept: "application/json" };
     if (method === "GET" && st.minSeq) headers["Needle-Min-Seq"] = String(st.minSeq);
-    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const raw = body instanceof Blob;
+    if (body !== undefined) headers["Content-Type"] = raw ? (body.type || "application/octet-stream") : "application/json";
     Object.assign(headers, extra || {});
     const r = await fetch(path, { method, headers, cache: "no-store",
-      body: body === undefined ? undefined : JSON.stringify(body) });
+      body: body === undefined ? undefined : (raw ? body : JSON.stringify(body)) });
     const seq = Number(r.headers.get("Needle-Seq") || 0);
     if (method !== "GET" && seq > st.minSeq) st.minSeq = seq;
     const text = await r.text();
@@ -91,6 +93,28 @@
     return data;
   }
   const get = (path) => call("GET", path);
+  // photos: POST /v1/media with the bytes, then the issue's write names them ({id, phase})
+  async function uploadAll(files, phase) {
+    const out = [];
+    for (const f of Array.from(files || [])) out.push({ id: (await call("POST", "/v1/media", f)).id, phase });
+    return out;
+  }
+  // a stored photo: read with the token (an <img> cannot send it), shown from a blob: URL
+  function photo(m) {
+    const img = h("img", { alt: (m.phase === "after" ? "处理后 after" : m.phase === "before" ? "处理前 before" : "照片 photo"),
+      class: "photo" });
+    fetch(m.thumb || m.url, { headers: { Authorization: "Bearer " + st.token } })
+      .then((r) => (r.ok ? r.blob() : null)).then((b) => { if (b) img.src = URL.createObjectURL(b); }).catch(() => {});
+    return img;
+  }
+  function photos(media) {
+    if (!media || !media.length) return null;
+    const col = (phase, label) => {
+      const ms = media.filter((m) => (phase === "before" ? m.phase !== "after" : m.phase === "after"));
+      return ms.length ? h("figure", { class: "phase" }, h("figcaption", {}, bi(label)), h("div", { class: "thumbs" }, ms.map(photo))) : null;
+    };
+    return h("div", { class: "photos" }, col("before", ["处理前", "before"]), col("after", ["处理后", "after"]));
+  }
   const post = (path, body, extra) => call("POST", path, body === undefined ? {} : body, extra);
 
   function problemWords(err) {
@@ -249,10 +273,12 @@
       }, (e) => where.replaceChildren(...T("无法定位", "no fix"), " (" + e.message + ")"),
       { enableHighAccuracy: true, timeout: 10000 });
     } }, T("用GPS定位", "Use GPS"));
-    const photos = h("input", { id: "f-photo", type: "file", accept: "image/*", capture: "environment", multiple: true });
+    const pics = h("input", { id: "f-photo", type: "file", accept: "image/*", capture: "environment", multiple: true });
     const preview = h("div", { class: "thumbs" });
-    photos.addEventListener("change", () => preview.replaceChildren(...Array.from(photos.files).map((f) =>
-      h("img", { src: URL.createObjectURL(f), alt: "照片 photo " + f.name })))); // kept on the phone until media upload lands
+    pics.addEventListener("change", () => {
+      draft.media = null;
+      preview.replaceChildren(...Array.from(pics.files).map((f) => h("img", { src: URL.createObjectURL(f), alt: "照片 photo " + f.name })));
+    });
     const submit = h("button", { type: "submit", class: "primary big", id: "f-submit" }, T("提交上报", "Submit report"));
     const form = h("form", { class: "card", novalidate: true, onsubmit: async (e) => {
       e.preventDefault();
@@ -261,7 +287,11 @@
         urgency: urgency.value, risk: Array.from(form.querySelectorAll("input[name=risk]:checked")).map((x) => x.value) };
       if (desc.value.trim()) body.description = desc.value.trim();
       if (draft.location) body.location = draft.location;
-      await act(submit, () => reportWithRetry(body, draft.key, submit),
+      await act(submit, async () => {
+        if (!draft.media) draft.media = await uploadAll(pics.files, "before");  // once per report, like its key
+        if (draft.media.length) body.media = draft.media;
+        return reportWithRetry(body, draft.key, submit);
+      },
         (out) => [T("已上报", "Reported"), " ", h("code", {}, out.id)], (out) => go("issue", out.id));
     } },
     h("h1", {}, T("上报事件", "Report an issue")),
@@ -270,7 +300,7 @@
     h("label", { for: "f-title" }, T("标题", "Title")), title,
     h("label", { for: "f-desc" }, T("描述", "Description")), desc,
     h("div", { class: "row" }, gpsBtn, where),
-    h("label", { for: "f-photo" }, T("现场照片", "Photos")), photos, preview,
+    h("label", { for: "f-photo" }, T("现场照片", "Photos")), pics, preview,
     h("label", { for: "f-urgency" }, T("紧急程度", "Urgency")), urgency,
     risks.length ? h("fieldset", {}, h("legend", {}, T("风险标记", "Risk flags")), risks) : null,
     submit);
@@ -315,7 +345,9 @@
       i.risk && i.risk.length ? [h("dt", {}, T("风险", "Risk")),
         h("dd", {}, i.risk.map((k) => ((st.risks || []).find((r) => r.key === k) || { name: k }).name).join("；"))] : null,
       i.rule && st.claims.role !== "grid_worker" ? [h("dt", {}, T("分派依据", "Routed by")), h("dd", {}, h("code", {}, i.rule))] : null,
-      i.description ? [h("dt", {}, T("描述", "Description")), h("dd", {}, i.description)] : null)];
+      i.description ? [h("dt", {}, T("描述", "Description")), h("dd", {}, i.description)] : null,
+      i.triage ? [h("dt", {}, T("受理", "Triage")), h("dd", {}, i.triage.decision, i.triage.reason ? "：" + i.triage.reason : "")] : null),
+    photos(i.media)];
   }
   function taskRows(tasks) {
     return h("ul", { class: "list" }, tasks.map((t) => h("li", { class: "task" },
@@ -400,12 +432,13 @@
     }
     if (t.status === "acknowledged") {
       const note = h("textarea", { id: "t-note", rows: "3", required: true });
-      const photo = h("input", { id: "t-photo", type: "file", accept: "image/*", capture: "environment" });
+      const pic = h("input", { id: "t-photo", type: "file", accept: "image/*", capture: "environment" });
       const b = h("button", { type: "button", class: "primary big", id: "t-resolve" }, T("办结反馈", "Resolve"));
-      b.onclick = () => act(b, () => post(`/v1/tasks/${tid}/resolve`, { note: note.value.trim() || undefined }),
+      b.onclick = () => act(b, async () => post(`/v1/tasks/${tid}/resolve`,
+        { note: note.value.trim() || undefined, media: await uploadAll(pic.files, "after") }),
         [T("已办结，待网格员核查", "Resolved; the grid worker verifies")], () => again());
       actions.append(h("label", { for: "t-note" }, T("处理说明", "What was done")), note,
-        h("label", { for: "t-photo" }, T("处理后照片", "After photo")), photo, b);
+        h("label", { for: "t-photo" }, T("处理后照片", "After photo")), pic, b);
     }
     if (t.status === "dispatched" || t.status === "acknowledged") {
       const reason = h("textarea", { id: "t-reason", rows: "2" });
@@ -435,7 +468,9 @@
   const area = () => (st.claims.scope || "").replace(/^area:/, "") || "";
 
   async function centreHome() {
-    const [overdue, open] = await Promise.all([get(`/v1/overdue?area=${encodeURIComponent(area())}`),
+    const [queue, overdue, open] = await Promise.all([
+      get(`/v1/issues?area=${encodeURIComponent(area())}&status=pending_review&limit=100`),
+      get(`/v1/overdue?area=${encodeURIComponent(area())}`),
       get(`/v1/issues?area=${encodeURIComponent(area())}&status=dispatched,acknowledged,in_progress,reopened&limit=40`)]);
     await catalog();
     // pending extensions: read each open issue's tasks (the API has no list of them)
@@ -444,6 +479,12 @@
     for (const d of details) if (d) for (const t of d.tasks) if (t.extension_requested) pending.push([d, t]);
     const items = overdue.items || [];
     show(
+      h("section", { class: "card", id: "queue" }, h("h1", {}, T("待受理", "Triage queue"), " ", h("span", { class: "badge" }, queue.items.length)),
+        queue.items.length ? h("ul", { class: "list" }, queue.items.map((i) => h("li", {},
+          h("button", { type: "button", class: "item", onclick: () => go("issue", i.id) },
+            h("span", { class: "item-title" }, i.title),
+            h("span", { class: "item-meta" }, statusBadge(i.status), " ", categoryName(i.category), " · ", i.grid, " · ", when(i.reported_at))))))
+          : h("p", { class: "muted" }, T("没有待受理的上报", "No report waits for triage"))),
       h("section", { class: "card" }, h("h1", {}, T("延期审批", "Extension approvals"), " ", h("span", { class: "badge" }, pending.length)),
         pending.length ? h("ul", { class: "list" }, pending.map(([d, t]) => {
           const b = h("button", { type: "button", class: "primary" }, T("批准", "Approve"));
@@ -461,6 +502,27 @@
               " ", i.lead_department || "")), b);
         })) : h("p", { class: "muted" }, T("没有超期", "Nothing overdue"))),
       h("p", {}, h("a", { href: "/dashboard" }, T("督办看板（比率与趋势）", "Supervisor dashboard (rates and trends)"))));
+  }
+
+  // 受理: accept, reject (不予受理), void (作废), recategorise (改类); each refusal is the server's words
+  function triageBox(i, after) {
+    const id = encodeURIComponent(i.id);
+    const reason = h("input", { id: "tr-reason", autocomplete: "off" });
+    const cat = h("select", { id: "tr-cat" }, (st.categories || []).map((c) => h("option", { value: c.code, selected: c.code === i.category }, `${c.name} (${c.code})`)));
+    const btn = (label, cls, idAttr, fn, ok) => {
+      const b = h("button", { type: "button", class: cls, id: idAttr }, T(...label));
+      b.onclick = () => act(b, fn, [T(...ok)], after);
+      return b;
+    };
+    return h("section", { class: "card triage" }, h("h2", {}, T("受理", "Triage")),
+      h("label", { for: "tr-reason" }, T("理由", "Reason")), reason,
+      h("div", { class: "row" },
+        btn(["受理", "Accept"], "primary", "tr-accept", () => post(`/v1/issues/${id}/accept`, { reason: reason.value.trim() || undefined }), ["已受理，按规则派单", "Accepted; dispatched by the rules"]),
+        btn(["不予受理", "Reject"], "danger", "tr-reject", () => post(`/v1/issues/${id}/reject`, { reason: reason.value.trim() }), ["已不予受理", "Rejected"]),
+        btn(["作废", "Void"], "", "tr-void", () => post(`/v1/issues/${id}/void`, { reason: reason.value.trim() }), ["已作废", "Voided"])),
+      h("label", { for: "tr-cat" }, T("改为类别", "Recategorise to")), cat,
+      h("div", { class: "row" }, btn(["改类", "Recategorise"], "", "tr-recat",
+        () => post(`/v1/issues/${id}/recategorise`, { category: cat.value, reason: reason.value.trim() }), ["已改类，重新派单", "Recategorised; routed anew"])));
   }
 
   async function centreIssues() {
@@ -486,7 +548,9 @@
     urge.onclick = () => act(urge, () => post(`/v1/issues/${id}/urge`, { note: note.value.trim() || undefined }), [T("已催办", "Urged")]);
     show(h("button", { type: "button", class: "back", onclick: () => go("centre") }, "← ", T("总览", "Overview")),
       h("section", { class: "card" }, issueHead(i), h("h2", {}, T("承办", "Tasks")), taskRows(i.tasks)),
-      ["closed", "cancelled"].includes(i.status) ? null : h("section", { class: "card" }, h("h2", {}, T("督办", "Urge")),
+      i.status === "pending_review" || (i.status === "reported" && !i.tasks.some((t) => t.status === "acknowledged"))
+        ? triageBox(i, () => go("issue", i.id)) : null,
+      ["closed", "cancelled", "rejected", "voided", "pending_review"].includes(i.status) ? null : h("section", { class: "card" }, h("h2", {}, T("督办", "Urge")),
         h("label", { for: "c-urge-note" }, T("督办意见", "Note")), note, urge));
   }
 
