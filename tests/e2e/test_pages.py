@@ -124,7 +124,14 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
                              lambda b: any(i["id"] == issue_id for i in b["items"]))
             c = watch(await desk.new_page())
             await c.goto(f"{h.base_url}/app/#token={h.token(*sup)}")
-            await c.locator("#queue .item", has_text=TITLE).click()
+            await expect(c.locator("#queue .item", has_text=TITLE)).to_be_visible()
+            # the map: 展茅's grids from their GeoJSON boundaries, the report a marker that opens it
+            await expect(c.locator("#map .grid-area[data-grid='zhanmao-g33'] polygon")).to_have_count(1)
+            assert await c.locator("#map .grid-area").count() >= 4
+            marker = c.locator(f"#map a.marker[data-issue='{issue_id}']")
+            await expect(marker).to_have_count(1)
+            await c.screenshot(path=str(SHOTS / "2-centre.png"), full_page=True)
+            await marker.click()
             await c.get_by_label("理由").fill("情况属实，予以受理")
             await c.screenshot(path=str(SHOTS / "2-centre-triage.png"), full_page=True)
             await c.get_by_role("button", name="受理", exact=False).first.click()
@@ -184,6 +191,9 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
                 x = watch(await phone.new_page())
                 await x.goto(f"{h.base_url}{path}#token={token}")
                 await x.locator("main h1, #area-title:not(:empty)").first.wait_for()
+                if path.startswith("/dashboard"):  # the same map on the supervisor dashboard
+                    await expect(x.locator(f"#map a.marker[data-issue='{issue_id}']")).to_have_count(1)
+                    await x.screenshot(path=str(SHOTS / "6-dashboard-phone.png"), full_page=True)
                 await fits(x)
                 await x.close()
 

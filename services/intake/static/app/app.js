@@ -11,10 +11,12 @@
     verified: ["已核查", "verified"], closed: ["已办结", "closed"], reopened: ["返工", "reopened"],
     returned: ["已退单", "returned"], superseded: ["已结束", "superseded"], escalated: ["已上提", "escalated"], cancelled: ["已撤销", "cancelled"] };
   const LIGHTS = { green: ["正常", "on time"], yellow: ["临期", "due soon"], red: ["超期", "overdue"], grey: ["已结束", "done"] };
+  const TRIAGE = { accepted: ["已受理", "accepted"], rejected: ["不予受理", "rejected"], voided: ["已作废", "voided"],
+    recategorised: ["已改类", "recategorised"] };
   const URGENCY = { normal: ["一般", "normal"], urgent: ["紧急", "urgent"], emergency: ["特急", "emergency"] };
   const SATISFACTION = { satisfied: ["满意", "satisfied"], basically_satisfied: ["基本满意", "basically satisfied"],
     dissatisfied: ["不满意", "dissatisfied"] };
-  const st = { token: null, claims: null, minSeq: 0, categories: null, risks: null, timer: null, source: null,
+  const st = { org: null, token: null, claims: null, minSeq: 0, categories: null, risks: null, timer: null, source: null,
     view: null, arg: null };
 
   // ---- small DOM helpers ---------------------------------------------------------------------------------
@@ -33,7 +35,7 @@
   const bi = (pair) => [h("span", { class: "zh" }, pair[0]), h("span", { class: "en", lang: "en" }, pair[1])];
   const T = (zh, en) => bi([zh, en]);
   const main = () => document.getElementById("main");
-  function show(...nodes) { main().replaceChildren(...nodes); }
+  function show(...nodes) { main().replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false)); }
 
   function flash(kind, nodes) {
     const f = document.getElementById("flash");
@@ -57,7 +59,8 @@
       sessionStorage.setItem(TOKEN_KEY, hash.get("token"));
       history.replaceState(null, "", location.pathname + location.search);
     }
-    return sessionStorage.getItem(TOKEN_KEY);
+    // the supervisor dashboard's map opens issues here: the same tab's dashboard sign-in serves
+    return sessionStorage.getItem(TOKEN_KEY) || sessionStorage.getItem("needle.dashboard.token");
   }
   function signOut(msg) {
     sessionStorage.removeItem(TOKEN_KEY);
@@ -346,7 +349,7 @@
         h("dd", {}, i.risk.map((k) => ((st.risks || []).find((r) => r.key === k) || { name: k }).name).join("；"))] : null,
       i.rule && st.claims.role !== "grid_worker" ? [h("dt", {}, T("分派依据", "Routed by")), h("dd", {}, h("code", {}, i.rule))] : null,
       i.description ? [h("dt", {}, T("描述", "Description")), h("dd", {}, i.description)] : null,
-      i.triage ? [h("dt", {}, T("受理", "Triage")), h("dd", {}, i.triage.decision, i.triage.reason ? "：" + i.triage.reason : "")] : null),
+      i.triage ? [h("dt", {}, T("受理", "Triage")), h("dd", {}, bi(TRIAGE[i.triage.decision] || [i.triage.decision, i.triage.decision]), i.triage.reason ? "：" + i.triage.reason : "")] : null),
     photos(i.media)];
   }
   function taskRows(tasks) {
@@ -468,7 +471,9 @@
   const area = () => (st.claims.scope || "").replace(/^area:/, "") || "";
 
   async function centreHome() {
-    const [queue, overdue, open] = await Promise.all([
+    const [org, all, queue, overdue, open] = await Promise.all([
+      st.org ? st.org : get(`/dashboard/org?area=${encodeURIComponent(area())}`),
+      get(`/v1/issues?area=${encodeURIComponent(area())}&limit=300`),
       get(`/v1/issues?area=${encodeURIComponent(area())}&status=pending_review&limit=100`),
       get(`/v1/overdue?area=${encodeURIComponent(area())}`),
       get(`/v1/issues?area=${encodeURIComponent(area())}&status=dispatched,acknowledged,in_progress,reopened&limit=40`)]);
@@ -477,8 +482,15 @@
     const details = await Promise.all(open.items.map((i) => get(`/v1/issues/${i.id}`).catch(() => null)));
     const pending = [];
     for (const d of details) if (d) for (const t of d.tasks) if (t.extension_requested) pending.push([d, t]);
+    st.org = org;
     const items = overdue.items || [];
+    const mapBox = h("div", { class: "map", id: "map" });
+    if (window.NeedleMap) window.NeedleMap.draw(mapBox, { org, issues: all.items, label: "网格地图 grid map",
+      href: (i) => `/app/?issue=${encodeURIComponent(i.id)}`, onOpen: (i) => go("issue", i.id) });
     show(
+      h("section", { class: "card", hidden: mapBox.hidden }, h("h1", {}, T("网格地图", "Grid map")), mapBox,
+        h("p", { class: "muted small legend" }, lightBadge("red"), " ", lightBadge("yellow"), " ", lightBadge("green"), " ",
+          lightBadge("grey"), " ", T("底色越深，在办越多；点击标记查看事项", "darker grids hold more open issues; a marker opens its issue"))),
       h("section", { class: "card", id: "queue" }, h("h1", {}, T("待受理", "Triage queue"), " ", h("span", { class: "badge" }, queue.items.length)),
         queue.items.length ? h("ul", { class: "list" }, queue.items.map((i) => h("li", {},
           h("button", { type: "button", class: "item", onclick: () => go("issue", i.id) },
@@ -578,6 +590,8 @@
       chrome([]);
       return wrongRolePage(role, wantedRole);
     }
+    const issue = new URLSearchParams(location.search).get("issue");
+    if (issue && PAGES[role] !== "handler") return go("issue", issue);
     go({ worker: "report", handler: "inbox", centre: "centre" }[PAGES[role]]);
   }
   start();
