@@ -104,14 +104,32 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await w.get_by_label("集体上访", exact=False).check()
             await fits(w)
             await w.screenshot(path=str(SHOTS / "1-worker-report.png"), full_page=True)
+            # a bad connection: the first answer is lost after needle recorded the report; the page retries with
+            # the same Idempotency-Key and gets the same issue (one report, not two)
+            posts: list[str] = []
+
+            async def lose_first_answer(route: Any) -> None:
+                posts.append(route.request.headers.get("idempotency-key", ""))
+                if route.request.method == "POST" and len(posts) == 1:
+                    await route.fetch()  # reaches needle, which records the report
+                    await route.abort("connectionreset")
+                else:
+                    await route.continue_()
+            await w.route("**/v1/issues", lose_first_answer)
+            allowed.append("ERR_CONNECTION_RESET")
             await w.get_by_role("button", name="提交上报").click()
-            await w.locator("#flash:not([hidden])").wait_for()
+            await w.locator("#flash:not([hidden])").wait_for(timeout=15_000)
+            allowed.clear()
+            await w.unroute("**/v1/issues")
+            assert len(posts) == 2 and posts[0] == posts[1] != "", posts
             assert await w.locator("#flash.ok").count() == 1, await w.locator("#flash").text_content()
             await expect(w.locator("main h1")).to_have_text(TITLE)
             await expect(w.locator(".flash.ok")).to_contain_text("已上报")
             issue_id = (await w.locator(".flash.ok code").text_content() or "").strip()
             body = (await h.client.get(f"/v1/issues/{issue_id}", headers=h.auth(*gw))).json()
             assert body["status"] == "pending_review" and body["tasks"] == []  # held for 受理
+            mine = await h.wait_for("/v1/issues?area=zhanmao-g33", h.auth(*gw), lambda b: len(b["items"]) >= 1)
+            assert [i["id"] for i in mine["items"] if i["title"] == TITLE] == [issue_id]  # the retry made no second
             assert (body["location"]["lat"], body["location"]["lon"]) == (30.035, 122.2454)
             assert body["risk"] == ["collective_petition"]
             assert body["category"] == "construction_nuisance"
