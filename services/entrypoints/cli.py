@@ -233,6 +233,7 @@ def print_next_steps(settings: Settings, org: Any, url: str, *, guide: bool) -> 
         token = auth.issue_token(auth.load_or_create_key(settings.data_dir), role="supervisor", scope=f"area:{root}",
                                  subject="demo-supervisor", ttl_s=86400)
         lines = [f"  dashboard   {url}/dashboard#token={token}   (signed in as supervisor of {root}, for a day)",
+                 f"  pages       {url}/app/   (grid worker, handler, command centre: needle token issue ... --link)",
                  lines[1], lines[2],
                  f"  the stories needle demo --url {url}{dir_opt}   (the four Zhoushan stories, replayed live)"]
     print("\n".join(lines), flush=True)
@@ -282,9 +283,13 @@ def token_issue(
     subject: Annotated[str | None, typer.Option(help="who the token stands for (default: a new one, printed)")] = None,
     org: Annotated[Path | None, typer.Option(help="org tree the scope is checked against (default: the running "
                                                    "needle's, else NEEDLE_ORG or the demo org)")] = None,
+    link: Annotated[bool, typer.Option("--link", help="also print a sign-in link to the role's page (/app/), as "
+                                       "the last line: the token rides in the #fragment, never sent to a server")]
+    = False,
 ) -> None:
     """Print a bearer token that the server using DATA_DIR accepts (the last line of stdout; its scope is
-    checked against the org)."""
+    checked against the org); with ``--link`` the token, then as the last line the URL that signs the person in
+    to their page."""
     from shared import auth
     from shared.config import ConfigError, load_org
     from shared.config.loader import parse_duration
@@ -306,8 +311,18 @@ def token_issue(
         if plan.generated:
             typer.echo(f"subject: {plan.subject} (--subject {plan.subject} issues another token for it)", err=True)
         typer.echo(token)
+        if link:
+            typer.echo(sign_in_link(settings, token))
     except ValueError as exc:
         raise _fail(str(exc)) from None
+
+
+def sign_in_link(settings: Settings, token: str) -> str:
+    """``<running needle's http>/app/#token=...``: the fragment stays in the browser (the page moves it to the
+    tab's sessionStorage and strips it from the address bar), so no server or proxy log ever sees it."""
+    base = (running(settings) or {}).get("http") or f"http://{settings.host}:{settings.port}"
+    base = base.replace("://0.0.0.0:", "://127.0.0.1:").replace("://[::]:", "://127.0.0.1:")
+    return f"{base.rstrip('/')}/app/#token={token}"
 
 
 def _jti_of(value: str) -> str:

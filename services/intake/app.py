@@ -14,6 +14,7 @@ from . import (
     issues_api,
     problems,
     residents_api,
+    surfaces,
     tasks_api,
     triage_api,
     visits_api,
@@ -34,7 +35,8 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
         title="needle",
         version="0.1.0",
         description="千条线穿进一根针 — event-sourced issue escalation for grid-based community governance.",
-        docs_url="/docs",
+        docs_url=None,  # /docs and /redoc come from surfaces.py, with their assets from the package (offline)
+        redoc_url=None,
         openapi_url="/openapi.json",
     )
     app.state.ctx = ctx
@@ -42,6 +44,7 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     for router in (issues_api.router, tasks_api.router, campaigns_api.router, events_api.router,
                    residents_api.router, visits_api.router, media_api.router, triage_api.router, comments_api.router):
         app.include_router(router, responses=problems.RESPONSES)
+    app.include_router(surfaces.router)  # /app/ (the working pages), /docs, /redoc: static, no data
     app.include_router(open311_router)  # answers errors in the GeoReport form, declared in its own routes
     for r in extra_routers:  # read models, dashboard, webhooks: problem+json errors too
         app.include_router(r, responses=problems.RESPONSES)  # type: ignore[arg-type]

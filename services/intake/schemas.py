@@ -209,7 +209,8 @@ def media_view(m: MediaItem) -> dict[str, Any]:
 
 def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTree | None = None) -> dict[str, Any]:
     """The issue as the API shows it; ``resident`` as the reader may see it (default: its id only). With
-    ``org``, each task also carries its department's ``kind`` and the kind's display name (``kind_name``)."""
+    ``org``, each task also carries its department's name (``department_name``), ``kind`` and the kind's display
+    name (``kind_name``)."""
     if resident is None and s.resident is not None:
         resident = {"id": s.resident.id}
     tasks = [task_view(t) for t in s.tasks]
@@ -218,6 +219,7 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTr
             dept = org.departments.get(view["department"])
             if dept is not None:
                 view["kind"], view["kind_name"] = dept.kind, org.kind_name(dept.kind)
+                view["department_name"] = dept.name
     return {
         "id": s.id, "grid": s.grid, "category": s.category, "title": s.title, "description": s.description,
         "status": s.status, "level": s.level, "owner_area": s.owner_area, "urgency": s.urgency,

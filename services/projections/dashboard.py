@@ -6,7 +6,8 @@
   with ``Authorization: Bearer``.
 * ``GET /dashboard/static/{file}``: the page's js/css and the vendored Chart.js (an allowlist, no path walking).
 * ``GET /dashboard/org?area=``: names for the area tree, departments (with their kind), kinds (the org's
-  ``kinds:`` display names) and categories, and the configuration gaps under the area: the kinds the rulebook
+  ``kinds:`` display names) and categories, the areas' GeoJSON ``boundaries`` and ``locations`` (the map), and the
+  configuration gaps under the area: the kinds the rulebook
   names that no department serves at some owner area (``shared.config.crosscheck.configuration_gaps``; a
   lead there goes to 兜底, a co-handler is not dispatched) (supervisor/admin).
 * ``GET /dashboard/stream?area=&access_token=``: Server-Sent Events. EventSource cannot send headers, so the
@@ -27,6 +28,7 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
+from shapely.geometry import mapping
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.intake.context import AppContext
@@ -137,6 +139,9 @@ async def dashboard_org(ctx: Ctx, p: Actor, area: Annotated[str | None, Query(ma
         "kinds": {k: org.kind_name(k) for k in sorted(org.kinds)},
         "categories": {c.id: c.name for c in ctx.rulebook.categories.values()},
         "gaps": gaps_under(org, ctx.rulebook, a),
+        # the map (no tile server): each area's GeoJSON boundary and point under the watched area, when declared
+        "boundaries": {x.id: mapping(org.boundaries[x.id]) for x in subtree if x.id in org.boundaries},
+        "locations": {x.id: {"lat": x.location.lat, "lon": x.location.lon} for x in subtree if x.location},
         "timezone": ctx.rulebook.timezone,
     }
     return Response(orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})

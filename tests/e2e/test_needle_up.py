@@ -491,3 +491,15 @@ def test_up_says_where_to_go_next_and_demo_signs_the_dashboard_in(tmp_path: Path
         assert f"--data-dir {up.data_dir}" in up.output and "/docs" in up.output
     finally:
         _cleanup([up])
+
+
+def test_token_issue_link_prints_a_sign_in_url_as_the_last_line(tmp_path: Path) -> None:
+    r = subprocess.run([str(NEEDLE), "token", "issue", "--data-dir", str(tmp_path), "--role", "grid_worker",
+                        "--scope", "area:zhanmao-g33", "--link"], capture_output=True, text=True, env=clean_env(),
+                       timeout=30)
+    assert r.returncode == 0, r.stderr
+    token, url = r.stdout.strip().splitlines()[-2:]
+    # the token rides in the fragment (never sent to a server), on the pages' path; nothing else in the URL
+    assert url == f"http://127.0.0.1:8000/app/#token={token}"
+    p = auth.TokenVerifier(auth.load_or_create_key(tmp_path)).verify(url.split("#token=", 1)[1])
+    assert (p.role, p.scope) == ("grid_worker", "area:zhanmao-g33")

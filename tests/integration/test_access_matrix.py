@@ -95,6 +95,9 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/docs"): Case(public()),
     ("GET", "/docs/oauth2-redirect"): Case(public()),
     ("GET", "/redoc"): Case(public()),
+    ("GET", "/docs/static/{name}"): Case(public()),  # Swagger UI / ReDoc assets from the package (offline)
+    ("GET", "/app/"): Case(public()),  # the working pages' shell and assets (the token stays in the tab)
+    ("GET", "/app/static/{name}"): Case(public()),
     ("GET", "/healthz"): Case(public()),
     ("GET", "/metrics"): Case(public()),  # open unless NEEDLE_METRICS_TOKEN is set (test_observability.py)
     ("GET", "/v1/schemas"): Case(public()),
@@ -349,8 +352,10 @@ def fill(method: str, path: str, w: World) -> str:
               "rest": "v3/whatever", "resident_id": "res_matrix", "media_id": w.media}
     if path.startswith("/open311/v2/requests/") or path.startswith("/open311/v2/tokens/"):
         values["name"] = f"{w.issue}.json"
-    if path.startswith("/dashboard/static/"):
+    if path.startswith("/dashboard/static/") or path.startswith("/app/static/"):
         values["name"] = "app.js"
+    if path.startswith("/docs/static/"):
+        values["name"] = "swagger-ui.css"
     return path.format(**values)
 
 

@@ -61,12 +61,12 @@
     state.loading = true;
     try {
       const area = state.area;
-      const [org, stats, overdue, series, coverage] = await Promise.all([
+      const [org, stats, overdue, series, coverage, issues] = await Promise.all([
         withOrg || !state.org ? api("/dashboard/org", { area }) : Promise.resolve(state.org),
         api("/v1/stats", { area }), api("/v1/overdue", { area }), api("/v1/stats/series", { area }),
-        api("/v1/visits/coverage", { area })]);
+        api("/v1/visits/coverage", { area }), api("/v1/issues", { area, limit: 300 })]);
       if (area !== state.area) { state.again = true; return; }  // navigated meanwhile
-      Object.assign(state, { org, stats, overdue: overdue.items, overdueAt: Date.now(), series: series.days, coverage,
+      Object.assign(state, { org, stats, issues: issues.items, overdue: overdue.items, overdueAt: Date.now(), series: series.days, coverage,
         seq: Math.max(state.seq, stats.sequence || 0) });
       render();
       document.getElementById("main").hidden = false;
@@ -102,6 +102,12 @@
     R.renderOverdue(state.org, state.overdue, state.overdueAt);
     R.renderDepartments(state.org, state.stats, state.overdue, showAll);
     R.renderGaps(state.org);
+    if (window.NeedleMap) {  // the grid map: a marker opens the issue in the command centre's page (same tab)
+      const box = document.getElementById("map");
+      window.NeedleMap.draw(box, { org: state.org, issues: state.issues || [], label: "网格地图 grid map",
+        href: (i) => `/app/?issue=${encodeURIComponent(i.id)}` });
+      document.getElementById("map-panel").hidden = box.hidden;
+    }
     R.renderCharts(state.org, state.series);
     document.title = `${state.org.area.name} · 督办看板 · needle`;
     status();
