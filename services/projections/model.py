@@ -19,6 +19,13 @@ rate               numerator                                   denominator
 退单率 returns      tasks_returned                              tasks_dispatched
 延期率 extensions   tasks_extended                              tasks_dispatched
 =================  ==========================================  ====================================
+
+The resident's own 回访 (ResidentFeedbackRecorded, through the one-time link) takes precedence over the grid
+worker's (FeedbackRecorded, by phone): an issue counts once in ``feedback``; when the resident answers after
+the worker, ``feedback_satisfied`` moves by the difference on the day of the resident's answer, and a worker's
+answer after the resident's counts nothing. A resident who says the problem is NOT solved takes the issue out
+of ``issues_resolved`` (and the lead department's ``tasks_resolved``) on that day (``resident_unsolved``).
+A department counts ``feedback``/``feedback_satisfied``, ``reopened`` and ``urged`` of the issues it leads.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ METRICS = (
     "verifications", "reopened", "escalated", "feedback", "feedback_satisfied",
     "tasks_dispatched", "tasks_acknowledged", "tasks_ack_on_time", "tasks_resolved", "tasks_resolved_on_time",
     "tasks_returned", "tasks_extended", "sla_warned", "sla_breached", "dispatch_ms_sum",
+    "urged", "resident_feedback", "resident_unsolved", "returns_rejected", "supervised",
 )
 RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
@@ -50,6 +58,7 @@ RATES: dict[str, tuple[str, str]] = {
 DEPT_RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
     "resolution_rate": ("tasks_resolved", "tasks_dispatched"),
+    "satisfaction_rate": ("feedback_satisfied", "feedback"),
     "on_time_resolve_rate": ("tasks_resolved_on_time", "tasks_resolved"),
     "return_rate": ("tasks_returned", "tasks_dispatched"),
     "extension_rate": ("tasks_extended", "tasks_dispatched"),
@@ -114,7 +123,7 @@ def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) ->
         "reported_at": e.reported_at, "dispatched_at": None, "closed_at": None, "closed_on_time": None,
         "first_resolved_at": None,
         "lead_task": None, "lead_department": None, "lead_status": None, "next_due": None,
-        "reopen_count": 0, "escalations": 0, "satisfaction": None, "version": 0, "seq": seq,
+        "reopen_count": 0, "escalations": 0, "satisfaction": None, "feedback_source": None, "version": 0, "seq": seq,
         "updated_at": e.reported_at,
     }
 
@@ -275,6 +284,8 @@ def apply(batch: Batch, env: Envelope) -> None:
             issue["status"] = "reopened"
             issue["reopen_count"] = e.reopen_count
             batch.count_area(issue, at, "reopened")
+            if issue["lead_department"]:
+                batch.count_dept(issue["lead_department"], at, "reopened")
             _close_open_tasks(batch, issue_id, seq)
         case ev.IssueClosed():
             issue.update(status="closed", closed_at=e.closed_at, closed_on_time=e.on_time)
@@ -285,12 +296,46 @@ def apply(batch: Batch, env: Envelope) -> None:
                 batch.count_area(issue, at, "resolved_on_site")
             _close_open_tasks(batch, issue_id, seq)
         case ev.FeedbackRecorded():
-            if issue["satisfaction"] is None:
-                batch.count_area(issue, at, "feedback")
-                if e.satisfaction in ("satisfied", "basically_satisfied"):
-                    batch.count_area(issue, at, "feedback_satisfied")
-            issue["satisfaction"] = e.satisfaction
+            if issue.get("feedback_source") == "resident":
+                pass  # the resident's own answer stands (the worker's stays in the audit)
+            else:
+                if issue["satisfaction"] is None:
+                    _count_issue(batch, issue, at, "feedback")
+                    if _satisfied(e.satisfaction):
+                        _count_issue(batch, issue, at, "feedback_satisfied")
+                issue["satisfaction"] = e.satisfaction
+                issue["feedback_source"] = "grid_worker_phone"
+        case ev.ResidentFeedbackRecorded():
+            if issue.get("feedback_source") != "resident":
+                before = issue["satisfaction"]
+                if before is None:
+                    _count_issue(batch, issue, at, "feedback")
+                delta = int(_satisfied(e.satisfaction)) - int(before is not None and _satisfied(before))
+                if delta:
+                    _count_issue(batch, issue, at, "feedback_satisfied", delta)
+                _count_issue(batch, issue, at, "resident_feedback")
+                if not e.solved and issue.get("first_resolved_at") is not None:
+                    batch.count_area(issue, at, "issues_resolved", -1)
+                    batch.count_area(issue, at, "resident_unsolved")
+                    if issue["lead_department"]:
+                        batch.count_dept(issue["lead_department"], at, "tasks_resolved", -1)
+                        batch.count_dept(issue["lead_department"], at, "resident_unsolved")
+                issue["satisfaction"] = e.satisfaction
+                issue["feedback_source"] = "resident"
+        case ev.IssueUrged():
+            _count_issue(batch, issue, at, "urged")
     _refresh_lead(batch, issue)
+
+
+def _satisfied(satisfaction: str) -> bool:
+    return satisfaction in ("satisfied", "basically_satisfied")
+
+
+def _count_issue(batch: Batch, issue: dict[str, Any], at: datetime, metric: str, n: int = 1) -> None:
+    """Count for the issue's areas and the department that leads it."""
+    batch.count_area(issue, at, metric, n)
+    if issue["lead_department"]:
+        batch.count_dept(issue["lead_department"], at, metric, n)
 
 
 def _close_open_tasks(batch: Batch, issue_id: str, seq: int) -> None:

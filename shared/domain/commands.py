@@ -65,6 +65,15 @@ class RecordFeedback:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordResidentFeedback:
+    """The resident's own 回访 (one-time link): once per issue, after it is resolved."""
+
+    solved: bool
+    satisfaction: Satisfaction
+    comment: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EscalateIssue:
     by: str
     reason: str
@@ -95,5 +104,5 @@ class UrgeIssue:
 
 Command = (
     ReportIssue | ResolveOnSite | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
-    | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
+    | RecordResidentFeedback | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
 )

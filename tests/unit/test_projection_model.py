@@ -233,7 +233,8 @@ def test_the_whole_happy_path_counts_every_rate_once() -> None:
         "tasks_acknowledged": 1, "tasks_ack_on_time": 1, "issues_resolved": 1, "verifications": 1, "closed": 1,
         "closed_on_time": 1, "feedback": 1, "feedback_satisfied": 1})
     assert g.dept("dinghai-roads") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_ack_on_time": 1,
-                                       "tasks_resolved": 1, "tasks_resolved_on_time": 1}
+                                       "tasks_resolved": 1, "tasks_resolved_on_time": 1, "feedback": 1,
+                                       "feedback_satisfied": 1}  # the feedback of the issue it led
     # the co-handler acknowledged 50 minutes after a 30-minute clock: late
     assert g.dept("dinghai-police") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_resolved": 1,
                                         "tasks_resolved_on_time": 1}
@@ -359,11 +360,13 @@ def test_an_escalation_supersedes_and_hands_the_lead_to_the_upper_level() -> Non
                           "escalated": 1})
 
 
-def test_urges_and_extension_requests_only_bump_the_version_and_the_audit() -> None:
+def test_urges_count_for_the_areas_and_the_lead_and_extension_requests_only_bump_the_version() -> None:
     g = a_dispatched_issue()
     before = dict(g.batch.stats)
     g(ev.IssueUrged(by="sup", note="hurry"), ev.ExtensionRequested(task_id=LEAD, by="h", extension=HOUR, reason="r"))
-    assert dict(g.batch.stats) == before
+    added = {k: n for k, n in g.batch.stats.items() if before.get(k) != n}
+    assert added == {(T0.astimezone(BJ).date(), "area", a, "urged"): 1 for a in G1} | {
+        (T0.astimezone(BJ).date(), "dept", "dinghai-roads", "urged"): 1}  # 催办 is a 考核 deduction
     assert g.issue["version"] == 6 and g.issue["seq"] == 6
     assert [a[2] for a in g.batch.audit[-2:]] == ["issue_urged", "extension_requested"]
 
@@ -454,3 +457,18 @@ def test_an_issue_escalated_after_its_lead_resolved_counts_as_resolved_once() ->
     assert (g.area("city")["issues_dispatched"], g.area("city")["issues_resolved"]) == (1, 1)
     assert rates(g.area("city"))["resolution_rate"]["value"] == 1.0
 
+
+
+def test_the_residents_own_answer_takes_precedence_over_the_grid_workers() -> None:
+    g = a_dispatched_issue()
+    g(acked(at=T0 + 5 * MIN), resolved(at=T0 + HOUR), at=T0 + HOUR)
+    g(feedback("satisfied"), at=T0 + 2 * HOUR)  # the worker, by phone
+    assert g.issue["feedback_source"] == "grid_worker_phone"
+    g(ev.ResidentFeedbackRecorded(solved=False, satisfaction="dissatisfied", at=T0 + 3 * HOUR), at=T0 + 3 * HOUR)
+    g(feedback("satisfied"), at=T0 + 4 * HOUR)  # the worker again: the resident's answer stands
+    assert (g.issue["satisfaction"], g.issue["feedback_source"]) == ("dissatisfied", "resident")
+    city = g.area("city")
+    assert (city.get("feedback"), city.get("feedback_satisfied", 0)) == (1, 0)
+    assert city.get("issues_resolved", 0) == 0 and city["resident_unsolved"] == 1  # the resident: not solved
+    roads = g.dept("dinghai-roads")
+    assert (roads["feedback"], roads.get("feedback_satisfied", 0), roads.get("tasks_resolved", 0)) == (1, 0, 0)
