@@ -6,7 +6,16 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from services.open311.api import router as open311_router
 
-from . import campaigns_api, events_api, issues_api, problems, residents_api, tasks_api, visits_api
+from . import (
+    campaigns_api,
+    events_api,
+    followup_api,
+    issues_api,
+    problems,
+    residents_api,
+    tasks_api,
+    visits_api,
+)
 from .context import AppContext
 from .fastpath import NeedleAPI
 from .issues_api import json_response
@@ -29,7 +38,7 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     app.state.ctx = ctx
     problems.install(app)
     for router in (issues_api.router, tasks_api.router, campaigns_api.router, events_api.router,
-                   residents_api.router, visits_api.router):
+                   residents_api.router, visits_api.router, followup_api.router):
         app.include_router(router, responses=problems.RESPONSES)
     app.include_router(open311_router)  # answers errors in the GeoReport form, declared in its own routes
     for r in extra_routers:  # read models, dashboard, webhooks: problem+json errors too

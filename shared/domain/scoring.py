@@ -5,7 +5,8 @@ rulebook's timezone) from the counters the read models keep per day (``stats_dai
 
     score = sum over weighted rates of weight x rate      (a rate with denominator 0 earns its full weight)
           - min(sum over items of min(count x deduction, cap of the item), cap "total")
-    never below 0, rounded to 2 decimals.
+    never below 0, rounded to 2 decimals. A unit with nothing counted in the period is listed unranked
+    (score None): no work is not a perfect score.
 
 Items counted against a unit: ``overdue`` (SLA breaches of its tasks), ``rework`` (返工: reopens of issues it
 led), ``rejected_return`` (退单驳回: its returns refused on review), ``urge`` (催办 of issues it held) and
@@ -132,11 +133,15 @@ def score(counts: Mapping[str, int], rules: Scoring, rates: Mapping[str, tuple[s
 
 
 def rank(scored: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """Units best first (ties share a rank, ``1, 1, 3``; then by id for a stable order)."""
-    order = sorted(scored.items(), key=lambda kv: (-kv[1]["score"], kv[0]))
+    """Units best first (ties share a rank, ``1, 1, 3``; then by id for a stable order). A unit with nothing
+    counted in the period (``score`` None) is listed last, unranked."""
+    order = sorted(scored.items(), key=lambda kv: (kv[1]["score"] is None, -(kv[1]["score"] or 0), kv[0]))
     out: list[dict[str, Any]] = []
     for i, (unit, body) in enumerate(order):
-        r = out[-1]["rank"] if out and out[-1]["score"] == body["score"] else i + 1
+        if body["score"] is None:
+            r = None
+        else:
+            r = out[-1]["rank"] if out and out[-1]["score"] == body["score"] else i + 1
         out.append({"id": unit, "rank": r, **body})
     return out
 
@@ -144,7 +149,13 @@ def rank(scored: Mapping[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def scores(counts: Mapping[str, Mapping[str, int]], rules: Scoring, by: str) -> list[dict[str, Any]]:
     """Rank every unit of ``counts`` (unit id -> summed counters); ``by``: "department" or "area"."""
     table = DEPT_RATES if by == "department" else AREA_RATES
-    return rank({unit: score(c, rules, table) for unit, c in counts.items()})
+    out = {}
+    for unit, c in counts.items():
+        body = score(c, rules, table)
+        if not any(c.values()):  # no work in the month: nothing to judge, not a perfect score
+            body["score"] = None
+        out[unit] = body
+    return rank(out)
 
 
 def sum_days(rows: Sequence[tuple[date, str, str, int]], period: Period) -> dict[str, dict[str, int]]:

@@ -197,3 +197,10 @@ def test_a_bad_scoring_section_names_its_path(section: str, path: str) -> None:
     with pytest.raises(ConfigError) as exc:
         parse_rulebook(BASE_RULES + section, "rules.yaml")
     assert path in str(exc.value)
+
+
+def test_a_unit_without_work_is_listed_last_unranked_and_ties_share_a_rank() -> None:
+    rules = parse_rulebook(RULES).scoring
+    ranked = scoring.scores({"idle": {}, "b": {"urged": 2}, "a": {"urged": 2}, "c": {"urged": 4}}, rules, "area")
+    assert [(r["id"], r["rank"], r["score"]) for r in ranked] == [
+        ("a", 1, 99.0), ("b", 1, 99.0), ("c", 3, 98.0), ("idle", None, None)]
