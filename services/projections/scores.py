@@ -70,6 +70,17 @@ async def trend(pool: asyncpg.Pool, org: OrgTree, history: list[tuple[datetime, 
     return out
 
 
+async def _history(ctx: Any) -> list[tuple[datetime, Rulebook]]:
+    if ctx.nc is None:
+        raise Unavailable("the event stream is not reachable from this process", field="period")
+    from shared.rulebooks import history
+
+    hist = await history(ctx.nc)
+    if not hist:  # nothing published (an embedded test stack): the rulebook this process runs
+        hist = [(datetime.min.replace(tzinfo=ctx.rulebook.tz), ctx.rulebook)]
+    return hist
+
+
 @router.get("/v1/scores")
 async def get_scores(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = None,
                      period: Annotated[str, Query(pattern=r"^\d{4}-\d{2}$")] = "",
@@ -84,16 +95,48 @@ async def get_scores(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = Non
         raise Invalid("period is required (YYYY-MM)", field="period")
     a = _area_for(ctx, p, area)
     seq = await _caught_up(ctx, min_seq)
-    if ctx.nc is None:
-        raise Unavailable("the event stream is not reachable from this process", field="period")
-    from shared.rulebooks import history
-
-    hist = await history(ctx.nc)
-    if not hist:  # nothing published (an embedded test stack): the rulebook this process runs
-        hist = [(datetime.min.replace(tzinfo=ctx.rulebook.tz), ctx.rulebook)]
+    hist = await _history(ctx)
     lv = level.value if level is not None else None
     body = await compute(_pool(ctx), ctx.org, hist, area=a, period=period, by=by, level=lv)
     if months:
         body["trend"] = await trend(_pool(ctx), ctx.org, hist, area=a, period=period, by=by, months=months)
     body["sequence"] = seq
     return _respond(request, body, seq)
+
+
+XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+
+
+@router.get("/v1/reports/monthly", responses={200: {"content": {
+    "text/html": {"schema": {"type": "string"}}, "text/csv": {"schema": {"type": "string"}},
+    XLSX: {"schema": {"type": "string", "format": "binary"}}}}})
+async def get_monthly_report(ctx: Ctx, p: Actor, min_seq: MinSeq = None,
+                             period: Annotated[str, Query(pattern=r"^\d{4}-\d{2}$")] = "",
+                             area: Annotated[str | None, Query(max_length=64)] = None,
+                             fmt: Annotated[Literal["html", "csv", "xlsx", "json"], Query(alias="format")] = "html"
+                             ) -> Response:
+    """The monthly 通报 (rankings, rules version, worst overdue cases) as a printable page, CSV or XLSX."""
+    from . import report
+
+    if p.role not in ("supervisor", "admin"):
+        raise NotAllowed(f"role {p.role} cannot read reports")
+    if not period:
+        raise Invalid("period is required (YYYY-MM)", field="period")
+    a = _area_for(ctx, p, area)
+    seq = await _caught_up(ctx, min_seq)
+    rep = await report.build(_pool(ctx), ctx.org, await _history(ctx), area=a, period=period)
+    headers = {"Needle-Seq": str(seq)}
+    name = f"tongbao-{a}-{period}"
+    if fmt == "csv":
+        return Response(report.to_csv(rep).encode("utf-8-sig"), media_type="text/csv; charset=utf-8",
+                        headers=headers | {"Content-Disposition": f"attachment; filename={name}.csv"})
+    if fmt == "xlsx":
+        return Response(report.to_xlsx(rep), media_type=XLSX,
+                        headers=headers | {"Content-Disposition": f"attachment; filename={name}.xlsx"})
+    if fmt == "json":
+        import orjson
+
+        return Response(orjson.dumps(rep, option=orjson.OPT_UTC_Z), media_type="application/json", headers=headers)
+    return Response(report.to_html(rep), media_type="text/html; charset=utf-8",
+                    headers=headers | {"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; "
+                                                                  "frame-ancestors 'none'"})

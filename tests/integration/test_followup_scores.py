@@ -4,9 +4,16 @@ reads its one-time link; the resident's page opens, the answer is recorded once 
 ``GET /v1/scores`` then ranks the month by the rulebook in force, counting the resident's answer."""
 from __future__ import annotations
 
+import asyncio
+import io
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from openpyxl import load_workbook
+from typer.testing import CliRunner
+
+from services.entrypoints import cli
 from shared.domain import followup
 from tests.support import NeedleHandle, events, of_type
 
@@ -33,7 +40,8 @@ def path_of(url: str) -> str:
     return url[url.index("/f/"):]
 
 
-async def test_the_residents_link_works_once_expires_and_is_403_for_another_issue(needle: NeedleHandle) -> None:
+async def test_the_residents_link_works_once_expires_and_is_403_for_another_issue(needle: NeedleHandle,
+                                                                                  tmp_path: Path) -> None:
     h = needle
     a, b = await resolved_issue(h), await resolved_issue(h)
     r = await h.client.get(f"/v1/issues/{a}/followup", headers=h.auth(*GW_OTHER))
@@ -109,3 +117,23 @@ async def test_the_residents_link_works_once_expires_and_is_403_for_another_issu
     assert r.status_code == 422 and "period" in r.text
     r = await h.client.get(f"/v1/scores?period={period}&by=department&months=3", headers=sup)
     assert r.status_code == 200 and len(r.json()["trend"]) == 3
+
+    # the 通报 over HTTP (the dashboard links it) and from the CLI
+    r = await h.client.get(f"/v1/reports/monthly?period={period}&area=dinghai&format=xlsx", headers=sup)
+    assert r.status_code == 200, r.text
+    wb = load_workbook(io.BytesIO(r.content))
+    assert wb.sheetnames[:2] == ["概览 Summary", "部门排名 Departments"] and wb.sheetnames[-1] == "超期案件 Overdue"
+    assert "街道排名 Street" in wb.sheetnames and "社区排名 Community" in wb.sheetnames
+    page = await h.client.get(f"/v1/reports/monthly?period={period}&area=dinghai", headers=sup)
+    assert page.status_code == 200 and h.stack.rulebook.version in page.text and "定海区交通运输局" in page.text
+    assert (await h.client.get(f"/v1/reports/monthly?period={period}", headers=h.auth(*GW))).status_code == 403
+    out = tmp_path / "tongbao"
+    env = {"NEEDLE_NATS_URL": h.stack.settings.nats_url or "", "NEEDLE_DATABASE_URL": h.stack.settings.database_url
+           or "", "NEEDLE_ORG": str(h.stack.settings.org), "NEEDLE_RULES": str(h.stack.settings.rules)}
+    result = await asyncio.to_thread(
+        CliRunner().invoke, cli.app, ["report", "monthly", "--period", period, "--area", "dinghai", "--out", str(out),
+                                      "--data-dir", str(tmp_path / "cli-data")], env=env)
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [f"tongbao-dinghai-{period}.{x}" for x in ("csv", "html", "xlsx")]
+    assert load_workbook(out / f"tongbao-dinghai-{period}.xlsx").sheetnames == wb.sheetnames
