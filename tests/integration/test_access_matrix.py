@@ -117,6 +117,7 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/v1/visits/coverage"): Case(only("sup_street", "admin"), params={"area": "wuxing"}),
     # 考核: supervisors in scope (sup_other: its own grid, no departments there) and admins
     ("GET", "/v1/scores"): Case(only("sup_street", "sup_other", "admin"), params={"period": "2026-11"}),
+    ("GET", "/v1/reports/monthly"): Case(only("sup_street", "sup_other", "admin"), params={"period": "2026-11"}),
     # the resident's 回访: the link is read by the grid's worker or a supervisor over it
     ("GET", "/v1/issues/{issue_id}/followup"): Case(only("gw_a", "sup_street", "admin"), setup="resolved"),
     # the link's page and answer: no login; the signed token decides, whoever bears a token (a forged one: 403)
