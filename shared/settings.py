@@ -36,6 +36,12 @@ class Settings(BaseSettings):
     start_timeout_s: float = Field(default=60.0, gt=0)
     duplicate_window_s: float = 120.0
     max_body_bytes: int = 64 * 1024
+    # photos (POST /v1/media) have their own limit and are streamed to a temporary file, never held in memory
+    media_max_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # the EXIF location (GPS) of an uploaded photo is personal data: stripped before it is stored (strip, the
+    # default), or kept as taken (keep). docs/SECURITY.md
+    media_exif_location: Literal["strip", "keep"] = "strip"
+    media_thumb_px: int = Field(default=320, ge=32, le=2048)  # the longer side of a thumbnail (?size=thumb)
     # HTTP intake processes on the one port (SO_REUSEPORT: the kernel spreads connections over them). The
     # first is the process that runs `needle up` / `needle run intake`; the others are its supervised children
     workers: int = Field(default=1, ge=1, le=64)

@@ -227,12 +227,28 @@ class Demo:
                                               f"/v1/tasks/{task['id']}/acknowledge")
         return out
 
-    async def resolve(self, task: dict[str, Any], note: str) -> dict[str, Any]:
-        out: dict[str, Any] = await self.call(self.handler(task["department"]), f"办结 resolves: {note}", "POST",
-                                              f"/v1/tasks/{task['id']}/resolve", json={"note": note})
+    async def upload_photo(self, actor: Actor, what: str, data: bytes) -> str:
+        """POST /v1/media (a PNG); the medium's id."""
+        headers = self.headers(actor) | {"Content-Type": "image/png"}
+        r = await self.http.post("/v1/media", content=data, headers=headers)
+        if r.status_code != 201:
+            raise DemoError(f"{actor.label}: POST /v1/media answered {r.status_code}: {r.text[:300]}")
+        body = r.json()
+        self.say(f"[bold]{escape(actor.label)}[/bold]  {escape(what)}  [green]POST /v1/media → 201[/green] "
+                 f"· {body['content_type']} {body['width']}x{body['height']}, {body['bytes']} bytes, "
+                 f"id {body['id'][:12]}…")
+        return str(body["id"])
+
+    async def resolve(self, task: dict[str, Any], note: str, media: list[dict[str, str]] | None = None
+                      ) -> dict[str, Any]:
+        what = f"办结 resolves: {note}" + (" (with the after-photo)" if media else "")
+        body: dict[str, Any] = {"note": note} | ({"media": media} if media else {})
+        out: dict[str, Any] = await self.call(self.handler(task["department"]), what, "POST",
+                                              f"/v1/tasks/{task['id']}/resolve", json=body)
         return out
 
-    async def work_all(self, issue_id: str, lead_note: str, co_notes: dict[str, str]) -> dict[str, Any]:
+    async def work_all(self, issue_id: str, lead_note: str, co_notes: dict[str, str],
+                       lead_media: list[dict[str, str]] | None = None) -> dict[str, Any]:
         """Every open task is acknowledged (lead first), co-handlers resolve, then the lead resolves."""
         issue = await self.issue(issue_id)
         tasks = self.open_tasks(issue)
@@ -244,7 +260,7 @@ class Demo:
                 kind = self.dept_kind(t["department"])
                 await self.resolve(t, co_notes.get(kind, "协办事项已完成"))
         lead = next(t for t in tasks if t["role"] == "lead")
-        out = await self.resolve(lead, lead_note)
+        out = await self.resolve(lead, lead_note, lead_media)
         self.show_issue(out["issue"])
         return dict(out["issue"])
 

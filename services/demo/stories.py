@@ -21,6 +21,7 @@ from shared.config import OrgTree, Rulebook, load_org, load_rulebook
 from shared.settings import REPO_DEPLOY
 
 from .client import OPEN, Demo, DemoError, TokenFactory
+from .photos import slope_photo
 from .results import DemoResult, StoryResult, trail
 from .summary import summary_table
 
@@ -37,13 +38,16 @@ async def slope_works(d: Demo, run: str, res: StoryResult) -> None:
                              "grid": grid, "household": "张家宕12号", "kind": "routine",
                              "note": "居民反映边坡工程施工噪声、扬尘、爆破震动, 邻里酝酿集体上访"})
     d.note(f"⤷ visit {visit['id']} · household [dim]{visit['household'][:12]}…[/dim] (HMAC)")
-    created = await d.call(d.grid_worker(grid), "上报 reports 施工扰民 from the visit, risk flag 集体上访苗头",
+    before = await d.upload_photo(d.grid_worker(grid), "拍照 photographs the dust over the slope (before)",
+                                  slope_photo(after=False))
+    created = await d.call(d.grid_worker(grid),
+                           "上报 reports 施工扰民 from the visit, with the photo, risk flag 集体上访苗头",
                            "POST", "/v1/issues", idempotency_key=f"{run}-slope", json={
                                "grid": grid, "category": "construction_nuisance", "visit": visit["id"],
                                "title": "张家宕边坡工程噪声、扬尘、爆破震动扰民",
                                "description": "居民反映边坡工程施工噪声大、扬尘重、爆破震动影响房屋,"
                                               " 部分居民酝酿集体上访",
-                               "risk": ["collective_petition"],
+                               "risk": ["collective_petition"], "media": [{"id": before, "phase": "before"}],
                                "location": {"lat": 30.035, "lon": 122.2454, "address": "展茅街道张家宕"}})
     iid = created["id"]
     res.issue_ids.append(iid)
@@ -53,11 +57,16 @@ async def slope_works(d: Demo, run: str, res: StoryResult) -> None:
     await d.wait_routed(iid, "street")
     d.note("[italic]次日, 街道领导带相关部门负责人和网格团队到现场[/italic]")
     measures = "召开居民、妇女、党员等座谈会7场; 责令施工方限制爆破药量、避开休息时间、清扫道路; 落实跟踪回访"
-    await d.work_all(iid, measures, {
+    lead = d.open_tasks(await d.issue(iid))[0]
+    after = await d.upload_photo(d.handler(lead["department"]), "拍照 photographs the sprayed slope (after)",
+                                 slope_photo(after=True))
+    await d.work_all(iid, measures, lead_media=[{"id": after, "phase": "after"}], co_notes={
         "urban_management": "现场执法: 爆破作业避开居民休息时段, 渣土车辆冲洗上路",
         "ecology_environment": "扬尘、噪声监测达标, 增设喷淋降尘",
         "housing_construction": "督促施工单位限制爆破药量, 震动影响房屋逐户排查",
     })
+    photos = ", ".join(f"{m['phase']} ({m['stage']}) {m['id'][:12]}…" for m in (await d.issue(iid))["media"])
+    d.note(f"[italic]核查 compares the photos: {photos}[/italic]")
     await d.verify_and_feedback(iid, grid, "爆破药量已减、作业时段已调整、道路已清扫, 居民情绪平稳")
 
 

@@ -22,6 +22,7 @@ from services.intake.context import AppContext
 from services.intake.observability import LagMonitor
 from services.integrations import webhooks_api
 from services.integrations.webhooks import WebhookService, start_webhooks
+from services.media.store import MediaStore
 from services.notify.service import NotifyService, start_notifier
 from services.projections.service import ReadModels, start_projections, start_read_api
 from services.projections.worker import ProjectionWorker
@@ -208,7 +209,8 @@ class Stack:
         ctx = AppContext(settings=self.settings, org=self.org, rulebook=self.rulebook, store=store,
                          verifier=auth.TokenVerifier(key, revocations=self.revocations), clocks=self.clocks, nc=nc,
                          residents=self.residents, health=self.life.health, read_models=self.read_models,
-                         webhooks=self.webhooks, lag=self.lag, limiter=AppContext.limiter_for(self.settings))
+                         webhooks=self.webhooks, lag=self.lag, limiter=AppContext.limiter_for(self.settings),
+                         media=MediaStore(nc, replicas=self.settings.stream_replicas))
         routers: tuple[Any, ...] = self.read_models.routers if self.read_models else ()
         if self.webhooks is not None:
             routers += (webhooks_api.router,)

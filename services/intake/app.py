@@ -4,6 +4,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Response
 from fastapi.middleware.cors import CORSMiddleware
 
+from services.media import api as media_api
 from services.open311.api import router as open311_router
 
 from . import (
@@ -14,6 +15,7 @@ from . import (
     problems,
     residents_api,
     tasks_api,
+    triage_api,
     visits_api,
 )
 from .context import AppContext
@@ -38,7 +40,8 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     app.state.ctx = ctx
     problems.install(app)
     for router in (issues_api.router, tasks_api.router, campaigns_api.router, events_api.router,
-                   residents_api.router, visits_api.router, followup_api.router):
+                   residents_api.router, visits_api.router, media_api.router, triage_api.router,
+                   followup_api.router):
         app.include_router(router, responses=problems.RESPONSES)
     app.include_router(open311_router)  # answers errors in the GeoReport form, declared in its own routes
     for r in extra_routers:  # read models, dashboard, webhooks: problem+json errors too
@@ -72,7 +75,8 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     app.add_middleware(CORSMiddleware, allow_origins=ctx.settings.cors_origins, allow_credentials=False,
                        allow_methods=["GET", "POST", "DELETE"], allow_headers=CORS_REQUEST_HEADERS,
                        expose_headers=CORS_RESPONSE_HEADERS, max_age=600)
-    app.add_middleware(problems.BodyLimit, limit=ctx.settings.max_body_bytes)
+    # photos have their own limit (NEEDLE_MEDIA_MAX_BYTES), counted by the upload route as it streams them
+    app.add_middleware(problems.BodyLimit, limit=ctx.settings.max_body_bytes, exempt=(media_api.UPLOAD_PATH,))
     app.add_middleware(problems.SecurityHeaders)
     app.add_middleware(TraceAndMeasure, metrics=metrics)  # outermost: sees every request and its route
     return app

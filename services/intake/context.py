@@ -17,6 +17,7 @@ from shared.store.eventstore import EventStore
 
 if TYPE_CHECKING:  # services started beside the intake; the app only reads them
     from services.integrations.webhooks import WebhookService
+    from services.media.store import MediaStore
     from services.projections.service import ReadModels
 
     from .observability import LagMonitor
@@ -36,6 +37,7 @@ class AppContext:
     read_models: ReadModels | None = None  # Postgres read models and how far they are (None: no queries here)
     webhooks: WebhookService | None = None  # registrations and delivery (None: not in this process)
     lag: LagMonitor | None = None  # consumer lag, for /healthz and /metrics
+    media: MediaStore | None = None  # photos (None: reports and resolves cannot reference media)
     limiter: RateLimiter = field(default_factory=lambda: RateLimiter(Rate(0, 1), Rate(0, 1)))  # off unless given
 
     @staticmethod

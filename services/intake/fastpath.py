@@ -151,7 +151,8 @@ class ReportFastPath:
                 return None
             report = ReportIssueBody.model_validate(data)
             require_role(principal, "grid_worker")
-            validate_report(self.ctx, report)
+            report = validate_report(self.ctx, report)
+            assert report.grid is not None
             require_area(self.ctx.org, principal, report.grid, f"grid {report.grid}")
         except (TokenError, orjson.JSONDecodeError, ValidationError, DomainError):
             return None

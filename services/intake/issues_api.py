@@ -9,12 +9,13 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Header, Response
 
+from services.media.references import check_references, evidence_rule
 from shared import entropy
 from shared.auth import Principal
 from shared.commanding import append_first, execute, load_current_state, load_existing_state, utcnow
 from shared.domain import commands as cmd
 from shared.domain import ids
-from shared.domain.errors import ConcurrencyConflict, Conflict, NotFound, PreconditionFailed, Unavailable
+from shared.domain.errors import ConcurrencyConflict, Conflict, Invalid, NotFound, PreconditionFailed, Unavailable
 from shared.domain.issue import IssueState, decide, initial_state
 from shared.domain.rules import check_category, check_grid, check_risk_flags
 from shared.events.models import Event
@@ -22,8 +23,8 @@ from shared.privacy.residents import Sealed, resident_view, reveal_events, seal_
 
 from . import problems
 from .context import AppContext
-from .schemas import Created, NoteBody, ReportIssueBody, issue_view
-from .security import Actor, Ctx, require_area, require_read, require_role
+from .schemas import Created, ReportIssueBody, ResolveBody, issue_view
+from .security import Actor, Ctx, is_command_center, require_area, require_read, require_role
 
 router = APIRouter(tags=["issues"])
 SOURCE = "needle/intake"
@@ -55,16 +56,52 @@ def state_headers(state: IssueState, seq: int) -> dict[str, str]:
     return {"ETag": etag(state.version), "Needle-Seq": str(seq), "Location": f"/v1/issues/{state.id}"}
 
 
-def validate_report(ctx: AppContext, body: ReportIssueBody) -> None:
+def place_report(ctx: AppContext, body: ReportIssueBody) -> ReportIssueBody:
+    """The report with its grid: as named, or the grid whose boundary holds ``location`` (point-in-polygon,
+    shared/config/boundaries.py). A named grid with a boundary and a point farther outside it than the org's
+    ``boundary_tolerance_m`` is 422 naming ``location``."""
+    index = ctx.org.grid_index
+    where = body.location
+    if body.grid is None:
+        if where is None:
+            raise Invalid("a report names its grid, or gives a location inside one", field="grid")
+        if not index:
+            raise Invalid("this org's grids have no boundaries: name the grid", field="grid")
+        grid = index.locate(where.lat, where.lon)
+        if grid is None:
+            raise Invalid(f"location {where.lat:g},{where.lon:g} is outside every grid of the org", field="location")
+        return body.model_copy(update={"grid": grid})
+    if where is not None:
+        away = index.distance_m(body.grid, where.lat, where.lon)
+        if away is not None and away > index.tolerance_m:
+            raise Invalid(f"location {where.lat:g},{where.lon:g} is {away:.0f} m outside grid {body.grid!r} "
+                          f"(tolerance {index.tolerance_m:g} m)", field="location", grid=body.grid,
+                          located=index.locate(where.lat, where.lon))
+    return body
+
+
+def validate_report(ctx: AppContext, body: ReportIssueBody) -> ReportIssueBody:
+    """The report, placed in its grid (:func:`place_report`) and checked against the org and the rulebook."""
+    body = place_report(ctx, body)
+    assert body.grid is not None
     check_grid(ctx.org, body.grid)
     check_category(ctx.rulebook, body.category)
     check_risk_flags(ctx.rulebook, body.risk)
+    if body.note is not None and not body.resolved_on_site:
+        raise Invalid("note is what was done on the spot: send it with resolved_on_site", field="note")
+    return body
+
+
+NEWER_FIELDS = ("visit", "media", "resolved_on_site", "note", "media_url")
 
 
 def request_hash(body: ReportIssueBody, resident_fingerprint: str | None = None) -> str:
     """What an Idempotency-Key replay must match. The resident enters only as an HMAC under their own
     key: a plain hash of a phone number could be brute-forced out of the (immutable) event."""
     dump = body.model_dump(mode="json")
+    for name in NEWER_FIELDS:  # left out at their defaults: a key's hash is what it was before they existed
+        if dump.get(name) in (None, False, []):
+            dump.pop(name, None)
     if body.resident is not None:
         dump["resident"] = {"id": body.resident.id, "fingerprint": resident_fingerprint}
     return hashlib.sha256(orjson.dumps(dump, option=orjson.OPT_SORT_KEYS)).hexdigest()
@@ -84,7 +121,8 @@ async def seal_report_resident(ctx: AppContext, body: ReportIssueBody) -> Sealed
 async def report_issue(body: ReportIssueBody, ctx: Ctx, p: Actor, idempotency_key: IdempotencyKey = None) -> Response:
     """Report a resident's issue (grid worker). A replay of the same Idempotency-Key returns the same issue."""
     require_role(p, "grid_worker")
-    validate_report(ctx, body)
+    body = validate_report(ctx, body)
+    assert body.grid is not None
     require_area(ctx.org, p, body.grid, f"grid {body.grid}")
     outcome = await record_report(ctx, p, body, idempotency_key, SOURCE)
     if not outcome.replayed:
@@ -108,7 +146,9 @@ class ReportOutcome:
 async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, key: str | None,
                         source: str) -> ReportOutcome:
     """The report use case, for every entry point (``POST /v1/issues``, Open311): a new issue, or the
-    one this reporter's Idempotency-Key already created (same body), or 409 (another body)."""
+    one this reporter's Idempotency-Key already created (same body), or 409 (another body). ``body`` is
+    placed and validated (:func:`validate_report`)."""
+    assert body.grid is not None
     if body.visit is not None:
         from .visits_api import check_report_visit
 
@@ -120,10 +160,16 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
         issue_id = ids.idempotent_issue_id(p.subject, ids.check_idempotency_key(key))
     else:
         issue_id = ids.new_issue_id(int(time.time() * 1000), entropy.randbits(80))
+    media = await check_references(ctx, body.media, issue_id)
     command = cmd.ReportIssue(grid=body.grid, category=body.category, title=body.title,
                               description=body.description, urgency=body.urgency, risk=tuple(body.risk),
                               location=body.location, reporter=p.subject, request_hash=rhash,
-                              resident=sealed.ref if sealed else None, visit=body.visit)
+                              resident=sealed.ref if sealed else None, visit=body.visit, media=media,
+                              media_url=body.media_url,
+                              resolved_on_site=body.resolved_on_site, note=body.note,
+                              review=ctx.rulebook.category(body.category).intake == "review",
+                              report_rule=evidence_rule(ctx, body.category, "report"),
+                              resolve_rule=evidence_rule(ctx, body.category, "resolve"))
     now = utcnow()
     events: list[Event] = decide(initial_state(issue_id), command, now)
     res = await append_first(ctx.store, issue_id, events, now=now, actor=p.subject, msg_id=f"report:{issue_id}",
@@ -145,7 +191,8 @@ async def _readable(ctx: AppContext, p: Any, issue_id: str) -> tuple[IssueState,
     state, envs = await load_existing_state(ctx.store, ids.check_issue_id(issue_id))
     if not state.exists:
         raise NotFound(f"issue {issue_id} not found", field="id")
-    require_read(ctx.org, p, state)
+    if not is_command_center(ctx, p, state):  # the command centre reads the reports it triages (受理)
+        require_read(ctx.org, p, state)
     return state, envs
 
 
@@ -165,18 +212,21 @@ async def get_issue_events(issue_id: str, ctx: Ctx, p: Actor) -> Response:
 
 
 @router.post("/v1/issues/{issue_id}/resolve-on-site")
-async def resolve_on_site(issue_id: str, ctx: Ctx, p: Actor, body: NoteBody | None = None,
+async def resolve_on_site(issue_id: str, ctx: Ctx, p: Actor, body: ResolveBody | None = None,
                           if_match: IfMatch = None) -> Response:
-    """Closed at the grid by the grid worker: no dispatch."""
+    """Closed at the grid by the grid worker: no dispatch. With the after-photo where the category requires
+    one (the report's photos count)."""
     require_role(p, "grid_worker")
     note = body.note if body else None
+    media = await check_references(ctx, body.media if body else [], ids.check_issue_id(issue_id))
 
     def decide_(state: IssueState, now: Any) -> list[Event]:
         if not state.exists:
             raise NotFound(f"issue {issue_id} not found", field="id")
         require_area(ctx.org, p, state.grid, f"issue {issue_id}")
         check_if_match(if_match, state)
-        return decide(state, cmd.ResolveOnSite(by=p.subject, note=note), now)
+        rule = evidence_rule(ctx, state.category, "resolve")
+        return decide(state, cmd.ResolveOnSite(by=p.subject, note=note, media=media, resolve_rule=rule), now)
 
     out = await execute(ctx.store, ids.check_issue_id(issue_id), decide_, actor=p.subject, source=SOURCE)
     return json_response(issue_view(out.state), headers=state_headers(out.state, out.seq))

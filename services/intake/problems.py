@@ -113,14 +113,16 @@ def install(app: FastAPI) -> None:
 
 class BodyLimit:
     """Refuses bodies larger than ``limit`` bytes with 413 (pure ASGI). A declared Content-Length is
-    checked up front; a chunked body is read (up to the limit) before the app sees it."""
+    checked up front; a chunked body is read (up to the limit) before the app sees it. A POST to an
+    ``exempt`` path (photo uploads) passes untouched: its route enforces its own limit while streaming."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, exempt: tuple[str, ...] = ()) -> None:
         self.app = app
         self.limit = limit
+        self.exempt = frozenset(exempt)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or (scope["path"] in self.exempt and scope.get("method") == "POST"):
             await self.app(scope, receive, send)
             return
         declared = False

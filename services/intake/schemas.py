@@ -7,8 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.config import OrgTree
-from shared.domain.issue import IssueState, TaskState
-from shared.events.models import RESIDENT_ID, Location
+from shared.domain.issue import IssueState, MediaItem, TaskState
+from shared.events.models import MEDIA_ID, RESIDENT_ID, Location, MediaPhase
 from shared.privacy.sealing import normalize_phone
 
 NO_NUL = r"^[^\x00]*$"  # Postgres text (and most consumers) cannot hold NUL
@@ -41,8 +41,16 @@ class ResidentBody(Strict):
         return self
 
 
+class MediaBody(Strict):
+    """A reference to a photo uploaded with ``POST /v1/media``."""
+
+    id: str = Field(pattern=MEDIA_ID, description="the id POST /v1/media answered (the sha256 of the photo)")
+    phase: MediaPhase = Field(default="other", description="before (the problem), after (the fix), other")
+
+
 class ReportIssueBody(Strict):
-    grid: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    grid: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                             description="the grid; without it, the grid whose boundary holds `location`")
     category: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     title: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
     description: str | None = Field(default=None, max_length=5000, pattern=NO_NUL)
@@ -52,6 +60,13 @@ class ReportIssueBody(Strict):
     resident: ResidentBody | None = None
     visit: str | None = Field(default=None, min_length=1, max_length=40, pattern=r"^[0-9a-z]+$",
                               description="the household visit (走访) the report came from")
+    media: list[MediaBody] = Field(default_factory=list, max_length=20, description="photos (POST /v1/media)")
+    resolved_on_site: bool = Field(default=False, description="即报即处: already handled on the spot by the "
+                                                              "reporter; closed at once, nothing is dispatched")
+    note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL,
+                             description="with resolved_on_site: what was done")
+    media_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://[^\s\x00]+$",
+                                  description="an external link (Open311 media_url), kept and never fetched")
 
     @field_validator("location")
     @classmethod
@@ -65,13 +80,29 @@ class NoteBody(Strict):
     note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
 
 
+class ResolveBody(Strict):
+    note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
+    media: list[MediaBody] = Field(default_factory=list, max_length=20, description="photos (POST /v1/media)")
+
+
 class ReasonBody(Strict):
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
+
+
+class AcceptBody(Strict):
+    reason: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
+
+
+class RecategoriseBody(Strict):
+    category: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    grid: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
 
 
 class VerifyBody(Strict):
     passed: bool
     note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
+    media: list[MediaBody] = Field(default_factory=list, max_length=20, description="photos (POST /v1/media)")
 
 
 class FeedbackBody(Strict):
@@ -115,6 +146,11 @@ def task_view(t: TaskState) -> dict[str, Any]:
     }
 
 
+def media_view(m: MediaItem) -> dict[str, Any]:
+    return {"id": m.id, "phase": m.phase, "stage": m.stage, "by": m.by, "task_id": m.task_id,
+            "url": f"/v1/media/{m.id}", "thumb": f"/v1/media/{m.id}?size=thumb"}
+
+
 def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTree | None = None) -> dict[str, Any]:
     """The issue as the API shows it; ``resident`` as the reader may see it (default: its id only). With
     ``org``, each task also carries its department's ``kind`` and the kind's display name (``kind_name``)."""
@@ -135,4 +171,6 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTr
         "reopen_count": s.reopen_count, "escalations": s.escalations, "satisfaction": s.satisfaction,
         "campaign": s.campaign, "visit": s.visit, "resident": resident, "tasks": tasks,
         "unserved": [u.model_dump() for u in s.unserved],
+        "media": [media_view(m) for m in s.media], "media_url": s.media_url,
+        "triage": {"decision": s.triage, "reason": s.triage_reason, "by": s.triaged_by} if s.triage else None,
     }

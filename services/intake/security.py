@@ -93,6 +93,24 @@ def require_read(org: OrgTree, p: Principal, state: IssueState) -> None:
         raise NotAllowed(f"issue {state.id} is outside {p.role} scope {p.scope or '-'}")
 
 
+def command_center_of(ctx: AppContext, state: IssueState) -> str | None:
+    """The department id of the command centre that triages the issue (受理): the ``command_center`` serving
+    its owner area (once routed, the router's; before, the area at the category's start level above the
+    grid)."""
+    owner = state.owner_area
+    if owner is None:
+        category = ctx.rulebook.categories.get(state.category)
+        if category is None or state.grid not in ctx.org.areas:
+            return None
+        owner = ctx.org.owner_at(state.grid, category.start).id
+    dept = ctx.org.serving(owner, "command_center")
+    return dept.id if dept else None
+
+
+def is_command_center(ctx: AppContext, p: Principal, state: IssueState) -> bool:
+    return p.role == "handler" and p.scope_id is not None and p.scope_id == command_center_of(ctx, state)
+
+
 def require_task_holder(p: Principal, task: TaskState) -> None:
     if p.role == "admin":
         return

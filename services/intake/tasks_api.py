@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 
+from services.media.references import check_references, evidence_rule
 from shared.commanding import execute
 from shared.domain import commands as cmd
 from shared.domain import ids
@@ -19,7 +20,16 @@ from shared.events.models import Event
 
 from .context import AppContext
 from .issues_api import IfMatch, check_if_match, json_response, state_headers
-from .schemas import ExtensionRequestBody, FeedbackBody, NoteBody, ReasonBody, VerifyBody, issue_view, task_view
+from .schemas import (
+    ExtensionRequestBody,
+    FeedbackBody,
+    NoteBody,
+    ReasonBody,
+    ResolveBody,
+    VerifyBody,
+    issue_view,
+    task_view,
+)
 from .security import Actor, Ctx, require_area, require_role, require_task_holder
 
 router = APIRouter(tags=["tasks"])
@@ -66,12 +76,16 @@ async def return_task(task_id: str, body: ReasonBody, ctx: Ctx, p: Actor, if_mat
 
 
 @router.post("/v1/tasks/{task_id}/resolve")
-async def resolve_task(task_id: str, ctx: Ctx, p: Actor, body: NoteBody | None = None,
+async def resolve_task(task_id: str, ctx: Ctx, p: Actor, body: ResolveBody | None = None,
                        if_match: IfMatch = None) -> Response:
-    """处理反馈: the department reports the work done; the grid worker verifies it next."""
+    """处理反馈: the department reports the work done (with the after-photo where the category requires
+    one); the grid worker verifies it next."""
     issue_id = ids.issue_of_task(task_id)
+    media = await check_references(ctx, body.media if body else [], issue_id)
     out = await _run(ctx, issue_id, p.subject, if_match, lambda s: require_task_holder(p, s.task(task_id)),
-                     lambda s, now: cmd.ResolveTask(task_id=task_id, by=p.subject, note=body.note if body else None))
+                     lambda s, now: cmd.ResolveTask(task_id=task_id, by=p.subject, note=body.note if body else None,
+                                                    media=media,
+                                                    resolve_rule=evidence_rule(ctx, s.category, "resolve")))
     return _task_response(out, task_id)
 
 
@@ -107,9 +121,10 @@ async def approve_extension(task_id: str, ctx: Ctx, p: Actor) -> Response:
 async def verify_issue(issue_id: str, body: VerifyBody, ctx: Ctx, p: Actor, if_match: IfMatch = None) -> Response:
     """核查: the grid worker checks the fix. Passed closes the issue; failed reopens it (返工)."""
     require_role(p, "grid_worker")
+    media = await check_references(ctx, body.media, ids.check_issue_id(issue_id))
     out = await _run(ctx, ids.check_issue_id(issue_id), p.subject, if_match,
                      lambda s: require_area(ctx.org, p, s.grid, f"issue {issue_id}"),
-                     lambda s, now: cmd.VerifyIssue(passed=body.passed, by=p.subject, note=body.note))
+                     lambda s, now: cmd.VerifyIssue(passed=body.passed, by=p.subject, note=body.note, media=media))
     return _issue_response(out)
 
 

@@ -149,18 +149,19 @@ async def _create(request: Request, fmt: Format) -> Response:
     if where.address is not None:  # an address without a point: keep it where the handler will read it
         description = f"{description}\n\n地址 (address): {where.address}" if description else \
             f"地址 (address): {where.address}"
-    # first_name, last_name and phone become the sealed resident; email, device_id, account_id and media_url
-    # are accepted and not stored
+    # first_name, last_name and phone become the sealed resident; media_url is kept as an external link (never
+    # fetched); email, device_id and account_id are accepted and not stored
     try:
         body = ReportIssueBody(grid=where.grid, category=code, title=title, description=description,
                                urgency=urgency, risk=list(risk), location=where.location,  # type: ignore[arg-type]
-                               resident=resident_of(params))  # type: ignore[arg-type]
+                               resident=resident_of(params),  # type: ignore[arg-type]
+                               media_url=first(params, "media_url") or None)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err.get("loc", ())) or "request"
         field = {"resident.phone": "phone", "resident.name": "first_name"}.get(field, field)
         raise Open311Error(400, f"{field}: {err.get('msg', 'invalid')}") from None
-    validate_report(ctx, body)
+    body = validate_report(ctx, body)  # a point outside every grid, or outside attribute[grid]: 400
     issue_id, replayed, seq = await _append(ctx, p, body, request.headers.get("idempotency-key"))
     item = {"service_request_id": issue_id, "token": issue_id,
             "service_notice": catalog.service_notice(ctx.rulebook, code, urgency), "account_id": None}

@@ -4,8 +4,9 @@ Parameters become ``{name: [values]}`` (query string first, then the body). Attr
 ``attribute[urgency]=urgent``, ``attribute[risk][]=violence&attribute[risk][]=mass_casualty``; a JSON body may
 also send ``"attribute": {"urgency": "urgent", "risk": ["violence"]}``.
 
-Location, first that is given: ``attribute[grid]`` (a grid id), ``lat`` + ``long`` (the nearest grid with a
-location, at most MAX_GRID_KM away), ``address_string`` (the org's area names it contains or is part of).
+Location, first that is given: ``attribute[grid]`` (a grid id), ``lat`` + ``long`` (the grid whose boundary
+holds the point, as ``POST /v1/issues`` finds it; in an org whose grids have no boundaries, the nearest grid
+with a location, at most MAX_GRID_KM away), ``address_string`` (the org's area names it contains or is part of).
 """
 from __future__ import annotations
 
@@ -222,6 +223,12 @@ def place(org: OrgTree, params: Params, attrs: dict[str, list[str]]) -> Place:
         if area is None or area.level != Level.grid:
             raise Open311Error(400, f"attribute grid: {grids[0]!r} is not a grid of this jurisdiction")
         return Place(area.id, location, None if location else address)
+    if location is not None and org.grid_index:
+        grid = org.grid_index.locate(location.lat, location.lon)
+        if grid is None:
+            raise Open311Error(400, f"lat/long {location.lat:g},{location.lon:g} is outside every grid of this "
+                                    "jurisdiction")
+        return Place(grid, location, None)
     if location is not None:
         nearest = org.nearest_grid(location.lat, location.lon)
         if nearest is None or nearest.location is None:

@@ -115,7 +115,7 @@ def from_state(org: OrgTree, rulebook: Rulebook, state: IssueState, envelopes: S
         "zipcode": None,
         "lat": lat,
         "long": lon,
-        "media_url": None,
+        "media_url": state.media_url,  # the reporter's own link, as given (never fetched)
     }
 
 

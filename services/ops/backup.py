@@ -12,6 +12,7 @@ Layout of a backup directory::
                             sealed personal data in the events cannot be read after a restore
     KV_NEEDLE_WEBHOOKS.tar.s2, KV_NEEDLE_WEBHOOK_DLQ.tar.s2   webhook registrations, dead letters
     KV_NEEDLE_REVOKED.tar.s2   token revocations (and any other NEEDLE_* stream or KV_NEEDLE_* bucket)
+    OBJ_NEEDLE_MEDIA.tar.s2, KV_NEEDLE_MEDIA_REFS.tar.s2   photos (evidence) and which issues reference them
 
 Postgres is not in it: the read models are derived and are rebuilt on restore. With the residents' keys
 in it, a backup is as sensitive as the keys, and a resident forgotten after it was taken comes back
@@ -47,8 +48,9 @@ class BackupError(RuntimeError):
 
 
 def owned(name: str) -> bool:
-    """The streams needle owns: NEEDLE_* and the KV buckets NEEDLE_* (KV_NEEDLE_*)."""
-    return name.startswith("NEEDLE_") or name.startswith("KV_NEEDLE_")
+    """The streams needle owns: NEEDLE_*, the KV buckets NEEDLE_* (KV_NEEDLE_*) and the object stores
+    NEEDLE_* (OBJ_NEEDLE_*: photos)."""
+    return name.startswith(("NEEDLE_", "KV_NEEDLE_", "OBJ_NEEDLE_"))
 
 
 def _ordered(names: list[str]) -> list[str]:

@@ -44,6 +44,7 @@ METRICS = (
     "verifications", "reopened", "escalated", "feedback", "feedback_satisfied",
     "tasks_dispatched", "tasks_acknowledged", "tasks_ack_on_time", "tasks_resolved", "tasks_resolved_on_time",
     "tasks_returned", "tasks_extended", "sla_warned", "sla_breached", "dispatch_ms_sum",
+    "rejected", "voided", "recategorised",
     "urged", "resident_feedback", "resident_unsolved", "returns_rejected", "supervised",
 )
 RATES: dict[str, tuple[str, str]] = {
@@ -112,14 +113,18 @@ def clean(text: str) -> str:
     return text.replace("\x00", "") if "\x00" in text else text
 
 
-def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) -> dict[str, Any]:
+def _areas(org: OrgTree, grid: str) -> list[str]:
     try:
-        areas = [a.id for a in org.ancestors(e.grid)]
+        return [a.id for a in org.ancestors(grid)]
     except KeyError:
-        areas = [e.grid]
+        return [grid]
+
+
+def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) -> dict[str, Any]:
+    areas = _areas(org, e.grid)
     return {
         "id": issue_id, "grid": e.grid, "category": e.category, "title": clean(e.title), "urgency": e.urgency,
-        "status": "reported", "level": None, "owner_area": None, "areas": areas,
+        "status": "pending_review" if e.review else "reported", "level": None, "owner_area": None, "areas": areas,
         "reported_at": e.reported_at, "dispatched_at": None, "closed_at": None, "closed_on_time": None,
         "first_resolved_at": None,
         "lead_task": None, "lead_department": None, "lead_status": None, "next_due": None,
@@ -287,6 +292,17 @@ def apply(batch: Batch, env: Envelope) -> None:
             if issue["lead_department"]:
                 batch.count_dept(issue["lead_department"], at, "reopened")
             _close_open_tasks(batch, issue_id, seq)
+        case ev.IssueAccepted():
+            issue["status"] = "reported"
+        case ev.IssueRejected() | ev.IssueVoided():
+            issue["status"] = "rejected" if isinstance(e, ev.IssueRejected) else "voided"
+            batch.count_area(issue, at, issue["status"])
+            _close_open_tasks(batch, issue_id, seq)
+        case ev.IssueRecategorised():
+            _close_open_tasks(batch, issue_id, seq)
+            issue.update(category=e.to_category, grid=e.to_grid, areas=_areas(batch.org, e.to_grid),
+                         status="reported", level=None, owner_area=None)
+            batch.count_area(issue, at, "recategorised")
         case ev.IssueClosed():
             issue.update(status="closed", closed_at=e.closed_at, closed_on_time=e.on_time)
             batch.count_area(issue, at, "closed")

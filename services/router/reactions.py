@@ -26,7 +26,7 @@ from shared.config import OrgTree, Rulebook
 from shared.domain import ids
 from shared.domain.clocks import SlaClocks
 from shared.domain.errors import DomainError
-from shared.domain.issue import IssueState, TaskState, evolve
+from shared.domain.issue import ISSUE_ENDED, IssueState, TaskState, evolve
 from shared.domain.levels import Level
 from shared.events import models as ev
 
@@ -92,18 +92,30 @@ def _escalate(state: IssueState, rules: RouterRules, now: datetime, *, cause: st
             *_dispatch(state, plan, rules, now, reason="escalated", caused_by=caused_by, supervise=True)]
 
 
+def _route_report(state: IssueState, rules: RouterRules, now: datetime, seq: int) -> list[ev.Event]:
+    level = start_level(rules.rulebook, state.category, state.urgency, state.risk)
+    plan = plan_route(rules.org, rules.rulebook, state.grid, state.category, level)
+    reason = "risk" if level != rules.rulebook.category(state.category).start else "reported"
+    return _dispatch(state, plan, rules, now, reason=reason, caused_by=seq)
+
+
 def react(state: IssueState, event: ev.Event, seq: int, rules: RouterRules, now: datetime) -> list[ev.Event]:
     """The router's answer to the event stored at ``seq`` (empty when nothing is to be done)."""
-    if seq in state.handled or not state.exists or state.status == "closed":
+    if seq in state.handled or not state.exists or state.status in ISSUE_ENDED:
         return []
     match event:
         case ev.IssueReported():
-            if state.status != "reported" or state.tasks:
+            # a report handled on the spot (即报即处) is closed in its own append: never dispatched, even when
+            # only the report itself has been folded (the router's batched fast path)
+            if state.status != "reported" or state.tasks or event.resolved_on_site:
                 return []
-            level = start_level(rules.rulebook, state.category, state.urgency, state.risk)
-            plan = plan_route(rules.org, rules.rulebook, state.grid, state.category, level)
-            reason = "risk" if level != rules.rulebook.category(state.category).start else "reported"
-            return _dispatch(state, plan, rules, now, reason=reason, caused_by=seq)
+            return _route_report(state, rules, now, seq)
+        case ev.IssueAccepted() | ev.IssueRecategorised():
+            # 受理 / 改类: routed as a new report would be (with new clocks); the tasks of a recategorised issue
+            # were superseded by the event itself
+            if state.status != "reported" or state.open_tasks:
+                return []
+            return _route_report(state, rules, now, seq)
         case ev.TaskReturned():
             t = state.task(event.task_id)
             if t.role != "lead" or state.lead is not t or any(x.role == "lead" for x in state.open_tasks):
@@ -188,7 +200,7 @@ def on_timer(state: IssueState, task_id: str, rules: RouterRules, now: datetime)
 
     An edge that is not yet due (the timer fired early, or an extension moved the due time)
     does nothing; the caller schedules the next edge from the new state."""
-    if not state.exists or state.status == "closed":
+    if not state.exists or state.status in ISSUE_ENDED:
         return []
     try:
         t = state.task(task_id)
@@ -233,7 +245,7 @@ def dispatch_timer(state: IssueState, task_id: str) -> tuple[str, datetime] | No
     co-tasks would race each other for the issue (OCC). Not one per issue either: a timer set from a state that
     missed a new dispatch would replace the new dispatch's earlier one. A state that missed events of the same
     dispatch gives an earlier edge (acks, warnings, extensions only move edges later): early, never late."""
-    if not state.exists or state.status == "closed":
+    if not state.exists or state.status in ISSUE_ENDED:
         return None
     try:
         group = dispatch_of(state, task_id)
@@ -253,7 +265,7 @@ def on_issue_timer(state: IssueState, rules: RouterRules, now: datetime) -> list
     before breaches at the same instant); a breach that escalates ends the answer (the escalation supersedes
     the other tasks). Looks only at the current state, so a fired timer handled twice answers nothing more
     the second time, and a task acknowledged before its deadline is never breached."""
-    if not state.exists or state.status == "closed":
+    if not state.exists or state.status in ISSUE_ENDED:
         return []
     out: list[ev.Event] = []
     s = state

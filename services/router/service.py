@@ -42,7 +42,8 @@ from .reactions import RouterRules, react
 from .timers import SOURCE, StateCache, TimerMixin, _after, load_holding
 
 log = structlog.get_logger("needle.router")
-REACTS_TO = frozenset({"issue_reported", "task_returned", "issue_escalated", "issue_reopened"})
+REACTS_TO = frozenset({"issue_reported", "task_returned", "issue_escalated", "issue_reopened", "issue_accepted",
+                       "issue_recategorised"})
 CONSUMES = REACTS_TO | {"task_dispatched"}  # what the router handles; the other issue events are acked unread
 # ONE wildcard filter, the types picked client-side: nats-server 2.15 intersects a multi-filter consumer's
 # filters (``filter_subjects``) with every subject of the message block for each message it delivers, and

@@ -22,15 +22,22 @@ island township may hold grids directly); every department's kind is a well-form
 exists; ``kinds`` names only well-formed kinds with non-empty names; an optional ``location`` has a latitude in
 [-90, 90] and a longitude in [-180, 180]; an optional ``households`` (the grid's household count, the
 denominator of its 入户率) is a whole number >= 0, on a grid only.
+
+Boundaries (optional, shared/config/boundaries.py): any area may carry ``boundary:``, a GeoJSON Polygon or
+MultiPolygon inline or a file name relative to the org file; ``boundary_tolerance_m:`` (top level, default 30)
+is the tolerance of their checks and of the point -> grid lookup. Gaps between children are ``warnings``.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shared.config.boundaries import DEFAULT_TOLERANCE_M, BoundaryError, GridIndex, check_boundaries, geometry_of
 from shared.config.loader import Document, parse_yaml, read_source, suggest, text_digest
 from shared.domain.levels import Level
 
@@ -45,6 +52,7 @@ def check_kind(doc: Document, value: Any, path: str) -> str:
         doc.fail(path, f"invalid department kind {text!r}: use lower-case letters, digits and '_', "
                  "starting with a letter (e.g. sanitation, water_conservancy)")
     return text
+log = logging.getLogger("needle.org")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,11 +94,15 @@ class OrgTree:
     version: str = ""
     kind_names: dict[str, str] = field(default_factory=dict)
     """Display names of kinds (the org's optional ``kinds:`` map); :meth:`kind_name` falls back to the kind."""
+    boundaries: dict[str, Any] = field(default_factory=dict)  # area id -> shapely (Multi)Polygon, degrees
+    boundary_tolerance_m: float = DEFAULT_TOLERANCE_M
+    warnings: tuple[str, ...] = ()  # what loaded but looks wrong (gaps between boundaries)
     _children: dict[str, tuple[str, ...]] = field(init=False, repr=False, compare=False)
     _by_area: dict[str, tuple[Department, ...]] = field(init=False, repr=False, compare=False)
     _root: str = field(init=False, repr=False, compare=False)
     _lineage: dict[str, frozenset[str]] = field(init=False, repr=False, compare=False)  # is_under's memo
     _serving: dict[tuple[str, str], Department | None] = field(init=False, repr=False, compare=False)  # serving's
+    _grids: GridIndex = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         children: dict[str, list[str]] = {aid: [] for aid in self.areas}
@@ -108,6 +120,8 @@ class OrgTree:
         object.__setattr__(self, "_root", roots[0] if roots else "")
         object.__setattr__(self, "_lineage", {})
         object.__setattr__(self, "_serving", {})
+        grids = {a: g for a, g in self.boundaries.items() if a in self.areas and self.areas[a].level == Level.grid}
+        object.__setattr__(self, "_grids", GridIndex(grids, self.boundary_tolerance_m))
 
     # -- areas ------------------------------------------------------------------------------------------------
     @property
@@ -178,6 +192,11 @@ class OrgTree:
                 best = (d, area)
         return best[1] if best else None
 
+    @property
+    def grid_index(self) -> GridIndex:
+        """The grids that have a boundary, for point -> grid (empty, and falsy, when none has one)."""
+        return self._grids
+
     # -- departments ------------------------------------------------------------------------------------------
     def department(self, department_id: str) -> Department:
         try:
@@ -229,14 +248,19 @@ def _haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 def load_org(path: str | Path) -> OrgTree:
     """Load and validate an org file; raises :class:`shared.config.loader.ConfigError`."""
     text, name, digest = read_source(path)
-    return parse_org(text, name, digest=digest)
+    tree = parse_org(text, name, digest=digest, base=Path(path).parent)
+    for warning in tree.warnings:  # loads, but looks wrong (gaps between boundaries)
+        log.warning("%s: %s", name, warning)
+    return tree
 
 
-def parse_org(text: str, source: str = "<org>", *, digest: str | None = None) -> OrgTree:
+def parse_org(text: str, source: str = "<org>", *, digest: str | None = None, base: Path | None = None) -> OrgTree:
     """Parse and validate org YAML ``text``; ``source`` names it in error messages. ``version`` is the
-    document's ``version:`` or the first 12 hex digits of the sha256 of the text."""
+    document's ``version:`` or the first 12 hex digits of the sha256 of the text. Boundary files are read
+    relative to ``base`` (the org file's directory)."""
     data, doc = parse_yaml(text, source)
-    top = doc.mapping(data, "", required=("areas",), optional=("departments", "kinds", "version"))
+    top = doc.mapping(data, "", required=("areas",), optional=("departments", "kinds", "version",
+                                                               "boundary_tolerance_m"))
     version = str(top["version"]) if top.get("version") is not None else (digest or text_digest(text))[:12]
     first_at: dict[str, str] = {}  # id -> path of its definition (areas and departments share one namespace)
 
@@ -250,12 +274,14 @@ def parse_org(text: str, source: str = "<org>", *, digest: str | None = None) ->
 
     areas: dict[str, Area] = {}
     paths: dict[str, str] = {}
+    boundaries: dict[str, Any] = {}
     raw_areas = doc.sequence(top["areas"], "areas")
     if not raw_areas:
         doc.fail("areas", "at least one area is required")
     for i, raw in enumerate(raw_areas):
         p = f"areas[{i}]"
-        m = doc.mapping(raw, p, required=("id", "name", "level"), optional=("parent", "location", "households"))
+        m = doc.mapping(raw, p, required=("id", "name", "level"), optional=("parent", "location", "households",
+                                                                         "boundary"))
         aid = claim(m["id"], f"{p}.id", "area id")
         parent = None if m.get("parent") is None else doc.ident(m["parent"], f"{p}.parent", "parent id")
         location = _location(doc, m["location"], f"{p}.location") if m.get("location") is not None else None
@@ -264,7 +290,19 @@ def parse_org(text: str, source: str = "<org>", *, digest: str | None = None) ->
             if m.get("households") is not None else None
         areas[aid] = Area(aid, doc.string(m["name"], f"{p}.name"), level, parent, location, households)
         paths[aid] = p
+        if m.get("boundary") is not None:
+            boundaries[aid] = _boundary(doc, m["boundary"], f"{p}.boundary", base)
     _check_tree(doc, areas, paths)
+    tolerance = DEFAULT_TOLERANCE_M
+    if top.get("boundary_tolerance_m") is not None:
+        tolerance = doc.number(top["boundary_tolerance_m"], "boundary_tolerance_m")
+        if not 0.0 <= tolerance <= 10_000.0:
+            doc.fail("boundary_tolerance_m", f"must be between 0 and 10000 metres, got {tolerance:g}")
+
+    def fail(aid: str, message: str) -> None:
+        doc.fail(f"{paths[aid]}.boundary", message)
+
+    warnings = check_boundaries(boundaries, {a: areas[a].parent for a in boundaries}, tolerance, fail)
 
     departments: dict[str, Department] = {}
     for i, raw in enumerate(doc.sequence(top.get("departments") or [], "departments")):
@@ -282,7 +320,26 @@ def parse_org(text: str, source: str = "<org>", *, digest: str | None = None) ->
     for kind, label in doc.mapping(top.get("kinds") or {}, "kinds").items():
         check_kind(doc, kind, f"kinds.{kind}")
         kind_names[kind] = doc.string(label, f"kinds.{kind}")
-    return OrgTree(areas=areas, departments=departments, version=version, kind_names=kind_names)
+    return OrgTree(areas=areas, departments=departments, version=version, kind_names=kind_names,
+                   boundaries=boundaries, boundary_tolerance_m=tolerance, warnings=tuple(warnings))
+
+
+def _boundary(doc: Document, value: Any, path: str, base: Path | None) -> Any:
+    """An inline GeoJSON geometry, or a file name relative to the org file's directory."""
+    if isinstance(value, str):
+        if base is None:
+            doc.fail(path, f"boundary file {value!r} cannot be read: this org was not loaded from a file")
+        file = base / value
+        try:
+            value = json.loads(file.read_text("utf-8"))
+        except OSError as e:
+            doc.fail(path, f"cannot read boundary file {str(file)!r}: {e.strerror or e}")
+        except ValueError as e:
+            doc.fail(path, f"boundary file {str(file)!r} is not JSON: {e}")
+    try:
+        return geometry_of(value)
+    except BoundaryError as e:
+        doc.fail(path, str(e))
 
 
 def _location(doc: Document, value: Any, path: str) -> Location:

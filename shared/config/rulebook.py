@@ -24,6 +24,13 @@ Kinds (``lead``, ``co``) are open identifiers (``[a-z][a-z0-9_]*``); whether the
 is checked against the org by :mod:`shared.config.crosscheck`, not here. ``fallback:`` names the kind that takes
 what nobody else owns (兜底; default ``command_center``).
 
+Intake (optional, per category): ``intake: auto`` (the default: a report is dispatched by the rules at once)
+or ``intake: review`` (受理: the report waits in ``pending_review`` until the command centre or a supervisor
+accepts, rejects, voids or recategorises it).
+
+Evidence (optional, per category): ``evidence: {report: photo, resolve: photo}`` — a report of the category
+must carry a photo (phase ``before``) and a resolve of its tasks a photo (phase ``after``); either may be absent.
+
 Extensions (optional): ``version:`` (default: the first 12 hex digits of the sha256 of the file's bytes), and
 ``risk.<flag>.name`` (a display name, e.g. 集体上访苗头), and
 ``urgency: {emergency: {min_start: street, sla_factor: 0.25}}`` — per urgency a minimum start level and a
@@ -85,6 +92,19 @@ class Handler:
     co: tuple[str, ...] = ()
 
 
+INTAKE_MODES: tuple[str, ...] = ("auto", "review")
+EVIDENCE_KINDS: tuple[str, ...] = ("photo",)
+EVIDENCE_STAGES: tuple[str, ...] = ("report", "resolve")
+
+
+@dataclass(frozen=True, slots=True)
+class Evidence:
+    """What a category's reports and resolves must carry (``None``: nothing)."""
+
+    report: str | None = None
+    resolve: str | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Category:
     id: str
@@ -94,6 +114,8 @@ class Category:
     handlers: dict[Level, Handler] = field(default_factory=dict)
     group: str | None = None
     description: str | None = None
+    evidence: Evidence = Evidence()
+    intake: str = "auto"  # auto | review
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +348,8 @@ def _working_hours(doc: Document, value: Any) -> tuple[tuple[time, time], ...]:
 
 def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
     doc.ident(cid, p, "category id")
-    m = doc.mapping(raw, p, required=("name", "start", "sla"), optional=("group", "description", "handlers"))
+    m = doc.mapping(raw, p, required=("name", "start", "sla"), optional=("group", "description", "handlers",
+                                                                                 "evidence", "intake"))
     sla_raw = doc.mapping(m["sla"], f"{p}.sla", required=("acknowledge", "resolve"), optional=("clock",))
     sla = Sla(
         doc.duration(sla_raw["acknowledge"], f"{p}.sla.acknowledge"),
@@ -355,5 +378,11 @@ def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
         handlers[level] = Handler(lead, tuple(co))
     group = doc.string(m["group"], f"{p}.group") if m.get("group") is not None else None
     description = doc.string(m["description"], f"{p}.description") if m.get("description") is not None else None
+    evidence = Evidence()
+    if m.get("evidence") is not None:
+        em = doc.mapping(m["evidence"], f"{p}.evidence", optional=EVIDENCE_STAGES)
+        evidence = Evidence(**{stage: doc.choice(kind, f"{p}.evidence.{stage}", EVIDENCE_KINDS, "evidence kind")
+                               for stage, kind in em.items() if kind is not None})
+    intake = doc.choice(m.get("intake", "auto"), f"{p}.intake", INTAKE_MODES, "intake mode")
     return Category(cid, doc.string(m["name"], f"{p}.name"), doc.level(m["start"], f"{p}.start", "start level"),
-                    sla, handlers, group, description)
+                    sla, handlers, group, description, evidence, intake)

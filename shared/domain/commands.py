@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from shared.events.models import Location, ResidentRef, Satisfaction, Urgency
+from shared.events.models import Location, MediaRef, ResidentRef, Satisfaction, Urgency
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,12 +22,47 @@ class ReportIssue:
     resident: ResidentRef | None = None  # already sealed by the caller (the core never sees clear data)
     visit: str | None = None  # the household visit the report came from
     households_target: int | None = None  # a campaign's issue: households of the grid to reach
+    media: tuple[MediaRef, ...] = ()
+    media_url: str | None = None
+    review: bool = False  # 受理: the category's intake is review (wait in pending_review)
+    resolved_on_site: bool = False  # 即报即处: handled on the spot by the reporter; nothing is dispatched
+    note: str | None = None  # what was done on the spot
+    report_rule: str | None = None  # the evidence rule a report must meet (a photo, phase before), if any
+    resolve_rule: str | None = None  # the evidence rule a resolve must meet (a photo, phase after), if any
 
 
 @dataclass(frozen=True, slots=True)
 class ResolveOnSite:
     by: str
     note: str | None = None
+    media: tuple[MediaRef, ...] = ()
+    resolve_rule: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptIssue:
+    by: str
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectIssue:
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class VoidIssue:
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecategoriseIssue:
+    by: str
+    reason: str
+    category: str
+    grid: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +83,8 @@ class ResolveTask:
     task_id: str
     by: str
     note: str | None = None
+    media: tuple[MediaRef, ...] = ()
+    resolve_rule: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +92,7 @@ class VerifyIssue:
     passed: bool
     by: str
     note: str | None = None
+    media: tuple[MediaRef, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +141,7 @@ class UrgeIssue:
 
 
 Command = (
-    ReportIssue | ResolveOnSite | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
+    ReportIssue | ResolveOnSite | AcceptIssue | RejectIssue | VoidIssue | RecategoriseIssue
+    | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
     | RecordResidentFeedback | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
 )

@@ -69,6 +69,20 @@ class Gone(DomainError):
     title = "Gone"
 
 
+class TooLarge(DomainError):
+    """The body is larger than its limit; nothing was stored."""
+
+    status = 413
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(DomainError):
+    """The body's type (from its content) is not one needle accepts, or not the one declared."""
+
+    status = 415
+    title = "Unsupported media type"
+
+
 class Unavailable(DomainError):
     """A backing service is down or slow; retrying later helps."""
 

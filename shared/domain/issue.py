@@ -12,10 +12,12 @@ from shared.events import models as ev
 
 from . import commands as cmd
 from .errors import Conflict, Invalid, NotFound
+from .evidence import require_photo
 
 URGENCY_RANK: dict[str, int] = {"normal": 0, "urgent": 1, "emergency": 2}
 TASK_OPEN = frozenset({"dispatched", "acknowledged"})
-ISSUE_OPEN = frozenset({"reported", "dispatched", "in_progress", "resolved", "reopened"})
+ISSUE_OPEN = frozenset({"pending_review", "reported", "dispatched", "in_progress", "resolved", "reopened"})
+ISSUE_ENDED = frozenset({"closed", "rejected", "voided"})  # nothing more is done for these
 _D = TypeVar("_D")
 
 
@@ -45,6 +47,22 @@ class TaskState:
     @property
     def open(self) -> bool:
         return self.status in TASK_OPEN
+
+
+@dataclass(frozen=True, slots=True)
+class MediaItem:
+    """A medium the issue references: when (``stage``: report | resolve | verify | on_site), by whom, which
+    task's resolve (``task_id``), and its ``phase`` (before | after | other)."""
+
+    id: str
+    phase: str
+    stage: str
+    by: str
+    task_id: str | None = None
+
+
+def _media(refs: tuple[ev.MediaRef, ...], stage: str, by: str, task_id: str | None = None) -> tuple[MediaItem, ...]:
+    return tuple(MediaItem(m.id, m.phase, stage, by, task_id) for m in refs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +98,11 @@ class IssueState:
     closed_on_time: bool | None = None
     satisfaction: str | None = None
     resident_feedback: bool = False  # the resident answered the one-time 回访 link (it works once)
+    media: tuple[MediaItem, ...] = ()  # every medium referenced, in the order of the events
+    media_url: str | None = None  # an external link given with the report (never fetched)
+    triage: str | None = None  # the last triage decision: accepted | rejected | voided | recategorised
+    triage_reason: str | None = None
+    triaged_by: str | None = None
     handled: frozenset[int] = field(default_factory=frozenset)  # causing seqs the router already reacted to
 
     @property
@@ -155,8 +178,24 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 urgency=event.urgency, risk=event.risk, location=event.location, reporter=event.reporter,
                 reported_at=event.reported_at, request_hash=event.request_hash, campaign=event.campaign,
                 resident=event.resident, visit=event.visit, households_target=event.households_target,
-                status="reported",
+                media=_media(event.media, "report", event.reporter),
+                media_url=event.media_url, status="pending_review" if event.review else "reported",
             )
+        case ev.IssueAccepted():
+            changes.update(status="reported", triage="accepted", triage_reason=event.reason, triaged_by=event.by)
+        case ev.IssueRejected():
+            changes.update(status="rejected", triage="rejected", triage_reason=event.reason, triaged_by=event.by,
+                           tasks=_superseded(state.tasks))
+        case ev.IssueVoided():
+            changes.update(status="voided", triage="voided", triage_reason=event.reason, triaged_by=event.by,
+                           tasks=_superseded(state.tasks))
+        case ev.IssueRecategorised():
+            changes.update(category=event.to_category, grid=event.to_grid, status="reported", level=None,
+                           owner_area=None, rule=None, tasks=_superseded(state.tasks), triage="recategorised",
+                           triage_reason=event.reason, triaged_by=event.by)
+        case ev.IssueResolvedOnSite():
+            if event.media:
+                changes["media"] = state.media + _media(event.media, "on_site", event.by)
         case ev.IssueRouted():
             changes.update(level=event.level, owner_area=event.owner_area, rule=event.rule,
                            rulebook_version=event.rulebook_version, unserved=event.unserved)
@@ -181,6 +220,8 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                                          return_reason=event.reason)
         case ev.TaskResolved():
             changes["tasks"] = _set_task(state, event.task_id, status="resolved", resolved_at=event.at, note=event.note)
+            if event.media:
+                changes["media"] = state.media + _media(event.media, "resolve", event.by, event.task_id)
             if state.task(event.task_id).role == "lead":
                 changes["status"] = "resolved"
         case ev.TaskSuperseded():
@@ -199,6 +240,8 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
             changes["tasks"] = _set_task(state, event.task_id, resolve_due=event.resolve_due,
                                          resolve_warn=event.resolve_warn, extension_requested=None, extended=True)
         case ev.IssueVerified():
+            if event.media:
+                changes["media"] = state.media + _media(event.media, "verify", event.by)
             if not event.passed:
                 changes["failed_verifications"] = state.failed_verifications + 1
         case ev.IssueReopened():
@@ -224,8 +267,23 @@ def fold(issue_id: str, events: list[tuple[ev.Event, int]]) -> IssueState:
 def _require_open(state: IssueState) -> None:
     if not state.exists:
         raise NotFound(f"issue {state.id} not found", field="id")
-    if state.status == "closed":
-        raise Conflict(f"issue {state.id} is closed", current_status=state.status)
+    if state.status in ISSUE_ENDED:
+        raise Conflict(f"issue {state.id} is {state.status}", current_status=state.status)
+
+
+def _require_untouched(state: IssueState, ended: str | None = None) -> bool:
+    """Triage is possible while no task has been acknowledged. True when the issue already ended as
+    ``ended`` (a retry of the same decision: nothing more to record)."""
+    if not state.exists:
+        raise NotFound(f"issue {state.id} not found", field="id")
+    if ended is not None and state.status == ended:
+        return True
+    if state.status in ISSUE_ENDED:
+        raise Conflict(f"issue {state.id} is {state.status}", current_status=state.status)
+    if any(t.acknowledged_at is not None for t in state.tasks):
+        raise Conflict(f"a task of issue {state.id} was acknowledged: it can no longer be triaged",
+                       current_status=state.status)
+    return False
 
 
 def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Event]:
@@ -234,18 +292,49 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
         case cmd.ReportIssue():
             if state.exists:
                 raise Conflict(f"issue {state.id} already exists", current_status=state.status)
-            return [ev.IssueReported(
+            require_photo(command.report_rule, command.media, "before")
+            reported = ev.IssueReported(
                 grid=command.grid, category=command.category, title=command.title, description=command.description,
                 urgency=command.urgency, risk=command.risk, location=command.location, reporter=command.reporter,
                 reported_at=now, request_hash=command.request_hash, campaign=command.campaign,
                 resident=command.resident, visit=command.visit, households_target=command.households_target,
-            )]
+                media=command.media, media_url=command.media_url,
+                resolved_on_site=command.resolved_on_site, review=command.review and not command.resolved_on_site,
+            )
+            if not command.resolved_on_site:
+                return [reported]
+            # 即报即处: reported, handled on the spot and closed in one append, so the router never sees an
+            # open issue to dispatch; the photos of the report are the on-site evidence
+            require_photo(command.resolve_rule, command.media, "after")
+            return [reported, ev.IssueResolvedOnSite(by=command.reporter, note=command.note),
+                    ev.IssueClosed(reason="resolved_on_site", on_time=True, closed_at=now)]
+        case cmd.AcceptIssue():
+            _require_untouched(state)
+            if state.status != "pending_review":  # accepted already (a retry), or never held: nothing to do
+                return []
+            return [ev.IssueAccepted(by=command.by, reason=command.reason)]
+        case cmd.RejectIssue():
+            if _require_untouched(state, ended="rejected"):
+                return []
+            return [ev.IssueRejected(by=command.by, reason=command.reason)]
+        case cmd.VoidIssue():
+            if _require_untouched(state, ended="voided"):
+                return []
+            return [ev.IssueVoided(by=command.by, reason=command.reason)]
+        case cmd.RecategoriseIssue():
+            _require_untouched(state)
+            if (command.category, command.grid) == (state.category, state.grid):  # a retry, or no change
+                return []
+            return [ev.IssueRecategorised(by=command.by, reason=command.reason, from_category=state.category,
+                                          to_category=command.category, from_grid=state.grid, to_grid=command.grid)]
         case cmd.ResolveOnSite():
             _require_open(state)
             if state.tasks:
                 raise Conflict("issue already dispatched to departments; verify their work instead",
                                current_status=state.status)
-            return [ev.IssueResolvedOnSite(by=command.by, note=command.note),
+            require_photo(command.resolve_rule, (*command.media, *(m for m in state.media if m.stage == "report")),
+                          "after")
+            return [ev.IssueResolvedOnSite(by=command.by, note=command.note, media=command.media),
                     ev.IssueClosed(reason="resolved_on_site", on_time=True, closed_at=now)]
         case cmd.AcknowledgeTask():
             _require_open(state)
@@ -264,13 +353,14 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             t = state.task(command.task_id)
             if not t.open:
                 raise Conflict(f"task {t.id} is {t.status}", current_status=t.status)
-            return [ev.TaskResolved(task_id=t.id, by=command.by, note=command.note, at=now)]
+            require_photo(command.resolve_rule, command.media, "after")
+            return [ev.TaskResolved(task_id=t.id, by=command.by, note=command.note, at=now, media=command.media)]
         case cmd.VerifyIssue():
             _require_open(state)
             if state.status != "resolved":
                 raise Conflict(f"issue {state.id} is {state.status}; only a resolved issue can be verified",
                                current_status=state.status)
-            verified = ev.IssueVerified(passed=command.passed, by=command.by, note=command.note)
+            verified = ev.IssueVerified(passed=command.passed, by=command.by, note=command.note, media=command.media)
             if command.passed:
                 lead = state.lead
                 on_time = lead is not None and lead.resolved_at is not None and lead.resolved_at <= lead.resolve_due

@@ -28,6 +28,17 @@ class Location(BaseModel):
 
 
 RESIDENT_ID = r"^[A-Za-z0-9_-]{1,64}$"
+MEDIA_ID = r"^[0-9a-f]{64}$"
+MediaPhase = Literal["before", "after", "other"]
+
+
+class MediaRef(BaseModel):
+    """A photo kept in the media store (``GET /v1/media/{id}``), referenced by its content address: events
+    carry references only, never the bytes."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    id: str = Field(pattern=MEDIA_ID, description="the medium's id: the sha256 (hex) of the stored bytes")
+    phase: MediaPhase = Field(description="before the work (the report), after it (the fix), or other")
 
 
 class ResidentRef(BaseModel):
@@ -70,6 +81,16 @@ class IssueReported(Event):
     households_target: int | None = Field(
         default=None, ge=0, description="a campaign's issue: the households of its grid the campaign must reach")
 
+    media: tuple[MediaRef, ...] = ()
+    media_url: str | None = Field(default=None, description="an external link given with the report (Open311 "
+                                                            "media_url); never fetched by needle")
+    review: bool = Field(default=False, description="受理: the category's intake is review; the issue waits in "
+                                                    "pending_review until accepted, rejected, voided or "
+                                                    "recategorised, and nothing is dispatched before")
+    resolved_on_site: bool = Field(default=False, description="即报即处: handled on the spot by the reporter; "
+                                                              "resolved_on_site and closed follow in the same "
+                                                              "append, and nothing is ever dispatched")
+
 
 VisitKind = Literal["routine", "campaign", "follow_up"]
 
@@ -97,6 +118,49 @@ class IssueResolvedOnSite(Event):
     ce_type = "needle.issue.resolved_on_site.v1"
     by: str
     note: str | None = None
+    media: tuple[MediaRef, ...] = ()
+
+
+class IssueAccepted(Event):
+    """受理: the command centre (or a supervisor) accepts a report waiting for review; the router dispatches
+    it by the rules."""
+
+    name = "issue_accepted"
+    ce_type = "needle.issue.accepted.v1"
+    by: str
+    reason: str | None = None
+
+
+class IssueRejected(Event):
+    """不予受理: not government business, out of jurisdiction...; the grid worker sees why. Open tasks end."""
+
+    name = "issue_rejected"
+    ce_type = "needle.issue.rejected.v1"
+    by: str
+    reason: str
+
+
+class IssueVoided(Event):
+    """作废: a mistake or a test. Open tasks end."""
+
+    name = "issue_voided"
+    ce_type = "needle.issue.voided.v1"
+    by: str
+    reason: str
+
+
+class IssueRecategorised(Event):
+    """改类: another category and/or grid; open tasks end and the router routes the issue anew, with new
+    clocks."""
+
+    name = "issue_recategorised"
+    ce_type = "needle.issue.recategorised.v1"
+    by: str
+    reason: str
+    from_category: str
+    to_category: str
+    from_grid: str
+    to_grid: str
 
 
 class UnservedKind(BaseModel):
@@ -168,6 +232,7 @@ class TaskResolved(Event):
     by: str
     note: str | None = None
     at: datetime
+    media: tuple[MediaRef, ...] = ()
 
 
 class TaskSuperseded(Event):
@@ -235,6 +300,7 @@ class IssueVerified(Event):
     passed: bool
     by: str
     note: str | None = None
+    media: tuple[MediaRef, ...] = ()
 
 
 class IssueReopened(Event):
@@ -313,6 +379,10 @@ class ResidentForgotten(Event):
 EVENT_TYPES: tuple[type[Event], ...] = (
     IssueReported,
     IssueResolvedOnSite,
+    IssueAccepted,
+    IssueRejected,
+    IssueVoided,
+    IssueRecategorised,
     IssueRouted,
     TaskDispatched,
     TaskAcknowledged,

@@ -86,6 +86,17 @@ def needle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Needle]:
         _cleanup([up])
 
 
+def _png() -> bytes:
+    """A small real PNG (the type is read from the bytes)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 120, 40)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def lead(issue: dict[str, Any]) -> str:
     task_id: str = next(t["id"] for t in issue["tasks"] if t["role"] == "lead" and t["status"] != "superseded")
     return task_id
@@ -148,6 +159,20 @@ def test_every_write_endpoint_answers_its_documented_success_under_needle_up(nee
     finally:
         os.kill(router[0], signal.SIGCONT)
     assert n.issue(four, lambda b: b["status"] == "closed")["tasks"] == []
+
+    # a photo (before), a report that carries it; the triage decisions of the command centre on fresh reports
+    png = _png()
+    r = n.call("POST", "/v1/media", headers=gw | {"Content-Type": "image/png"}, content=png)
+    assert r.status_code == 201, r.text
+    n.report(gw, media=[{"id": r.json()["id"], "phase": "before"}])
+    center = n.auth("handler", "dept:dinghai-center")  # road damage is owned at the district
+    for action, body in (("accept", {}), ("reject", {"reason": "不属政府职责"}), ("void", {"reason": "测试"}),
+                         ("recategorise", {"category": "neighbour_dispute", "reason": "实为邻里纠纷"})):
+        issue_id = n.report(gw)
+        n.issue(issue_id)
+        r = n.call("POST", f"/v1/issues/{{issue_id}}/{action}", f"/v1/issues/{issue_id}/{action}", headers=center,
+                   json=body)
+        assert r.status_code == 200, (action, r.text)
 
     # a household visit (走访) by the grid's worker, and the report raised on it
     r = n.call("POST", "/v1/visits", headers=gw | {"Idempotency-Key": str(uuid.uuid4())},

@@ -29,6 +29,7 @@ from fastapi.routing import iter_route_contexts
 
 from shared import auth
 from shared.store.revocations import open_bucket, revoke_token
+from tests.photos import png_bytes
 from tests.support import NeedleHandle, start_needle
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -71,10 +72,14 @@ class Case:
     setup: str | None = None  # the route gets an issue of its own: "fresh" (dispatched), "requested" (the lead
     #                           asked for an extension) or "resolved" (the lead resolved its task)
     succeeds: bool = False  # the first allowed caller's write must be a 2xx (its actor is then checked)
+    content: bytes | None = None  # a raw body (a photo), sent with ``content_type``
+    content_type: str | None = None
 
 
 ISSUE_READERS = ("gw_a", "handler_x", "handler_y", "sup_street", "integrator", "admin")
 REPORT = {"grid": GRID_A, "category": "road_damage", "title": "matrix report"}
+PHOTO = png_bytes()  # the matrix issue's before-photo; uploading it again is the same medium
+WRITERS = ("gw_a", "gw_b", "handler_x", "handler_y", "handler_z", "sup_street", "sup_other", "admin")
 HOOK = {"url": "http://127.0.0.1:9/hook", "types": ["issue_reported"], "secret": "matrix-secret-0123456789"}
 
 # (method, path as the app declares it) -> what each caller gets
@@ -149,6 +154,15 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("POST", "/v1/tasks/{task_id}/extension/approve"): Case(only("sup_street", "admin"), setup="requested",
                                                             succeeds=True),
     # integrators: their webhooks; never an issue write (above: 403 everywhere)
+    ("POST", "/v1/media"): Case(only(*WRITERS), content=PHOTO, content_type="image/png", succeeds=True),
+    ("GET", "/v1/media/{media_id}"): Case(only(*ISSUE_READERS)),
+    ("POST", "/v1/issues/{issue_id}/accept"): Case(only("sup_street", "admin"), setup="fresh", succeeds=True),
+    ("POST", "/v1/issues/{issue_id}/reject"): Case(only("sup_street", "admin"), json={"reason": "m"},
+                                                   setup="fresh", succeeds=True),
+    ("POST", "/v1/issues/{issue_id}/void"): Case(only("sup_street", "admin"), json={"reason": "m"}, setup="fresh",
+                                                 succeeds=True),
+    ("POST", "/v1/issues/{issue_id}/recategorise"): Case(only("sup_street", "admin"), setup="fresh", succeeds=True,
+                                                         json={"category": "neighbour_dispute", "reason": "m"}),
     ("POST", "/v1/webhooks"): Case(only("integrator", "admin"), json=HOOK, succeeds=True),
     ("GET", "/v1/webhooks"): Case(only("integrator", "admin")),
     ("GET", "/v1/webhooks/{hook_id}"): Case(only("integrator", "admin")),
@@ -193,6 +207,7 @@ class World:
     cid: str = ""
     visit: str = ""
     hook: str = ""
+    media: str = ""
     own: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # route -> (its issue, lead task)
     headers: dict[str, dict[str, str]] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)
@@ -231,7 +246,11 @@ async def seed(h: NeedleHandle) -> World:
     revoked = auth.TokenVerifier(key).verify(w.tokens["revoked"]).token_id
     await revoke_token(await open_bucket(h.stack.nc), revoked, at=time.time(), by="matrix")
 
-    r = await c.post("/v1/issues", json=REPORT | {"title": "the matrix issue"}, headers=w.headers["gw_a"])
+    r = await c.post("/v1/media", content=PHOTO, headers=w.headers["gw_a"] | {"Content-Type": "image/png"})
+    assert r.status_code == 201, r.text
+    w.media = r.json()["id"]
+    r = await c.post("/v1/issues", json=REPORT | {"title": "the matrix issue", "media": [
+        {"id": w.media, "phase": "before"}]}, headers=w.headers["gw_a"])
     assert r.status_code == 201, r.text
     w.issue = r.json()["id"]
     issue = await h.wait_for(f"/v1/issues/{w.issue}", admin, lambda b: len(b["tasks"]) >= 2)
@@ -286,7 +305,7 @@ def fill(method: str, path: str, w: World) -> str:
     issue_id, task_id = w.own.get((method, path), (w.issue, w.lead_task))
     values = {"issue_id": issue_id, "task_id": task_id, "cid": w.cid, "hook_id": w.hook, "visit_id": w.visit,
               "ce_type": "needle.issue.reported.v1", "fmt": "json", "name": "road_damage.json",
-              "rest": "v3/whatever", "resident_id": "res_matrix",
+              "rest": "v3/whatever", "resident_id": "res_matrix", "media_id": w.media,
               "token": "4102444800.forged-signature-000000"}
     if path.startswith("/open311/v2/requests/") or path.startswith("/open311/v2/tokens/"):
         values["name"] = f"{w.issue}.json"
@@ -307,6 +326,9 @@ async def call(h: NeedleHandle, w: World, method: str, path: str, case: Case, wh
         kwargs["json"] = case.json
     if case.data is not None:
         kwargs["data"] = case.data
+    if case.content is not None:
+        kwargs["content"] = case.content
+        headers["Content-Type"] = case.content_type or "application/octet-stream"
     if case.stream:
         async with h.client.stream(method, path, **kwargs) as r:
             return r  # status and headers only: the body never ends
@@ -355,6 +377,8 @@ async def test_each_caller_gets_what_the_matrix_says(stack: tuple[NeedleHandle, 
 
 async def assert_actor(h: NeedleHandle, w: World, r: httpx.Response, who: str, url: str) -> None:
     """The audit trail: the event a write appended names the caller's token subject as its actor."""
+    if r.headers.get("Idempotent-Replayed") == "true":
+        return  # a decision already recorded (by an earlier caller): the write appended nothing
     location = r.headers.get("Location", "")
     issue_id = next((i for i, _ in w.own.values() if i in url), w.issue)
     if location.startswith("/v1/issues/"):

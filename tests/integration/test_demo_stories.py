@@ -67,6 +67,9 @@ async def test_four_stories(needle_factory: Callable[..., Any]) -> None:
     assert _open_set(issue, "street", "co") == co
     lead = next(t for t in issue["tasks"] if t["role"] == "lead")
     assert "座谈会7场" in lead["note"] and "爆破药量" in lead["note"]
+    # photo evidence: the grid worker's before-photo with the report, the lead's after-photo with its resolve
+    assert [(m["phase"], m["stage"]) for m in issue["media"]] == [("before", "report"), ("after", "resolve")]
+    assert issue["media"][1]["task_id"] == lead["id"] and "POST /v1/media → 201" in text
     ev = await _events(h, slope)
     assert _types(ev) == ["issue.reported", "issue.routed", *["task.dispatched"] * 4,
                           *["task.acknowledged"] * 4, *["task.resolved"] * 4, *CLOSE]

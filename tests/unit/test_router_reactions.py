@@ -25,7 +25,7 @@ from shared.domain import commands as cmd
 from shared.domain.calendar import WorkCalendar
 from shared.domain.clocks import SlaClocks
 from shared.domain.ids import new_issue_id, task_id
-from shared.domain.issue import IssueState, decide, fold
+from shared.domain.issue import IssueState, decide, evolve, fold, initial_state
 from shared.events import models as ev
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,6 +174,17 @@ def test_a_closed_issue_gets_no_reaction() -> None:
     assert story.state.status == "closed"
     # when the router sees the report, then it dispatches nothing
     assert react(story.state, *cue, CONTRACT, T0 + 2 * MIN) == []
+
+
+def test_a_report_handled_on_the_spot_is_never_dispatched_even_folded_alone() -> None:
+    # given a report recorded as handled on the spot (即报即处): reported, resolved on site, closed, one append
+    story = reported(resolved_on_site=True)
+    report = next((e, seq) for e, seq in story.log if isinstance(e, ev.IssueReported))
+    assert story.state.status == "closed"
+    # when the router's fast path folds only the report (it does not load what followed), then nothing
+    alone = evolve(initial_state(story.state.id), report[0], report[1])
+    assert alone.status == "reported" and react(alone, *report, CONTRACT, T0) == []
+    assert react(story.state, *report, CONTRACT, T0) == []
 
 
 def test_a_report_already_dispatched_under_another_cue_is_not_dispatched_twice() -> None:

@@ -1,0 +1,1 @@
+"""Photos as evidence: uploaded once, kept in a JetStream Object Store, referenced by events."""
