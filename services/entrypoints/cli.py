@@ -43,7 +43,9 @@ def _child_env(settings: Settings, nats_url: str, database_url: str | None) -> d
     env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_DATA_DIR": str(settings.data_dir),
            "NEEDLE_ORG": str(settings.org), "NEEDLE_RULES": str(settings.rules),
            "NEEDLE_HOLIDAYS": str(settings.holidays), "NEEDLE_LOG_LEVEL": settings.log_level,
-           "NEEDLE_WORKERS": "1"}
+           "NEEDLE_WORKERS": "1",
+           # links the children make (the notifier's 回访 link) point at the HTTP intake of this needle
+           "NEEDLE_PUBLIC_URL": settings.public_url or f"http://{settings.host}:{settings.port}"}
     if database_url:
         env["NEEDLE_DATABASE_URL"] = database_url
     return env
