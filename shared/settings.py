@@ -60,8 +60,16 @@ class Settings(BaseSettings):
     rate_limit_burst: int = Field(default=200, ge=1)
     rate_limit_read_per_s: float = Field(default=200.0, ge=0)  # reads (GET, HEAD)
     rate_limit_read_burst: int = Field(default=1000, ge=1)
+    # Open311 reads without an api_key, per client address (docs/SECURITY.md); 0 switches the limit off
+    open311_anonymous_per_s: float = Field(default=5.0, ge=0)
+    open311_anonymous_burst: int = Field(default=100, ge=1)
+    sse_max_per_subject: int = Field(default=8, ge=1)  # open event streams per token subject (both SSE routes)
     # browser origins allowed to call the API (CORS), comma-separated or a JSON list; none by default
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # webhook targets allowed though not public (loopback, private, link-local...): host names and CIDRs,
+    # comma-separated or a JSON list; none by default (services/integrations/targets.py)
+    webhook_allow_private: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_max_per_owner: int = Field(default=20, ge=1)  # webhooks one token subject may hold at once
 
     # /healthz turns 503 when the router or the projections are more than this many messages or seconds behind
     health_max_lag: int = 10_000
@@ -81,7 +89,7 @@ class Settings(BaseSettings):
     notify_templates: Path = REPO_DEPLOY / "notify" / "templates.yaml"
     notify_language: Literal["zh", "en"] = "zh"  # when set, GET /metrics needs "Authorization: Bearer <token>"
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "webhook_allow_private", mode="before")
     @classmethod
     def _split_origins(cls, v: object) -> object:
         if isinstance(v, str):

@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from services.entrypoints.supervisor import Child
 
 from services.entrypoints.nats_users import nats_servers
+from shared.files import prepare_data_dir
 from shared.settings import Settings
 
 app = typer.Typer(help="needle — 千条线穿进一根针: event-sourced issue escalation for grid governance.",
@@ -160,7 +161,7 @@ def _boot_held(settings: Settings, services: tuple[str, ...], child_services: tu
     from shared.logs import configure
 
     configure(settings.log_level, settings.log_json)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings.data_dir)  # 0700, with logs/, nats/, secrets/
     # before the app's modules load: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when first imported
     intake_workers = "intake" in services and settings.workers > 1
     if intake_workers:
@@ -278,15 +279,16 @@ def run(service: Annotated[str, typer.Argument(help="intake | router | projectio
 
 @token_app.command("issue")
 def token_issue(
-    role: Annotated[str, typer.Option(help="grid_worker | handler | supervisor | integrator | admin")],
+    role: Annotated[str, typer.Option(help="grid_worker | handler | supervisor | integrator | admin | reporter")],
     scope: Annotated[str, typer.Option(help="area:<id> | dept:<id> | (empty for integrator/admin)")] = "",
     data_dir: DataDir = None,
-    ttl: Annotated[str, typer.Option(help="lifetime, ISO 8601 (P30D) or seconds")] = "P30D",
-    subject: Annotated[str | None, typer.Option(help="who the token stands for (default: role:scope)")] = None,
+    ttl: Annotated[str, typer.Option(help="lifetime, ISO 8601 or seconds (default per role: SECURITY.md)")] = "",
+    subject: Annotated[str | None, typer.Option(help="who the token stands for (default: a new one, printed)")] = None,
     org: Annotated[Path | None, typer.Option(help="org tree the scope is checked against (default: the running "
                                                    "needle's, else NEEDLE_ORG or the demo org)")] = None,
 ) -> None:
-    """Print a bearer token that the server using DATA_DIR accepts (its scope checked against the org)."""
+    """Print a bearer token that the server using DATA_DIR accepts (the last line of stdout; its scope is
+    checked against the org)."""
     from shared import auth
     from shared.config import ConfigError, load_org
     from shared.config.loader import parse_duration
@@ -294,9 +296,7 @@ def token_issue(
 
     settings = _settings(data_dir)
     try:
-        ttl_s = int(ttl) if ttl.isdigit() else int(parse_duration(ttl).total_seconds())
-        if ttl_s <= 0:
-            raise ValueError(f"--ttl must be positive, got {ttl!r}")
+        ttl_s = None if not ttl else int(ttl) if ttl.isdigit() else int(parse_duration(ttl).total_seconds())
         org_file = org or Path((running(settings) or {}).get("org") or settings.org)
         try:
             check_scope(load_org(org_file), role, scope)
@@ -304,8 +304,12 @@ def token_issue(
             raise ValueError(f"cannot check the scope against {org_file}: {exc}") from None
         except ValueError as exc:  # say which org: before `needle up`, the default is the demo's (--org FILE)
             raise ValueError(f"{exc} [org: {org_file}]") from None
+        plan = auth.plan_token(role, scope, subject, ttl_s)
         key = auth.load_or_create_key(settings.data_dir)
-        typer.echo(auth.issue_token(key, role=role, scope=scope, subject=subject, ttl_s=ttl_s))
+        token = auth.issue_token(key, role=role, scope=scope, subject=plan.subject, ttl_s=plan.ttl_s)
+        if plan.generated:
+            typer.echo(f"subject: {plan.subject} (--subject {plan.subject} issues another token for it)", err=True)
+        typer.echo(token)
     except ValueError as exc:
         raise _fail(str(exc)) from None
 
@@ -422,7 +426,7 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
     import nats
 
     from shared.commanding import utcnow
-    from shared.privacy.keystore import ResidentKeys
+    from shared.privacy.keystore import ResidentKeys, load_or_create_kek
     from shared.privacy.residents import forget as do_forget
 
     settings = _settings(data_dir)
@@ -431,7 +435,7 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
     async def go() -> tuple[str, tuple[str, ...]]:
         nc = await nats.connect(nats_servers(info["nats_url"]))
         try:
-            keys = ResidentKeys(nc, replicas=settings.stream_replicas)
+            keys = ResidentKeys(nc, replicas=settings.stream_replicas, kek=load_or_create_kek(settings.data_dir))
             await keys.start(watch=False)
             out = await do_forget(nc, keys, resident, by=os.environ.get("USER", "cli"), now=utcnow())
             return out.resident_id, out.key_ids

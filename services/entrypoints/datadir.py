@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from shared.files import prepare_data_dir, write_private
+
 LOCK_FILE = "needle.lock"
 RUNTIME_FILE = "runtime.json"
 
@@ -40,12 +42,9 @@ def read_runtime(data_dir: Path) -> dict[str, Any]:
 
 
 def write_runtime(data_dir: Path, info: dict[str, Any]) -> None:
-    """Created 0600 (it names the servers, and the database URL may carry a password), replaced atomically."""
-    tmp = data_dir / f".{RUNTIME_FILE}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(info, f, indent=2)
-    os.replace(tmp, data_dir / RUNTIME_FILE)
+    """0600 from its creation (it names the servers, and the database URL carries a password), replaced
+    atomically."""
+    write_private(data_dir / RUNTIME_FILE, json.dumps(info, indent=2))
 
 
 def _open_lock(data_dir: Path) -> int:
@@ -70,7 +69,7 @@ def is_held(data_dir: Path) -> bool:
 def hold(data_dir: Path, *, attempts: int = 5) -> Iterator[None]:
     """Hold the data dir exclusively, or raise :class:`DataDirBusy` naming its holder. A few quick attempts
     ride out another command's momentary probe (``is_held``)."""
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    prepare_data_dir(data_dir)  # 0700, with logs/, nats/, secrets/
     fd = _open_lock(data_dir)
     try:
         for attempt in range(attempts):

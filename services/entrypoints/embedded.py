@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import stat
@@ -22,10 +23,37 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.files import private_dir, write_private
+
 from .nats_users import authorization_block, load_or_create_passwords, url_for
 from .processes import free_port, spawn, stop, wait_port
 
 PG_SYSTEM_USER = "needle-pg"
+PG_PASSWORD_FILE = "secrets/postgres.password"  # the embedded Postgres superuser's (scram-sha-256)
+
+
+def load_or_create_pg_password(data_dir: Path) -> str:
+    """The embedded Postgres superuser's password: 32 random bytes (hex), made once, in a 0600 file of the
+    data dir's 0700 ``secrets/`` (created with its mode: never readable by others, not even for a moment)."""
+    path = Path(data_dir) / PG_PASSWORD_FILE
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    password = secrets.token_hex(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another start made it first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as f:
+        f.write(password)
+    return password
+
+
+def _hba_trusts(pgdata: Path) -> bool:
+    hba = pgdata / "pg_hba.conf"
+    return hba.exists() and any(line.split()[-1:] == ["trust"] for line in hba.read_text().splitlines()
+                                if line.strip() and not line.lstrip().startswith("#"))
 
 
 def nats_server_binary() -> str:
@@ -90,14 +118,13 @@ class EmbeddedNats:
         return url_for("integrator", load_or_create_passwords(self.data_dir)["integrator"], self.port)
 
     def start(self, timeout: float = 30.0) -> None:
-        root = self.data_dir / "nats"
-        root.mkdir(parents=True, exist_ok=True)
+        root = private_dir(self.data_dir / "nats")
+        private_dir(self.data_dir / "logs")
         self.port = self.port or free_port()
         conf = root / "nats.conf"
         auth = authorization_block(load_or_create_passwords(self.data_dir))
-        conf.write_text(nats_config(port=self.port, store_dir=root / "jetstream", sync_always=self.sync_always,
-                                    authorization=auth))
-        conf.chmod(0o600)
+        write_private(conf, nats_config(port=self.port, store_dir=root / "jetstream", sync_always=self.sync_always,
+                                        authorization=auth))
         log = self.data_dir / "logs" / "nats.log"
         self.proc = spawn([nats_server_binary(), "-c", str(conf)], log=log, death_signal=signal.SIGTERM)
         wait_port("127.0.0.1", self.port, self.proc, timeout, "nats-server", log)
@@ -148,20 +175,24 @@ def _runnable_pg_install(user: str) -> Path:
     return install
 
 
+# As root, postgres runs as an unprivileged user who cannot pass the (0700) data dir to reach pgdata. Rather
+# than widening the parents, the child enters pgdata while still root (subprocess changes directory before it
+# changes user) and postgres is told its data is its working directory, through /proc/self/cwd: each of its
+# processes (and initdb's) inherits that directory and never walks the path from the root.
+HERE = "/proc/self/cwd"
+
+
 def _prepare_for_system_user(pgdata: Path, user: str) -> None:
-    """Postgres refuses to run as root: run it as an unprivileged user that owns pgdata."""
+    """Postgres refuses to run as root: run it as an unprivileged user that owns pgdata (0700). The parents
+    of pgdata are left as they are."""
     try:
         pwd.getpwnam(user)
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", user], check=True,
                        capture_output=True)
     entry = pwd.getpwnam(user)
-    for p in reversed(pgdata.parents):
-        if p.exists() and p.is_dir():
-            mode = p.stat().st_mode
-            if mode & 0o001 != 0o001:  # search (not list) is all postgres needs to reach its data
-                p.chmod(mode | 0o011)
     os.chown(pgdata, entry.pw_uid, entry.pw_gid)
+    os.chmod(pgdata, 0o700)
 
 
 @dataclass
@@ -177,11 +208,58 @@ class EmbeddedPostgres:
         return self.data_dir / "pg"
 
     @property
+    def _d(self) -> str:
+        """pgdata as postgres is told it: its working directory when it runs as another user (HERE)."""
+        return HERE if self.user is not None else str(self.pgdata)
+
+    @property
+    def _cwd(self) -> Path | None:
+        return self.pgdata if self.user is not None else None
+
+    @property
     def url(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        password = load_or_create_pg_password(self.data_dir)
+        return f"postgresql://postgres:{password}@127.0.0.1:{self.port}/postgres"
+
+    def _initdb(self, bins: Path, password: str) -> None:
+        """A new cluster whose every connection (TCP and socket) needs the superuser's password (scram-sha-256);
+        the password reaches initdb in a file only the postgres user can read, deleted at once."""
+        tmp = Path(tempfile.mkdtemp(prefix="needle-pw-"))  # 0700
+        try:
+            pwfile = tmp / "pw"
+            fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            if self.user is not None:
+                entry = pwd.getpwnam(self.user)
+                for path in (tmp, pwfile):
+                    os.chown(path, entry.pw_uid, entry.pw_gid)
+            subprocess.run([str(bins / "initdb"), "-D", self._d, "--auth=scram-sha-256",
+                            f"--pwfile={pwfile}", "--encoding=UTF8", "--locale=C", "-U", "postgres"],
+                           check=True, capture_output=True, user=self.user, cwd=self._cwd)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _stop_trusting(self, bins: Path, password: str) -> None:
+        """A cluster made by an earlier needle with ``--auth=trust``: give the superuser the password (single-user
+        mode, before any listener is up) and make pg_hba.conf ask for it (scram-sha-256)."""
+        sql = f"ALTER ROLE postgres PASSWORD '{password}';\n"  # hex: nothing to escape
+        subprocess.run([str(bins / "postgres"), "--single", "-D", self._d, "-c",
+                        "password_encryption=scram-sha-256", "postgres"], input=sql.encode(), check=True,
+                       capture_output=True, user=self.user, cwd=self._cwd)
+        hba = self.pgdata / "pg_hba.conf"
+        lines = []
+        for line in hba.read_text().splitlines():
+            parts = line.split()
+            if parts and not line.lstrip().startswith("#") and parts[-1] == "trust":
+                line = line[:line.rstrip().rfind("trust")] + "scram-sha-256"
+            lines.append(line)
+        hba.write_text("\n".join(lines) + "\n")  # written in place: owner and mode are kept
 
     def start(self, timeout: float = 60.0) -> None:
-        self.pgdata.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
+        private_dir(self.data_dir / "logs")
+        private_dir(self.pgdata)
         log = self.data_dir / "logs" / "postgres.log"
         bins = pg_bin_dir()
         if os.geteuid() == 0:
@@ -193,9 +271,9 @@ class EmbeddedPostgres:
             entry = pwd.getpwnam(self.user)
             os.chown(log, entry.pw_uid, entry.pw_gid)
         self.bins = bins
+        password = load_or_create_pg_password(self.data_dir)
         if not (self.pgdata / "PG_VERSION").exists():
-            subprocess.run([str(bins / "initdb"), "-D", str(self.pgdata), "--auth=trust", "--encoding=UTF8",
-                            "--locale=C", "-U", "postgres"], check=True, capture_output=True, user=self.user)
+            self._initdb(bins, password)
         pid_file = self.pgdata / "postmaster.pid"
         if pid_file.exists():  # left by a killed run; postgres checks the pid itself, but a stale lock blocks us
             try:
@@ -209,14 +287,19 @@ class EmbeddedPostgres:
             if pid and _running(pid):
                 raise RuntimeError(f"a postgres (pid {pid}) is already running on {self.pgdata}")
             pid_file.unlink(missing_ok=True)
+        if _hba_trusts(self.pgdata):
+            self._stop_trusting(bins, password)
         self.port = self.port or free_port()
-        sock_dir = self.pgdata  # the socket lives beside the data; TCP on loopback is what we use
+        sock_dir = self._d  # the socket lives beside the data (0700); TCP on loopback is what we use
         # SIGINT = fast shutdown: the postmaster ends its backends and exits cleanly.
-        self.proc = spawn([str(bins / "postgres"), "-D", str(self.pgdata), "-p", str(self.port),
+        self.proc = spawn([str(bins / "postgres"), "-D", self._d, "-p", str(self.port),
                            "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sock_dir}",
                            "-c", "max_connections=200", "-c", "shared_buffers=256MB",
-                           "-c", "synchronous_commit=off", "-c", "fsync=on"],
-                          log=log, death_signal=signal.SIGINT, user=self.user)
+                           "-c", "synchronous_commit=off", "-c", "fsync=on",
+                           # a placeholder setting that names the data (-D may say only HERE): ps and the tests
+                           # find the postmaster of a data dir by it
+                           "-c", f"needle.pgdata={self.pgdata}"],
+                          log=log, death_signal=signal.SIGINT, user=self.user, cwd=self._cwd)
         wait_port("127.0.0.1", self.port, self.proc, timeout, "postgres", log)
         self._wait_accepting(timeout, log)
 

@@ -12,6 +12,7 @@ import secrets
 from pathlib import Path
 
 from shared.events import subjects as sj
+from shared.files import private_dir
 
 USERS_FILE = "secrets/nats.json"
 EV = sj.EVENTS_STREAM
@@ -50,7 +51,7 @@ def load_or_create_passwords(data_dir: Path) -> dict[str, str]:
     if path.exists():
         data: dict[str, str] = json.loads(path.read_text())
         return data
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     data = {"needle": secrets.token_urlsafe(24), "integrator": secrets.token_urlsafe(24)}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -28,7 +28,7 @@ def _die_with_parent(sig: int) -> Callable[[], None]:
 
 
 def spawn(argv: Sequence[str], *, log: Path, death_signal: int = signal.SIGTERM, user: str | None = None,
-          env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+          env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
     """Start ``argv`` with stdout/stderr into ``log``; it gets ``death_signal`` when we die.
 
     prctl runs in preexec_fn, which CPython calls after setuid/setgid, so the death signal
@@ -40,7 +40,7 @@ def spawn(argv: Sequence[str], *, log: Path, death_signal: int = signal.SIGTERM,
     try:
         return subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 preexec_fn=_die_with_parent(death_signal), user=user, env=env,
-                                start_new_session=True)
+                                start_new_session=True, cwd=cwd)
     finally:
         out.close()
 

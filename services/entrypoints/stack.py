@@ -33,7 +33,7 @@ from shared.config.crosscheck import check_against_org
 from shared.domain.calendar import WorkCalendar, load_holiday_file
 from shared.domain.clocks import SlaClocks
 from shared.lifecycle import Lifecycle
-from shared.privacy.keystore import ResidentKeys
+from shared.privacy.keystore import ResidentKeys, load_or_create_kek
 from shared.revocation import Revocations
 from shared.settings import Settings
 from shared.store.eventstore import JetStreamEventStore
@@ -121,7 +121,8 @@ class Stack:
         await settled("streams", lambda: ensure_streams(nc, options), within_s=within)
         self.store = JetStreamEventStore(nc)
         await self.store.start()
-        self.residents = ResidentKeys(nc, replicas=self.settings.stream_replicas)
+        self.residents = ResidentKeys(nc, replicas=self.settings.stream_replicas,
+                                      kek=load_or_create_kek(self.settings.data_dir))
         await self.residents.start(settle_s=within)
         self.life.on_close(self.residents.close)
         await self._follow_revocations()
@@ -134,7 +135,7 @@ class Stack:
         nc, _ = self._connection()
         bucket = await settled("revocations bucket", lambda: open_bucket(nc, self.settings.stream_replicas),
                                within_s=self.settings.start_timeout_s)
-        follower = RevocationFollower(bucket, self.revocations)
+        follower = RevocationFollower(bucket, self.revocations, health=self.health)
         await follower.start()
         self.life.on_close(follower.stop)
 

@@ -31,7 +31,7 @@ from shared.domain.levels import Level
 from . import problems
 from .context import AppContext
 from .issues_api import json_response
-from .schemas import Strict
+from .schemas import LINE, TEXT, Strict
 from .security import Actor, Ctx, require_area, require_role
 
 router = APIRouter(tags=["campaigns"])
@@ -45,8 +45,8 @@ IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key")]
 class CampaignBody(Strict):
     area: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     category: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    title: str = Field(min_length=1, max_length=200)
-    description: str | None = Field(default=None, max_length=5000)
+    title: str = Field(min_length=1, max_length=200, pattern=LINE)
+    description: str | None = Field(default=None, max_length=5000, pattern=TEXT)
     households: dict[str, Annotated[int, Field(ge=0, le=1_000_000)]] | Literal["all"] | None = Field(
         default=None, description="households the campaign's visits must reach: per grid ({grid: n}, grids "
                                   "left out have no target), or \"all\" (every household the org declares)")

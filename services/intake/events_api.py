@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from functools import cache
 from typing import Annotated, Any
@@ -35,6 +36,7 @@ from shared.store.grid_cache import GridCache as LruGridCache
 from .context import AppContext
 from .issues_api import json_response
 from .security import Actor, Ctx, require_area, require_role
+from .streams import slots_of
 
 router = APIRouter(tags=["events"])
 log = structlog.get_logger("needle.events")
@@ -136,9 +138,12 @@ def parse_last_id(header: str | None, query: str | None) -> int | None:
     raw = header if header is not None else query  # the header wins: browsers send it on reconnect
     if raw is None or not raw.strip():
         return None
-    if not raw.strip().isdigit():
+    text = raw.strip()
+    # ASCII digits only ("²".isdigit() is True and int() refuses it), and no longer than a stream sequence can be
+    # (int() refuses more than 4300 digits; JetStream sequences are uint64): 422, never a 500
+    if not (text.isascii() and text.isdigit() and len(text) <= 20 and int(text) < 2**64):
         raise Invalid("Last-Event-ID must be a stream sequence (a non-negative integer)", field="Last-Event-ID")
-    return int(raw)
+    return int(text)
 
 
 def _frame(seq: int, ce_type: str, data: bytes) -> bytes:
@@ -149,9 +154,11 @@ class StreamClient:
     """One SSE client: its ordered consumer, its bounded queue and what it was last sent."""
 
     def __init__(self, nc: NATS, store: EventStore, org: Any, grids: GridCache, *, area: str | None,
-                 after: int, queue_max: int, revoked: Callable[[], bool] = lambda: False) -> None:
+                 after: int, queue_max: int, revoked: Callable[[], bool] = lambda: False,
+                 expires_at: float = float("inf")) -> None:
         self.nc, self.store, self.org, self.grids, self.area = nc, store, org, grids, area
         self.revoked = revoked  # the client's token was revoked: the stream ends (a reconnect gets 401)
+        self.expires_at = expires_at  # the client's token expires (epoch seconds): the stream ends then
         self.queue: asyncio.Queue[tuple[int, bytes] | None] = asyncio.Queue(maxsize=max(1, queue_max))
         self.last_queued = after  # highest sequence taken from the consumer (dedupes replays after a reset)
         self.delivered = after  # highest sequence handed to the client's connection
@@ -220,16 +227,20 @@ class StreamClient:
         self.queue.put_nowait(None)
         self._stopper = asyncio.create_task(self._stop_consumer())
 
+    def _over(self) -> bool:
+        return self.revoked() or time.time() >= self.expires_at
+
     async def _next(self) -> tuple[int, bytes] | None:
-        if self.revoked():
+        if self._over():
             return None
         if not self.queue.empty():
             return self.queue.get_nowait()
         while True:
+            wait = min(_IDLE_CHECK_S, max(0.0, self.expires_at - time.time()) + 0.01)
             try:
-                return await asyncio.wait_for(self.queue.get(), _IDLE_CHECK_S)
+                return await asyncio.wait_for(self.queue.get(), wait)
             except TimeoutError:
-                if self.nc.is_closed or self.nc.is_draining or self.revoked():
+                if self.nc.is_closed or self.nc.is_draining or self._over():
                     return None
 
     async def frames(self) -> AsyncIterator[bytes]:
@@ -278,15 +289,16 @@ class StreamClient:
 class _StreamResponse(EventSourceResponse):
     """An EventSourceResponse that always releases its client's consumer, however the stream ends."""
 
-    def __init__(self, client: StreamClient, hub: Hub) -> None:
+    def __init__(self, client: StreamClient, hub: Hub, release: Callable[[], None]) -> None:
         super().__init__(client.frames(), ping=PING_S, send_timeout=SEND_TIMEOUT_S)
-        self._client, self._hub = client, hub
+        self._client, self._hub, self._release = client, hub, release
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
             self._hub.open -= 1
+            self._release()
             with anyio.move_on_after(5, shield=True):
                 await self._client.close()
 
@@ -319,13 +331,16 @@ async def event_stream(request: Request, ctx: Ctx, p: Actor,
     if hub.open >= MAX_STREAMS:
         raise Unavailable(f"too many open event streams ({MAX_STREAMS}); retry later")
     nc = _nats(ctx)
+    slots = slots_of(request, ctx.settings.sse_max_per_subject)
+    slots.take(p.subject)  # 429 beyond NEEDLE_SSE_MAX_PER_SUBJECT streams of this subject (dashboard's included)
     try:
         if after is None:
             after = (await nc.jetstream().stream_info(sj.EVENTS_STREAM)).state.last_seq if live else 0
         client = StreamClient(nc, ctx.store, ctx.org, hub.grids, area=area, after=after, queue_max=QUEUE_MAX,
-                              revoked=lambda: ctx.verifier.is_revoked(p))
+                              revoked=lambda: ctx.verifier.is_revoked(p), expires_at=p.expires_at)
         await client.start(subjects)
     except Exception as exc:
+        slots.give(p.subject)
         raise Unavailable(f"could not open the event stream: {exc!r}") from exc
     hub.open += 1
-    return _StreamResponse(client, hub)
+    return _StreamResponse(client, hub, lambda: slots.give(p.subject))

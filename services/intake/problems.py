@@ -180,8 +180,8 @@ def replay_body(body: bytes, receive: Receive) -> Receive:
 class SecurityHeaders:
     """Security headers on every response (pure ASGI, no overhead): nosniff, no referrer, no framing; a
     ``default-src 'none'`` CSP on what is not HTML and sets none itself (the dashboard page and /docs bring
-    their own or need scripts); ``Cache-Control: no-store`` on answers to a bearer token that set no
-    caching of their own (no shared cache keeps personal data)."""
+    their own or need scripts); ``Cache-Control: no-store`` on every answer that sets no caching of its
+    own, with or without a bearer token (no shared cache keeps personal data)."""
 
     HEADERS = ((b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
                (b"x-frame-options", b"DENY"), (b"cross-origin-opener-policy", b"same-origin"))
@@ -199,7 +199,7 @@ class SecurityHeaders:
         out.extend(cls.HEADERS)
         if b"content-security-policy" not in names and not names.get(b"content-type", b"").startswith(b"text/html"):
             out.append(cls.CSP)
-        if authorized and b"cache-control" not in names:
+        if b"cache-control" not in names:  # anonymous answers too (Open311 reads): public documents set their own
             out.append(cls.NO_STORE)
         return out
 

@@ -1,6 +1,7 @@
 """Request and response bodies of the HTTP API (unknown fields are refused)."""
 from __future__ import annotations
 
+import re
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -11,7 +12,20 @@ from shared.domain.issue import IssueState, MediaItem, TaskState
 from shared.events.models import MEDIA_ID, RESIDENT_ID, Location, MediaPhase
 from shared.privacy.sealing import normalize_phone
 
-NO_NUL = r"^[^\x00]*$"  # Postgres text (and most consumers) cannot hold NUL
+# Free text: no NUL (Postgres text cannot hold it), no other C0 control or DEL (they corrupt logs, CSV and
+# terminals), no bidirectional embedding, override or isolate (U+202A-U+202E, U+2066-U+2069: "Trojan Source",
+# text that reads otherwise than it is stored). TEXT keeps TAB, LF and CR (multi-line); LINE keeps none.
+_BIDI = "\\u202a-\\u202e\\u2066-\\u2069"
+TEXT = f"^[^\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f{_BIDI}]*$"
+LINE = f"^[^\\x00-\\x1f\\x7f{_BIDI}]*$"
+NO_NUL = TEXT  # the name this pattern had when it refused NUL only
+_LINE = re.compile(LINE)
+
+
+def check_line(value: str, what: str) -> str:
+    if not _LINE.fullmatch(value):
+        raise ValueError(f"{what} must not contain control characters or bidirectional overrides")
+    return value
 
 
 class Strict(BaseModel):
@@ -24,7 +38,7 @@ class ResidentBody(Strict):
 
     id: str | None = Field(default=None, pattern=RESIDENT_ID,
                            description="the resident's id in your own register (else needle keys them by phone)")
-    name: str | None = Field(default=None, min_length=1, max_length=100, pattern=NO_NUL)
+    name: str | None = Field(default=None, min_length=1, max_length=100, pattern=LINE)
     phone: str | None = Field(default=None, max_length=32,
                               description="normalized to E.164; without a country code a Chinese number "
                                           "(mobile 1[3-9]xxxxxxxxx, landline with area code)")
@@ -52,8 +66,8 @@ class ReportIssueBody(Strict):
     grid: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
                              description="the grid; without it, the grid whose boundary holds `location`")
     category: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    title: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
-    description: str | None = Field(default=None, max_length=5000, pattern=NO_NUL)
+    title: str = Field(min_length=1, max_length=200, pattern=LINE)
+    description: str | None = Field(default=None, max_length=5000, pattern=TEXT)
     urgency: Literal["normal", "urgent", "emergency"] = "normal"
     risk: list[str] = Field(default_factory=list, max_length=10)
     location: Location | None = None
@@ -70,9 +84,9 @@ class ReportIssueBody(Strict):
 
     @field_validator("location")
     @classmethod
-    def _no_nul_in_address(cls, v: Location | None) -> Location | None:
-        if v is not None and v.address is not None and "\x00" in v.address:
-            raise ValueError("address must not contain NUL characters")
+    def _no_controls_in_address(cls, v: Location | None) -> Location | None:
+        if v is not None and v.address is not None:
+            check_line(v.address, "address")
         return v
 
 

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from shared.auth import Principal, TokenError
 from shared.config import OrgTree
+from shared.config.rulebook import Rulebook
 from shared.domain.errors import NotAllowed, RateLimited
 from shared.domain.issue import IssueState, TaskState
+from shared.domain.levels import Level
 from shared.ratelimit import retry_after
 
 from .context import AppContext
@@ -62,7 +65,7 @@ def require_role(p: Principal, *roles: str) -> None:
 
 
 def in_area(org: OrgTree, p: Principal, area_id: str) -> bool:
-    """True when ``area_id`` lies under the principal's ``area:`` scope."""
+    """True when ``area_id`` lies under the principal's ``area:`` scope (a reporter's too)."""
     if p.role == "admin":
         return True
     if p.scope_kind != "area":
@@ -78,14 +81,48 @@ def require_area(org: OrgTree, p: Principal, area_id: str, what: str = "this are
         raise NotAllowed(f"{p.role} scope {p.scope or '-'} does not cover {what}")
 
 
+# Who files what (docs/SECURITY.md): staff file anything in their area; a public app's reporter key files
+# ordinary reports, which a grid worker checks and lifts (逐级反映) when needed
+FILERS = ("grid_worker", "reporter", "admin")
+REPORTER_URGENCIES = ("normal", "urgent")
+REPORTER_RISK_CEILING = Level.street  # a reporter's risk flag may lift an issue this high, not higher
+
+
+def require_filing(org: OrgTree, rulebook: Rulebook, p: Principal, grid: str, urgency: str,
+                   risk: Sequence[str]) -> None:
+    """May ``p`` file a report in ``grid`` with this urgency and these (known) risk flags? Pure. Grid workers:
+    in their area, anything. Reporters (public apps): any grid (or under their ``area:`` scope), urgency
+    normal or urgent, and only risk flags that lift the issue no higher than the street. Admins: anything.
+    Integrators, handlers and supervisors file nothing here (supervisors file campaigns)."""
+    if p.role not in FILERS:
+        raise NotAllowed(f"role {p.role} may not file reports (needs {', '.join(FILERS)})")
+    if p.role == "admin":
+        return
+    if p.role == "grid_worker" or p.scope:
+        require_area(org, p, grid, f"grid {grid}")
+    if p.role != "reporter":
+        return
+    if urgency not in REPORTER_URGENCIES:
+        raise NotAllowed(f"a reporter key may file urgency {' or '.join(REPORTER_URGENCIES)}, not {urgency}; "
+                         f"the grid worker raises it")
+    for flag in risk:
+        rule = rulebook.risk.get(flag)
+        if rule is not None and rule.level.rank > REPORTER_RISK_CEILING.rank:
+            raise NotAllowed(f"a reporter key may not set risk flag {flag} (it lifts the issue to the {rule.level}); "
+                             f"the grid worker sets it")
+
+
 def can_read(org: OrgTree, p: Principal, state: IssueState) -> bool:
     if p.role in ("admin", "integrator"):
         return True
     if p.role in ("grid_worker", "supervisor"):
         return in_area(org, p, state.grid)
-    if p.role == "handler":
-        return any(t.department == p.scope_id for t in state.tasks)
+    if p.role == "handler":  # while its department holds a task: not once it is returned or superseded
+        return any(t.department == p.scope_id and t.status not in HANDED_BACK for t in state.tasks)
     return False
+
+
+HANDED_BACK = frozenset({"returned", "superseded"})  # a task that no longer gives its department the issue
 
 
 def require_read(org: OrgTree, p: Principal, state: IssueState) -> None:

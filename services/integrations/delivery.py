@@ -37,6 +37,7 @@ from shared.store.grid_cache import GridCache
 
 from . import signing
 from .registry import DeadLetter, Registry, Webhook
+from .targets import AllowList
 
 log = structlog.get_logger("needle.webhooks")
 CONTENT_TYPE = "application/cloudevents+json"
@@ -54,12 +55,17 @@ class DeliveryConfig:
     concurrency: int = 64  # issues delivered at once per webhook
     ack_wait_s: float = 30.0  # consumer ack wait (kept alive with in_progress while working)
     fetch_timeout_s: float = 1.0
+    allow_private: tuple[str, ...] = ()  # hosts and CIDRs a webhook may reach though not public (targets.py)
+    max_per_owner: int = 20  # webhooks one token subject may have registered at once
 
     @classmethod
     def from_settings(cls, settings: Any) -> DeliveryConfig:
         """Reads ``settings.webhook_<field>`` where Settings defines it; the defaults otherwise."""
-        return cls(**{f.name: getattr(settings, f"webhook_{f.name}") for f in fields(cls)
-                      if getattr(settings, f"webhook_{f.name}", None) is not None})
+        values = {f.name: getattr(settings, f"webhook_{f.name}") for f in fields(cls)
+                  if getattr(settings, f"webhook_{f.name}", None) is not None}
+        if "allow_private" in values:
+            values["allow_private"] = tuple(values["allow_private"])
+        return cls(**values)
 
 
 def backoff(attempt: int, base_s: float, cap_s: float, rand: Callable[[], float] = random.random) -> float:
@@ -109,11 +115,13 @@ class Sender:
         self._urls: dict[str, httpx.URL] = {}
 
     @classmethod
-    def pooled(cls, max_per_origin: int = 256) -> Sender:
-        """One HTTP/1.1 client with needle's keep-alive pool (see transport.py for why not httpcore's)."""
+    def pooled(cls, max_per_origin: int = 256, allow: AllowList | None = None) -> Sender:
+        """One HTTP/1.1 client with needle's keep-alive pool (see transport.py for why not httpcore's), connecting
+        only to public targets and those ``allow`` lists (targets.py; none when not given)."""
         from .transport import KeepAliveTransport
 
-        transport = KeepAliveTransport(max_per_origin=max_per_origin, max_response_bytes=MAX_RESPONSE_BYTES)
+        transport = KeepAliveTransport(max_per_origin=max_per_origin, max_response_bytes=MAX_RESPONSE_BYTES,
+                                       allow=allow or AllowList())
         client = httpx.AsyncClient(transport=transport, follow_redirects=False, trust_env=False,
                                    timeout=httpx.Timeout(10.0), headers={"User-Agent": USER_AGENT})
         return cls(client, transport)

@@ -7,6 +7,9 @@ does only what webhooks need: one request and its bounded response per connectio
 connections reused per origin (LIFO), dropped after ``keepalive_s`` or when the peer closed them; a
 request that fails on a reused connection before any response byte is sent once more on a fresh one.
 No proxies, no HTTP/2, no redirects (a 3xx is a failed delivery).
+
+With ``allow`` (an AllowList, targets.py) every new connection resolves its host once, refuses it unless
+each address is public or allowed, and connects to the checked address (TLS still verifies the host name).
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+
+from .targets import AllowList, TargetRefused, resolve_checked
 
 Origin = tuple[str, str, int]
 HEAD_LIMIT = 64 * 1024
@@ -52,8 +57,9 @@ def _default_ssl() -> ssl.SSLContext:
 
 class KeepAliveTransport(httpx.AsyncBaseTransport):
     def __init__(self, *, max_per_origin: int = 256, keepalive_s: float = 4.0, max_response_bytes: int = 64 * 1024,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, allow: AllowList | None = AllowList()) -> None:
         self.max_per_origin, self.keepalive_s, self.max_response_bytes = max_per_origin, keepalive_s, max_response_bytes
+        self.allow = allow  # public targets only by default; None checks nothing (never in needle itself)
         self._ssl = ssl_context
         self._idle: dict[Origin, list[_Conn]] = {}
         self._slots: dict[Origin, asyncio.Semaphore] = {}
@@ -115,12 +121,17 @@ class KeepAliveTransport(httpx.AsyncBaseTransport):
         budget = deadline - loop.time() if connect_s is None else min(connect_s, deadline - loop.time())
         try:
             async with asyncio.timeout(max(budget, 0.001)):
+                host = origin[1]
+                if self.allow is not None:  # resolve once, check, connect to the address that was checked
+                    host = str((await resolve_checked(origin[1], origin[2], self.allow))[0])
                 if tls:
                     self._ssl = self._ssl or _default_ssl()
-                    r, w = await asyncio.open_connection(origin[1], origin[2], ssl=self._ssl, server_hostname=origin[1],
+                    r, w = await asyncio.open_connection(host, origin[2], ssl=self._ssl, server_hostname=origin[1],
                                                          limit=HEAD_LIMIT)
                 else:
-                    r, w = await asyncio.open_connection(origin[1], origin[2], limit=HEAD_LIMIT)
+                    r, w = await asyncio.open_connection(host, origin[2], limit=HEAD_LIMIT)
+        except TargetRefused as exc:
+            raise httpx.ConnectError(f"target refused: {exc}", request=request) from None
         except TimeoutError:
             raise httpx.ConnectTimeout("connect timed out", request=request) from None
         except (OSError, ssl.SSLError) as exc:

@@ -26,6 +26,7 @@ from shared.store.settling import settled
 
 from .delivery import Deliverer, DeliveryConfig, Sender, consumer_name, group_of, now_iso, render
 from .registry import Registry, Webhook
+from .targets import AllowList
 
 log = structlog.get_logger("needle.webhooks")
 
@@ -199,7 +200,7 @@ async def start_webhooks(life: Lifecycle, nc: NATS, org: OrgTree, settings: Sett
     js = nc.jetstream()
     registry = await settled("webhook buckets", lambda: Registry.open(js, replicas=settings.stream_replicas),
                              within_s=settings.start_timeout_s)
-    sender = sender or Sender.pooled()
+    sender = sender or Sender.pooled(allow=AllowList.parse(config.allow_private))
     service = WebhookService(nc, org, registry, sender, config, health=life.health, deliver=settings.webhook_delivery)
     life.on_close(sender.client.aclose)
     life.on_close(service.close)  # closers run last-first: the loops stop before the client closes

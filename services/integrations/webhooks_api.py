@@ -14,11 +14,12 @@ from services.intake.context import AppContext
 from services.intake.issues_api import json_response
 from services.intake.security import Actor, Ctx, require_role
 from shared.auth import Principal
-from shared.domain.errors import Invalid, NotFound, Unavailable
+from shared.domain.errors import Conflict, Invalid, NotFound, Unavailable
 from shared.events import subjects as sj
 from shared.events.models import BY_NAME
 
 from .registry import Webhook
+from .targets import AllowList, TargetRefused, resolve_checked
 from .webhooks import WebhookService
 
 router = APIRouter(tags=["webhooks"])
@@ -51,6 +52,16 @@ def validate_url(url: str) -> str:
     return url
 
 
+async def check_target(url: str, allow: AllowList) -> None:
+    """422 when the URL's host is, or resolves to, an address that is not public and that the operator does not
+    allow. A name that does not resolve yet is accepted (nothing to reach; every connect checks again)."""
+    u = httpx.URL(url)
+    try:
+        await resolve_checked(u.host, u.port or (443 if u.scheme == "https" else 80), allow, must_resolve=False)
+    except TargetRefused as exc:
+        raise Invalid(f"url: {exc}", field="url") from None
+
+
 def validate_types(types: list[str], area: str | None) -> tuple[str, ...]:
     names = tuple(dict.fromkeys(t.strip() for t in types))
     for n in names:
@@ -79,7 +90,13 @@ async def create_webhook(body: WebhookBody, ctx: Ctx, p: Actor) -> Response:
     if body.area is not None and body.area not in ctx.org.areas:
         raise Invalid(f"unknown area {body.area!r}", field="area")
     types = validate_types(body.types, body.area)
-    hook = await _service(ctx).register(url=url, types=types, area=body.area, secret=body.secret, owner=p.subject)
+    svc = _service(ctx)
+    await check_target(url, AllowList.parse(svc.config.allow_private))
+    owned = sum(1 for h in await svc.registry.all() if h.owner == p.subject)
+    if owned >= svc.config.max_per_owner:
+        raise Conflict(f"{p.subject} already has {owned} webhooks, the most one owner may have "
+                       f"(NEEDLE_WEBHOOK_MAX_PER_OWNER); delete one first", field="url")
+    hook = await svc.register(url=url, types=types, area=body.area, secret=body.secret, owner=p.subject)
     audit.info("webhook registered", actor=p.subject, webhook=hook.id, url=url, types=list(types), area=body.area)
     return json_response(hook.public(), 201, headers={"Location": f"/v1/webhooks/{hook.id}"})
 

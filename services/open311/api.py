@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -20,11 +21,12 @@ from pydantic import ValidationError
 from services.intake.context import AppContext
 from services.intake.issues_api import record_report, validate_report
 from services.intake.schemas import ReportIssueBody
-from services.intake.security import check_rate, ctx_of, in_area
+from services.intake.security import FILERS, can_read, check_rate, ctx_of, in_area, require_filing
 from shared.auth import Principal, TokenError
 from shared.commanding import load_existing_state, utcnow
 from shared.domain import ids
-from shared.domain.errors import Conflict, DomainError, NotFound, RateLimited
+from shared.domain.errors import Conflict, DomainError, Invalid, RateLimited
+from shared.ratelimit import Rate, RateLimiter, retry_after
 
 from . import catalog, search, view
 from .formats import FORMATS, Format, Open311Error, check_format, error_response, render, split_format
@@ -34,7 +36,6 @@ router = APIRouter(tags=["open311"])
 log = structlog.get_logger("needle.open311")
 BASE = "/open311/v2"
 SOURCE = "needle/open311"
-KEY_ROLES = ("integrator", "admin", "grid_worker")
 MAX_WAIT_S = 5.0
 STARTED = datetime.now(UTC)
 _KNOWN_PATH = re.compile(r"^v2/(discovery|services|requests|tokens)(\.[^/]*|/[^/]+)$")
@@ -92,19 +93,67 @@ def _query(request: Request) -> Params:
     return out
 
 
-def _principal(ctx: AppContext, request: Request, params: Params) -> Principal:
-    key = first(params, "api_key")
-    if key is None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
-    if key is None:
-        raise Open311Error(403, "api_key was not provided")
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _no_key_in_query(request: Request) -> None:
+    """A key in the query string ends up in proxies' and servers' access logs and in browser history."""
+    if "api_key" in request.query_params:
+        raise Open311Error(400, "api_key must not be sent in the query string: send it as a form field of the "
+                                "POST body or as Authorization: Bearer")
+
+
+def _verify(ctx: AppContext, key: str) -> Principal:
     try:
-        p = ctx.verifier.verify(key)
+        return ctx.verifier.verify(key)
     except TokenError as e:
         raise Open311Error(403, f"api_key is not valid ({e})") from None
-    if p.role not in KEY_ROLES:
-        raise Open311Error(403, f"api_key of role {p.role} may not submit requests (needs {', '.join(KEY_ROLES)})")
+
+
+def _reader(ctx: AppContext, request: Request) -> Principal | None:
+    """Who reads: the key's principal (its own rate bucket), or None for an anonymous reader, rate-limited per
+    client address (NEEDLE_OPEN311_ANONYMOUS_PER_S / _BURST). A key that is sent must be valid (403)."""
+    _no_key_in_query(request)
+    key = _bearer(request)
+    if key is not None:
+        p = _verify(ctx, key)
+        try:
+            check_rate(ctx, p, write=False)
+        except RateLimited as e:
+            raise Open311Error(429, e.detail, {"Retry-After": str(e.extra["retry_after"])}) from None
+        return p
+    limiter: RateLimiter | None = getattr(request.app.state, "open311_anonymous", None)
+    if limiter is None:
+        rate = Rate(ctx.settings.open311_anonymous_per_s, ctx.settings.open311_anonymous_burst)
+        limiter = request.app.state.open311_anonymous = RateLimiter(reads=rate, writes=rate)
+    client = request.client.host if request.client is not None else "unknown"
+    wait = limiter.check(f"addr:{client}", write=False, now=time.monotonic())
+    if wait > 0:
+        raise Open311Error(429, f"too many requests without an api_key from this address (limit "
+                                f"{limiter.reads.per_s:g}/s, burst {limiter.reads.burst:g}); retry in {wait:.1f} s",
+                           {"Retry-After": str(retry_after(wait))})
+    return None
+
+
+def _covers(ctx: AppContext, p: Principal | None, grid: str, departments: Iterable[str | None] = ()) -> bool:
+    """True when the reader's key covers an issue of ``grid`` (a handler: one of ``departments``)."""
+    if p is None:
+        return False
+    if p.role == "handler":
+        return p.scope_id in set(departments)
+    return p.role == "integrator" or in_area(ctx.org, p, grid)
+
+
+def _principal(ctx: AppContext, request: Request, params: Params) -> Principal:
+    _no_key_in_query(request)
+    key = first(params, "api_key") or _bearer(request)
+    if key is None:
+        raise Open311Error(403, "api_key was not provided")
+    p = _verify(ctx, key)
+    if p.role not in FILERS:  # integrators read (DESIGN.md); a public app files with a reporter key
+        raise Open311Error(403, f"api_key of role {p.role} may not submit requests (needs {', '.join(FILERS)})")
     try:
         check_rate(ctx, p, write=True)
     except RateLimited as e:
@@ -113,7 +162,7 @@ def _principal(ctx: AppContext, request: Request, params: Params) -> Principal:
 
 
 def _title(description: str | None, fallback: str) -> str:
-    line = next((x.strip() for x in (description or "").splitlines() if x.strip()), "")
+    line = next((" ".join(x.split()) for x in (description or "").splitlines() if x.strip()), "")
     if not line:
         return fallback
     return line if len(line) <= 80 else line[:79] + "…"
@@ -142,8 +191,7 @@ async def _create(request: Request, fmt: Format) -> Response:
     attrs = attributes(params)
     urgency, risk = urgency_of(attrs), risk_of(ctx.rulebook, attrs)
     where = place(ctx.org, params, attrs)
-    if p.role == "grid_worker" and not in_area(ctx.org, p, where.grid):
-        raise Open311Error(403, f"api_key scope {p.scope} does not cover grid {where.grid}")
+    require_filing(ctx.org, ctx.rulebook, p, where.grid, urgency, risk)
     description = first(params, "description")
     title = _title(description, category.name)
     if where.address is not None:  # an address without a point: keep it where the handler will read it
@@ -171,17 +219,19 @@ async def _create(request: Request, fmt: Format) -> Response:
     return render(fmt, [item], root="service_requests", item="request", status=201, headers=headers)
 
 
-async def _by_ids(ctx: AppContext, wanted: tuple[str, ...]) -> list[dict[str, object]]:
+async def _by_ids(ctx: AppContext, wanted: tuple[str, ...], p: Principal | None) -> list[dict[str, object]]:
     sem = asyncio.Semaphore(_LOAD_CONCURRENCY)
 
     async def one(issue_id: str) -> dict[str, object] | None:
         try:
             ids.check_issue_id(issue_id)
-        except NotFound:
+        except Invalid:
             return None
         async with sem:
             state, envs = await load_existing_state(ctx.store, issue_id)
-        return view.from_state(ctx.org, ctx.rulebook, state, envs) if state.exists else None
+        if not state.exists:
+            return None
+        return view.from_state(ctx.org, ctx.rulebook, state, envs, full=p is not None and can_read(ctx.org, p, state))
 
     found = await asyncio.gather(*(one(i) for i in wanted))
     return [r for r in found if r is not None]
@@ -191,11 +241,12 @@ async def _list(request: Request, fmt: Format) -> Response:
     ctx = ctx_of(request)
     params = _query(request)
     _jurisdiction(ctx, params)
+    p = _reader(ctx, request)
     wanted = search.comma_list(first(params, "service_request_id"))
     if wanted:
         if len(wanted) > search.MAX_IDS:
             raise Open311Error(400, f"at most {search.MAX_IDS} service_request_id values at once")
-        return render(fmt, await _by_ids(ctx, wanted), root="service_requests", item="request")
+        return render(fmt, await _by_ids(ctx, wanted, p), root="service_requests", item="request")
     f = search.filters(start=first(params, "start_date"), end=first(params, "end_date"),
                        service_code=first(params, "service_code"), status=first(params, "status"),
                        tz=ctx.rulebook.tz, now=utcnow())
@@ -208,18 +259,20 @@ async def _list(request: Request, fmt: Format) -> Response:
         await worker.wait_for(int(min_seq), MAX_WAIT_S)  # answer anyway: Needle-Seq tells what it reflects
     rows = await search.list_requests(pool, f)
     headers = {"Needle-Seq": str(worker.seq)} if worker is not None else None
-    body = [view.from_row(ctx.org, ctx.rulebook, r) for r in rows]
+    body = [view.from_row(ctx.org, ctx.rulebook, r, full=_covers(ctx, p, r["grid"], (r["lead_department"],)))
+            for r in rows]
     return render(fmt, body, root="service_requests", item="request", headers=headers)
 
 
 async def _one(request: Request, name: str, tokens: bool) -> Response:
     ctx = ctx_of(request)
     _jurisdiction(ctx, _query(request))
+    p = _reader(ctx, request)
     stem, fmt = split_format(name)
     what = "token" if tokens else "service_request_id"
     try:
         issue_id = ids.check_issue_id(stem)
-    except NotFound:
+    except Invalid:
         raise Open311Error(404, f"{what} {stem} not found") from None
     state, envs = await load_existing_state(ctx.store, issue_id)
     if not state.exists:
@@ -227,7 +280,8 @@ async def _one(request: Request, name: str, tokens: bool) -> Response:
     if tokens:  # the token is the request id: it is known as soon as the POST answers
         body = [{"service_request_id": issue_id, "token": issue_id}]
     else:
-        body = [view.from_state(ctx.org, ctx.rulebook, state, envs)]
+        full = p is not None and can_read(ctx.org, p, state)
+        body = [view.from_state(ctx.org, ctx.rulebook, state, envs, full=full)]
     return render(fmt, body, root="service_requests", item="request")
 
 
@@ -239,7 +293,7 @@ async def discovery(request: Request, fmt: str) -> Response:
         url = str(request.base_url).rstrip("/") + BASE + "/"
         changeset = view.ts(STARTED, ctx_of(request).rulebook.tz)
         body = {"changeset": changeset, "contact": "the operator of this needle",
-                "key_service": "api_key: a needle bearer token (needle token issue --role integrator)",
+                "key_service": "api_key: a needle bearer token (needle token issue --role reporter)",
                 "endpoints": [{"specification": "http://wiki.open311.org/GeoReport_v2", "url": url,
                                "changeset": changeset, "type": "production",
                                "formats": ["application/json", "text/xml"]}]}

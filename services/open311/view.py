@@ -1,6 +1,14 @@
 """Issues as GeoReport v2 service requests (pure: org, rulebook and time zone come in as arguments).
 
 Only non-personal fields leave: never the reporter, nor contact details (which are not stored at all).
+Two views (docs/OPEN311.md, "Reading requests"; docs/SECURITY.md):
+
+* **anonymous** (no key, or a key whose scope does not cover the issue): the service, status, dates, the
+  responsible department's name, the grid's name as address and a point rounded to PUBLIC_DECIMALS
+  (about 100 m); no free text at all: ``description`` is null and ``status_notes`` names the status only
+  (never a reason or a note);
+* **full** (a key whose scope covers the issue's grid): the reported point and address, the description and
+  the notes, as before.
 ``status`` is ``closed`` once the issue is closed and ``open`` before; ``agency_responsible`` is the name of
 the current lead department; ``expected_datetime`` is the lead task's resolve deadline.
 """
@@ -87,9 +95,16 @@ def status_notes(org: OrgTree, envelopes: Sequence[Envelope]) -> str | None:
     return note
 
 
-def from_state(org: OrgTree, rulebook: Rulebook, state: IssueState, envelopes: Sequence[Envelope]
-               ) -> dict[str, Any]:
-    """One request, folded from the event store."""
+PUBLIC_DECIMALS = 3  # a point published without a key: 0.001 degree, about 110 m north-south
+
+
+def rounded(value: float | None) -> float | None:
+    return round(value, PUBLIC_DECIMALS) if value is not None else None
+
+
+def from_state(org: OrgTree, rulebook: Rulebook, state: IssueState, envelopes: Sequence[Envelope],
+               full: bool = False) -> dict[str, Any]:
+    """One request, folded from the event store; ``full``: the view of a key that covers the issue."""
     tz = rulebook.tz
     cat = rulebook.categories.get(state.category)
     lead = state.lead
@@ -97,14 +112,21 @@ def from_state(org: OrgTree, rulebook: Rulebook, state: IssueState, envelopes: S
     address = grid_address(org, state.grid)
     if state.location is not None:
         lat, lon = state.location.lat, state.location.lon
-        address = state.location.address or address
+        if full:
+            address = state.location.address or address
+    if full:
+        notes, description = status_notes(org, envelopes), state.description or state.title
+    else:
+        dept = department_name(org, lead.department) if lead else None
+        notes = _ROW_NOTES.get(state.status, state.status).format(dept=dept or "the department")
+        description, lat, lon = None, rounded(lat), rounded(lon)
     return {
         "service_request_id": state.id,
         "status": "closed" if state.status == "closed" else "open",
-        "status_notes": status_notes(org, envelopes),
+        "status_notes": notes,
         "service_name": cat.name if cat else state.category,
         "service_code": state.category,
-        "description": state.description or state.title,
+        "description": description,
         "agency_responsible": department_name(org, lead.department) if lead else None,
         "service_notice": service_notice(rulebook, state.category, state.urgency),
         "requested_datetime": ts(state.reported_at, tz),
@@ -126,9 +148,10 @@ _ROW_NOTES: dict[str, str] = {
 }
 
 
-def from_row(org: OrgTree, rulebook: Rulebook, row: Mapping[str, Any]) -> dict[str, Any]:
+def from_row(org: OrgTree, rulebook: Rulebook, row: Mapping[str, Any], full: bool = False) -> dict[str, Any]:
     """One request of a list, from the ``issues`` read model (the location is the grid's reference point and
-    the description the issue's title: the read model keeps neither the reported point nor the full text)."""
+    the description the issue's title: the read model keeps neither the reported point nor the full text).
+    Without ``full`` (a key covering the issue) there is no description."""
     tz = rulebook.tz
     cat = rulebook.categories.get(row["category"])
     dept = department_name(org, row["lead_department"])
@@ -140,7 +163,7 @@ def from_row(org: OrgTree, rulebook: Rulebook, row: Mapping[str, Any]) -> dict[s
         "status_notes": _ROW_NOTES.get(row["status"], row["status"]).format(dept=dept or "the department"),
         "service_name": cat.name if cat else row["category"],
         "service_code": row["category"],
-        "description": row["title"],
+        "description": row["title"] if full else None,
         "agency_responsible": dept,
         "service_notice": service_notice(rulebook, row["category"], row.get("urgency") or "normal"),
         "requested_datetime": ts(row["reported_at"], tz),

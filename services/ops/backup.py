@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +33,7 @@ import orjson
 from nats.aio.client import Client as NATS
 
 from shared.events import subjects as sj
+from shared.files import open_private, private_dir, write_private
 from shared.store import snapshots as snap
 
 FORMAT = "needle-backup/1"
@@ -72,7 +74,7 @@ async def backup(nc: NATS, target: Path, *, announce: Announce | None = None, co
     sealed personal data (everyone is shredded), but the backup holds no personal data in clear reach."""
     if (target / MANIFEST).exists():
         raise BackupError(f"{target} already holds a backup ({MANIFEST}); choose an empty directory")
-    target.mkdir(parents=True, exist_ok=True)
+    private_dir(target)  # 0700: the snapshots hold every event (and, unless left out, the residents' keys)
     names = _ordered([n for n in await snap.stream_names(nc) if owned(n) and (resident_keys or n != KEYS_STREAM)])
     if sj.EVENTS_STREAM not in names:
         raise BackupError(f"no {sj.EVENTS_STREAM} stream on this server: nothing to back up")
@@ -82,13 +84,13 @@ async def backup(nc: NATS, target: Path, *, announce: Announce | None = None, co
         total = int((info or {}).get("state", {}).get("bytes", 0))
         tick = announce(name, total) if announce else None
         path = target / f"{name}.tar.s2"
-        with open(path, "wb") as out:
+        with os.fdopen(open_private(path), "wb") as out:  # 0600 from the start
             s = await snap.snapshot(nc, name, out, consumers=consumers, progress=tick)
         entries.append({"name": name, "file": path.name, "size": s.bytes, "sha256": s.sha256, "config": s.config,
                         "state": {k: s.state.get(k) for k in STATE_KEYS if k in s.state}})
     manifest = {"format": FORMAT, "created_at": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
                 "consumers": consumers, "streams": entries}
-    (target / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+    write_private(target / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False))
     return manifest
 
 
@@ -144,9 +146,21 @@ async def reapply_forgets(nc: NATS) -> int:
 
     resp = orjson.loads((await nc.request(f"$JS.API.STREAM.INFO.{sj.EVENTS_STREAM}", orjson.dumps(
         {"subjects_filter": sj.resident_event("*", "resident_forgotten")}), timeout=10)).data)
-    ids = sorted({subject.split(".")[3] for subject in (resp.get("state", {}).get("subjects") or {})})
-    if not ids:
+    subjects = sorted(resp.get("state", {}).get("subjects") or {})
+    if not subjects:
         return 0
+    # the subject names a keyed HMAC of the resident (shared/privacy/keystore.py, subject_token): the id is
+    # read from the events themselves (before, it was the subject's token)
+    js = nc.jetstream()
+    found: set[str] = set()
+    for subject in subjects:
+        msg = await js.get_last_msg(sj.EVENTS_STREAM, subject)
+        try:
+            body = orjson.loads(msg.data or b"{}")
+            found.add(str(body["data"]["resident_id"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            found.add(subject.split(".")[3])  # written by an earlier needle: the token is the id
+    ids = sorted(found)
     keys = ResidentKeys(nc)
     await keys.start(watch=False)
     destroyed = 0

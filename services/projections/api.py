@@ -45,6 +45,20 @@ async def _caught_up(ctx: AppContext, min_seq: int | None) -> int:
     return int(worker.seq)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: a string starting with = + - @ TAB or CR (a formula, or
+    the start of one: ``=HYPERLINK(...)`` in a title) gets a leading ``'`` (OWASP's CSV injection advice).
+    Dates as in JSON; numbers and everything else as they are."""
+    if isinstance(value, datetime | date):
+        return _default(value)
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def _respond(request: Request, body: Any, seq: int, rows_for_csv: list[dict[str, Any]] | None = None,
              fmt: str | None = None) -> Response:
     headers = {"Needle-Seq": str(seq)}
@@ -55,7 +69,7 @@ def _respond(request: Request, body: Any, seq: int, rows_for_csv: list[dict[str,
         w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows_for_csv:
-            w.writerow({k: _default(v) if isinstance(v, datetime | date) else v for k, v in r.items()})
+            w.writerow({k: csv_cell(v) for k, v in r.items()})
         return Response(buf.getvalue(), media_type="text/csv; charset=utf-8",
                         headers=headers | {"Content-Disposition": "attachment; filename=needle.csv"})
     return Response(orjson.dumps(body, default=_default, option=orjson.OPT_UTC_Z), media_type="application/json",
@@ -191,7 +205,7 @@ async def get_audit(request: Request, issue_id: str, ctx: Ctx, p: Actor) -> Resp
     """Who did what when (supervisors and admins)."""
     if p.role not in ("supervisor", "admin"):
         raise NotAllowed(f"role {p.role} cannot read the audit view")
-    ids.check_issue_id(issue_id)  # 404 for what cannot be an issue id (a NUL in it was a 500 from Postgres)
+    ids.check_issue_id(issue_id)  # 422 for what cannot be an issue id (a NUL in it was a 500 from Postgres)
     seq = await _caught_up(ctx, None)
     rows = await queries.audit(_pool(ctx), issue_id)
     if rows and p.role == "supervisor":

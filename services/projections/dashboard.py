@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import mimetypes
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from services.intake.context import AppContext
 from services.intake.security import Actor, Ctx, check_rate, in_area
+from services.intake.streams import slots_of
 from shared.auth import Principal, TokenError
 from shared.config import OrgTree, Rulebook
 from shared.config.crosscheck import configuration_gaps
@@ -153,15 +155,29 @@ async def _touched(ctx: AppContext, area: str, after: int) -> bool:
     return hit is not None
 
 
-async def changes(ctx: AppContext, token: str, area: str) -> AsyncIterator[ServerSentEvent]:
-    """``hello`` now, then ``changed`` each time committed batches touched the area; ends on a bad token."""
+async def changes(ctx: AppContext, token: str, area: str, expires_at: float = float("inf"),
+                  release: Callable[[], None] = lambda: None) -> AsyncIterator[ServerSentEvent]:
+    """``hello`` now, then ``changed`` each time committed batches touched the area; ends on a bad token and
+    when the token expires (``expired``). ``release`` runs however the stream ends."""
+    try:
+        async for sse in _changes(ctx, token, area, expires_at):
+            yield sse
+    finally:
+        release()
+
+
+async def _changes(ctx: AppContext, token: str, area: str, expires_at: float) -> AsyncIterator[ServerSentEvent]:
     worker = read_models(ctx).progress
     loop = asyncio.get_running_loop()
     seen = int(worker.seq)
     yield _sse("hello", {"seq": seen, "area": area}, seen)
     verified = loop.time()
     while True:
-        advanced = await worker.wait_for(seen + 1, WAIT_S)
+        left = expires_at - time.time()
+        if left <= 0:
+            yield _sse("expired", {"detail": "token expired"}, seen)
+            return
+        advanced = await worker.wait_for(seen + 1, min(WAIT_S, left + 0.01))
         if loop.time() - verified >= REVERIFY_S:
             try:
                 ctx.verifier.verify(token)
@@ -179,7 +195,7 @@ async def changes(ctx: AppContext, token: str, area: str) -> AsyncIterator[Serve
 
 
 @router.get("/dashboard/stream")
-async def dashboard_stream(ctx: Ctx,
+async def dashboard_stream(request: Request, ctx: Ctx,
                            access_token: Annotated[str | None, Query(max_length=4096)] = None,
                            area: Annotated[str | None, Query(max_length=64)] = None) -> Response:
     """Live nudges for one area (EventSource: the token rides in ``access_token``)."""
@@ -189,5 +205,7 @@ async def dashboard_stream(ctx: Ctx,
     check_rate(ctx, p, write=False)
     a = supervisor_area(ctx, p, area)
     read_models(ctx)  # 503 before the stream starts where this process serves none
-    return EventSourceResponse(changes(ctx, access_token, a), ping=PING_S,
-                               headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    slots = slots_of(request, ctx.settings.sse_max_per_subject)
+    slots.take(p.subject)  # 429 beyond NEEDLE_SSE_MAX_PER_SUBJECT (with /v1/events/stream)
+    return EventSourceResponse(changes(ctx, access_token, a, p.expires_at, lambda: slots.give(p.subject)),
+                               ping=PING_S, headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})

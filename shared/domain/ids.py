@@ -9,8 +9,9 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
-from .errors import Invalid, NotFound
+from .errors import Invalid
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 
@@ -42,16 +43,25 @@ def task_id(issue_id: str, ordinal: int) -> str:
     return f"{issue_id}-{ordinal}"
 
 
-def issue_of_task(task: str) -> str:
-    issue, sep, n = task.rpartition("-")
-    if not sep or not issue or not n.isdigit():
-        raise NotFound(f"task {task} not found", field="task_id")
-    return issue
+# What a path may carry as an id (also published in the OpenAPI document). Anything else is refused with 422
+# naming the path parameter before it reaches a NATS subject: ``*`` or ``>`` there would be a wildcard read.
+ISSUE_ID_PATTERN = "^[0-9a-hjkmnp-tv-z]{1,40}$"
+TASK_ID_PATTERN = "^[0-9a-hjkmnp-tv-z]{1,40}-[0-9]{1,6}$"
+_ISSUE_ID = re.compile(ISSUE_ID_PATTERN)
+_TASK_ID = re.compile(TASK_ID_PATTERN)
 
 
-def check_issue_id(issue_id: str) -> str:
-    if not (1 <= len(issue_id) <= 40) or any(c not in _ALPHABET for c in issue_id):
-        raise NotFound(f"issue {issue_id} not found", field="id")
+def issue_of_task(task: str, field: str = "task_id") -> str:
+    """The issue id a task id names; 422 (``Invalid`` naming ``field``) for what cannot be a task id."""
+    if not _TASK_ID.fullmatch(task):
+        raise Invalid(f"{field} must be <issue id>-<n> (lower-case Crockford base32, then digits)", field=field)
+    return task.rpartition("-")[0]
+
+
+def check_issue_id(issue_id: str, field: str = "issue_id") -> str:
+    """``issue_id`` when it can be an issue id; 422 (``Invalid`` naming ``field``) otherwise."""
+    if not _ISSUE_ID.fullmatch(issue_id):
+        raise Invalid(f"{field} must be 1-40 lower-case Crockford base32 characters", field=field)
     return issue_id
 
 

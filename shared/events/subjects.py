@@ -46,7 +46,11 @@ def aggregate_event(aggregate_id: str, event_name: str) -> str:
 
 
 def issue_events(issue_id: str, family: str = "issue") -> str:
-    """Every event of one issue (the OCC scope of the issue aggregate), or of one aggregate of ``family``."""
+    """Every event of one issue (the OCC scope of the issue aggregate), or of one aggregate of ``family``.
+    ``issue_id`` must be one subject token: the HTTP layer refuses other ids with 422, and this is the last
+    line (a ``*`` or ``>`` here would read, or guard, every issue at once)."""
+    if not _TOKEN.match(issue_id):
+        raise ValueError(f"not an issue id: {issue_id!r}")
     return f"{EVENTS_ROOT}.{family}.{issue_id}.*"
 
 

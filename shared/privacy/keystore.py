@@ -10,7 +10,12 @@ tells every process's cache).
 
 Keys of the bucket:
 
-* ``r.<resident id>`` -> ``{"key_id", "key" (base64), "index"}``: the resident's AES-256 data key.
+* ``h.<HMAC(index secret, id)>`` -> ``{"key_id", "wrapped", "index"}``: the resident's AES-256 data key,
+  wrapped with the key-encryption key kept in ``DIR/secrets`` (never in NATS). The entry's name is a subject
+  token, so it holds an HMAC of the id, never the id. Keys stored by an earlier needle stay readable under
+  ``r.<resident id>`` -> ``{"key_id", "key" (base64), "index"}``.
+* ``q.<HMAC(phone)>.<HMAC(id)>`` -> resident id: a resident reported under a caller's id with a phone, so
+  that forgetting the phone reaches them.
 * ``p.<HMAC(index secret, phone)>`` -> resident id: the phone index, so one phone's reports share a
   key and ``needle forget`` may be given the phone. It is purged with the key: after a forget nothing
   links the (random) resident id left in the stream to a phone, and a new report of the same phone
@@ -24,13 +29,17 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import orjson
 import structlog
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
@@ -40,6 +49,7 @@ from nats.js.kv import KeyValue
 
 from shared.domain.errors import Unavailable
 from shared.events.subjects import valid_token
+from shared.files import open_private, private_dir
 from shared.store.settling import JetStreamRefused, settled
 
 from . import sealing
@@ -72,6 +82,39 @@ def bucket_config(replicas: int = 1) -> dict[str, object]:
     }
 
 
+KEK_FILE = "secrets/resident-kek.key"  # the key-encryption key of the residents' data keys, never in NATS
+
+
+def load_or_create_kek(data_dir: Path) -> bytes:
+    """The key-encryption key: 32 random bytes (hex) in ``DIR/secrets/resident-kek.key``, created 0600 in the
+    0700 ``secrets/``. Every process of one needle reads the same file; a backup of the key bucket is of no use
+    without it (back it up apart from the data, or keep it in a KMS and write it here at start)."""
+    path = Path(data_dir) / KEK_FILE
+    if not path.exists():
+        private_dir(path.parent)
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            with os.fdopen(open_private(path), "w") as f:
+                f.write(secrets.token_hex(32))
+    kek = bytes.fromhex(path.read_text().strip())
+    if len(kek) != 32:
+        raise KeyStoreError(f"{path} must hold 32 bytes (64 hex characters)")
+    return kek
+
+
+def _wrap(kek: bytes, resident_id: str, key_id: str, key: bytes) -> str:
+    nonce = secrets.token_bytes(12)
+    return sealing.b64(nonce + AESGCM(kek).encrypt(nonce, key, f"{resident_id}\x00{key_id}".encode()))
+
+
+def _unwrap(kek: bytes, resident_id: str, key_id: str, blob: str) -> bytes:
+    raw = sealing.unb64(blob)
+    try:
+        return AESGCM(kek).decrypt(raw[:12], raw[12:], f"{resident_id}\x00{key_id}".encode())
+    except InvalidTag:
+        raise KeyStoreError(f"the data key of resident {resident_id} does not open with this key-encryption "
+                            f"key ({KEK_FILE})") from None
+
+
 @dataclass(frozen=True, slots=True)
 class ResidentKey:
     resident_id: str
@@ -79,14 +122,25 @@ class ResidentKey:
     key: bytes
     index: str | None  # the phone index entry pointing here, if any
     revision: int = 0
+    name: str = ""  # its entry in the bucket: h.<HMAC(id)>, or r.<id> for a key made before
 
-    def encode(self) -> bytes:
-        return orjson.dumps({"key_id": self.key_id, "key": sealing.b64(self.key), "index": self.index})
+    def encode(self, kek: bytes | None = None) -> bytes:
+        """The bucket's value: the data key wrapped with ``kek`` (AES-256-GCM bound to the resident and the
+        key id) when there is one, else as it is (needles before the key-encryption key)."""
+        if kek is None:
+            return orjson.dumps({"key_id": self.key_id, "key": sealing.b64(self.key), "index": self.index})
+        return orjson.dumps({"key_id": self.key_id, "wrapped": _wrap(kek, self.resident_id, self.key_id, self.key),
+                             "index": self.index})
 
     @classmethod
-    def decode(cls, resident_id: str, raw: bytes, revision: int) -> ResidentKey:
+    def decode(cls, resident_id: str, raw: bytes, revision: int, kek: bytes | None = None,
+               name: str = "") -> ResidentKey:
         d = orjson.loads(raw)
-        return cls(resident_id, d["key_id"], sealing.unb64(d["key"]), d.get("index"), revision)
+        if "wrapped" in d:  # without the key-encryption key: b"", good for destroying the key only
+            key = _unwrap(kek, resident_id, d["key_id"], d["wrapped"]) if kek is not None else b""
+        else:
+            key = sealing.unb64(d["key"])
+        return cls(resident_id, d["key_id"], key, d.get("index"), revision, name or f"r.{resident_id}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +175,13 @@ class ResidentKeys:
     """The keys of one needle, with a small cache that a watch on the bucket invalidates at once (any
     change of ``r.<id>``) and that never serves an entry older than CACHE_TTL_S."""
 
-    def __init__(self, nc: NATS, *, replicas: int = 1, ttl_s: float = CACHE_TTL_S) -> None:
+    def __init__(self, nc: NATS, *, replicas: int = 1, ttl_s: float = CACHE_TTL_S, kek: bytes | None = None) -> None:
         self.nc, self.replicas, self.ttl_s = nc, replicas, ttl_s
+        self.kek = kek  # wraps every new data key (load_or_create_kek); None: keys are stored unwrapped
         self._kv: KeyValue | None = None
         self._secret: bytes | None = None
         self._cache: dict[str, tuple[ResidentKey | None, float]] = {}
+        self._ids: dict[str, str] = {}  # HMAC -> resident id, for the watch's cache invalidation
         self._watch: Any = None
 
     async def start(self, watch: bool = True, settle_s: float = 15.0) -> None:
@@ -137,7 +193,7 @@ class ResidentKeys:
                                  within_s=settle_s)
         if watch:
             self._watch = await self.nc.jetstream().subscribe(
-                f"{KV_PREFIX}r.>", stream=KV_STREAM, cb=self._on_change, ordered_consumer=True,
+                f"{KV_PREFIX}>", stream=KV_STREAM, cb=self._on_change, ordered_consumer=True,
                 config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, headers_only=True))
 
     async def close(self) -> None:
@@ -147,7 +203,13 @@ class ResidentKeys:
             self._watch = None
 
     async def _on_change(self, msg: Msg) -> None:
-        self._cache.pop(msg.subject[len(KV_PREFIX) + 2:], None)
+        name = msg.subject[len(KV_PREFIX):]
+        if name.startswith("h."):
+            resident_id = self._ids.get(name[2:])
+            if resident_id is not None:
+                self._cache.pop(resident_id, None)
+        elif name.startswith("r."):
+            self._cache.pop(name[2:], None)
 
     @property
     def kv(self) -> KeyValue:
@@ -170,10 +232,24 @@ class ResidentKeys:
         hit = self._cache.get(resident_id)
         if hit is not None and hit[1] > now:
             return hit[0]
-        entry = await self._entry(f"r.{resident_id}")
-        key = ResidentKey.decode(resident_id, entry.value, entry.revision) if entry is not None else None
+        name = await self.entry_name(resident_id)
+        entry = await self._entry(name)
+        if entry is None:  # a key made before keys were named by an HMAC of the id
+            name = f"r.{resident_id}"
+            entry = await self._entry(name)
+        key = (ResidentKey.decode(resident_id, entry.value, entry.revision, self.kek, name)
+               if entry is not None else None)
         self._remember(resident_id, key)
         return key
+
+    async def entry_name(self, resident_id: str) -> str:
+        """The bucket entry of a resident's key: ``h.<HMAC(id)>``. The entry name is a NATS subject token
+        (``$KV.NEEDLE_RESIDENT_KEYS.h.…``), so it never holds the id (which may be a register number)."""
+        digest = (await self.subject_token(resident_id))[1:]
+        if len(self._ids) >= CACHE_MAX:
+            self._ids.clear()
+        self._ids[digest] = resident_id
+        return f"h.{digest}"
 
     def _remember(self, resident_id: str, key: ResidentKey | None) -> None:
         if len(self._cache) >= CACHE_MAX:
@@ -201,14 +277,15 @@ class ResidentKeys:
     # -- creating -----------------------------------------------------------------------------------
     async def _create_key(self, resident_id: str, index: str | None) -> ResidentKey | None:
         """A fresh key for ``resident_id``, or None when it already has one."""
-        key = ResidentKey(resident_id, secrets.token_hex(8), secrets.token_bytes(sealing.KEY_BYTES), index)
+        name = await self.entry_name(resident_id)
+        key = ResidentKey(resident_id, secrets.token_hex(8), secrets.token_bytes(sealing.KEY_BYTES), index, 0, name)
         try:
-            rev = await self.kv.create(f"r.{resident_id}", key.encode())
+            rev = await self.kv.create(name, key.encode(self.kek))
         except KeyWrongLastSequenceError:
             return None
         except (NatsError, TimeoutError) as exc:
             raise Unavailable("residents' keys could not be written in time") from exc
-        key = ResidentKey(key.resident_id, key.key_id, key.key, key.index, rev)
+        key = ResidentKey(key.resident_id, key.key_id, key.key, key.index, rev, name)
         self._remember(resident_id, key)
         return key
 
@@ -242,9 +319,77 @@ class ResidentKeys:
                     await self.kv.update(index, made.resident_id.encode(), last=entry.revision)
                 return made
             except KeyWrongLastSequenceError:  # lost the race: drop our key, use the winner's
-                await self.kv.purge(f"r.{made.resident_id}")
+                await self.kv.purge(made.name)
                 self._cache.pop(made.resident_id, None)
         raise KeyStoreError("no key could be made for this phone")
+
+    # -- residents known by an explicit id and a phone ---------------------------------------------------
+    async def subject_token(self, resident_id: str) -> str:
+        """What stands for ``resident_id`` in a NATS subject: ``r`` + a keyed HMAC, never the id itself (a
+        caller's own id may be a register or ID-card number; subjects show in stream listings and filters)."""
+        return "r" + sealing.index_digest(await self.index_secret(), f"resident\x00{resident_id}")[:32]
+
+    async def _link_key(self, phone_e164: str, resident_id: str) -> str:
+        secret = await self.index_secret()
+        return (f"q.{sealing.index_digest(secret, phone_e164)}."
+                f"{sealing.index_digest(secret, f'resident{chr(0)}{resident_id}')[:16]}")
+
+    async def link_phone(self, phone_e164: str, resident_id: str) -> None:
+        """Remember that the resident a caller named ``resident_id`` gave this phone (keyed HMACs only), so
+        that forgetting the phone reaches them too."""
+        try:
+            await self.kv.put(await self._link_key(phone_e164, resident_id), resident_id.encode())
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("residents' keys could not be written in time") from exc
+
+    async def linked_ids(self, phone_e164: str) -> list[str]:
+        """The explicit ids that reported this phone (link_phone)."""
+        prefix = f"q.{sealing.index_digest(await self.index_secret(), phone_e164)}."
+        keys = await self._keys_like(prefix + "*")
+        out = []
+        for k in keys:
+            entry = await self._entry(k)
+            if entry is not None and entry.value:
+                out.append(entry.value.decode())
+        return out
+
+    async def unlink_phone(self, phone_e164: str) -> None:
+        """Drop every explicit-id link of this phone (after forgetting it: the links name those residents)."""
+        prefix = f"q.{sealing.index_digest(await self.index_secret(), phone_e164)}."
+        for k in await self._keys_like(prefix + "*"):
+            await self.kv.purge(k)
+
+    async def _keys_like(self, pattern: str) -> list[str]:
+        """The live keys matching a subject ``pattern`` (a watch filtered by the server, not every key)."""
+        try:
+            watcher = await self.kv.watch(pattern, meta_only=True, ignore_deletes=True)
+            try:
+                out: list[str] = []
+                while True:
+                    entry = await watcher.updates(timeout=5)
+                    if entry is None:
+                        return out
+                    out.append(entry.key)
+            finally:
+                await watcher.stop()
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("residents' keys did not answer in time") from exc
+
+    async def find_all(self, who: str) -> list[tuple[str, ResidentKey | None]]:
+        """Every resident ``who`` names: an id names one; a phone names the resident keyed by it and every
+        resident reported under an explicit id with it."""
+        first = await self.find(who)
+        found = [first]
+        if not who.startswith("res_") and any(c.isdigit() for c in who):
+            try:
+                phone = sealing.normalize_phone(who)
+            except ValueError:
+                return found
+            for rid in await self.linked_ids(phone):
+                if rid != first[0] and valid_token(rid):
+                    self._cache.pop(rid, None)
+                    found.append((rid, await self.lookup(rid)))
+        return found
 
     # -- forgetting ---------------------------------------------------------------------------------
     async def find(self, who: str) -> tuple[str, ResidentKey | None]:
@@ -268,7 +413,7 @@ class ResidentKeys:
                 await self.nc.jetstream().delete_msg(KV_STREAM, key.revision)  # secure erase (no_erase: false)
             except Exception as exc:  # already gone (a concurrent forget): the purge below still holds
                 log.info("key message not erased", resident=key.resident_id, error=repr(exc))
-        await self.kv.purge(f"r.{key.resident_id}")
+        await self.kv.purge(key.name or f"r.{key.resident_id}")
         self._cache.pop(key.resident_id, None)
         if key.index:
             entry = await self._entry(key.index)

@@ -2,6 +2,7 @@
 forget one (crypto-shredding)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +18,7 @@ from shared.events.codec import Envelope, encode
 from shared.events.models import IssueReported, ResidentForgotten, ResidentRef
 
 from . import sealing
-from .keystore import Forgotten, KeyStoreError, ResidentKeys, new_resident_id
+from .keystore import Forgotten, KeyStoreError, ResidentKey, ResidentKeys, new_resident_id
 
 # Who reads residents in clear: everyone who may read the issue (its grid's workers, handlers of its
 # tasks, supervisors above its grid, admins) except integrators, who see the resident's id only.
@@ -41,6 +42,8 @@ async def seal_resident(keys: ResidentKeys, *, resident_id: str | None, name: st
             key = await keys.key_for_phone(phone)
         else:  # a name alone: a resident of its own, forgotten by its id
             key = await keys.key_for_id(new_resident_id())
+        if resident_id and phone:  # forgetting the phone must reach this resident too
+            await keys.link_phone(phone, key.resident_id)
     except (NatsError, TimeoutError, KeyStoreError) as exc:
         raise Unavailable("residents' keys are not available; retry") from exc
     data = sealing.ResidentData(name=name, phone=phone)
@@ -89,23 +92,40 @@ def resident_id_only(ce: dict[str, Any]) -> bool:
     return False
 
 
-def forgotten_envelope(resident_id: str, key_ids: tuple[str, ...], by: str, now: datetime) -> Envelope:
+def forgotten_envelope(resident_id: str, key_ids: tuple[str, ...], by: str, now: datetime,
+                       token: str | None = None) -> Envelope:
+    """``token`` (the subject token of the resident, an HMAC) names the event's id and so its Nats-Msg-Id
+    header, instead of the id; the data and the CloudEvents subject name the resident."""
     event = ResidentForgotten(resident_id=resident_id, key_ids=key_ids, by=by, at=now)
-    return Envelope(id=f"resident.{resident_id}.{'.'.join(key_ids) or 'none'}", source="needle/residents",
+    return Envelope(id=f"resident.{token or resident_id}.{'.'.join(key_ids) or 'none'}", source="needle/residents",
                     subject=resident_id, time=now, data=event, actor=by)
 
 
 async def forget(nc: NATS, keys: ResidentKeys, who: str, *, by: str, now: datetime) -> Forgotten:
-    """Forget a resident (id or phone): record ``resident_forgotten`` (no personal data), then destroy
-    the key. The event goes first, so a crash in between leaves a key that a retry destroys; the
-    Nats-Msg-Id makes a retry within the duplicate window one event. Forgetting a resident with no key
-    (unknown, or already forgotten) changes nothing and records nothing."""
-    resident_id, key = await keys.find(who)
+    """Forget every resident ``who`` names: an id, or a phone (the resident keyed by it and every resident a
+    caller reported under its own id with that phone). Each is forgotten as ``forget_one`` does; the result
+    names them all (comma-separated) and every key destroyed."""
+    found = await keys.find_all(who)
+    done = [await forget_one(nc, keys, rid, key, by=by, now=now) for rid, key in found]
+    if len(found) > 1 or (found and found[0][0] != who):  # a phone: its links name residents, drop them too
+        with contextlib.suppress(ValueError):
+            await keys.unlink_phone(sealing.normalize_phone(who))
+    return Forgotten(", ".join(dict.fromkeys(f.resident_id for f in done)),
+                     tuple(k for f in done for k in f.key_ids))
+
+
+async def forget_one(nc: NATS, keys: ResidentKeys, resident_id: str, key: ResidentKey | None, *, by: str,
+                     now: datetime) -> Forgotten:
+    """Record ``resident_forgotten`` (no personal data), then destroy the key. The event goes first, so a
+    crash in between leaves a key that a retry destroys; the Nats-Msg-Id makes a retry within the duplicate
+    window one event. A resident with no key (unknown, or already forgotten) changes nothing and records
+    nothing. The event's NATS subject carries a keyed HMAC of the id, never the id (``subject_token``)."""
     if key is None:
         return Forgotten(resident_id, ())
-    env = forgotten_envelope(resident_id, (key.key_id,), by, now)
     try:
-        msg = await nc.request(sj.resident_event(resident_id, ResidentForgotten.name), encode(env),
+        token = await keys.subject_token(resident_id)
+        env = forgotten_envelope(resident_id, (key.key_id,), by, now, token)
+        msg = await nc.request(sj.resident_event(token, ResidentForgotten.name), encode(env),
                                headers={"Nats-Msg-Id": env.id}, timeout=5)
         ack = orjson.loads(msg.data)
         if "error" in ack:

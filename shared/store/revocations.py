@@ -44,11 +44,15 @@ class RevocationFollower:
     in the bucket is applied (a restarted process never accepts a token revoked before it started); the
     watch (an ordered consumer, which resets itself across reconnects) then applies each new entry."""
 
-    def __init__(self, kv: KeyValue, revocations: Revocations) -> None:
+    def __init__(self, kv: KeyValue, revocations: Revocations, health: dict[str, bool] | None = None,
+                 retry_s: float = 1.0) -> None:
         self.kv, self.revocations = kv, revocations
         self._watcher: KeyValue.KeyWatcher | None = None
         self._caught_up = asyncio.Event()
         self._target = 0
+        # ``revocations`` in /healthz: False while the watch is down (tokens revoked meanwhile are not seen yet)
+        self.health = health if health is not None else {}
+        self.retry_s = retry_s
 
     async def start(self, timeout: float = READY_TIMEOUT_S) -> None:
         status = await self.kv.status()
@@ -61,11 +65,41 @@ class RevocationFollower:
             await asyncio.wait_for(self._caught_up.wait(), timeout)
         except TimeoutError:
             raise RuntimeError(f"could not read the revoked tokens in {BUCKET} within {timeout} s") from None
+        self.health["revocations"] = True
 
     async def _follow(self) -> None:
+        """Follow the watch; when it ends or fails, flag ``revocations`` down in the health map, log it, and
+        watch again (from the start: applying an entry twice changes nothing) after a growing pause."""
+        self._pause = self.retry_s
+        while True:
+            try:
+                await self._watch()
+                why = "the watch ended"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                why = repr(exc)
+            self.health["revocations"] = False
+            log.error("token revocation watch down; revoked tokens may be accepted until it is back", error=why)
+            while True:
+                await asyncio.sleep(self._pause)
+                self._pause = min(self._pause * 2, 30.0)
+                try:
+                    self._watcher = await self.kv.watchall()
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("token revocation watch could not restart", error=repr(exc))
+
+    async def _watch(self) -> None:
         assert self._watcher is not None
         async for entry in self._watcher:
-            if entry is None:  # the end-of-initial-values marker: readiness is judged by revision instead
+            if entry is None:  # the end of the initial values: every revocation written so far is applied
+                if self._caught_up.is_set() and not self.health.get("revocations", False):
+                    self.health["revocations"] = True
+                    self._pause = self.retry_s
+                    log.info("token revocation watch back")
                 continue
             value = None if entry.operation in (KV_DEL, KV_PURGE) else entry.value
             self.revocations.apply(entry.key, value, int(entry.revision or 0))

@@ -65,12 +65,13 @@ class Up:
     """One ``needle up`` process; its output is drained by a thread (a full pipe would stall it)."""
 
     def __init__(self, data_dir: Path, port: int, org: Path = ORG, rules: Path = RULES,
-                 extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> None:
         self.data_dir, self.port = data_dir, port
         files = ["--org", str(org), "--rules", str(rules)] if str(org) != "." else []  # Path(""): the defaults
         self.proc = subprocess.Popen(
             [str(NEEDLE), "up", "--data-dir", str(data_dir), "--port", str(port), *files, *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env(), cwd=ROOT)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=clean_env() | (env or {}),
+            cwd=ROOT)
         self.lines: list[str] = []
         self._ready = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)

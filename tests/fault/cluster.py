@@ -27,6 +27,7 @@ from typing import Any
 from services.entrypoints.embedded import nats_config, nats_server_binary
 from services.entrypoints.nats_users import authorization_block, load_or_create_passwords, url_for
 from services.entrypoints.processes import free_port, spawn, stop, wait_port
+from shared.files import private_dir, write_private
 
 CLUSTER_NAME = "needle"
 
@@ -106,14 +107,13 @@ class NatsCluster:
 
     # -- life cycle ----------------------------------------------------------------------------
     def _write_config(self, node: Node) -> Path:
-        node.root.mkdir(parents=True, exist_ok=True)
+        private_dir(node.root)
         routes = [n.cluster_port for n in self.nodes if n is not node]
         conf = node.root / "nats.conf"
-        conf.write_text(nats_config(port=node.port, store_dir=node.root / "jetstream", sync_always=self.sync_always,
+        write_private(conf, nats_config(port=node.port, store_dir=node.root / "jetstream", sync_always=self.sync_always,
                                     monitor_port=node.monitor_port, server_name=node.name,
                                     cluster=cluster_block(CLUSTER_NAME, node.cluster_port, routes),
-                                    authorization=authorization_block(self._passwords())))
-        conf.chmod(0o600)
+                                    authorization=authorization_block(self._passwords())))  # 0600 from the start
         return conf
 
     def start_node(self, i: int, timeout: float = 30.0) -> None:

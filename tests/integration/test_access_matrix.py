@@ -3,8 +3,8 @@ new route without an entry here fails) × every kind of caller, against one real
 
 Callers: grid workers of grids A and B, handlers of the lead department X, of the co-handling department
 Y and of a department Z with no task, a supervisor of the street over both grids and one of grid B only,
-an integrator, an admin, and no / an expired / a revoked token. The issue under test lies in grid A and
-is dispatched to X (lead) and Y (co).
+an integrator, an admin, a public app's reporter key, and no / an expired / a revoked token. The issue under
+test lies in grid A and is dispatched to X (lead) and Y (co).
 
 An expected ``OK`` means the caller got past authentication and authorization: a 2xx, or for a write a
 409 (allowed, but the issue's state has moved on: earlier callers in the matrix act on the same issue).
@@ -45,6 +45,7 @@ PRINCIPALS: dict[str, tuple[str, str]] = {
     "sup_other": ("supervisor", f"area:{GRID_B}"),  # covers grid B only
     "integrator": ("integrator", ""),
     "admin": ("admin", ""),
+    "reporter": ("reporter", ""),  # a public app: files Open311 requests, reads nothing beyond the public view
 }
 BAD = ("none", "expired", "revoked")
 CALLERS = (*PRINCIPALS, *BAD)
@@ -176,10 +177,12 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/open311/v2/discovery.{fmt}"): Case(public()),
     ("GET", "/open311/v2/services.{fmt}"): Case(public()),
     ("GET", "/open311/v2/services/{name}"): Case(public()),
-    ("GET", "/open311/v2/requests.{fmt}"): Case(public()),
-    ("GET", "/open311/v2/requests/{name}"): Case(public()),
-    ("GET", "/open311/v2/tokens/{name}"): Case(public()),
-    ("POST", "/open311/v2/requests.{fmt}"): Case(only("gw_a", "integrator", "admin", bad=403), succeeds=True,
+    # requests: anyone without a key (the anonymous view), any valid key; a key that is sent must be valid
+    ("GET", "/open311/v2/requests.{fmt}"): Case(public() | {"expired": 403, "revoked": 403}),
+    ("GET", "/open311/v2/requests/{name}"): Case(public() | {"expired": 403, "revoked": 403}),
+    ("GET", "/open311/v2/tokens/{name}"): Case(public() | {"expired": 403, "revoked": 403}),
+    # files: a grid worker in its grid, a public app's reporter key, an admin; never an integrator (reads only)
+    ("POST", "/open311/v2/requests.{fmt}"): Case(only("gw_a", "reporter", "admin", bad=403), succeeds=True,
                                                  data={"service_code": "road_damage", "description": "m",
                                                        "attribute[grid]": GRID_A}),
     # anything else under /open311 is a 404 in the GeoReport form, whoever asks
@@ -223,7 +226,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncI
     server.start()
     h = await start_needle(root / "needle", org=FIXTURES / "contract_org.yaml", rules=FIXTURES / "contract_rules.yaml",
                            nats_url=server.url, pg_admin_url=pg_url,
-                           database=f"needle_matrix_{os.getpid()}_{uuid.uuid4().hex[:8]}")
+                           database=f"needle_matrix_{os.getpid()}_{uuid.uuid4().hex[:8]}",
+                           webhook_allow_private=["127.0.0.1"])  # the webhooks' (dead) target
     try:
         yield h, await seed(h)
     finally:
@@ -432,3 +436,18 @@ async def test_by_default_no_origin_is_allowed_and_the_dashboard_keeps_its_own_c
     csp = page.headers.get_list("content-security-policy")
     assert len(csp) == 1 and "script-src 'self'" in csp[0] and "'unsafe-inline'" not in csp[0]
     assert page.headers["x-frame-options"] == "DENY"
+
+
+# Open311 reads: the full request (description, exact point and address, notes) only to a key that covers the
+# issue; everyone else, no key included, gets the anonymous view (docs/OPEN311.md)
+OPEN311_FULL = {"gw_a", "handler_x", "handler_y", "sup_street", "integrator", "admin"}
+
+
+@pytest.mark.parametrize("who", [c for c in CALLERS if c not in ("expired", "revoked")])
+async def test_open311_reads_show_full_detail_only_to_a_key_covering_the_issue(
+        stack: tuple[NeedleHandle, World], who: str) -> None:
+    h, w = stack
+    r = await h.client.get(f"/open311/v2/requests/{w.issue}.json", headers=w.headers[who])
+    assert r.status_code == 200, r.text
+    (req,) = r.json()
+    assert (req["description"] is not None) == (who in OPEN311_FULL), (who, req)

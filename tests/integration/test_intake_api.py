@@ -403,11 +403,12 @@ async def test_supervisor_of_another_district_cannot_read(needle_factory: Factor
     problem(await report(hh, road(), ("grid_worker", "area:zhanmao-g31")), 403)
 
 
-async def test_unknown_issue_and_task_are_404(h: NeedleHandle, road_issue: dict[str, Any]) -> None:
+async def test_unknown_issue_and_task_are_404_and_malformed_ids_422(h: NeedleHandle,
+                                                                    road_issue: dict[str, Any]) -> None:
     problem(await h.client.get("/v1/issues/0123456789abcdefghjkmnpqrs", headers=h.auth(*ADMIN)), 404)
     problem(await h.client.get("/v1/issues/NOT.AN/ID", headers=h.auth(*ADMIN)), 404)
     problem(await h.client.post(f"/v1/tasks/{road_issue['id']}-9/acknowledge", headers=h.auth(*ROADS)), 404)
-    problem(await h.client.post("/v1/tasks/no-such-task/acknowledge", headers=h.auth(*ROADS)), 404)
+    problem(await h.client.post("/v1/tasks/no-such-task/acknowledge", headers=h.auth(*ROADS)), 422, "task_id")
 
 
 # -- writes against the issue's state -----------------------------------------------------------------------------

@@ -145,13 +145,16 @@ async def test_resident_sealed_readable_then_forgotten_everywhere(needle_factory
     r = await h.client.get(f"/v1/issues/{first}/audit", headers=h.auth(*SUP))
     assert r.status_code == 200 and name not in r.text and digits.decode() not in r.text
 
-    # the key is on disk (outside the event stream) until it is forgotten
+    # the key is on disk (outside the event stream), wrapped with the key-encryption key kept in DIR/secrets,
+    # until it is forgotten; the clear key is nowhere on disk
     assert h.stack.residents is not None
     key = await h.stack.residents.lookup(rid)
     assert key is not None
     key_b64 = sealing.b64(key.key).encode()
-    assert key_b64 in disk_bytes(tmp_path)
-    assert not any(key_b64 in p for p in payloads)
+    entry = await h.stack.residents.kv.get(await h.stack.residents.entry_name(rid))
+    wrapped = orjson.loads(entry.value)["wrapped"].encode()
+    assert wrapped in disk_bytes(tmp_path) and key_b64 not in disk_bytes(tmp_path)
+    assert not any(key_b64 in p or wrapped in p for p in payloads)
 
     out = await needle_forget(h, typed)  # by phone, from another process
     assert f"resident {rid} forgotten" in out, out
@@ -163,7 +166,7 @@ async def test_resident_sealed_readable_then_forgotten_everywhere(needle_factory
         assert (await get_issue(h, issue_id, ROADS))["resident"]["name"] == ERASED
         assert await reported_resident(h, issue_id, INTEGRATOR) == {"id": rid}
     await asyncio.sleep(0.5)
-    assert key_b64 not in disk_bytes(tmp_path)  # erased, not only marked deleted
+    assert wrapped not in disk_bytes(tmp_path)  # erased, not only marked deleted
     assert key.key not in disk_bytes(tmp_path)
 
     # the stream recorded the forget, without personal data

@@ -39,7 +39,8 @@ async def h(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncItera
                                 rules=FIXTURES / "contract_rules.yaml", nats_url=server.url, pg_admin_url=pg_url,
                                 database=f"needle_security_{os.getpid()}_{uuid.uuid4().hex[:8]}",
                                 services=("intake",), rate_limit_per_s=1.0, rate_limit_burst=3,
-                                rate_limit_read_per_s=2.0, rate_limit_read_burst=5, cors_origins=[ORIGIN])
+                                rate_limit_read_per_s=2.0, rate_limit_read_burst=5, cors_origins=[ORIGIN],
+                                webhook_allow_private=["127.0.0.1"])
     try:
         yield handle
     finally:

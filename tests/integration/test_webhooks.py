@@ -21,6 +21,7 @@ import pytest
 
 from services.integrations import signing
 from services.integrations.delivery import DeliveryConfig
+from services.integrations.targets import AllowList
 from services.integrations.webhooks import WebhookService
 from shared.domain.ids import new_issue_id
 from shared.events import subjects as sj
@@ -32,7 +33,11 @@ from tests.support import NeedleHandle
 SECRET = "s3cret-for-tests-0123456789"
 GRID, OTHER_GRID = "wuxing-g1", "wuxing-g2"
 TYPES = ["issue_reported", "issue_routed", "task_dispatched"]
-FAST = DeliveryConfig(base_s=0.01, cap_s=0.05, max_attempts=1000, timeout_s=0.3, ack_wait_s=3)
+# the receivers here listen on 127.0.0.1: the operator's allow-list lets webhooks reach them (targets.py)
+LOCAL: dict[str, Any] = {"webhook_allow_private": ["127.0.0.1"]}
+LOOPBACK = AllowList.parse(["127.0.0.1"])
+FAST = DeliveryConfig(base_s=0.01, cap_s=0.05, max_attempts=1000, timeout_s=0.3, ack_wait_s=3,
+                      allow_private=("127.0.0.1",))
 
 
 @dataclass
@@ -166,7 +171,7 @@ def check_signatures_and_order(rx: Receiver) -> None:
 
 
 async def test_flaky_receiver_gets_every_event_signed_and_in_order(needle_factory: Callable[..., Any]) -> None:
-    h: NeedleHandle = await needle_factory()
+    h: NeedleHandle = await needle_factory(**LOCAL)
     service(h).config = FAST
     rx = await Receiver(answers((25, 500), (12, "timeout"), (10, 503))).start()
     hook = await register(h, rx.url)
@@ -184,8 +189,9 @@ async def test_flaky_receiver_gets_every_event_signed_and_in_order(needle_factor
 
 
 async def test_dead_letters_after_max_attempts_then_replay(needle_factory: Callable[..., Any]) -> None:
-    h: NeedleHandle = await needle_factory()
-    service(h).config = DeliveryConfig(base_s=0.01, cap_s=0.02, max_attempts=3, timeout_s=0.3, ack_wait_s=3)
+    h: NeedleHandle = await needle_factory(**LOCAL)
+    service(h).config = DeliveryConfig(base_s=0.01, cap_s=0.02, max_attempts=3, timeout_s=0.3, ack_wait_s=3,
+                                        allow_private=("127.0.0.1",))
     failing = True
 
     async def answer(_: int) -> int:
@@ -226,7 +232,7 @@ async def test_dead_letters_after_max_attempts_then_replay(needle_factory: Calla
 
 
 async def test_restart_loses_nothing(needle_factory: Callable[..., Any]) -> None:
-    h1: NeedleHandle = await needle_factory()
+    h1: NeedleHandle = await needle_factory(**LOCAL)
     service(h1).config = FAST
     slow = False
 
@@ -256,7 +262,7 @@ async def test_restart_loses_nothing(needle_factory: Callable[..., Any]) -> None
     await nc.drain()
 
     slow = False
-    h2: NeedleHandle = await needle_factory(nats_url=nats_url, database=db)
+    h2: NeedleHandle = await needle_factory(nats_url=nats_url, database=db, **LOCAL)
     service(h2).config = FAST
     later = await expected(h2, offline)  # the router reacts to them after the restart
     all_ids = {e for d in (want, more, later) for ids in d.values() for e in ids}
@@ -269,7 +275,7 @@ async def test_restart_loses_nothing(needle_factory: Callable[..., Any]) -> None
 
 
 async def test_area_filter_looks_up_the_grid(needle_factory: Callable[..., Any]) -> None:
-    h: NeedleHandle = await needle_factory()
+    h: NeedleHandle = await needle_factory(**LOCAL)
     service(h).config = FAST
     rx = await Receiver(answers()).start()
     await register(h, rx.url, types=["task_dispatched"], area=GRID)  # issue_reported is not subscribed
@@ -283,7 +289,7 @@ async def test_area_filter_looks_up_the_grid(needle_factory: Callable[..., Any])
 
 
 async def test_api_validation_and_ownership(needle_factory: Callable[..., Any]) -> None:
-    h: NeedleHandle = await needle_factory(services=("intake",))
+    h: NeedleHandle = await needle_factory(services=("intake",), **LOCAL)
     alice, bob = h.auth("integrator", subject="alice"), h.auth("integrator", subject="bob")
     url = "https://example.invalid/hook"
     ok: dict[str, Any] = {"url": url, "types": ["task_dispatched"], "secret": SECRET}
@@ -321,7 +327,7 @@ async def test_api_validation_and_ownership(needle_factory: Callable[..., Any]) 
 async def test_measure_delivery_throughput(needle_factory: Callable[..., Any]) -> None:
     """Prints events/s delivered to a fast local 204 receiver (no timed assertion)."""
     n_issues, per_issue = int(os.environ.get("WEBHOOK_BENCH_ISSUES", "4000")), 5
-    h: NeedleHandle = await needle_factory(services=("intake",))
+    h: NeedleHandle = await needle_factory(services=("intake",), **LOCAL)
     svc = service(h)
     rx = await Receiver(answers()).start()
     hook = await register(h, rx.url, types=["issue_reported", "issue_urged"])
@@ -389,7 +395,7 @@ async def test_transport_framing_reuse_and_errors() -> None:
         b"HTTP/1.1 500 Oops\r\nContent-Length: 9000\r\n\r\n" + b"x" * 9000,  # too big: not read, not reused
         ok, b"",  # the server drops this reused connection before answering: sent once more on a new one
         b"HTTP/1.0 202 Accepted\r\n\r\nuntil close", b"sleep", ok)
-    async with httpx.AsyncClient(transport=KeepAliveTransport(max_response_bytes=4096)) as client:
+    async with httpx.AsyncClient(transport=KeepAliveTransport(max_response_bytes=4096, allow=LOOPBACK)) as client:
         rs = [await client.post(url, content=b"{}") for _ in range(5)]
         assert [(r.status_code, r.content) for r in rs] == [
             (200, b"ok"), (201, b"abcde"), (500, b""), (200, b"ok"), (202, b"until close")]
@@ -399,7 +405,7 @@ async def test_transport_framing_reuse_and_errors() -> None:
             await client.post(url, content=b"{}", timeout=0.3)
         assert time.monotonic() - t0 < 2 and (await client.post(url, content=b"{}")).status_code == 200
     server.close()
-    async with httpx.AsyncClient(transport=KeepAliveTransport()) as refused:
+    async with httpx.AsyncClient(transport=KeepAliveTransport(allow=LOOPBACK)) as refused:
         with pytest.raises(httpx.ConnectError):
             await refused.post(url, content=b"{}")
 
@@ -409,10 +415,10 @@ async def test_with_intake_workers_the_first_delivers_what_another_registered_an
     """NEEDLE_WORKERS > 1: every intake serves /v1/webhooks, only the first delivers. A webhook registered
     through another worker is delivered by the first (it follows the registry), and one removed through
     another worker stops there."""
-    first: NeedleHandle = await needle_factory(workers=2)
+    first: NeedleHandle = await needle_factory(workers=2, **LOCAL)
     db = (first.stack.urls.database or "").rsplit("/", 1)[1]
     other: NeedleHandle = await needle_factory(nats_url=first.stack.urls.nats, database=db, services=("intake",),
-                                               workers=2, webhook_delivery=False)
+                                               workers=2, webhook_delivery=False, **LOCAL)
     service(first).config = FAST
     rx = await Receiver(answers()).start()
     hook = await register(other, rx.url)
@@ -451,7 +457,7 @@ async def test_with_intake_workers_the_first_delivers_what_another_registered_an
 
 async def test_progress_counts_what_waits_for_a_process_that_does_not_deliver(
         needle_factory: Callable[..., Any]) -> None:
-    h: NeedleHandle = await needle_factory(webhook_delivery=False, services=("intake",))
+    h: NeedleHandle = await needle_factory(webhook_delivery=False, services=("intake",), **LOCAL)
     rx = await Receiver(answers()).start()
     before = await stream_last_seq(h)
     hook = await register(h, rx.url, types=["issue_reported"])  # one type: the filter is exact

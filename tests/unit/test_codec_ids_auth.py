@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import jwt
 import orjson
@@ -14,7 +15,7 @@ from pydantic import ValidationError
 
 from shared import auth
 from shared.domain import ids
-from shared.domain.errors import NotFound
+from shared.domain.errors import Invalid
 from shared.events import codec, subjects
 from shared.events import models as ev
 
@@ -236,23 +237,30 @@ def test_a_task_id_names_its_issue(ms: int, r: int, n: int) -> None:
     assert ids.issue_of_task(task) == issue
 
 
-@pytest.mark.parametrize("task", ["", "abc", "abc-", "-1", "abc-x", "abc-1a"])
-def test_a_task_id_without_issue_and_ordinal_is_not_found(task: str) -> None:
-    with pytest.raises(NotFound) as info:
+@pytest.mark.parametrize("task", ["", "abc", "abc-", "-1", "abc-x", "abc-1a", "*-1", ">-1", "a.b-1", "a*-1",
+                                  "abc-1\n", "abc-\u0661", "x" * 41 + "-1", "abc-1234567"])
+def test_a_task_id_that_is_no_issue_and_ordinal_is_invalid_naming_the_path_param(task: str) -> None:
+    with pytest.raises(Invalid) as info:
         ids.issue_of_task(task)
-    assert info.value.field == "task_id"
+    assert info.value.field == "task_id" and info.value.status == 422
 
 
-@pytest.mark.parametrize("issue_id", ["", "a.b", "*", ">", "abc.*", "a b", "ABC", "x" * 41, "abc-1", "abci"])
+@pytest.mark.parametrize("issue_id", ["", "a.b", "*", ">", "abc.*", "a b", "ABC", "x" * 41, "abc-1", "abci",
+                                      "abc\n", "\u0661"])
 def test_check_issue_id_rejects_ids_that_could_not_be_subject_tokens_or_ours(issue_id: str) -> None:
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(Invalid) as info:
         ids.check_issue_id(issue_id)
-    assert info.value.field == "id"
+    assert info.value.field == "issue_id" and info.value.status == 422
+
+
+@pytest.mark.parametrize("issue_id", ["*", ">", "a.b", ""])
+def test_the_issue_subject_refuses_a_wildcard_as_a_last_line(issue_id: str) -> None:
+    with pytest.raises(ValueError):
+        subjects.issue_events(issue_id)
 
 
 @pytest.mark.parametrize("key", ["", "x" * 201, "a\nb", "a\x00b"])
 def test_an_idempotency_key_must_be_1_to_200_printable_characters(key: str) -> None:
-    from shared.domain.errors import Invalid
 
     with pytest.raises(Invalid):
         ids.check_idempotency_key(key)
@@ -398,3 +406,46 @@ def test_base32_digits_are_the_bits_most_significant_first_at_every_length() -> 
             value = rng.getrandbits(rng.choice([5 * length, 5 * length + 9, 256]))
             one_by_one = "".join(alphabet[(value >> 5 * (length - 1 - i)) & 31] for i in range(length))
             assert ids._b32(value, length) == one_by_one, (value, length)
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"secret", b"x" * 31])
+def test_a_short_or_empty_token_key_is_refused(tmp_path: Path, content: bytes) -> None:
+    path = auth.key_path(tmp_path)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(auth.TokenKeyError):
+        auth.load_or_create_key(tmp_path)
+    with pytest.raises(auth.TokenKeyError):
+        auth.TokenVerifier(content.strip())
+    with pytest.raises(auth.TokenKeyError):
+        auth.issue_token(content.strip(), role="admin", scope="")
+
+
+def test_a_new_token_key_is_64_hex_characters(tmp_path: Path) -> None:
+    key = auth.load_or_create_key(tmp_path)
+    assert len(key) == 64 and auth.load_or_create_key(tmp_path) == key
+
+
+@pytest.mark.parametrize("raw", ["²", "١٢", "9" * 21, "1" * 5000, str(2**64), "-1", "1 2"])
+def test_last_event_id_that_is_no_ascii_sequence_is_invalid_not_a_crash(raw: str) -> None:
+    from services.intake.events_api import parse_last_id
+
+    with pytest.raises(Invalid) as info:
+        parse_last_id(raw, None)
+    assert info.value.field == "Last-Event-ID"
+    assert parse_last_id(str(2**64 - 1), None) == 2**64 - 1
+
+
+def test_each_token_holder_gets_a_subject_of_its_own_and_a_lifetime_for_its_role() -> None:
+    a = auth.plan_token("grid_worker", "area:wuxing-g1", None, None)
+    b = auth.plan_token("grid_worker", "area:wuxing-g1", None, None)
+    assert a.generated and a.subject != b.subject and a.subject.startswith("grid_worker:area:wuxing-g1:")
+    assert a.ttl_s == 7 * 86400
+    assert auth.plan_token("admin", "", None, None).ttl_s == 8 * 3600
+    assert auth.plan_token("integrator", "", None, None).ttl_s == 90 * 86400
+    assert all(ttl <= 90 * 86400 for ttl in auth.DEFAULT_TTL_S.values()) and set(auth.DEFAULT_TTL_S) == set(auth.ROLES)
+    named = auth.plan_token("integrator", "", "city-portal", 3600)
+    assert (named.subject, named.ttl_s, named.generated) == ("city-portal", 3600, False)
+    for bad in [("mayor", "", None, None), ("admin", "", "  ", None), ("admin", "", None, 0)]:
+        with pytest.raises(ValueError):
+            auth.plan_token(*bad)

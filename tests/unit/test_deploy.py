@@ -23,6 +23,8 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 SCHEMA = Path(__file__).resolve().parents[1] / "fixtures" / "compose-spec" / "compose-spec.json"
 NODES = ("n1", "n2", "n3")
 ENV = {"NEEDLE_NATS_PASSWORD": "needle-secret", "NEEDLE_NATS_INTEGRATOR_PASSWORD": "integrator-secret"}
+ROUTE_ENV = {"NEEDLE_NATS_ROUTE_PASSWORD": "route-secret",
+             **{f"NEEDLE_NATS_ROUTE_{n.upper()}": f"nats-route://route:route-secret@{n}:6222" for n in NODES}}
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,8 @@ def test_docker_compose_config_accepts_the_file() -> None:
     cmd = _compose_command()
     if cmd is None:
         pytest.skip("neither `docker compose` nor `docker-compose` here; the schema test above still runs")
-    env = {**os.environ, **ENV, "POSTGRES_PASSWORD": "pg-secret"}
+    env = {**os.environ, **ENV, "POSTGRES_PASSWORD": "pg-secret", "NEEDLE_NATS_ROUTE_PASSWORD": "route-secret",
+           "NEEDLE_METRICS_TOKEN": "metrics-secret"}
     run = subprocess.run([*cmd, "-f", str(DEPLOY / "compose.yaml"), "config"], capture_output=True, text=True,
                          env=env, timeout=60)
     assert run.returncode == 0, run.stderr
@@ -96,7 +99,8 @@ def test_every_node_routes_to_the_others_and_differs_only_in_its_name() -> None:
     texts = {n: (DEPLOY / "nats" / f"{n}.conf").read_text() for n in NODES}
     for n, text in texts.items():
         assert f"server_name: {n}" in text
-        assert "routes: [nats-route://n1:6222, nats-route://n2:6222, nats-route://n3:6222]" in text
+        assert "routes: [$NEEDLE_NATS_ROUTE_N1, $NEEDLE_NATS_ROUTE_N2, $NEEDLE_NATS_ROUTE_N3]" in text
+        assert "authorization { user: route, password: $NEEDLE_NATS_ROUTE_PASSWORD }" in text
     assert len({t.replace(f"n{i + 1}", "N", 2) for i, t in enumerate(texts.values())}) == 1
 
 
@@ -111,9 +115,20 @@ def test_node_users_are_the_embedded_servers_users() -> None:
 @pytest.mark.parametrize("node", NODES)
 def test_nats_server_accepts_the_node_config(node: str) -> None:
     out = subprocess.run([nats_server_binary(), "-c", f"{node}.conf", "-t"], cwd=DEPLOY / "nats",
-                         env={**os.environ, **ENV}, capture_output=True, text=True, timeout=30)
+                         env={**os.environ, **ENV, **ROUTE_ENV}, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stdout + out.stderr
-    missing = subprocess.run([nats_server_binary(), "-c", f"{node}.conf", "-t"], cwd=DEPLOY / "nats",
-                             env={k: v for k, v in os.environ.items() if k not in ENV}, capture_output=True,
-                             text=True, timeout=30)
-    assert missing.returncode != 0  # no password in the environment: the node refuses to start
+    for left_out in (ENV, ROUTE_ENV):  # no password in the environment: the node refuses to start
+        missing = subprocess.run([nats_server_binary(), "-c", f"{node}.conf", "-t"], cwd=DEPLOY / "nats",
+                                 env={k: v for k, v in {**os.environ, **ENV, **ROUTE_ENV}.items() if k not in left_out},
+                                 capture_output=True, text=True, timeout=30)
+        assert missing.returncode != 0, left_out
+
+
+def test_compose_publishes_the_intake_on_loopback_and_guards_metrics(compose: dict[str, Any]) -> None:
+    """Plain HTTP stays on the host until a TLS proxy publishes it; /metrics needs its token."""
+    assert compose["services"]["intake"]["ports"] == ["127.0.0.1:8000:8000"]
+    for name in ("intake", "router", "projections"):
+        assert "NEEDLE_METRICS_TOKEN" in compose["services"][name]["environment"]
+    for node in NODES:
+        env = compose["services"][node]["environment"]
+        assert env[f"NEEDLE_NATS_ROUTE_{node.upper()}"].startswith("nats-route://route:")
