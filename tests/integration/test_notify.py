@@ -18,7 +18,7 @@ import uvicorn
 
 from services.entrypoints.processes import free_port
 from tests.integration.test_residents import stream_payloads, unique_mobile
-from tests.support import NeedleHandle
+from tests.support import NeedleHandle, start_needle
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 CONTACT = "+8613900000077"
@@ -108,15 +108,27 @@ async def lead_of(h: NeedleHandle, issue_id: str) -> str:
 
 
 async def test_notifications_reach_the_receiver_exactly_once_across_restarts_and_no_personal_data_is_streamed(
-        needle_factory: Callable[..., Any], nats_factory: Callable[[], Any], tmp_path: Path) -> None:
+        nats_factory: Callable[[], Any], pg_url: str, tmp_path: Path) -> None:
     receiver = Receiver(refuse=2)  # the first two deliveries fail: the events stay unacked and come again
     await receiver.start()
     org = org_with_contact(tmp_path)
     nats_url = nats_factory().url
     db = f"needle_notify_{uuid.uuid4().hex[:8]}"
     typed, e164 = unique_mobile()
+    handles: list[NeedleHandle] = []
+
+    async def needle(**settings: Any) -> NeedleHandle:  # one data dir throughout: a restart of one needle
+        h = await start_needle(tmp_path / "needle", org=org, rules=FIXTURES / "contract_rules.yaml",
+                               nats_url=nats_url, pg_admin_url=pg_url, database=db, **settings)
+        handles.append(h)
+        return h
+
+    async def stop(h: NeedleHandle) -> None:
+        handles.remove(h)
+        await h.close()
+
     try:
-        h1: NeedleHandle = await needle_factory(org, nats_url=nats_url, database=db, notify_url=receiver.url)
+        h1: NeedleHandle = await needle(notify_url=receiver.url)
         assert h1.stack.notifier is not None
         one = await report(h1, typed)
         lead = await lead_of(h1, one)
@@ -124,18 +136,18 @@ async def test_notifications_reach_the_receiver_exactly_once_across_restarts_and
         r = await h1.client.post(f"/v1/tasks/{lead}/resolve", json={"note": "done"}, headers=h1.auth(*ROADS))
         assert r.status_code == 200, r.text
         await receiver.wait(lambda u: any(n["kind"] == "resolution" and n["issue"] == one for n in u.values()))
-        await h1.close()
+        await stop(h1)
 
         # no notifier runs (no notify URL): a second issue is dispatched meanwhile
-        h2: NeedleHandle = await needle_factory(org, nats_url=nats_url, database=db)
+        h2: NeedleHandle = await needle()
         assert h2.stack.notifier is None
         two = await report(h2, typed)
         await lead_of(h2, two)
-        await h2.close()
+        await stop(h2)
         assert not any(n["issue"] == two for n in receiver.raw)
 
         # the notifier is back: it resumes at its durable consumer's acks
-        h3: NeedleHandle = await needle_factory(org, nats_url=nats_url, database=db, notify_url=receiver.url)
+        h3: NeedleHandle = await needle(notify_url=receiver.url)
         await receiver.wait(lambda u: any(n["kind"] == "dispatch" and n["issue"] == two for n in u.values()))
         await asyncio.sleep(1.0)  # anything sent twice would show by now
 
@@ -156,4 +168,7 @@ async def test_notifications_reach_the_receiver_exactly_once_across_restarts_and
         for secret in (e164, e164[3:], CONTACT, "李四"):
             assert secret.encode() not in payloads, secret
     finally:
+        for h in handles:
+            with contextlib.suppress(Exception):
+                await h.close()
         await receiver.stop()

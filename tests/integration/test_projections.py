@@ -225,6 +225,12 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
     def dept(task: dict[str, Any], metric: str, at: datetime) -> None:
         out[("dept", task["department"], at.astimezone(BJ).date())][metric] += 1
 
+    def leader(issue: dict[str, Any], metric: str, at: datetime) -> None:
+        """The issue's areas and the department of its latest lead task (考核 charges the lead)."""
+        area(issue, metric, at)
+        if issue["lead_dept"]:
+            out[("dept", issue["lead_dept"], at.astimezone(BJ).date())][metric] += 1
+
     def area(issue: dict[str, Any], metric: str, at: datetime, n: int = 1) -> None:
         for a in issue["areas"]:
             out[("area", a, at.astimezone(BJ).date())][metric] += n
@@ -233,7 +239,7 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
         e, at = env.data, env.time
         if isinstance(e, ev.IssueReported):
             issues[env.subject] = {"areas": chain(e.grid), "reported_at": e.reported_at, "dispatched": False,
-                                   "resolved": False, "feedback": False}
+                                   "resolved": False, "feedback": False, "lead_dept": None}
             area(issues[env.subject], "reported", at)
             continue
         i = issues[env.subject]
@@ -245,6 +251,7 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
                                         "resolve_due": e.resolve_due, "extended": False}
                 dept(t, "tasks_dispatched", at)
                 if e.role == "lead":
+                    i["lead_dept"] = e.department
                     area(i, "tasks_dispatched", at)
                     if not i["dispatched"]:
                         i["dispatched"] = True
@@ -287,7 +294,9 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
             case ev.IssueVerified():
                 area(i, "verifications", at)
             case ev.IssueReopened():
-                area(i, "reopened", at)
+                leader(i, "reopened", at)
+            case ev.IssueUrged():
+                leader(i, "urged", at)
             case ev.IssueClosed():
                 area(i, "closed", at)
                 if e.on_time:
@@ -297,9 +306,9 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
             case ev.FeedbackRecorded():
                 if not i["feedback"]:  # the first answer is the one counted
                     i["feedback"] = True
-                    area(i, "feedback", at)
+                    leader(i, "feedback", at)
                     if e.satisfaction != "dissatisfied":
-                        area(i, "feedback_satisfied", at)
+                        leader(i, "feedback_satisfied", at)
     return out
 
 
