@@ -14,7 +14,7 @@ import itertools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 from nats.aio.client import Client as NATS
@@ -134,9 +134,9 @@ class JetStreamEventStore:
         merged = {seq: data for part in parts for seq, _, data in part if seq <= horizon}
         return [decode(merged[seq], seq=seq) for seq in sorted(merged)]
 
-    async def load_one(self, subject: str) -> Envelope | None:
-        """The last event on one literal subject (e.g. a visit's ``visit_recorded``), asked of the stream
-        leader (a read right after the write that stored it must find it); None when there is none."""
+    async def _leader_last(self, subject: str) -> dict[str, Any] | None:
+        """The last message on ``subject`` (a wildcard uses the per-subject index) as the stream leader has it,
+        None when there is none."""
         req = orjson.dumps({"last_by_subj": subject})
         try:
             msg = await self._nc.request(f"$JS.API.STREAM.MSG.GET.{sj.EVENTS_STREAM}", req, timeout=self._timeout)
@@ -148,8 +148,14 @@ class JetStreamEventStore:
             if err.get("code") == 404:
                 return None
             raise Unavailable(f"event store: {err.get('description')} ({err.get('err_code')})")
-        m = body["message"]
-        return decode(base64.b64decode(m["data"]), seq=int(m["seq"]))
+        message: dict[str, Any] = body["message"]
+        return message
+
+    async def load_one(self, subject: str) -> Envelope | None:
+        """The last event on one literal subject (e.g. a visit's ``visit_recorded``), asked of the stream
+        leader (a read right after the write that stored it must find it); None when there is none."""
+        m = await self._leader_last(subject)
+        return None if m is None else decode(base64.b64decode(m["data"]), seq=int(m["seq"]))
 
     async def _subject_events(self, subject: str, start: int, last: int, attempts: int = 5
                               ) -> list[tuple[int, str, bytes]]:
@@ -202,18 +208,8 @@ class JetStreamEventStore:
         through direct gets, which any replica of an R3 stream may answer, one that is behind included
         (a node just restarted): a refusal decided on such a history ("no such task") would be wrong.
         ``last_by_subj`` (the per-subject index), not ``next_by_subj`` (a linear scan for a wildcard)."""
-        req = orjson.dumps({"last_by_subj": sj.issue_events(issue_id)})
-        try:
-            msg = await self._nc.request(f"$JS.API.STREAM.MSG.GET.{sj.EVENTS_STREAM}", req, timeout=self._timeout)
-        except (NatsTimeout, TimeoutError, NoRespondersError) as exc:
-            raise Unavailable("the event store's leader did not answer in time") from exc
-        body = orjson.loads(msg.data)
-        err = body.get("error")
-        if isinstance(err, dict):
-            if err.get("code") == 404:  # no event at all
-                return True
-            raise Unavailable(f"event store: {err.get('description')} ({err.get('err_code')})")
-        return int(body["message"]["seq"]) <= last_seq
+        m = await self._leader_last(sj.issue_events(issue_id))
+        return m is None or int(m["seq"]) <= last_seq  # no event at all: nothing after it either
 
     # -- writing -------------------------------------------------------------------------------
     async def append(self, issue_id: str, events: list[Event], *, expected_last_seq: int, version: int,
