@@ -9,7 +9,7 @@ import asyncio
 import secrets
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -129,7 +129,8 @@ async def care_home(d: Demo, run: str, res: StoryResult) -> None:
                        "POST", f"/v1/issues/{iid}/escalate",
                        json={"reason": "养老院建设涉及用地、资金、医养结合, 镇级无力解决, 逐级反映"})
     d.show_issue(out)
-    await d.wait_routed(iid, "district")
+    issue = await d.wait_routed(iid, "district")
+    await _long_work(d, issue)
     hops = trail(await d.events(iid))
     d.note("escalation path (逐级反映): " + " → ".join(
         f"[bold]{h.level}[/bold] {escape(d.area_name(h.owner_area))} ({escape(d.dept_name(h.lead or '-'))})"
@@ -141,6 +142,25 @@ async def care_home(d: Demo, run: str, res: StoryResult) -> None:
         "command_center": "区社会治理中心督办, 按月跟踪里程碑",
     })
     await d.verify_and_feedback(iid, grid, "养老院已建成, 首批老人入住")
+
+
+async def _long_work(d: Demo, issue: dict[str, Any]) -> None:
+    """Six months of work: the lead reports progress (阶段性答复) and its clocks are suspended (缓办) while the land
+    and the funds are approved, instead of breaching every week; then they run again with the time that was left."""
+    lead = d.open_tasks(issue)[0]
+    who, path = d.handler(lead["department"]), f"/v1/issues/{issue['id']}/comments"
+    await d.call(who, "阶段性答复 progress report: 选址完成, 资金申请已报区财政", "POST", path,
+                 json={"kind": "progress", "text": "选址完成 (闲置校舍), 资金申请已报区财政"})
+    until = (datetime.now(UTC) + timedelta(days=60)).isoformat()
+    await d.call(who, "缓办 asks to suspend the clocks: 等待用地审批和资金下达", "POST",
+                 f"/v1/tasks/{lead['id']}/suspend", json={"reason": "等待用地审批和资金下达", "until": until})
+    out = await d.call(d.supervisor(issue["owner_area"]), "批准缓办 approves the suspension (review in 60 days)",
+                       "POST", f"/v1/tasks/{lead['id']}/suspend/approve")
+    d.note(f"⤷ clocks paused until {d.local(out['suspended_until'])}")
+    await d.call(who, "阶段性答复 progress report: 用地手续办结, 开工改建", "POST", path,
+                 json={"kind": "progress", "text": "用地手续办结, 资金到位, 开工改建"})
+    await d.call(who, "恢复 resumes: the clocks run again with the time that was left", "POST",
+                 f"/v1/tasks/{lead['id']}/resume")
 
 
 # -- ④ infant census, melamine 2008 -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from shared.privacy.residents import Sealed, resident_view, reveal_events, seal_
 from . import problems
 from .context import AppContext
 from .schemas import Created, ReportIssueBody, ResolveBody, issue_view
-from .security import Actor, Ctx, is_command_center, require_area, require_read, require_role
+from .security import Actor, Ctx, may_read_issue, require_area, require_read, require_role
 
 router = APIRouter(tags=["issues"])
 SOURCE = "needle/intake"
@@ -191,8 +191,8 @@ async def _readable(ctx: AppContext, p: Any, issue_id: str) -> tuple[IssueState,
     state, envs = await load_existing_state(ctx.store, ids.check_issue_id(issue_id))
     if not state.exists:
         raise NotFound(f"issue {issue_id} not found", field="id")
-    if not is_command_center(ctx, p, state):  # the command centre reads the reports it triages (受理)
-        require_read(ctx.org, p, state)
+    if not may_read_issue(ctx, p, state):
+        require_read(ctx.org, p, state)  # raises, naming the scope
     return state, envs
 
 

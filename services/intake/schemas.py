@@ -138,6 +138,45 @@ class ExtensionRequestBody(Strict):
     reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
 
 
+class ReturnApproveBody(Strict):
+    reassign_to: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                                    description="the department that takes the task (改派); else the rules' next")
+    reason: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
+
+
+class ReassignBody(Strict):
+    department: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
+
+
+class SuspendBody(Strict):
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
+    until: datetime = Field(description="the review date (RFC 3339 with a zone), at most a year ahead")
+
+    @field_validator("until")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None or v.utcoffset() is None:
+            raise ValueError("until needs a time zone (e.g. 2026-06-01T09:00:00+08:00)")
+        if v.year > 9000:
+            raise ValueError("until is too far ahead")
+        return v
+
+
+class SuperviseBody(Strict):
+    due: datetime = Field(description="the supervision's own due date (RFC 3339 with a zone)")
+    reason: str = Field(min_length=1, max_length=2000, pattern=NO_NUL)
+    remind_every: timedelta = Field(default=timedelta(days=1), ge=timedelta(seconds=1), le=timedelta(days=365),
+                                    description="ISO 8601 duration between reminders (default P1D)")
+
+    @field_validator("due")
+    @classmethod
+    def _aware(cls, v: datetime) -> datetime:
+        if v.tzinfo is None or v.utcoffset() is None:
+            raise ValueError("due needs a time zone (e.g. 2026-06-01T09:00:00+08:00)")
+        return v
+
+
 class Created(BaseModel):
     id: str
     status: str
@@ -157,6 +196,11 @@ def task_view(t: TaskState) -> dict[str, Any]:
         "returned_at": _ts(t.returned_at), "return_reason": t.return_reason, "note": t.note,
         "warned": sorted(t.warned), "breached": sorted(t.breached),
         "extension_requested": t.extension_requested.total_seconds() if t.extension_requested else None,
+        "return_requested": t.return_requested, "return_rejections": t.return_rejections,
+        "extensions": t.extensions, "suspension_requested": _ts(t.suspension_requested),
+        "suspended": t.suspended, "suspended_until": _ts(t.suspended_until), "suspensions": t.suspensions,
+        "suspended_for": t.suspended_for.total_seconds(), "reassigned_to": t.reassigned_to,
+        "urges": t.urges, "supervised_due": _ts(t.supervised_due),
     }
 
 
@@ -187,4 +231,5 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTr
         "unserved": [u.model_dump() for u in s.unserved],
         "media": [media_view(m) for m in s.media], "media_url": s.media_url,
         "triage": {"decision": s.triage, "reason": s.triage_reason, "by": s.triaged_by} if s.triage else None,
+        "suspended_until": _ts(min((t.suspended_until for t in s.open_tasks if t.suspended_until), default=None)),
     }

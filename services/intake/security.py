@@ -140,7 +140,7 @@ def command_center_of(ctx: AppContext, state: IssueState) -> str | None:
         if category is None or state.grid not in ctx.org.areas:
             return None
         owner = ctx.org.owner_at(state.grid, category.start).id
-    dept = ctx.org.serving(owner, "command_center")
+    dept = ctx.org.serving(owner, ctx.rulebook.fallback)
     return dept.id if dept else None
 
 
@@ -148,8 +148,44 @@ def is_command_center(ctx: AppContext, p: Principal, state: IssueState) -> bool:
     return p.role == "handler" and p.scope_id is not None and p.scope_id == command_center_of(ctx, state)
 
 
+def may_read_issue(ctx: AppContext, p: Principal, state: IssueState) -> bool:
+    """Who reads an issue, its events and its photos: :func:`can_read`, or the command centre that triages it
+    (受理) and decides on its tasks (退单审核, 改派), whether or not a task of its own is on it."""
+    return can_read(ctx.org, p, state) or is_command_center(ctx, p, state)
+
+
 def require_task_holder(p: Principal, task: TaskState) -> None:
     if p.role == "admin":
         return
     if p.role != "handler" or p.scope_id != task.department:
         raise NotAllowed(f"task {task.id} belongs to {task.department}, not to {p.scope or p.role}")
+
+
+def is_command_center_over(org: OrgTree, p: Principal, area_id: str, center_kind: str) -> bool:
+    """A handler of a command centre (指挥中心: the rulebook's fallback kind, ``center_kind``) whose area is
+    ``area_id`` or above it."""
+    if p.role != "handler" or p.scope_kind != "dept":
+        return False
+    dept = org.departments.get(p.scope_id)
+    return dept is not None and dept.kind == center_kind and org.is_under(area_id, dept.area)
+
+
+def require_owner_supervisor(org: OrgTree, p: Principal, state: IssueState) -> None:
+    """A supervisor whose scope covers the issue's owner area (not just its grid): a city-level task is
+    overseen from the city."""
+    require_role(p, "supervisor")
+    area = state.owner_area or state.grid
+    if not in_area(org, p, area):
+        raise NotAllowed(f"{p.role} scope {p.scope or '-'} does not cover the owner area {area} of issue {state.id}")
+
+
+def require_overseer(org: OrgTree, p: Principal, state: IssueState, center_kind: str) -> None:
+    """退单审核, 改派, 缓办: the command centre (``center_kind``) of the owner area or above it, or a supervisor over
+    the owner area."""
+    area = state.owner_area or state.grid
+    if p.role == "admin" or is_command_center_over(org, p, area, center_kind):
+        return
+    if p.role == "supervisor" and in_area(org, p, area):
+        return
+    raise NotAllowed(f"{p.role} scope {p.scope or '-'} is neither a command centre nor a supervisor over the "
+                     f"owner area {area} of issue {state.id}")

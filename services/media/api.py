@@ -24,7 +24,7 @@ from fastapi.responses import StreamingResponse
 
 from services.intake.context import AppContext
 from services.intake.issues_api import json_response
-from services.intake.security import Actor, Ctx, can_read, require_role
+from services.intake.security import Actor, Ctx, may_read_issue, require_role
 from shared.auth import Principal
 from shared.commanding import load_existing_state
 from shared.domain.errors import NotAllowed, NotFound, TooLarge, UnsupportedMediaType
@@ -105,7 +105,7 @@ async def may_read(ctx: AppContext, p: Principal, media_id: str) -> bool:
         return True
     for issue_id in await media_store(ctx).referencing(media_id):
         state, _ = await load_existing_state(ctx.store, issue_id)
-        if state.exists and any(m.id == media_id for m in state.media) and can_read(ctx.org, p, state):
+        if state.exists and any(m.id == media_id for m in state.media) and may_read_issue(ctx, p, state):
             return True
     return False
 

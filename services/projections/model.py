@@ -11,13 +11,14 @@ count lead tasks (the one accountable per issue); a department's count all of it
 =================  ==========================================  ====================================
 rate               numerator                                   denominator
 =================  ==========================================  ====================================
-响应率 response     tasks_ack_on_time                           tasks_dispatched
+响应率 response     tasks_ack_on_time                           tasks_ack_due
 解决率 resolution   issues_resolved                             issues_dispatched
 满意率 satisfaction feedback_satisfied                          feedback
 按期结案率 on time  closed_on_time                              closed
 返工率 rework       reopened                                    verifications
 退单率 returns      tasks_returned                              tasks_dispatched
 延期率 extensions   tasks_extended                              tasks_dispatched
+督办按期率          supervised_on_time                          supervision_closed
 =================  ==========================================  ====================================
 
 The resident's own 回访 (ResidentFeedbackRecorded, through the one-time link) takes precedence over the grid
@@ -26,6 +27,14 @@ the worker, ``feedback_satisfied`` moves by the difference on the day of the res
 answer after the resident's counts nothing. A resident who says the problem is NOT solved takes the issue out
 of ``issues_resolved`` (and the lead department's ``tasks_resolved``) on that day (``resident_unsolved``).
 A department counts ``feedback``/``feedback_satisfied``, ``reopened`` and ``urged`` of the issues it leads.
+
+Fair rates (issue 19): a task's acknowledge clock is judged once, when it is acknowledged or when it breaches,
+whichever comes first (``tasks_ack_due``); a task not yet due, or superseded or returned before its clock ran out,
+is in no denominator. A department's 解决率 is ``tasks_resolved / tasks_resolve_due`` (resolved, or resolve clock
+breached, whichever first). The area's 解决率 stays ``issues_resolved / issues_dispatched``.
+
+催办 (``urged``) counts against the department leading the issue when the urge was recorded; 督办件数 is
+``supervised`` (orders), and a supervised task superseded before it was resolved leaves the 督办按期率.
 """
 from __future__ import annotations
 
@@ -45,24 +54,28 @@ METRICS = (
     "tasks_dispatched", "tasks_acknowledged", "tasks_ack_on_time", "tasks_resolved", "tasks_resolved_on_time",
     "tasks_returned", "tasks_extended", "sla_warned", "sla_breached", "dispatch_ms_sum",
     "rejected", "voided", "recategorised",
-    "urged", "resident_feedback", "resident_unsolved", "returns_rejected", "supervised",
+    "returns_requested", "returns_rejected", "tasks_reassigned", "extensions_rejected", "tasks_suspended",
+    "urged", "supervised", "supervision_closed", "supervised_on_time", "tasks_ack_due", "tasks_resolve_due",
+    "resident_feedback", "resident_unsolved",
 )
 RATES: dict[str, tuple[str, str]] = {
-    "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
+    "response_rate": ("tasks_ack_on_time", "tasks_ack_due"),
     "resolution_rate": ("issues_resolved", "issues_dispatched"),
     "satisfaction_rate": ("feedback_satisfied", "feedback"),
     "on_time_close_rate": ("closed_on_time", "closed"),
     "rework_rate": ("reopened", "verifications"),
     "return_rate": ("tasks_returned", "tasks_dispatched"),
     "extension_rate": ("tasks_extended", "tasks_dispatched"),
+    "supervision_on_time_rate": ("supervised_on_time", "supervision_closed"),
 }
 DEPT_RATES: dict[str, tuple[str, str]] = {
-    "response_rate": ("tasks_ack_on_time", "tasks_dispatched"),
-    "resolution_rate": ("tasks_resolved", "tasks_dispatched"),
+    "response_rate": ("tasks_ack_on_time", "tasks_ack_due"),
+    "resolution_rate": ("tasks_resolved", "tasks_resolve_due"),
     "satisfaction_rate": ("feedback_satisfied", "feedback"),
     "on_time_resolve_rate": ("tasks_resolved_on_time", "tasks_resolved"),
     "return_rate": ("tasks_returned", "tasks_dispatched"),
     "extension_rate": ("tasks_extended", "tasks_dispatched"),
+    "supervision_on_time_rate": ("supervised_on_time", "supervision_closed"),
 }
 
 StatKey = tuple[date, str, str, str]  # (day, scope "area"|"dept"|"kind", id, metric)
@@ -228,6 +241,7 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.TaskAcknowledged():
             t = batch.tasks.get(e.task_id)
             if t is not None:
+                _judged(batch, issue, t, "acknowledge", at)
                 t.update(status="acknowledged", acknowledged_at=e.at, seq=seq)
                 batch.count_dept(t["department"], at, "tasks_acknowledged")
                 on_time = e.at <= t["acknowledge_due"]
@@ -249,6 +263,7 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.TaskResolved():
             t = batch.tasks.get(e.task_id)
             if t is not None:
+                _judged(batch, issue, t, "resolve", at)
                 t.update(status="resolved", resolved_at=e.at, seq=seq)
                 batch.count_dept(t["department"], at, "tasks_resolved")
                 if e.at <= t["resolve_due"]:
@@ -268,6 +283,7 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.SlaBreached():
             t = batch.tasks.get(e.task_id)
             if t is not None:
+                _judged(batch, issue, t, e.clock, at)
                 t["breached"] = ",".join(sorted({*filter(None, t["breached"].split(",")), e.clock}))
                 batch.count_dept(t["department"], at, "sla_breached")
                 if t["role"] == "lead":
@@ -339,8 +355,58 @@ def apply(batch: Batch, env: Envelope) -> None:
                 issue["satisfaction"] = e.satisfaction
                 issue["feedback_source"] = "resident"
         case ev.IssueUrged():
-            _count_issue(batch, issue, at, "urged")
+            if issue.get("lead_department"):
+                batch.count_dept(issue["lead_department"], at, "urged")
+            batch.count_area(issue, at, "urged")
+        case ev.SupervisionOrdered():
+            if (t := batch.tasks.get(e.task_id)) is not None:
+                batch.count_dept(t["department"], at, "supervised")
+                batch.count_area(issue, at, "supervised")
+        case ev.SupervisionClosed():
+            if (t := batch.tasks.get(e.task_id)) is not None:
+                for metric in ("supervision_closed", "supervised_on_time")[:2 if e.on_time else 1]:
+                    batch.count_dept(t["department"], at, metric)
+                    batch.count_area(issue, at, metric)
+        case ev.ReturnRequested() | ev.ReturnRejected() | ev.ReturnApproved() | ev.TaskReassigned() \
+                | ev.ExtensionRejected() | ev.SuspensionApproved() | ev.TaskResumed():
+            _apply_dispatch_control(batch, issue, e, seq, at)
     _refresh_lead(batch, issue)
+
+
+def _judged(batch: Batch, issue: dict[str, Any], t: dict[str, Any], clock: str, at: datetime) -> None:
+    """A task's clock is judged once: at its acknowledgement / resolution, or at its breach, whichever comes
+    first (a breach is recorded only for a clock still running, so the later one sees it in ``breached``)."""
+    if clock in t["breached"].split(","):
+        return
+    metric = "tasks_ack_due" if clock == "acknowledge" else "tasks_resolve_due"
+    batch.count_dept(t["department"], at, metric)
+    if t["role"] == "lead":
+        batch.count_area(issue, at, metric)
+
+
+_CONTROL_METRIC = {"return_requested": "returns_requested", "return_rejected": "returns_rejected",
+                   "task_reassigned": "tasks_reassigned", "extension_rejected": "extensions_rejected",
+                   "suspension_approved": "tasks_suspended", "return_approved": "tasks_returned"}
+
+
+def _apply_dispatch_control(batch: Batch, issue: dict[str, Any], e: ev.Event, seq: int, at: datetime) -> None:
+    """退单审核, 改派, 延期驳回, 缓办 (issue 19): the task rows and the department's (and, for a lead, the area's)
+    counters. A suspended task is ``suspended`` (no deadline to be overdue on) until it resumes."""
+    t = batch.tasks.get(getattr(e, "task_id", ""))
+    if t is None:
+        return
+    if (metric := _CONTROL_METRIC.get(e.name)) is not None:
+        batch.count_dept(t["department"], at, metric)
+        if t["role"] == "lead":
+            batch.count_area(issue, at, metric)
+    match e:
+        case ev.ReturnApproved():
+            t.update(status="returned", returned_at=e.at, seq=seq)
+        case ev.SuspensionApproved():
+            t.update(status="suspended", seq=seq)
+        case ev.TaskResumed():
+            t.update(status="acknowledged" if t["acknowledged_at"] else "dispatched", seq=seq,
+                     acknowledge_due=e.acknowledge_due, resolve_due=e.resolve_due)
 
 
 def _satisfied(satisfaction: str) -> bool:
@@ -357,7 +423,7 @@ def _count_issue(batch: Batch, issue: dict[str, Any], at: datetime, metric: str,
 def _close_open_tasks(batch: Batch, issue_id: str, seq: int) -> None:
     for tid in batch.tasks_of.get(issue_id, ()):
         t = batch.tasks[tid]
-        if t["status"] in ("dispatched", "acknowledged"):
+        if t["status"] in ("dispatched", "acknowledged", "suspended"):
             t.update(status="superseded", seq=seq)
 
 

@@ -11,6 +11,9 @@ Decisions documented here:
   command centre gets a co-task (督办) when it is not already the lead.
 * A lead's return (退单) escalates when ``return`` is in ``escalate.on``; otherwise the owner
   area's command centre takes the lead (兜底). A co-handler's return only closes its task.
+* An approved return (退单审核, issue 19) without a department to take it escalates a lead's task, like an
+  unreviewed return; at the city it stays on record for the command centre.
+* A suspended task (缓办) has no clock edge but its review date's reminder (``suspension_review_due``).
 * A failed verification re-dispatches the same level; the second one escalates when
   ``verification_failed_twice`` is in ``escalate.on``.
 * A breach is recorded for any task whose clock ran out; only the lead's breach escalates, and
@@ -125,6 +128,12 @@ def react(state: IssueState, event: ev.Event, seq: int, rules: RouterRules, now:
                 if out:
                     return out
             return _fallback_dispatch(state, rules, now, returned=t, caused_by=seq)
+        case ev.ReturnApproved() if event.to_department is None:
+            # 退单同意 with nobody else to take it: a lead's return escalates (a co-handler's just ends)
+            t = state.task(event.task_id)
+            if t.role != "lead" or state.lead is not t or any(x.role == "lead" for x in state.open_tasks):
+                return []
+            return _escalate(state, rules, now, cause="return", caused_by=seq, reason=t.return_reason)
         case ev.IssueEscalated() if event.cause == "requested":
             if state.level is not None and Level(state.level).rank >= Level(event.to_level).rank:
                 return []  # already there or higher (breaches moved it meanwhile): never move an issue down
@@ -165,7 +174,7 @@ def _breaches_of_others(state: IssueState, lead: TaskState, now: datetime) -> li
         if other.id == lead.id:
             continue
         for at, e in pending_edges(other):
-            if at <= now and e.edge == "due":
+            if at <= now and e.edge == "due" and e.clock != "suspension":
                 due = other.acknowledge_due if e.clock == "acknowledge" else other.resolve_due
                 out.append(ev.SlaBreached(task_id=other.id, clock=e.clock, due=due))  # type: ignore[arg-type]
     return out
@@ -176,6 +185,10 @@ def pending_edges(task: TaskState) -> list[tuple[datetime, TimerEdge]]:
     """The task's clock edges still to fire, earliest first."""
     if not task.open:
         return []
+    if task.suspended_at is not None:  # 缓办: the clocks are paused; only the review date's reminder is due
+        if task.suspended_until is None or "suspension" in task.warned:
+            return []
+        return [(task.suspended_until, TimerEdge(task.id, "suspension", "due"))]
     edges: list[tuple[datetime, TimerEdge]] = []
     if task.status == "dispatched":
         if "acknowledge" not in task.warned:
@@ -186,7 +199,16 @@ def pending_edges(task: TaskState) -> list[tuple[datetime, TimerEdge]]:
         edges.append((task.resolve_warn, TimerEdge(task.id, "resolve", "warn")))
     if "resolve" not in task.breached:
         edges.append((task.resolve_due, TimerEdge(task.id, "resolve", "due")))
+    if (reminder := next_supervision_reminder(task)) is not None:
+        edges.append((reminder, TimerEdge(task.id, "supervision", "warn")))
     return sorted(edges, key=lambda e: (e[0], e[1].edge == "due"))
+
+
+def next_supervision_reminder(task: TaskState) -> datetime | None:
+    """督办: the next reminder of a supervised open task (every ``supervision_every`` from the order)."""
+    if task.supervised_at is None or task.supervision_every is None:
+        return None
+    return (task.supervision_reminded or task.supervised_at) + task.supervision_every
 
 
 def next_edge(task: TaskState) -> tuple[datetime, TimerEdge] | None:
@@ -220,6 +242,13 @@ def on_timer(state: IssueState, task_id: str, rules: RouterRules, now: datetime)
 def _at_edge(state: IssueState, t: TaskState, edge: TimerEdge, rules: RouterRules, now: datetime) -> list[ev.Event]:
     """The events of one clock edge of ``t`` that is past: a warning, or a breach (and, for the lead when the
     rulebook says so, the breaches already due on the other tasks and the escalation that supersedes them)."""
+    if edge.clock == "supervision":
+        at = next_supervision_reminder(t)
+        assert at is not None and t.supervised_due is not None
+        return [ev.SupervisionReminded(task_id=t.id, due=t.supervised_due, at=at)]
+    if edge.clock == "suspension":
+        assert t.suspended_until is not None
+        return [ev.SuspensionReviewDue(task_id=t.id, until=t.suspended_until)]
     due = t.acknowledge_due if edge.clock == "acknowledge" else t.resolve_due
     if edge.edge == "warn":
         return [ev.SlaWarned(task_id=t.id, clock=edge.clock, due=due)]  # type: ignore[arg-type]

@@ -210,3 +210,25 @@ def plan_campaign(
                 break
         out.append((grid.id, (chosen or _fallback(org, grid, fallback)).id))
     return out
+
+
+# -- dispatch control (issue 19) ------------------------------------------------------------------------------
+def serves(org: OrgTree, department_id: str, area_id: str) -> bool:
+    """A department serves its own area and everything under it."""
+    dept = org.departments.get(department_id)
+    return dept is not None and org.is_under(area_id, dept.area)
+
+
+def next_department(org: OrgTree, rulebook: Rulebook, grid_id: str, category: str, level: Level, owner_area: str,
+                    exclude: Iterable[str]) -> str | None:
+    """退单同意 without a named department: who the rules pick next at the same level, never one in ``exclude``
+    (the returner, the departments already holding the issue): the level's lead kind serving the owner area,
+    then the nearest command centre serving it; None when neither is left (the lead's return then escalates)."""
+    out = set(exclude)
+    plan = plan_route(org, rulebook, grid_id, category, level)
+    if plan.lead.department not in out:
+        return plan.lead.department
+    center = org.serving(owner_area, rulebook.fallback)
+    if center is not None and center.id not in out:
+        return center.id
+    return None

@@ -38,13 +38,17 @@ from shared.settings import Settings
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
 from shared.store.settling import settled
 
-from .reactions import RouterRules, react
+from .reactions import RouterRules, dispatch_timer, latest_dispatch_timer, react
 from .timers import SOURCE, StateCache, TimerMixin, _after, load_holding
 
 log = structlog.get_logger("needle.router")
 REACTS_TO = frozenset({"issue_reported", "task_returned", "issue_escalated", "issue_reopened", "issue_accepted",
-                       "issue_recategorised"})
-CONSUMES = REACTS_TO | {"task_dispatched"}  # what the router handles; the other issue events are acked unread
+                       "issue_recategorised", "return_approved"})
+RESCHEDULES = frozenset({"suspension_approved", "task_resumed", "task_reassigned", "return_approved",
+                         "supervision_ordered"})
+"""Events that move a dispatch's clocks (or add a task) without a lead's task_dispatched: the timers are set
+again from the state (the same schedule subject: a redelivery sets the same timer)."""
+CONSUMES = REACTS_TO | RESCHEDULES | {"task_dispatched"}  # what the router handles; the rest is acked unread
 # ONE wildcard filter, the types picked client-side: nats-server 2.15 intersects a multi-filter consumer's
 # filters (``filter_subjects``) with every subject of the message block for each message it delivers, and
 # every issue event has a subject of its own. With the five type filters the router's consumer cost the
@@ -78,6 +82,18 @@ class Router(TimerMixin):
             if timer is not None:
                 await self.schedule(issue_id, *timer, env.correlationid)
             return
+        if name in RESCHEDULES:
+            env = decode(msg.data, seq)
+            state = await self.load_including(issue_id, seq)
+            cached = self.states.peek(issue_id)
+            if cached is None or cached.last_seq <= state.last_seq:
+                # a cached state from before a resume has no clock edge at all: a timer decided from it would
+                # do nothing (no append, so no OCC to catch it) and set no next timer
+                self.states.put(state)
+            keys = [k for k in (getattr(env.data, "task_id", None), getattr(env.data, "to_task_id", None)) if k]
+            await self.schedule_from(state, keys, env.correlationid)
+            log.info("timers set again", cue=name, seq=seq, issue=issue_id, timers=[
+                t for t in (latest_dispatch_timer(state), *(dispatch_timer(state, k) for k in keys)) if t])
         if name not in REACTS_TO:
             return
         env = decode(msg.data, seq)

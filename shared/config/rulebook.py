@@ -38,6 +38,15 @@ factor applied to both SLA durations; ``coverage: {target: 0.9, period: P30D}`` 
 over the trailing period (grids below it are listed on the dashboard; these values are the defaults);
 ``scoring:`` — 考核 (see :class:`Scoring`): ``weights`` of the rates (full marks = their sum), ``deductions``
 per counted item and ``caps`` (per item, and ``total``); a month is scored by the rulebook in force in it.
+Dispatch control (issue 19), at the top level for every category and inside a category (a key there replaces
+the top-level one as a whole)::
+
+    return: {approval: command_center}     # 退单 needs the command centre's approval (default: none, at once)
+    reassign: {clocks: restart}            # 改派: the new task's clocks restart (default) or continue
+    extension: {max: P15D, max_count: 2}   # each 延期 at most ``max``, at most ``max_count`` approved per task
+    suspension: {max: P90D, max_count: 2}  # each 缓办 at most ``max`` long, at most ``max_count`` per task
+    progress_every: P7D                    # the lead reports progress (阶段性答复) this often on long clocks
+    info_request: {pauses: true}           # an info request (补充材料) pauses the clock until the reply
 ``calendar``, ``timezone``, ``working_hours``, ``warn_at`` and ``escalate``
 default to the values shown above; ``clock`` defaults to ``natural``. Durations are ISO 8601 (PnW or
 PnDTnHnMnS); with ``clock: working`` a day means a working day and hours are counted inside working hours.
@@ -164,6 +173,29 @@ class Scoring:
         return dict(self.caps).get(item)
 
 
+@dataclass(frozen=True, slots=True)
+class Cap:
+    """How long one extension or suspension may be (``max``) and how many a task may have (``max_count``)."""
+
+    max: timedelta | None = None
+    max_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchRules:
+    """Dispatch control (退单审核, 改派, 延期, 缓办, 阶段性答复, 补充材料) for one category (merged)."""
+
+    return_approval: str | None = None  # "command_center": a return waits for the command centre's review
+    reassign_clocks: Literal["restart", "continue"] = "restart"
+    extension: Cap = field(default_factory=Cap)
+    suspension: Cap = field(default_factory=Cap)
+    progress_every: timedelta | None = None
+    info_request_pauses: bool = False
+
+
+DISPATCH_KEYS = ("return", "reassign", "extension", "suspension", "progress_every", "info_request")
+
+
 @dataclass(frozen=True)
 class Rulebook:
     categories: dict[str, Category]
@@ -191,6 +223,12 @@ class Rulebook:
             cut = max(path.rfind("."), path.rfind("["))
             path = path[:cut] if cut > 0 else ""
         return None
+    dispatch: DispatchRules = field(default_factory=DispatchRules)
+    dispatch_by_category: dict[str, DispatchRules] = field(default_factory=dict)
+
+    def dispatch_for(self, category_id: str) -> DispatchRules:
+        """The dispatch control rules of a category: its own keys over the top-level ones."""
+        return self.dispatch_by_category.get(category_id, self.dispatch)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -218,7 +256,7 @@ def load_rulebook(path: str | Path) -> Rulebook:
 
 
 _TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version",
-             "coverage", "fallback", "scoring")
+             "coverage", "fallback", "scoring", *DISPATCH_KEYS)
 
 
 def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None = None) -> Rulebook:
@@ -237,6 +275,10 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
     if not raw_categories:
         doc.fail("categories", "at least one category is required")
     categories = {cid: _category(doc, cid, raw, f"categories.{cid}") for cid, raw in raw_categories.items()}
+    dispatch = _dispatch_rules(doc, top, "", DispatchRules())
+    dispatch_by_category = {
+        cid: _dispatch_rules(doc, doc.mapping(raw, f"categories.{cid}"), f"categories.{cid}.", dispatch)
+        for cid, raw in raw_categories.items() if any(k in raw for k in DISPATCH_KEYS)}
 
     risk: dict[str, RiskRule] = {}
     for flag, raw in doc.mapping(top.get("risk") or {}, "risk").items():
@@ -271,7 +313,51 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
                     working_hours=hours, warn_at=warn_at, risk=risk, escalate_on=escalate_on, urgency=urgency,
                     coverage=_coverage(doc, top["coverage"]) if top.get("coverage") is not None else Coverage(),
                     fallback=fallback, scoring=_scoring(doc, top["scoring"]) if top.get("scoring") is not None
-                    else Scoring(), source=source, lines=dict(doc.lines))
+                    else Scoring(), source=source, lines=dict(doc.lines),
+                    dispatch=dispatch, dispatch_by_category=dispatch_by_category)
+
+
+def _positive(doc: Document, value: Any, path: str) -> timedelta:
+    d = doc.duration(value, path)
+    if d <= timedelta(0):
+        doc.fail(path, "the duration must be longer than zero")
+    return d
+
+
+def _cap(doc: Document, raw: Any, p: str) -> Cap:
+    m = doc.mapping(raw, p, optional=("max", "max_count"))
+    count = m.get("max_count")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+        doc.fail(f"{p}.max_count", f"expected a whole number >= 0, got {count!r}")
+    return Cap(_positive(doc, m["max"], f"{p}.max") if m.get("max") is not None else None, count)
+
+
+def _dispatch_rules(doc: Document, m: dict[str, Any], prefix: str, base: DispatchRules) -> DispatchRules:
+    """The dispatch control keys of one mapping (the top level or a category) over ``base``."""
+    out = base
+    if m.get("return") is not None:
+        r = doc.mapping(m["return"], f"{prefix}return", optional=("approval",))
+        approval = r.get("approval")
+        if approval is not None and approval != "none":
+            approval = doc.choice(approval, f"{prefix}return.approval", ("command_center", "none"), "approval")
+        out = replace(out, return_approval=None if approval in (None, "none") else approval)
+    if m.get("reassign") is not None:
+        r = doc.mapping(m["reassign"], f"{prefix}reassign", optional=("clocks",))
+        clocks = doc.choice(r.get("clocks", "restart"), f"{prefix}reassign.clocks", ("restart", "continue"), "clocks")
+        out = replace(out, reassign_clocks=clocks)  # type: ignore[arg-type]
+    if m.get("extension") is not None:
+        out = replace(out, extension=_cap(doc, m["extension"], f"{prefix}extension"))
+    if m.get("suspension") is not None:
+        out = replace(out, suspension=_cap(doc, m["suspension"], f"{prefix}suspension"))
+    if m.get("progress_every") is not None:
+        out = replace(out, progress_every=_positive(doc, m["progress_every"], f"{prefix}progress_every"))
+    if m.get("info_request") is not None:
+        r = doc.mapping(m["info_request"], f"{prefix}info_request", optional=("pauses",))
+        pauses = r.get("pauses", False)
+        if not isinstance(pauses, bool):
+            doc.fail(f"{prefix}info_request.pauses", f"expected true or false, got {pauses!r}")
+        out = replace(out, info_request_pauses=pauses)
+    return out
 
 
 def _scoring(doc: Document, raw: Any) -> Scoring:
@@ -348,8 +434,8 @@ def _working_hours(doc: Document, value: Any) -> tuple[tuple[time, time], ...]:
 
 def _category(doc: Document, cid: str, raw: Any, p: str) -> Category:
     doc.ident(cid, p, "category id")
-    m = doc.mapping(raw, p, required=("name", "start", "sla"), optional=("group", "description", "handlers",
-                                                                                 "evidence", "intake"))
+    m = doc.mapping(raw, p, required=("name", "start", "sla"),
+                    optional=("group", "description", "handlers", "evidence", "intake", *DISPATCH_KEYS))
     sla_raw = doc.mapping(m["sla"], f"{p}.sla", required=("acknowledge", "resolve"), optional=("clock",))
     sla = Sla(
         doc.duration(sla_raw["acknowledge"], f"{p}.sla.acknowledge"),

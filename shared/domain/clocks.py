@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 from shared.config import Rulebook
 from shared.domain.calendar import WorkCalendar
-from shared.domain.deadlines import add_duration, extend_due, warn_time
+from shared.domain.deadlines import add_duration, extend_due, paused_due, warn_time
 from shared.domain.issue import TaskState
 
 
@@ -44,3 +44,28 @@ class SlaClocks:
         kw = self._kw(rulebook, task.clock)
         due = extend_due(task.resolve_due, extension, **kw)  # type: ignore[arg-type]
         return due, warn_time(task.dispatched_at, due, rulebook.warn_at, **kw)  # type: ignore[arg-type]
+
+    def resume(self, rulebook: Rulebook, task: TaskState, now: datetime) -> Deadlines:
+        """缓办 ended at ``now``: every clock edge of ``task`` keeps the time that was left on it when the clocks
+        paused (``suspended_at``); an edge already past when they paused is due at the resume."""
+        assert task.suspended_at is not None
+        kw = self._kw(rulebook, task.clock)
+
+        def moved(at: datetime) -> datetime:
+            return paused_due(at, task.suspended_at, now, **kw)  # type: ignore[arg-type]
+
+        return Deadlines(clock=task.clock, acknowledge_due=moved(task.acknowledge_due),
+                         resolve_due=moved(task.resolve_due), acknowledge_warn=moved(task.acknowledge_warn),
+                         resolve_warn=moved(task.resolve_warn))
+
+    def reassigned(self, rulebook: Rulebook, category: str, urgency: str, old: TaskState, now: datetime,
+                   mode: str) -> Deadlines:
+        """改派: the new task's clocks. ``restart``: fresh clocks from ``now``, as for a dispatch. ``continue``: the
+        resolve clock keeps the old task's due and warning times; the new department still has a fresh
+        acknowledge clock (it was not told before)."""
+        fresh = self.for_dispatch(rulebook, category, urgency, now)
+        if mode != "continue":
+            return fresh
+        return Deadlines(clock=old.clock, acknowledge_due=min(fresh.acknowledge_due, old.resolve_due),
+                         resolve_due=old.resolve_due, acknowledge_warn=min(fresh.acknowledge_warn, old.resolve_due),
+                         resolve_warn=old.resolve_warn)

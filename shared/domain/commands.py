@@ -124,6 +124,8 @@ class RequestExtension:
     by: str
     extension: timedelta
     reason: str
+    max: timedelta | None = None  # the rulebook's extension cap (each extension at most ``max``)
+    max_count: int | None = None  # at most this many approved per task
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +134,111 @@ class ApproveExtension:
     by: str
     resolve_due: datetime
     resolve_warn: datetime
+    max_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task the caller planned (改派): its department and deadlines, computed from the org and rulebook."""
+
+    department: str
+    acknowledge_due: datetime
+    resolve_due: datetime
+    acknowledge_warn: datetime
+    resolve_warn: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReturn:
+    task_id: str
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RejectReturn:
+    task_id: str
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ApproveReturn:
+    task_id: str
+    by: str
+    reason: str | None = None
+    to: NewTask | None = None  # None: a lead's return escalates (the router), a co-handler's just ends
+
+
+@dataclass(frozen=True, slots=True)
+class ReassignTask:
+    task_id: str
+    by: str
+    reason: str
+    to: NewTask
+    clocks: str = "restart"
+
+
+@dataclass(frozen=True, slots=True)
+class RejectExtension:
+    task_id: str
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSuspension:
+    task_id: str
+    by: str
+    reason: str
+    until: datetime
+    max: timedelta | None = None  # the rulebook's suspension cap
+    max_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ApproveSuspension:
+    task_id: str
+    by: str
+    max: timedelta | None = None
+    max_count: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RejectSuspension:
+    task_id: str
+    by: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeTask:
+    task_id: str
+    by: str
+    acknowledge_due: datetime  # the clocks moved by the pause (``SlaClocks.resume``)
+    resolve_due: datetime
+    acknowledge_warn: datetime
+    resolve_warn: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class AddComment:
+    by: str
+    role: str
+    text: str
+    kind: str = "comment"
+    department: str | None = None
+    task_id: str | None = None
+    media: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SuperviseTask:
+    task_id: str
+    by: str
+    due: datetime
+    reason: str
+    remind_every: timedelta
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,4 +251,7 @@ Command = (
     ReportIssue | ResolveOnSite | AcceptIssue | RejectIssue | VoidIssue | RecategoriseIssue
     | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
     | RecordResidentFeedback | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
+    | RequestReturn | RejectReturn | ApproveReturn | ReassignTask | RejectExtension
+    | RequestSuspension | ApproveSuspension | RejectSuspension | ResumeTask | AddComment
+    | SuperviseTask
 )

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 from shared.events import models as ev
 
 from . import commands as cmd
+from . import ids
 from .errors import Conflict, Invalid, NotFound
 from .evidence import require_photo
 
@@ -43,6 +44,26 @@ class TaskState:
     breached: frozenset[str] = frozenset()
     extension_requested: timedelta | None = None
     extended: bool = False
+    # dispatch control (issue 19)
+    return_requested: str | None = None  # 退单申请 awaiting the command centre: its reason
+    return_rejections: int = 0  # 退单驳回
+    extensions: int = 0  # approved extensions
+    suspension_requested: datetime | None = None  # the review date asked for
+    suspension_reason: str | None = None
+    suspended_at: datetime | None = None  # clocks paused since (缓办), None when running
+    suspended_until: datetime | None = None  # the review date
+    suspensions: int = 0  # approved suspensions
+    suspended_for: timedelta = timedelta(0)  # the time the clocks were paused, over every suspension
+    reassigned_to: str | None = None  # the task that took this one over (改派, 退单同意)
+    urges: int = 0  # 催办 while this task led the issue
+    supervised_at: datetime | None = None  # 督办 ordered at
+    supervised_due: datetime | None = None
+    supervision_every: timedelta | None = None
+    supervision_reminded: datetime | None = None  # the latest reminder's scheduled time
+
+    @property
+    def suspended(self) -> bool:
+        return self.suspended_at is not None
 
     @property
     def open(self) -> bool:
@@ -104,6 +125,11 @@ class IssueState:
     triage_reason: str | None = None
     triaged_by: str | None = None
     handled: frozenset[int] = field(default_factory=frozenset)  # causing seqs the router already reacted to
+    comments: int = 0  # comments, progress reports and information requests/replies (issue 19)
+    last_progress_at: datetime | None = None  # the lead's latest progress report (阶段性答复)
+    first_dispatch_at: datetime | None = None  # 按期结案 is measured from here ...
+    first_resolve_due: datetime | None = None  # ... against the first lead's resolve clock as dispatched
+    granted: timedelta = timedelta(0)  # plus the time approved extensions and suspensions moved the resolve due
 
     @property
     def exists(self) -> bool:
@@ -211,6 +237,8 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
             changes["tasks"] = (*state.tasks, task)
             if event.role == "lead":  # a new lead (first dispatch, escalation, fallback, rework): not acknowledged yet
                 changes["status"] = "dispatched"
+                if state.first_dispatch_at is None:
+                    changes.update(first_dispatch_at=event.dispatched_at, first_resolve_due=event.resolve_due)
         case ev.TaskAcknowledged():
             changes["tasks"] = _set_task(state, event.task_id, status="acknowledged", acknowledged_at=event.at)
             if state.status == "dispatched" and state.task(event.task_id).role == "lead":
@@ -237,8 +265,10 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
         case ev.ExtensionRequested():
             changes["tasks"] = _set_task(state, event.task_id, extension_requested=event.extension)
         case ev.ExtensionApproved():
+            changes["granted"] = state.granted + (event.resolve_due - state.task(event.task_id).resolve_due)
             changes["tasks"] = _set_task(state, event.task_id, resolve_due=event.resolve_due,
-                                         resolve_warn=event.resolve_warn, extension_requested=None, extended=True)
+                                         resolve_warn=event.resolve_warn, extension_requested=None, extended=True,
+                                         extensions=state.task(event.task_id).extensions + 1)
         case ev.IssueVerified():
             if event.media:
                 changes["media"] = state.media + _media(event.media, "verify", event.by)
@@ -254,6 +284,55 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 changes["satisfaction"] = event.satisfaction
         case ev.ResidentFeedbackRecorded():
             changes.update(satisfaction=event.satisfaction, resident_feedback=True)
+        case ev.IssueUrged():
+            lead = state.lead
+            if lead is not None:
+                changes["tasks"] = _set_task(state, lead.id, urges=lead.urges + 1)
+        case ev.SupervisionOrdered():
+            changes["tasks"] = _set_task(state, event.task_id, supervised_at=event.at, supervised_due=event.due,
+                                         supervision_every=event.remind_every, supervision_reminded=None)
+        case ev.SupervisionReminded():
+            changes["tasks"] = _set_task(state, event.task_id, supervision_reminded=event.at)
+        case ev.CommentAdded():
+            changes["comments"] = state.comments + 1
+            if event.kind == "progress":
+                changes["last_progress_at"] = event.at
+        case ev.ReturnRequested():
+            changes["tasks"] = _set_task(state, event.task_id, return_requested=event.reason)
+        case ev.ReturnRejected():
+            t = state.task(event.task_id)
+            changes["tasks"] = _set_task(state, event.task_id, return_requested=None,
+                                         return_rejections=t.return_rejections + 1)
+        case ev.ReturnApproved():
+            t = state.task(event.task_id)
+            changes["tasks"] = _set_task(state, event.task_id, status="returned", returned_at=event.at,
+                                         return_reason=t.return_requested or event.reason, return_requested=None,
+                                         reassigned_to=event.to_task_id)
+        case ev.TaskReassigned():
+            changes["tasks"] = _set_task(state, event.task_id, reassigned_to=event.to_task_id)
+        case ev.ExtensionRejected():
+            changes["tasks"] = _set_task(state, event.task_id, extension_requested=None)
+        case ev.SuspensionRequested():
+            changes["tasks"] = _set_task(state, event.task_id, suspension_requested=event.until,
+                                         suspension_reason=event.reason)
+        case ev.SuspensionApproved():
+            t = state.task(event.task_id)
+            changes["tasks"] = _set_task(state, event.task_id, suspension_requested=None, suspended_at=event.at,
+                                         suspended_until=event.until, suspensions=t.suspensions + 1,
+                                         warned=t.warned - {"suspension"})
+        case ev.SuspensionRejected():
+            changes["tasks"] = _set_task(state, event.task_id, suspension_requested=None, suspension_reason=None)
+        case ev.SuspensionReviewDue():
+            t = state.task(event.task_id)
+            changes["tasks"] = _set_task(state, event.task_id, warned=t.warned | {"suspension"})
+        case ev.TaskResumed():
+            t = state.task(event.task_id)
+            paused = event.at - t.suspended_at if t.suspended_at is not None else timedelta(0)
+            changes["granted"] = state.granted + max(timedelta(0), event.resolve_due - t.resolve_due)
+            changes["tasks"] = _set_task(state, event.task_id, suspended_at=None, suspended_until=None,
+                                         suspended_for=t.suspended_for + paused,
+                                         acknowledge_due=event.acknowledge_due, resolve_due=event.resolve_due,
+                                         acknowledge_warn=event.acknowledge_warn, resolve_warn=event.resolve_warn)
     return _issue_with(state, **changes)
 
 
@@ -354,7 +433,8 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             if not t.open:
                 raise Conflict(f"task {t.id} is {t.status}", current_status=t.status)
             require_photo(command.resolve_rule, command.media, "after")
-            return [ev.TaskResolved(task_id=t.id, by=command.by, note=command.note, at=now, media=command.media)]
+            return [ev.TaskResolved(task_id=t.id, by=command.by, note=command.note, at=now, media=command.media),
+                    *_supervision_closed(t, now)]
         case cmd.VerifyIssue():
             _require_open(state)
             if state.status != "resolved":
@@ -362,9 +442,8 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                                current_status=state.status)
             verified = ev.IssueVerified(passed=command.passed, by=command.by, note=command.note, media=command.media)
             if command.passed:
-                lead = state.lead
-                on_time = lead is not None and lead.resolved_at is not None and lead.resolved_at <= lead.resolve_due
-                return [verified, ev.IssueClosed(reason="verified", on_time=on_time, closed_at=now)]
+                return [verified, ev.IssueClosed(reason="verified", on_time=closes_on_time(state, now),
+                                                 closed_at=now)]
             return [verified, ev.IssueReopened(reason=command.note, reopen_count=state.reopen_count + 1)]
         case cmd.RecordFeedback():
             if not state.exists:
@@ -396,6 +475,7 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 raise Conflict(f"task {t.id} is {t.status}", current_status=t.status)
             if command.extension <= timedelta(0):
                 raise Invalid("extension must be positive", field="extension")
+            _check_cap("extension", command.extension, t.extensions, command.max, command.max_count)
             return [ev.ExtensionRequested(task_id=t.id, by=command.by, extension=command.extension,
                                           reason=command.reason)]
         case cmd.ApproveExtension():
@@ -403,9 +483,149 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             t = state.task(command.task_id)
             if not t.open or t.extension_requested is None:
                 raise Conflict(f"task {t.id} has no pending extension request", current_status=t.status)
+            _check_cap("extension", None, t.extensions, None, command.max_count)
             return [ev.ExtensionApproved(task_id=t.id, by=command.by, resolve_due=command.resolve_due,
                                          resolve_warn=command.resolve_warn)]
         case cmd.UrgeIssue():
             _require_open(state)
             return [ev.IssueUrged(by=command.by, note=command.note)]
+        case cmd.RequestReturn():
+            t = _open_task(state, command.task_id)
+            if t.return_requested is not None:
+                raise Conflict(f"task {t.id} already awaits the command centre's review of its return",
+                               current_status=t.status)
+            return [ev.ReturnRequested(task_id=t.id, by=command.by, reason=command.reason, at=now)]
+        case cmd.RejectReturn():
+            t = _open_task(state, command.task_id)
+            _require_return_requested(t)
+            return [ev.ReturnRejected(task_id=t.id, by=command.by, reason=command.reason)]
+        case cmd.ApproveReturn():
+            t = _open_task(state, command.task_id)
+            _require_return_requested(t)
+            if command.to is None:
+                return [ev.ReturnApproved(task_id=t.id, by=command.by, reason=command.reason, at=now)]
+            new = _new_task(state, t, command.to, now)
+            return [new, ev.ReturnApproved(task_id=t.id, by=command.by, reason=command.reason,
+                                           to_department=new.department, to_task_id=new.task_id, at=now)]
+        case cmd.ReassignTask():
+            t = _open_task(state, command.task_id)
+            if command.to.department == t.department:
+                raise Invalid(f"task {t.id} is already with {t.department}", field="department")
+            new = _new_task(state, t, command.to, now)
+            return [ev.TaskSuperseded(task_id=t.id, reason=f"reassigned to {new.department}: {command.reason}"),
+                    new,
+                    ev.TaskReassigned(task_id=t.id, to_task_id=new.task_id, from_department=t.department,
+                                      to_department=new.department, by=command.by, reason=command.reason,
+                                      clocks="continue" if command.clocks == "continue" else "restart")]
+        case cmd.RejectExtension():
+            t = _open_task(state, command.task_id)
+            if t.extension_requested is None:
+                raise Conflict(f"task {t.id} has no pending extension request", current_status=t.status)
+            return [ev.ExtensionRejected(task_id=t.id, by=command.by, reason=command.reason)]
+        case cmd.RequestSuspension():
+            t = _open_task(state, command.task_id)
+            if t.role != "lead":
+                raise Conflict(f"task {t.id} is a co-handler's; the lead asks for a suspension",
+                               current_status=t.status)
+            if t.suspended or t.suspension_requested is not None:
+                raise Conflict(f"task {t.id} is already suspended or awaits a decision", current_status=t.status)
+            if command.until <= now:
+                raise Invalid("until must be in the future", field="until")
+            _check_cap("suspension", command.until - now, t.suspensions, command.max, command.max_count)
+            return [ev.SuspensionRequested(task_id=t.id, by=command.by, reason=command.reason, until=command.until)]
+        case cmd.ApproveSuspension():
+            t = _open_task(state, command.task_id)
+            if t.suspension_requested is None:
+                raise Conflict(f"task {t.id} has no pending suspension request", current_status=t.status)
+            if t.suspension_requested <= now:
+                raise Conflict(f"the review date asked for task {t.id} has passed; ask again",
+                               current_status=t.status)
+            _check_cap("suspension", t.suspension_requested - now, t.suspensions, command.max, command.max_count)
+            return [ev.SuspensionApproved(task_id=t.id, by=command.by, until=t.suspension_requested, at=now)]
+        case cmd.RejectSuspension():
+            t = _open_task(state, command.task_id)
+            if t.suspension_requested is None:
+                raise Conflict(f"task {t.id} has no pending suspension request", current_status=t.status)
+            return [ev.SuspensionRejected(task_id=t.id, by=command.by, reason=command.reason)]
+        case cmd.ResumeTask():
+            t = _open_task(state, command.task_id)
+            if not t.suspended:
+                raise Conflict(f"task {t.id} is not suspended", current_status=t.status)
+            return [ev.TaskResumed(task_id=t.id, by=command.by, at=now, acknowledge_due=command.acknowledge_due,
+                                   resolve_due=command.resolve_due, acknowledge_warn=command.acknowledge_warn,
+                                   resolve_warn=command.resolve_warn)]
+        case cmd.SuperviseTask():
+            t = _open_task(state, command.task_id)
+            if command.due <= now:
+                raise Invalid("due must be in the future", field="due")
+            if command.remind_every <= timedelta(0):
+                raise Invalid("remind_every must be positive", field="remind_every")
+            return [ev.SupervisionOrdered(task_id=t.id, by=command.by, due=command.due, reason=command.reason,
+                                          remind_every=command.remind_every, at=now)]
+        case cmd.AddComment():
+            if not state.exists:
+                raise NotFound(f"issue {state.id} not found", field="id")
+            if command.kind == "progress":  # 阶段性答复: the lead's department, on its open task
+                lead = state.lead
+                if lead is None or not lead.open or lead.department != command.department:
+                    raise Conflict("a progress report comes from the department holding the open lead task",
+                                   current_status=state.status)
+                task_id: str | None = lead.id
+            else:
+                task_id = command.task_id
+                if task_id is not None:
+                    state.task(task_id)
+            return [ev.CommentAdded(by=command.by, role=command.role, department=command.department,
+                                    kind=command.kind, text=command.text, task_id=task_id,  # type: ignore[arg-type]
+                                    media=command.media, at=now)]
     raise TypeError(f"unknown command {command!r}")  # pragma: no cover
+
+
+def closes_on_time(state: IssueState, closed_at: datetime) -> bool:
+    """按期结案, from the first dispatch: the lead's resolution that the verification accepts (the work's end; the
+    grid worker's verification time does not count against the departments, ``closed_at`` when there is none) by
+    the first dispatch's resolve due time plus what approved extensions and suspensions added
+    (``first_resolve_due + granted``), whichever departments and levels held the issue meanwhile."""
+    if state.first_resolve_due is None:
+        return True
+    lead = state.lead
+    done = lead.resolved_at if lead is not None and lead.resolved_at is not None else closed_at
+    return done <= state.first_resolve_due + state.granted
+
+
+def _supervision_closed(t: TaskState, now: datetime) -> list[ev.Event]:
+    """督办 ends with the task's resolution: on time when resolved by the supervision's due date."""
+    if t.supervised_due is None:
+        return []
+    return [ev.SupervisionClosed(task_id=t.id, due=t.supervised_due, on_time=now <= t.supervised_due, at=now)]
+
+
+def _open_task(state: IssueState, task_id: str) -> TaskState:
+    _require_open(state)
+    t = state.task(task_id)
+    if not t.open:
+        raise Conflict(f"task {t.id} is {t.status}", current_status=t.status)
+    return t
+
+
+def _require_return_requested(t: TaskState) -> None:
+    if t.return_requested is None:
+        raise Conflict(f"task {t.id} has no return awaiting review", current_status=t.status)
+
+
+def _check_cap(what: str, length: timedelta | None, count: int, cap: timedelta | None, max_count: int | None) -> None:
+    """A rulebook cap (``extension`` or ``suspension``): 409 naming the cap that would be passed."""
+    if max_count is not None and count >= max_count:
+        raise Conflict(f"rulebook cap {what}.max_count: {count} {what}s already approved for this task "
+                       f"(at most {max_count})", current_status="capped")
+    if cap is not None and length is not None and length > cap:
+        raise Conflict(f"rulebook cap {what}.max: {length} asked, at most {cap}", current_status="capped")
+
+
+def _new_task(state: IssueState, old: TaskState, to: cmd.NewTask, now: datetime) -> ev.TaskDispatched:
+    """The task that takes ``old`` over (改派): same role and level, the caller's department and deadlines."""
+    return ev.TaskDispatched(
+        task_id=ids.task_id(state.id, len(state.tasks) + 1), department=to.department, role=old.role,  # type: ignore[arg-type]
+        level=old.level, clock=old.clock, dispatched_at=now,  # type: ignore[arg-type]
+        acknowledge_due=to.acknowledge_due, resolve_due=to.resolve_due,
+        acknowledge_warn=to.acknowledge_warn, resolve_warn=to.resolve_warn)

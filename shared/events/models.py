@@ -376,6 +376,176 @@ class ResidentForgotten(Event):
     at: datetime
 
 
+class ReturnRequested(Event):
+    """退单申请: the department asks the command centre to take the task back (the rulebook's ``return.approval``).
+    The task's clocks keep running while the centre reviews it: the department holds it until the decision."""
+
+    name = "return_requested"
+    ce_type = "needle.task.return_requested.v1"
+    task_id: str
+    by: str
+    reason: str
+    at: datetime
+
+
+class ReturnRejected(Event):
+    """退单驳回: the command centre refused the return; the task stays with the department."""
+
+    name = "return_rejected"
+    ce_type = "needle.task.return_rejected.v1"
+    task_id: str
+    by: str
+    reason: str
+
+
+class ReturnApproved(Event):
+    """退单同意: the task is returned. ``to_department`` (改派) took it over as task ``to_task_id``; without one a
+    lead's return escalates (the router reacts)."""
+
+    name = "return_approved"
+    ce_type = "needle.task.return_approved.v1"
+    task_id: str
+    by: str
+    reason: str | None = None
+    to_department: str | None = None
+    to_task_id: str | None = None
+    at: datetime
+
+
+class TaskReassigned(Event):
+    """改派: a command centre or supervisor moved an open task to another department serving the owner area;
+    the old task is superseded, ``to_task_id`` is the new one. ``clocks``: restarted or continued."""
+
+    name = "task_reassigned"
+    ce_type = "needle.task.reassigned.v1"
+    task_id: str
+    to_task_id: str
+    from_department: str
+    to_department: str
+    by: str
+    reason: str
+    clocks: Literal["restart", "continue"]
+
+
+class ExtensionRejected(Event):
+    """延期驳回: a supervisor refused the requested extension."""
+
+    name = "extension_rejected"
+    ce_type = "needle.task.extension_rejected.v1"
+    task_id: str
+    by: str
+    reason: str
+
+
+class SuspensionRequested(Event):
+    """缓办/挂账申请: the lead asks to pause the task's clocks until ``until`` (the review date)."""
+
+    name = "suspension_requested"
+    ce_type = "needle.task.suspension_requested.v1"
+    task_id: str
+    by: str
+    reason: str
+    until: datetime
+
+
+class SuspensionApproved(Event):
+    """缓办: the task's clocks are paused from ``at``; the review is due at ``until``."""
+
+    name = "suspension_approved"
+    ce_type = "needle.task.suspension_approved.v1"
+    task_id: str
+    by: str
+    until: datetime
+    at: datetime
+
+
+class SuspensionRejected(Event):
+    name = "suspension_rejected"
+    ce_type = "needle.task.suspension_rejected.v1"
+    task_id: str
+    by: str
+    reason: str
+
+
+class SuspensionReviewDue(Event):
+    """The review date of a suspension came (a durable timer): the task waits to be resumed."""
+
+    name = "suspension_review_due"
+    ce_type = "needle.task.suspension_review_due.v1"
+    task_id: str
+    until: datetime
+    caused_by: int = 0
+
+
+class TaskResumed(Event):
+    """The suspension ended: the clocks run again with the time that was left when they paused."""
+
+    name = "task_resumed"
+    ce_type = "needle.task.resumed.v1"
+    task_id: str
+    by: str
+    at: datetime
+    acknowledge_due: datetime
+    resolve_due: datetime
+    acknowledge_warn: datetime
+    resolve_warn: datetime
+
+
+class SupervisionOrdered(Event):
+    """督办: a supervisor or the command centre above puts the task under supervision with its own ``due`` date;
+    reminders come every ``remind_every`` until the task is resolved."""
+
+    name = "supervision_ordered"
+    ce_type = "needle.task.supervision_ordered.v1"
+    task_id: str
+    by: str
+    due: datetime
+    reason: str
+    remind_every: timedelta
+    at: datetime
+
+
+class SupervisionReminded(Event):
+    """A 督办 reminder (a durable timer): ``at`` is the reminder's scheduled time."""
+
+    name = "supervision_reminded"
+    ce_type = "needle.task.supervision_reminded.v1"
+    task_id: str
+    due: datetime
+    at: datetime
+    caused_by: int = 0
+
+
+class SupervisionClosed(Event):
+    """The supervised task was resolved: on time when by the supervision's ``due``."""
+
+    name = "supervision_closed"
+    ce_type = "needle.task.supervision_closed.v1"
+    task_id: str
+    due: datetime
+    on_time: bool
+    at: datetime
+
+
+CommentKind = Literal["comment", "progress", "info_request", "info_reply"]
+
+
+class CommentAdded(Event):
+    """A participant's message on the issue: a comment, a lead's progress report (阶段性答复), a request for more
+    information (补充材料) or its reply. ``text`` is free text: no personal data belongs in it."""
+
+    name = "comment_added"
+    ce_type = "needle.issue.comment_added.v1"
+    by: str
+    role: str
+    department: str | None = None
+    kind: CommentKind = "comment"
+    text: str
+    task_id: str | None = None
+    media: tuple[str, ...] = Field(default=(), description="references to media already stored (URLs or ids)")
+    at: datetime
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     IssueReported,
     IssueResolvedOnSite,
@@ -403,6 +573,20 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RulebookPublished,
     ResidentForgotten,
     VisitRecorded,
+    ReturnRequested,
+    ReturnRejected,
+    ReturnApproved,
+    TaskReassigned,
+    ExtensionRejected,
+    SuspensionRequested,
+    SuspensionApproved,
+    SuspensionRejected,
+    SuspensionReviewDue,
+    TaskResumed,
+    CommentAdded,
+    SupervisionOrdered,
+    SupervisionReminded,
+    SupervisionClosed,
 )
 BY_NAME: dict[str, type[Event]] = {t.name: t for t in EVENT_TYPES}
 BY_CE_TYPE: dict[str, type[Event]] = {t.ce_type: t for t in EVENT_TYPES}

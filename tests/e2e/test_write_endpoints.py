@@ -18,7 +18,7 @@ import pytest
 
 from services.entrypoints.processes import free_port
 from shared import auth
-from tests.e2e.test_needle_up import Up, _cleanup
+from tests.e2e.test_needle_up import RULES, Up, _cleanup
 
 WRITE_METHODS = ("post", "put", "patch", "delete")
 GRID = "wuxing-g1"
@@ -79,8 +79,11 @@ class Needle:
 
 @pytest.fixture(scope="module")
 def needle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Needle]:
+    root = tmp_path_factory.mktemp("writes")
+    rules = root / "rules.yaml"  # the contract rulebook with returns reviewed by the command centre (issue 19)
+    rules.write_text(RULES.read_text() + "\nreturn: {approval: command_center}\n")
     # the integrator's webhook below points at this machine: the operator's allow-list of private targets
-    up = Up(tmp_path_factory.mktemp("writes") / "data", free_port(), env={"NEEDLE_WEBHOOK_ALLOW_PRIVATE": "127.0.0.1"})
+    up = Up(root / "data", free_port(), rules=rules, env={"NEEDLE_WEBHOOK_ALLOW_PRIVATE": "127.0.0.1"})
     try:
         yield Needle(up)
     finally:
@@ -112,6 +115,7 @@ def test_every_write_endpoint_answers_its_documented_success_under_needle_up(nee
                 n.documented[(method, path)] = min(int(c) for c in op["responses"] if c.startswith("2"))
     gw, sup = n.auth("grid_worker", f"area:{GRID}"), n.auth("supervisor", "area:huannan")
     roads, admin = n.auth("handler", "dept:dinghai-roads"), n.auth("admin")
+    district, center = n.auth("supervisor", "area:dinghai"), n.auth("handler", "dept:dinghai-center")
 
     # the whole loop of one issue: report, acknowledge, extension asked and approved, resolve, verify, feedback
     one = n.report(gw)
@@ -119,8 +123,15 @@ def test_every_write_endpoint_answers_its_documented_success_under_needle_up(nee
     assert n.call("POST", "/v1/tasks/{task_id}/acknowledge", f"/v1/tasks/{task}/acknowledge",
                   headers=roads).status_code == 200
     assert n.call("POST", "/v1/tasks/{task_id}/extension", f"/v1/tasks/{task}/extension", headers=roads,
+                  json={"extension": "P5D", "reason": "材料未到"}).status_code == 200
+    r = n.call("POST", "/v1/tasks/{task_id}/extension/reject", f"/v1/tasks/{task}/extension/reject",
+               headers=district, json={"reason": "时间过长"})
+    assert r.status_code == 200, r.text
+    assert n.call("POST", "/v1/tasks/{task_id}/extension", f"/v1/tasks/{task}/extension", headers=roads,
                   json={"extension": "P1D", "reason": "材料未到"}).status_code == 200
-    r = n.call("POST", "/v1/tasks/{task_id}/extension/approve", f"/v1/tasks/{task}/extension/approve", headers=sup)
+    # a supervisor over the owner area (the district) decides extensions
+    r = n.call("POST", "/v1/tasks/{task_id}/extension/approve", f"/v1/tasks/{task}/extension/approve",
+               headers=district)
     assert r.status_code == 200, r.text  # was a 500 under needle up: the router's clocks live in another process
     assert n.call("POST", "/v1/tasks/{task_id}/resolve", f"/v1/tasks/{task}/resolve", headers=roads,
                   json={"note": "已修复"}).status_code == 200
@@ -141,6 +152,39 @@ def test_every_write_endpoint_answers_its_documented_success_under_needle_up(nee
     task2 = lead(n.issue(two))
     assert n.call("POST", "/v1/tasks/{task_id}/return", f"/v1/tasks/{task2}/return", headers=roads,
                   json={"reason": "不属本部门"}).status_code == 200
+    # 退单审核: the district's command centre refuses it once, then approves it (the rules' next takes it)
+    r = n.call("POST", "/v1/tasks/{task_id}/return/reject", f"/v1/tasks/{task2}/return/reject", headers=center,
+               json={"reason": "属于本部门职责"})
+    assert r.status_code == 200, r.text
+    assert n.call("POST", "/v1/tasks/{task_id}/return", f"/v1/tasks/{task2}/return", headers=roads,
+                  json={"reason": "确非本部门"}).status_code == 200
+    r = n.call("POST", "/v1/tasks/{task_id}/return/approve", f"/v1/tasks/{task2}/return/approve", headers=center,
+               json={"reason": "同意退回"})
+    assert r.status_code == 200 and r.json()["reassigned_to"], r.text
+    # 改派 by a supervisor over the owner area; 缓办 asked, refused, asked again, approved and resumed
+    five = n.report(gw)
+    task5 = lead(n.issue(five))
+    r = n.call("POST", "/v1/tasks/{task_id}/reassign", f"/v1/tasks/{task5}/reassign", headers=district,
+               json={"department": "dinghai-center", "reason": "跨部门协调"})
+    assert r.status_code == 200, r.text
+    task6 = r.json()["reassigned_to"]
+    cc = center
+    until = {"reason": "等待审批", "until": "2099-01-01T00:00:00+08:00"}
+    assert n.call("POST", "/v1/tasks/{task_id}/suspend", f"/v1/tasks/{task6}/suspend", headers=cc,
+                  json=until).status_code == 200
+    assert n.call("POST", "/v1/tasks/{task_id}/suspend/reject", f"/v1/tasks/{task6}/suspend/reject",
+                  headers=district, json={"reason": "不予缓办"}).status_code == 200
+    assert n.call("POST", "/v1/tasks/{task_id}/suspend", f"/v1/tasks/{task6}/suspend", headers=cc,
+                  json=until).status_code == 200
+    assert n.call("POST", "/v1/tasks/{task_id}/suspend/approve", f"/v1/tasks/{task6}/suspend/approve",
+                  headers=district).status_code == 200
+    assert n.call("POST", "/v1/tasks/{task_id}/resume", f"/v1/tasks/{task6}/resume", headers=cc).status_code == 200
+    r = n.call("POST", "/v1/tasks/{task_id}/supervise", f"/v1/tasks/{task6}/supervise", headers=district,
+               json={"due": "2099-01-01T00:00:00+08:00", "reason": "督办", "remind_every": "P7D"})
+    assert r.status_code == 200, r.text
+    r = n.call("POST", "/v1/issues/{issue_id}/comments", f"/v1/issues/{five}/comments", headers=cc,
+               json={"text": "已协调施工队", "kind": "progress"})
+    assert r.status_code == 201, r.text
     three = n.report(gw)
     n.issue(three)
     assert n.call("POST", "/v1/issues/{issue_id}/urge", f"/v1/issues/{three}/urge", headers=sup,

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ PRINCIPALS: dict[str, tuple[str, str]] = {
     "handler_x": ("handler", "dept:dinghai-roads"),  # the lead of the issue's tasks
     "handler_y": ("handler", "dept:dinghai-police"),  # co-handler: reads the issue, never acts on X's task
     "handler_z": ("handler", "dept:wuxing-committee"),  # no task on the issue
+    "center": ("handler", "dept:dinghai-center"),  # the command centre of the owner area (dinghai): no task
     "sup_street": ("supervisor", "area:huannan"),  # the street over both grids
     "sup_other": ("supervisor", f"area:{GRID_B}"),  # covers grid B only
     "integrator": ("integrator", ""),
@@ -77,10 +79,13 @@ class Case:
     content_type: str | None = None
 
 
-ISSUE_READERS = ("gw_a", "handler_x", "handler_y", "sup_street", "integrator", "admin")
+# the command centre of the owner area reads what it triages, reassigns and comments on
+TRIAGERS = ("center", "sup_street", "admin")
+ISSUE_READERS = ("gw_a", "handler_x", "handler_y", "center", "sup_street", "integrator", "admin")
 REPORT = {"grid": GRID_A, "category": "road_damage", "title": "matrix report"}
 PHOTO = png_bytes()  # the matrix issue's before-photo; uploading it again is the same medium
-WRITERS = ("gw_a", "gw_b", "handler_x", "handler_y", "handler_z", "sup_street", "sup_other", "admin")
+WRITERS = ("gw_a", "gw_b", "handler_x", "handler_y", "handler_z", "center", "sup_street", "sup_other", "admin")
+UNTIL = (datetime.now(UTC) + timedelta(days=10)).isoformat()  # a suspension's review date
 HOOK = {"url": "http://127.0.0.1:9/hook", "types": ["issue_reported"], "secret": "matrix-secret-0123456789"}
 
 # (method, path as the app declares it) -> what each caller gets
@@ -103,7 +108,7 @@ MATRIX: dict[tuple[str, str], Case] = {
     # read models
     ("GET", "/v1/issues"): Case(only("gw_a", "gw_b", "sup_street", "sup_other", "admin")),  # each its own area
     ("GET", "/v1/overdue"): Case(only("gw_a", "gw_b", "sup_street", "sup_other", "admin")),
-    ("GET", "/v1/tasks"): Case(only("handler_x", "handler_y", "handler_z", "admin"),
+    ("GET", "/v1/tasks"): Case(only("handler_x", "handler_y", "handler_z", "center", "admin"),
                                params={"department": "dinghai-roads"}),  # admins name one; handlers get theirs
     ("GET", "/v1/stats"): Case(only("sup_street", "sup_other", "admin")),
     ("GET", "/v1/stats/series"): Case(only("sup_street", "sup_other", "admin")),
@@ -143,6 +148,12 @@ MATRIX: dict[tuple[str, str], Case] = {
                                                      setup="fresh", succeeds=True),
     ("POST", "/v1/issues/{issue_id}/urge"): Case(only("sup_street", "admin"), json={"note": "m"}, setup="fresh",
                                                  succeeds=True),
+    # comments (issue 19): every participant — the grid's worker, the departments with a task, the command centre
+    # over the owner area, a supervisor over the grid; integrators read what they may read, nobody else
+    ("POST", "/v1/issues/{issue_id}/comments"): Case(only("gw_a", "handler_x", "handler_y", "center", "sup_street",
+                                                          "admin"), json={"text": "m"}, succeeds=True),
+    ("GET", "/v1/issues/{issue_id}/comments"): Case(only("gw_a", "handler_x", "handler_y", "center", "sup_street",
+                                                         "integrator", "admin")),
     # a handler of one department never acts on another's task (X holds it; Y co-handles the issue)
     ("POST", "/v1/tasks/{task_id}/acknowledge"): Case(only("handler_x", "admin"), setup="fresh", succeeds=True),
     ("POST", "/v1/tasks/{task_id}/return"): Case(only("handler_x", "admin"), json={"reason": "not ours"},
@@ -152,17 +163,37 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("POST", "/v1/tasks/{task_id}/extension"): Case(only("handler_x", "admin"),
                                                     json={"extension": "P1D", "reason": "m"}, setup="fresh",
                                                     succeeds=True),
-    ("POST", "/v1/tasks/{task_id}/extension/approve"): Case(only("sup_street", "admin"), setup="requested",
-                                                            succeeds=True),
+    # extensions are decided by a supervisor over the owner area (dinghai): the street's may not (issue 19)
+    ("POST", "/v1/tasks/{task_id}/extension/approve"): Case(only("admin"), setup="requested", succeeds=True),
+    ("POST", "/v1/tasks/{task_id}/extension/reject"): Case(only("admin"), json={"reason": "m"}, setup="requested",
+                                                           succeeds=True),
+    # dispatch control (issue 19): the command centre of the owner area (or above) or a supervisor over it
+    # reviews returns, reassigns and decides suspensions; the lead asks for a suspension and may resume
+    ("POST", "/v1/tasks/{task_id}/return/reject"): Case(only("center", "admin"), json={"reason": "m"},
+                                                        setup="return_requested", succeeds=True),
+    ("POST", "/v1/tasks/{task_id}/return/approve"): Case(only("center", "admin"), json={"reason": "m"},
+                                                         setup="return_requested", succeeds=True),
+    ("POST", "/v1/tasks/{task_id}/reassign"): Case(only("center", "admin"), setup="fresh", succeeds=True,
+                                                   json={"department": "dinghai-center", "reason": "m"}),
+    ("POST", "/v1/tasks/{task_id}/suspend"): Case(only("handler_x", "admin"), setup="fresh", succeeds=True,
+                                                  json={"reason": "m", "until": UNTIL}),
+    ("POST", "/v1/tasks/{task_id}/suspend/approve"): Case(only("center", "admin"), setup="suspend_requested",
+                                                          succeeds=True),
+    ("POST", "/v1/tasks/{task_id}/suspend/reject"): Case(only("center", "admin"), json={"reason": "m"},
+                                                         setup="suspend_requested", succeeds=True),
+    ("POST", "/v1/tasks/{task_id}/supervise"): Case(only("center", "admin"), setup="fresh", succeeds=True,
+                                                    json={"due": UNTIL, "reason": "m"}),
+    ("POST", "/v1/tasks/{task_id}/resume"): Case(only("handler_x", "center", "admin"), setup="suspended",
+                                                 succeeds=True),
     # integrators: their webhooks; never an issue write (above: 403 everywhere)
     ("POST", "/v1/media"): Case(only(*WRITERS), content=PHOTO, content_type="image/png", succeeds=True),
     ("GET", "/v1/media/{media_id}"): Case(only(*ISSUE_READERS)),
-    ("POST", "/v1/issues/{issue_id}/accept"): Case(only("sup_street", "admin"), setup="fresh", succeeds=True),
-    ("POST", "/v1/issues/{issue_id}/reject"): Case(only("sup_street", "admin"), json={"reason": "m"},
-                                                   setup="fresh", succeeds=True),
-    ("POST", "/v1/issues/{issue_id}/void"): Case(only("sup_street", "admin"), json={"reason": "m"}, setup="fresh",
-                                                 succeeds=True),
-    ("POST", "/v1/issues/{issue_id}/recategorise"): Case(only("sup_street", "admin"), setup="fresh", succeeds=True,
+    # triage (受理): the owner area's command centre or a supervisor over the grid
+    ("POST", "/v1/issues/{issue_id}/accept"): Case(only(*TRIAGERS), setup="fresh", succeeds=True),
+    ("POST", "/v1/issues/{issue_id}/reject"): Case(only(*TRIAGERS), json={"reason": "m"}, setup="fresh",
+                                                   succeeds=True),
+    ("POST", "/v1/issues/{issue_id}/void"): Case(only(*TRIAGERS), json={"reason": "m"}, setup="fresh", succeeds=True),
+    ("POST", "/v1/issues/{issue_id}/recategorise"): Case(only(*TRIAGERS), setup="fresh", succeeds=True,
                                                          json={"category": "neighbour_dispute", "reason": "m"}),
     ("POST", "/v1/webhooks"): Case(only("integrator", "admin"), json=HOOK, succeeds=True),
     ("GET", "/v1/webhooks"): Case(only("integrator", "admin")),
@@ -224,7 +255,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncI
     root = tmp_path_factory.mktemp("matrix")
     server = EmbeddedNats(root / "nats-data")
     server.start()
-    h = await start_needle(root / "needle", org=FIXTURES / "contract_org.yaml", rules=FIXTURES / "contract_rules.yaml",
+    rules = root / "rules.yaml"  # the contract rulebook, with returns reviewed by the command centre (issue 19)
+    rules.write_text((FIXTURES / "contract_rules.yaml").read_text() + "\nreturn: {approval: command_center}\n")
+    h = await start_needle(root / "needle", org=FIXTURES / "contract_org.yaml", rules=rules,
                            nats_url=server.url, pg_admin_url=pg_url,
                            database=f"needle_matrix_{os.getpid()}_{uuid.uuid4().hex[:8]}",
                            webhook_allow_private=["127.0.0.1"])  # the webhooks' (dead) target
@@ -293,6 +326,15 @@ async def own_issue(h: NeedleHandle, w: World, setup: str) -> tuple[str, str]:
     if setup == "requested":
         r = await h.client.post(f"/v1/tasks/{lead}/extension", json={"extension": "P1D", "reason": "m"}, headers=x)
         assert r.status_code == 200, r.text
+    elif setup == "return_requested":
+        r = await h.client.post(f"/v1/tasks/{lead}/return", json={"reason": "m"}, headers=x)
+        assert r.status_code == 200 and r.json()["return_requested"] == "m", r.text
+    elif setup in ("suspend_requested", "suspended"):
+        r = await h.client.post(f"/v1/tasks/{lead}/suspend", json={"reason": "m", "until": UNTIL}, headers=x)
+        assert r.status_code == 200, r.text
+        if setup == "suspended":
+            r = await h.client.post(f"/v1/tasks/{lead}/suspend/approve", headers=w.headers["admin"])
+            assert r.status_code == 200 and r.json()["suspended"], r.text
     elif setup == "resolved":
         r = await h.client.post(f"/v1/tasks/{lead}/resolve", json={"note": "done"}, headers=x)
         assert r.status_code == 200 and r.json()["issue"]["status"] == "resolved", r.text
@@ -349,7 +391,7 @@ def test_every_route_of_the_app_has_a_matrix_entry(stack: tuple[NeedleHandle, Wo
 
 
 # denied callers first, so that allowed writes (which move the issue on) never change a denied cell's question
-ORDER = sorted(CALLERS, key=lambda c: c in ("gw_a", "handler_x", "sup_street", "integrator", "admin"))
+ORDER = sorted(CALLERS, key=lambda c: c in ("gw_a", "handler_x", "sup_street", "center", "integrator", "admin"))
 
 
 @pytest.mark.parametrize(("method", "path"), list(MATRIX), ids=[f"{m} {p}" for m, p in MATRIX])

@@ -117,7 +117,13 @@ async def test_four_stories(needle_factory: Callable[..., Any]) -> None:
         "task.acknowledged",                                                   # the street centre takes it
         "issue.escalated",                                                     # 逐级反映 by the grid worker
         "issue.routed", *["task.superseded"] * 4, *["task.dispatched"] * 5,    # district: civil + 4 co
+        "issue.comment_added", "task.suspension_requested", "task.suspension_approved",  # 阶段性答复, 缓办
+        "issue.comment_added", "task.resumed",                                 # progress again, clocks run
         *["task.acknowledged"] * 5, *["task.resolved"] * 5, *CLOSE]
+    progress = [e["data"] for e in ev if short_type(e["type"]) == "issue.comment_added"]
+    assert [(c["kind"], c["department"]) for c in progress] == [("progress", "putuo-civil")] * 2
+    civil = next(t for t in issue["tasks"] if t["department"] == "putuo-civil")
+    assert civil["suspensions"] == 1 and not civil["suspended"] and civil["suspended_for"] > 0
     escalations = [e["data"] for e in ev if short_type(e["type"]) == "issue.escalated"]
     assert [(e["from_level"], e["to_level"], e["cause"]) for e in escalations] == \
         [("community", "street", "return"), ("street", "district", "requested")]

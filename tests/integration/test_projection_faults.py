@@ -183,8 +183,8 @@ def expected(issues: int, last_seq: int) -> dict[str, Any]:
     return {"issues": n, "in_progress": n, "tasks": n, "acknowledged": n, "audit": n * EVENTS_PER_ISSUE,
             "audit_distinct": n * EVENTS_PER_ISSUE,
             "stats": {"reported": n, "issues_dispatched": n, "tasks_dispatched": n, "tasks_acknowledged": n,
-                      "tasks_ack_on_time": n},
-            "dept": {"tasks_dispatched": n, "tasks_acknowledged": n, "tasks_ack_on_time": n},
+                      "tasks_ack_on_time": n, "tasks_ack_due": n},
+            "dept": {"tasks_dispatched": n, "tasks_acknowledged": n, "tasks_ack_on_time": n, "tasks_ack_due": n},
             "checkpoint": last_seq}
 
 

@@ -228,18 +228,28 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
     def leader(issue: dict[str, Any], metric: str, at: datetime) -> None:
         """The issue's areas and the department of its latest lead task (考核 charges the lead)."""
         area(issue, metric, at)
-        if issue["lead_dept"]:
-            out[("dept", issue["lead_dept"], at.astimezone(BJ).date())][metric] += 1
+        if issue.get("lead"):
+            out[("dept", issue["lead"], at.astimezone(BJ).date())][metric] += 1
 
     def area(issue: dict[str, Any], metric: str, at: datetime, n: int = 1) -> None:
         for a in issue["areas"]:
             out[("area", a, at.astimezone(BJ).date())][metric] += n
 
+    def judge(issue: dict[str, Any], task: dict[str, Any], clock: str, at: datetime) -> None:
+        """Fair rates: a clock is judged once, when met or breached, whichever comes first."""
+        if clock in task["judged"]:
+            return
+        task["judged"].add(clock)
+        metric = "tasks_ack_due" if clock == "acknowledge" else "tasks_resolve_due"
+        dept(task, metric, at)
+        if task["role"] == "lead":
+            area(issue, metric, at)
+
     for env in sorted(envelopes, key=lambda e: e.seq):
         e, at = env.data, env.time
         if isinstance(e, ev.IssueReported):
             issues[env.subject] = {"areas": chain(e.grid), "reported_at": e.reported_at, "dispatched": False,
-                                   "resolved": False, "feedback": False, "lead_dept": None}
+                                   "resolved": False, "feedback": False}
             area(issues[env.subject], "reported", at)
             continue
         i = issues[env.subject]
@@ -248,10 +258,10 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
         match e:
             case ev.TaskDispatched():
                 tasks[e.task_id] = t = {"department": e.department, "role": e.role, "ack_due": e.acknowledge_due,
-                                        "resolve_due": e.resolve_due, "extended": False}
+                                        "resolve_due": e.resolve_due, "extended": False, "judged": set()}
                 dept(t, "tasks_dispatched", at)
                 if e.role == "lead":
-                    i["lead_dept"] = e.department
+                    i["lead"] = e.department
                     area(i, "tasks_dispatched", at)
                     if not i["dispatched"]:
                         i["dispatched"] = True
@@ -260,6 +270,7 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
                         if ms > 0:
                             area(i, "dispatch_ms_sum", at, ms)
             case ev.TaskAcknowledged():
+                judge(i, t, "acknowledge", at)
                 on_time = e.at <= t["ack_due"]
                 for metric in ("tasks_acknowledged", "tasks_ack_on_time") if on_time else ("tasks_acknowledged",):
                     dept(t, metric, at)
@@ -270,6 +281,7 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
                 if lead:
                     area(i, "tasks_returned", at)
             case ev.TaskResolved():
+                judge(i, t, "resolve", at)
                 dept(t, "tasks_resolved", at)
                 if e.at <= t["resolve_due"]:
                     dept(t, "tasks_resolved_on_time", at)
@@ -279,6 +291,7 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
             case ev.SlaWarned():
                 dept(t, "sla_warned", at)
             case ev.SlaBreached():
+                judge(i, t, e.clock, at)
                 dept(t, "sla_breached", at)
                 if lead:
                     area(i, "sla_breached", at)
@@ -291,12 +304,14 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
                 t["resolve_due"] = e.resolve_due
             case ev.IssueEscalated():
                 area(i, "escalated", at)
+            case ev.IssueUrged():  # 催办 counts against the department leading the issue
+                if i.get("lead"):
+                    out[("dept", i["lead"], at.astimezone(BJ).date())]["urged"] += 1
+                area(i, "urged", at)
             case ev.IssueVerified():
                 area(i, "verifications", at)
             case ev.IssueReopened():
                 leader(i, "reopened", at)
-            case ev.IssueUrged():
-                leader(i, "urged", at)
             case ev.IssueClosed():
                 area(i, "closed", at)
                 if e.on_time:

@@ -429,10 +429,13 @@ def test_version_counts_events_and_last_seq_follows_the_stream_sequence() -> Non
     assert initial_state(ISSUE).version == 0 and not initial_state(ISSUE).exists
 
 
-def test_events_that_do_not_touch_the_issue_only_bump_the_version() -> None:
+def test_an_urge_only_counts_against_the_lead_task() -> None:
     s = dispatched_issue()
     after = evolve(s, ev.IssueUrged(by="sup", note="快"), 99)
-    assert after == replace(s, version=s.version + 1, last_seq=99)
+    lead = s.lead
+    assert lead is not None
+    tasks = tuple(replace(t, urges=1) if t.id == lead.id else t for t in s.tasks)
+    assert after == replace(s, version=s.version + 1, last_seq=99, tasks=tasks)
 
 
 def test_sla_warnings_and_breaches_are_remembered_per_clock() -> None:
@@ -558,3 +561,44 @@ def test_the_folds_replace_changes_exactly_the_named_fields_like_dataclasses_rep
     assert _issue_with(before) == before and _issue_with(before) is not before
     with pytest.raises(KeyError):
         _issue_with(before, no_such_field=1)
+
+
+# -- dispatch control (issue 19) -------------------------------------------------------------------------------
+def test_on_time_closure_is_measured_from_the_first_dispatch_plus_what_was_granted() -> None:
+    # the district's lead was superseded by the city's 20 h later: the city's clock runs to T0 + 44 h, but the
+    # issue's clock (the first dispatch's) ran out at T0 + 24 h
+    s = given_events(reported(), routed(), dispatched(1, "dinghai-roads"),
+                     ev.IssueEscalated(from_level="district", to_level="city", cause="requested"),
+                     ev.TaskSuperseded(task_id=LEAD, reason="escalated"),
+                     dispatched(2, "city-roads", at=T0 + 20 * HOUR, level="city"))
+    s = when(s, cmd.ResolveTask(task_id(ISSUE, 2), by="city"), T0 + 30 * HOUR)
+    (_, closed) = decide(s, cmd.VerifyIssue(passed=True, by="gw"), T0 + 31 * HOUR)
+    assert isinstance(closed, ev.IssueClosed) and closed.on_time is False
+    # an approved extension (10 h) and a suspension (resumed 5 h later, moving the due by 5 h) count for it
+    s = given_events(reported(), routed(), dispatched(1, "dinghai-roads"),
+                     ev.ExtensionRequested(task_id=LEAD, by="h", extension=10 * HOUR, reason="r"),
+                     ev.ExtensionApproved(task_id=LEAD, by="sup", resolve_due=T0 + 34 * HOUR,
+                                          resolve_warn=T0 + 30 * HOUR),
+                     ev.SuspensionApproved(task_id=LEAD, by="sup", until=T0 + 10 * HOUR, at=T0 + HOUR),
+                     ev.TaskResumed(task_id=LEAD, by="h", at=T0 + 6 * HOUR, acknowledge_due=T0 + 6 * HOUR,
+                                    resolve_due=T0 + 39 * HOUR, acknowledge_warn=T0 + 6 * HOUR,
+                                    resolve_warn=T0 + 35 * HOUR))
+    assert s.granted == 15 * HOUR and s.task(LEAD).suspended_for == 5 * HOUR
+    for resolved_at, on_time in ((T0 + 39 * HOUR, True), (T0 + 39 * HOUR + MIN, False)):
+        r = when(s, cmd.ResolveTask(LEAD, by="roads"), resolved_at)
+        assert decide(r, cmd.VerifyIssue(passed=True, by="gw"), T0 + 50 * HOUR)[-1].on_time is on_time  # type: ignore[union-attr]
+
+
+def test_a_suspended_task_has_no_clock_edge_but_its_review_reminder() -> None:
+    from services.router.reactions import pending_edges  # the router's pure clock edges
+    s = given_events(reported(), routed(), dispatched(1, "dinghai-roads"))
+    s = when(s, cmd.RequestSuspension(LEAD, by="h", reason="court", until=T0 + 48 * HOUR, max=48 * HOUR), T0)
+    s = when(s, cmd.ApproveSuspension(LEAD, by="sup", max_count=1), T0 + MIN)
+    assert [(e.clock, e.edge) for _, e in pending_edges(s.task(LEAD))] == [("suspension", "due")]
+    with pytest.raises(Conflict, match="already suspended"):
+        decide(s, cmd.RequestSuspension(LEAD, by="h", reason="again", until=T0 + 49 * HOUR), T0 + 2 * MIN)
+    s = when(s, cmd.ResumeTask(LEAD, by="h", acknowledge_due=T0 + HOUR, resolve_due=T0 + 25 * HOUR,
+                               acknowledge_warn=T0 + HOUR, resolve_warn=T0 + 20 * HOUR), T0 + 3 * MIN)
+    assert s.task(LEAD).suspended_for == 2 * MIN and not s.task(LEAD).suspended
+    with pytest.raises(Conflict, match=r"suspension\.max_count"):
+        decide(s, cmd.RequestSuspension(LEAD, by="h", reason="again", until=T0 + 49 * HOUR, max_count=1), T0)

@@ -192,7 +192,8 @@ def test_an_acknowledgement_on_time_counts_and_moves_the_issue_in_progress() -> 
     assert g.issue["next_due"] == g.task(LEAD)["resolve_due"]
     assert g.task(LEAD)["acknowledged_at"] == T0 + 10 * MIN
     assert g.area("dinghai")["tasks_acknowledged"] == 1 and g.area("dinghai")["tasks_ack_on_time"] == 1
-    assert g.dept("dinghai-roads") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_ack_on_time": 1}
+    assert g.dept("dinghai-roads") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_ack_on_time": 1,
+                                       "tasks_ack_due": 1}
 
 
 def test_an_acknowledgement_exactly_at_the_deadline_is_on_time() -> None:
@@ -205,14 +206,15 @@ def test_a_late_acknowledgement_counts_as_acknowledged_but_not_on_time() -> None
     for area in G1:
         assert g.area(area)["tasks_acknowledged"] == 1
         assert "tasks_ack_on_time" not in g.area(area)
-    assert g.dept("dinghai-roads") == {"tasks_dispatched": 1, "tasks_acknowledged": 1}
+    assert g.dept("dinghai-roads") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_ack_due": 1}
     assert rates(g.area("city"))["response_rate"]["value"] == 0.0
 
 
 def test_a_co_handler_acknowledging_counts_for_its_department_only() -> None:
     g = a_dispatched_issue()(acked(CO, at=T0 + MIN), at=T0 + MIN)
     assert g.issue["status"] == "dispatched"
-    assert g.dept("dinghai-police") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_ack_on_time": 1}
+    assert g.dept("dinghai-police") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_ack_on_time": 1,
+                                        "tasks_ack_due": 1}
     assert "tasks_acknowledged" not in g.area("city")
 
 
@@ -231,17 +233,19 @@ def test_the_whole_happy_path_counts_every_rate_once() -> None:
     in_every_ancestor(g, {
         "reported": 1, "issues_dispatched": 1, "tasks_dispatched": 1,
         "tasks_acknowledged": 1, "tasks_ack_on_time": 1, "issues_resolved": 1, "verifications": 1, "closed": 1,
-        "closed_on_time": 1, "feedback": 1, "feedback_satisfied": 1})
+        "closed_on_time": 1, "feedback": 1, "feedback_satisfied": 1, "tasks_ack_due": 1, "tasks_resolve_due": 1})
     assert g.dept("dinghai-roads") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_ack_on_time": 1,
-                                       "tasks_resolved": 1, "tasks_resolved_on_time": 1, "feedback": 1,
+                                       "tasks_resolved": 1, "tasks_resolved_on_time": 1, "tasks_ack_due": 1,
+                                       "tasks_resolve_due": 1, "feedback": 1,
                                        "feedback_satisfied": 1}  # the feedback of the issue it led
     # the co-handler acknowledged 50 minutes after a 30-minute clock: late
     assert g.dept("dinghai-police") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_resolved": 1,
-                                        "tasks_resolved_on_time": 1}
+                                        "tasks_resolved_on_time": 1, "tasks_ack_due": 1, "tasks_resolve_due": 1}
     r = rates(g.area("city"))
     assert {k: v["value"] for k, v in r.items()} == {
         "response_rate": 1.0, "resolution_rate": 1.0, "satisfaction_rate": 1.0, "on_time_close_rate": 1.0,
-        "rework_rate": 0.0, "return_rate": 0.0, "extension_rate": 0.0}
+        "rework_rate": 0.0, "return_rate": 0.0, "extension_rate": 0.0,
+        "supervision_on_time_rate": None}
     d = rates(g.dept("dinghai-police"), DEPT_RATES)
     assert (d["response_rate"]["value"], d["resolution_rate"]["value"]) == (0.0, 1.0)
     assert [a[0] for a in g.batch.audit] == list(range(1, 12))
@@ -265,7 +269,7 @@ def test_a_failed_verification_reopens_supersedes_open_tasks_and_counts_rework()
     assert g.task(CO)["status"] == "superseded"
     in_every_ancestor(g, {"reported": 1, "issues_dispatched": 1, "tasks_dispatched": 1,
                           "tasks_acknowledged": 1, "tasks_ack_on_time": 1, "issues_resolved": 1,
-                          "verifications": 1, "reopened": 1})
+                          "verifications": 1, "reopened": 1, "tasks_ack_due": 1, "tasks_resolve_due": 1})
     assert rates(g.area("city"))["rework_rate"]["value"] == 1.0
 
 
@@ -337,13 +341,14 @@ def test_breaches_mark_the_task_and_count_per_department_and_for_the_lead_per_ar
     g(ev.SlaBreached(task_id=LEAD, clock="resolve", due=g.task(LEAD)["resolve_due"]), at=T0 + 24 * HOUR)
     assert g.task(LEAD)["breached"] == "acknowledge,resolve"
     assert g.task(CO)["breached"] == "acknowledge"
-    assert g.dept("dinghai-roads") == {"tasks_dispatched": 1, "sla_warned": 1, "sla_breached": 2}
-    assert g.dept("dinghai-police") == {"tasks_dispatched": 1, "sla_breached": 1}
+    assert g.dept("dinghai-roads") == {"tasks_dispatched": 1, "sla_warned": 1, "sla_breached": 2, "tasks_ack_due": 1,
+                                       "tasks_resolve_due": 1}
+    assert g.dept("dinghai-police") == {"tasks_dispatched": 1, "sla_breached": 1, "tasks_ack_due": 1}
     for area in G1:
         assert g.area(area)["sla_breached"] == 2
         assert "sla_warned" not in g.area(area)
     # the resolve breach happened the next day (Beijing time)
-    assert g.area("city", date(2025, 3, 5)) == {"sla_breached": 1}
+    assert g.area("city", date(2025, 3, 5)) == {"sla_breached": 1, "tasks_resolve_due": 1}
 
 
 def test_an_escalation_supersedes_and_hands_the_lead_to_the_upper_level() -> None:
@@ -360,13 +365,13 @@ def test_an_escalation_supersedes_and_hands_the_lead_to_the_upper_level() -> Non
                           "escalated": 1})
 
 
-def test_urges_count_for_the_areas_and_the_lead_and_extension_requests_only_bump_the_version() -> None:
+def test_urges_count_against_the_lead_department_and_extension_requests_only_bump_the_version() -> None:
     g = a_dispatched_issue()
-    before = dict(g.batch.stats)
+    before = Counter(g.batch.stats)
     g(ev.IssueUrged(by="sup", note="hurry"), ev.ExtensionRequested(task_id=LEAD, by="h", extension=HOUR, reason="r"))
-    added = {k: n for k, n in g.batch.stats.items() if before.get(k) != n}
-    assert added == {(T0.astimezone(BJ).date(), "area", a, "urged"): 1 for a in G1} | {
-        (T0.astimezone(BJ).date(), "dept", "dinghai-roads", "urged"): 1}  # 催办 is a 考核 deduction
+    added = Counter(g.batch.stats) - before
+    assert {k[1:] for k in added} == {("dept", g.task(LEAD)["department"], "urged")} | {
+        ("area", a, "urged") for a in ("city", "dinghai", "huannan", "wuxing", "wuxing-g1")}
     assert g.issue["version"] == 6 and g.issue["seq"] == 6
     assert [a[2] for a in g.batch.audit[-2:]] == ["issue_urged", "extension_requested"]
 
@@ -428,9 +433,9 @@ def test_a_new_lead_after_an_escalation_shows_the_issue_dispatched_like_the_aggr
 
 # -- rates -----------------------------------------------------------------------------------------------------
 def test_rates_give_none_without_a_denominator_and_four_decimals_otherwise() -> None:
-    r = rates({"tasks_ack_on_time": 1, "tasks_dispatched": 3})
+    r = rates({"tasks_ack_on_time": 1, "tasks_ack_due": 3, "tasks_dispatched": 5})
     assert r["response_rate"] == {"value": 0.3333, "numerator": 1, "denominator": 3,
-                                  "counts": ["tasks_ack_on_time", "tasks_dispatched"]}
+                                  "counts": ["tasks_ack_on_time", "tasks_ack_due"]}
     assert r["satisfaction_rate"]["value"] is None
     assert set(r) == set(RATES) and set(rates({}, DEPT_RATES)) == set(DEPT_RATES)
     for num, den in [*RATES.values(), *DEPT_RATES.values()]:
@@ -472,3 +477,16 @@ def test_the_residents_own_answer_takes_precedence_over_the_grid_workers() -> No
     assert city.get("issues_resolved", 0) == 0 and city["resident_unsolved"] == 1  # the resident: not solved
     roads = g.dept("dinghai-roads")
     assert (roads["feedback"], roads.get("feedback_satisfied", 0), roads.get("tasks_resolved", 0)) == (1, 0, 0)
+
+
+def test_fair_rates_judge_a_clock_once_and_never_before_it_is_due() -> None:
+    # issue 19: a department showed a red 33.3 % with nothing overdue, and co-handlers replaced within seconds a 0 %
+    g = a_dispatched_issue()
+    assert rates(g.dept("dinghai-roads"), DEPT_RATES)["response_rate"]["denominator"] == 0  # not yet due
+    g(ev.TaskSuperseded(task_id=CO, reason="escalated"), at=T0 + MIN)  # superseded before its clock ran out
+    g(ev.SlaBreached(task_id=LEAD, clock="acknowledge", due=T0 + 30 * MIN), at=T0 + 30 * MIN)
+    g(acked(at=T0 + 40 * MIN), at=T0 + 40 * MIN)  # late, after the breach: judged once, at the breach
+    assert rates(g.dept("dinghai-police"), DEPT_RATES)["response_rate"]["denominator"] == 0
+    r = rates(g.dept("dinghai-roads"), DEPT_RATES)["response_rate"]
+    assert (r["numerator"], r["denominator"], r["value"]) == (0, 1, 0.0)
+    assert rates(g.area("city"))["response_rate"]["denominator"] == 1

@@ -11,6 +11,9 @@
     return_rate: ["退单率", "Return rate"],
     extension_rate: ["延期率", "Extension rate"],
     on_time_resolve_rate: ["按期办结率", "On-time resolution"],
+    supervision_on_time_rate: ["督办按期率", "Supervised on time"],
+    urged: ["催办", "urged"],
+    supervised: ["督办件数", "supervised"],
     avg_dispatch: ["平均派遣用时", "Report → dispatch"],
     coverage_rate: ["入户率", "Household coverage"],
     // the counts behind them
@@ -71,6 +74,7 @@
     rework_rate: { up: false, good: 0.05, warn: 0.15 },
     return_rate: { up: false, good: 0.05, warn: 0.15 },
     extension_rate: { up: false, good: 0.1, warn: 0.2 },
+    supervision_on_time_rate: { up: true, good: 0.9, warn: 0.75 },
     avg_dispatch: { up: false, good: 600, warn: 3600 },  // seconds
     coverage_rate: { up: true, good: 0.9, warn: 0.75 },  // good: the rulebook's coverage target (setCoverageTarget)
   };

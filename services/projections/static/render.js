@@ -5,7 +5,8 @@
   const I = window.NeedleI18n;
   const RATE_KEYS = ["response_rate", "resolution_rate", "satisfaction_rate", "on_time_close_rate",
     "rework_rate", "return_rate", "extension_rate"];
-  const DEPT_RATE_KEYS = ["response_rate", "resolution_rate", "on_time_resolve_rate", "return_rate", "extension_rate"];
+  const DEPT_RATE_KEYS = ["response_rate", "resolution_rate", "on_time_resolve_rate", "return_rate", "extension_rate",
+    "supervision_on_time_rate"];
   const COUNT_KEYS = ["reported", "issues_dispatched", "issues_resolved", "closed", "escalated", "sla_breached"];
   const previous = new Map();  // element id -> last text, to flash what changed
 
@@ -239,11 +240,14 @@
         el("td", { class: "num" }, tracked(`d-${id}-n`, "span", "v", String(b.counts.tasks_dispatched || 0))),
         ...DEPT_RATE_KEYS.map((k) => rateCell(`d-${id}-${k}`, k, b.rates[k])),
         el("td", { class: "num" }, String(b.counts.sla_breached || 0)),
+        el("td", { class: "num" }, tracked(`d-${id}-urged`, "span", "v", String(b.counts.urged || 0))),
+        el("td", { class: "num" }, tracked(`d-${id}-supervised`, "span", "v", String(b.counts.supervised || 0))),
         el("td", { class: "num " + (holding[id] ? "bad-text" : "") }, String(holding[id] || 0))));
     const head = el("tr", {}, el("th", {}, I.bi("department")), el("th", { class: "num" }, I.bi("tasks_dispatched")),
       ...DEPT_RATE_KEYS.map((k) => el("th", { class: "num" }, I.bi(k))),
-      el("th", { class: "num" }, I.bi("sla_breached")), el("th", { class: "num" }, I.bi("overdue")));
-    const body = rows.length ? rows : [el("tr", {}, el("td", { class: "empty", colspan: 9 }, I.bi("no_depts")))];
+      el("th", { class: "num" }, I.bi("sla_breached")), el("th", { class: "num" }, I.bi("urged")),
+      el("th", { class: "num" }, I.bi("supervised")), el("th", { class: "num" }, I.bi("overdue")));
+    const body = rows.length ? rows : [el("tr", {}, el("td", { class: "empty", colspan: 12 }, I.bi("no_depts")))];
     replace("dept-table", el("thead", {}, head), el("tbody", {}, body));
   }
 
