@@ -5,8 +5,8 @@ rulebook's timezone) from the counters the read models keep per day (``stats_dai
 
     score = sum over weighted rates of weight x rate      (a rate with denominator 0 earns its full weight)
           - min(sum over items of min(count x deduction, cap of the item), cap "total")
-    never below 0, rounded to 2 decimals. A unit with nothing counted in the period is listed unranked
-    (score None): no work is not a perfect score.
+    never below 0, rounded to 2 decimals. A unit with nothing to judge in the period (no weighted rate with a
+    denominator, no deduction) is listed unranked (score None): no work is not a perfect score.
 
 Items counted against a unit: ``overdue`` (SLA breaches of its tasks), ``rework`` (返工: reopens of issues it
 led), ``rejected_return`` (退单驳回: its returns refused on review), ``urge`` (催办 of issues it held) and
@@ -152,8 +152,8 @@ def scores(counts: Mapping[str, Mapping[str, int]], rules: Scoring, by: str) -> 
     out = {}
     for unit, c in counts.items():
         body = score(c, rules, table)
-        if not any(c.values()):  # no work in the month: nothing to judge, not a perfect score
-            body["score"] = None
+        if all(r["denominator"] == 0 for r in body["rates"].values()) and not body["deducted"]:
+            body["score"] = None  # nothing to judge in the month (no clock due, no deduction): not a perfect score
         out[unit] = body
     return rank(out)
 
