@@ -204,3 +204,20 @@ def test_a_unit_without_work_is_listed_last_unranked_and_ties_share_a_rank() -> 
     ranked = scoring.scores({"idle": {}, "b": {"urged": 2}, "a": {"urged": 2}, "c": {"urged": 4}}, rules, "area")
     assert [(r["id"], r["rank"], r["score"]) for r in ranked] == [
         ("a", 1, 99.0), ("b", 1, 99.0), ("c", 3, 98.0), ("idle", None, None)]
+
+
+def test_rejected_returns_and_supervision_orders_are_deducted_from_the_events() -> None:
+    h = History()
+    t = bj("2026-11-12")
+    h("E", t, reported("wuxing-g1", t), routed(), dispatched("E-1", "dinghai-roads", t),
+      ev.ReturnRequested(task_id="E-1", by="h", reason="not ours", at=t + MIN),
+      ev.ReturnRejected(task_id="E-1", by="cc", reason="it is yours"),
+      ev.SupervisionOrdered(task_id="E-1", by="sup", due=t + 48 * HOUR, reason="督办", remind_every=24 * HOUR,
+                            at=t + 2 * MIN))
+    rules = parse_rulebook(RULES).scoring
+    roads = scoring.scores(scoring.sum_days(h.days("dept"), NOV), rules, "department")[0]
+    assert roads["deductions"]["rejected_return"] | {"cap": None} == {"count": 1, "per_item": 1.0, "cap": None,
+                                                                      "deducted": 1.0}
+    assert roads["deductions"]["supervision"]["count"] == 1 and roads["deductions"]["supervision"]["deducted"] == 3.0
+    assert roads["deducted"] == 4.0  # nothing due yet: the rates earn their full weight, 100 - 4
+    assert roads["score"] == 96.0
