@@ -78,3 +78,30 @@ async def follow(nc: NATS, after_seq: int, apply: Callable[[Rulebook], None]) ->
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
         raise
+
+
+async def history(nc: NATS) -> list[tuple[datetime, Rulebook]]:
+    """Every rulebook ever published, with when, in stream order (scores pin each month to the one in force)."""
+    js = nc.jetstream()
+    sub = await js.subscribe(f"{sj.EVENTS_ROOT}.rulebook.>", ordered_consumer=True,
+                             config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL))
+    out: list[tuple[datetime, Rulebook]] = []
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=1.0)
+            except Exception:
+                break
+            env = decode(msg.data, msg.metadata.sequence.stream)
+            if isinstance(env.data, RulebookPublished):
+                try:
+                    out.append((env.time, parse_rulebook(env.data.text, env.data.source,
+                                                         digest=env.data.rulebook_version)))
+                except Exception as exc:  # a rulebook that no longer parses was never in force
+                    log.error("published rulebook skipped", error=str(exc))
+            if msg.metadata.num_pending == 0:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return out

@@ -79,7 +79,15 @@ class Settings(BaseSettings):
     # are index reads, cheap at any stream size; a big cache costs memory and full-collection pauses (~225 ms
     # for 50,000 states here), which showed in the timers' p99 lag
     router_state_cache: int = Field(default=10_000, ge=0)
-    metrics_token: str | None = None  # when set, GET /metrics needs "Authorization: Bearer <token>"
+    metrics_token: str | None = None
+    # the base URL residents reach needle at (the 回访 links); default http://<host>:<port>
+    public_url: str | None = None
+    followup_ttl_s: float = Field(default=72 * 3600.0, gt=0)  # a 回访 link lives this long after the resolution
+    # notifications (dispatch to the duty contact, warnings, breaches, the resident's 回访 link): POST JSON here
+    # (an SMS or WeChat gateway behind it); none: no notifier runs
+    notify_url: str | None = None
+    notify_templates: Path = REPO_DEPLOY / "notify" / "templates.yaml"
+    notify_language: Literal["zh", "en"] = "zh"  # when set, GET /metrics needs "Authorization: Bearer <token>"
 
     @field_validator("cors_origins", "webhook_allow_private", mode="before")
     @classmethod

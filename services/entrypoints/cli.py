@@ -20,7 +20,9 @@ app = typer.Typer(help="needle — 千条线穿进一根针: event-sourced issue
                   no_args_is_help=True, add_completion=False)
 token_app = typer.Typer(help="Bearer tokens for grid workers, handlers, supervisors, integrators, admins.")
 rules_app = typer.Typer(help="The rulebook (权责清单).")
+report_app = typer.Typer(help="考核 reports (通报).")
 app.add_typer(token_app, name="token")
+app.add_typer(report_app, name="report")
 app.add_typer(rules_app, name="rules")
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data directory (default: per-user data dir)")]
@@ -42,7 +44,9 @@ def _child_env(settings: Settings, nats_url: str, database_url: str | None) -> d
     env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_DATA_DIR": str(settings.data_dir),
            "NEEDLE_ORG": str(settings.org), "NEEDLE_RULES": str(settings.rules),
            "NEEDLE_HOLIDAYS": str(settings.holidays), "NEEDLE_LOG_LEVEL": settings.log_level,
-           "NEEDLE_WORKERS": "1"}
+           "NEEDLE_WORKERS": "1",
+           # links the children make (the notifier's 回访 link) point at the HTTP intake of this needle
+           "NEEDLE_PUBLIC_URL": settings.public_url or f"http://{settings.host}:{settings.port}"}
     if database_url:
         env["NEEDLE_DATABASE_URL"] = database_url
     return env
@@ -453,6 +457,7 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
         finally:
             await nc.close()
 
+
     from shared.domain.errors import DomainError
 
     try:
@@ -483,6 +488,52 @@ def rules_check(file: Annotated[Path, typer.Argument(exists=True, dir_okay=False
         if not report.ok:
             raise typer.Exit(1)
     typer.echo(f"ok: rulebook {rb.version}, {len(rb.categories)} categories")
+
+
+@report_app.command("monthly")
+def report_monthly(period: Annotated[str, typer.Option("--period", help="the month, YYYY-MM")],
+                   area: Annotated[str, typer.Option("--area", help="the area reported on (e.g. putuo)")],
+                   out: Annotated[Path, typer.Option("--out", help="directory to write the files to")],
+                   data_dir: DataDir = None) -> None:
+    """The monthly 通报 of AREA: rankings of departments and areas, the rules version in force in the month and
+    the worst overdue cases, as CSV, XLSX and a printable HTML page in OUT."""
+    from datetime import datetime
+
+    import nats
+
+    from services.projections import report
+    from services.projections.service import open_pool
+    from shared import rulebooks
+    from shared.config import load_org, load_rulebook
+    from shared.domain.errors import DomainError
+
+    settings = _settings(data_dir)
+    info = attach(settings)
+    if not info.get("database_url"):
+        raise _fail("no database URL for the running needle (set NEEDLE_DATABASE_URL)")
+    org = load_org(info.get("org") or settings.org)
+    if area not in org.areas:
+        raise _fail(f"unknown area {area!r}")
+
+    async def go() -> list[Path]:
+        nc = await nats.connect(nats_servers(info["nats_url"]))
+        pool = await open_pool(info["database_url"])
+        try:
+            hist = await rulebooks.history(nc)
+            if not hist:
+                rb = load_rulebook(info.get("rules") or settings.rules)
+                hist = [(datetime.min.replace(tzinfo=rb.tz), rb)]
+            return report.write(await report.build(pool, org, hist, area=area, period=period), out)
+        finally:
+            await pool.close()
+            await nc.close()
+
+    try:
+        files = asyncio.run(go())
+    except DomainError as exc:
+        raise _fail(str(exc)) from None
+    for f in files:
+        typer.echo(str(f))
 
 
 @app.command()

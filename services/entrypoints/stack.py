@@ -23,6 +23,7 @@ from services.intake.observability import LagMonitor
 from services.integrations import webhooks_api
 from services.integrations.webhooks import WebhookService, start_webhooks
 from services.media.store import MediaStore
+from services.notify.service import NotifyService, start_notifier
 from services.projections.service import ReadModels, start_projections, start_read_api
 from services.projections.worker import ProjectionWorker
 from services.router.service import Router, start_router
@@ -76,6 +77,7 @@ class Stack:
     read_models: ReadModels | None = None
     projection_worker: ProjectionWorker | None = None  # when the projections run in this process
     webhooks: WebhookService | None = None
+    notifier: NotifyService | None = None  # with the router, when NEEDLE_NOTIFY_URL is set
     lag: LagMonitor | None = None
 
     @classmethod
@@ -165,6 +167,8 @@ class Stack:
             await self.start_read_api()
         if "router" in services:
             await self.start_router()
+            if self.settings.notify_url:
+                await self.start_notifier()
         if "intake" in services:
             await self.start_webhooks()
 
@@ -172,6 +176,12 @@ class Stack:
         nc, store = self._connection()
         self.router = await start_router(self.life, nc, store, self.org, self.rulebook, self.clocks, self.settings)
         return self.router
+
+    async def start_notifier(self) -> NotifyService:
+        nc, store = self._connection()
+        self.notifier = await start_notifier(self.life, nc, store, self.org, self.rulebook, self.settings,
+                                             self.residents)
+        return self.notifier
 
     async def start_projections(self) -> ProjectionWorker:
         nc, _ = self._connection()

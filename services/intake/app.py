@@ -11,6 +11,7 @@ from . import (
     campaigns_api,
     comments_api,
     events_api,
+    followup_api,
     issues_api,
     problems,
     residents_api,
@@ -42,7 +43,8 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     app.state.ctx = ctx
     problems.install(app)
     for router in (issues_api.router, tasks_api.router, campaigns_api.router, events_api.router,
-                   residents_api.router, visits_api.router, media_api.router, triage_api.router, comments_api.router):
+                   residents_api.router, visits_api.router, media_api.router, triage_api.router, comments_api.router,
+                   followup_api.router):
         app.include_router(router, responses=problems.RESPONSES)
     app.include_router(surfaces.router)  # /app/ (the working pages), /docs, /redoc: static, no data
     app.include_router(open311_router)  # answers errors in the GeoReport form, declared in its own routes

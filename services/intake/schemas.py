@@ -130,6 +130,14 @@ class FeedbackBody(Strict):
     note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
 
 
+class ResidentFeedbackBody(Strict):
+    """The resident's own 回访 through the one-time link."""
+
+    solved: bool
+    satisfaction: Literal["satisfied", "basically_satisfied", "dissatisfied"]
+    comment: str | None = Field(default=None, max_length=1000, pattern=NO_NUL)
+
+
 class ExtensionRequestBody(Strict):
     # bounded: approving a far larger one failed with a 500 (no due time computable on the working-time clock)
     extension: timedelta = Field(le=timedelta(days=365), description="ISO 8601 duration up to P365D, e.g. P2D")

@@ -21,6 +21,13 @@ rate               numerator                                   denominator
 督办按期率          supervised_on_time                          supervision_closed
 =================  ==========================================  ====================================
 
+The resident's own 回访 (ResidentFeedbackRecorded, through the one-time link) takes precedence over the grid
+worker's (FeedbackRecorded, by phone): an issue counts once in ``feedback``; when the resident answers after
+the worker, ``feedback_satisfied`` moves by the difference on the day of the resident's answer, and a worker's
+answer after the resident's counts nothing. A resident who says the problem is NOT solved takes the issue out
+of ``issues_resolved`` (and the lead department's ``tasks_resolved``) on that day (``resident_unsolved``).
+A department counts ``feedback``/``feedback_satisfied``, ``reopened`` and ``urged`` of the issues it leads.
+
 Fair rates (issue 19): a task's acknowledge clock is judged once, when it is acknowledged or when it breaches,
 whichever comes first (``tasks_ack_due``); a task not yet due, or superseded or returned before its clock ran out,
 is in no denominator. A department's 解决率 is ``tasks_resolved / tasks_resolve_due`` (resolved, or resolve clock
@@ -53,6 +60,7 @@ METRICS = (
     "returns_requested", "returns_rejected", "tasks_reassigned", "extensions_rejected", "tasks_suspended",
     "urged", "supervised", "supervision_closed", "supervised_on_time", "tasks_ack_due", "tasks_resolve_due",
     "review_warned", "review_breached", "merged",
+    "resident_feedback", "resident_unsolved",
 )
 RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_ack_due"),
@@ -67,6 +75,7 @@ RATES: dict[str, tuple[str, str]] = {
 DEPT_RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_ack_due"),
     "resolution_rate": ("tasks_resolved", "tasks_resolve_due"),
+    "satisfaction_rate": ("feedback_satisfied", "feedback"),
     "on_time_resolve_rate": ("tasks_resolved_on_time", "tasks_resolved"),
     "return_rate": ("tasks_returned", "tasks_dispatched"),
     "extension_rate": ("tasks_extended", "tasks_dispatched"),
@@ -137,7 +146,8 @@ def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) ->
         "first_resolved_at": None,
         "lead_task": None, "lead_department": None, "lead_status": None,
         "next_due": e.review_due if e.review else None,  # a held report's review clock (受理) until decided
-        "reopen_count": 0, "escalations": 0, "satisfaction": None, "version": 0, "seq": seq,
+        "reopen_count": 0, "escalations": 0, "satisfaction": None, "feedback_source": None,
+        "version": 0, "seq": seq,
         "updated_at": e.reported_at,
         "lat": e.location.lat if e.location else None, "lon": e.location.lon if e.location else None,
         "merged_into": None,
@@ -305,6 +315,8 @@ def apply(batch: Batch, env: Envelope) -> None:
             issue["status"] = "reopened"
             issue["reopen_count"] = e.reopen_count
             batch.count_area(issue, at, "reopened")
+            if issue["lead_department"]:
+                batch.count_dept(issue["lead_department"], at, "reopened")
             _close_open_tasks(batch, issue_id, seq)
         case ev.ReviewWarned():
             batch.count_area(issue, at, "review_warned")
@@ -338,11 +350,32 @@ def apply(batch: Batch, env: Envelope) -> None:
                 batch.count_area(issue, at, "resolved_on_site")
             _close_open_tasks(batch, issue_id, seq)
         case ev.FeedbackRecorded():
-            if issue["satisfaction"] is None:
-                batch.count_area(issue, at, "feedback")
-                if e.satisfaction in ("satisfied", "basically_satisfied"):
-                    batch.count_area(issue, at, "feedback_satisfied")
-            issue["satisfaction"] = e.satisfaction
+            if issue.get("feedback_source") == "resident":
+                pass  # the resident's own answer stands (the worker's stays in the audit)
+            else:
+                if issue["satisfaction"] is None:
+                    _count_issue(batch, issue, at, "feedback")
+                    if _satisfied(e.satisfaction):
+                        _count_issue(batch, issue, at, "feedback_satisfied")
+                issue["satisfaction"] = e.satisfaction
+                issue["feedback_source"] = "grid_worker_phone"
+        case ev.ResidentFeedbackRecorded():
+            if issue.get("feedback_source") != "resident":
+                before = issue["satisfaction"]
+                if before is None:
+                    _count_issue(batch, issue, at, "feedback")
+                delta = int(_satisfied(e.satisfaction)) - int(before is not None and _satisfied(before))
+                if delta:
+                    _count_issue(batch, issue, at, "feedback_satisfied", delta)
+                _count_issue(batch, issue, at, "resident_feedback")
+                if not e.solved and issue.get("first_resolved_at") is not None:
+                    batch.count_area(issue, at, "issues_resolved", -1)
+                    batch.count_area(issue, at, "resident_unsolved")
+                    if issue["lead_department"]:
+                        batch.count_dept(issue["lead_department"], at, "tasks_resolved", -1)
+                        batch.count_dept(issue["lead_department"], at, "resident_unsolved")
+                issue["satisfaction"] = e.satisfaction
+                issue["feedback_source"] = "resident"
         case ev.IssueUrged():
             if issue.get("lead_department"):
                 batch.count_dept(issue["lead_department"], at, "urged")
@@ -407,6 +440,17 @@ def _leave_the_rates(batch: Batch, issue: dict[str, Any], at: datetime) -> None:
     batch.count_area(issue, at, "issues_dispatched", -1)
     ms = int((issue["dispatched_at"] - issue["reported_at"]).total_seconds() * 1000)
     batch.count_area(issue, at, "dispatch_ms_sum", -max(ms, 0))
+
+
+def _satisfied(satisfaction: str) -> bool:
+    return satisfaction in ("satisfied", "basically_satisfied")
+
+
+def _count_issue(batch: Batch, issue: dict[str, Any], at: datetime, metric: str, n: int = 1) -> None:
+    """Count for the issue's areas and the department that leads it."""
+    batch.count_area(issue, at, metric, n)
+    if issue["lead_department"]:
+        batch.count_dept(issue["lead_department"], at, metric, n)
 
 
 def _close_open_tasks(batch: Batch, issue_id: str, seq: int) -> None:

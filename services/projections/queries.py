@@ -109,6 +109,12 @@ async def _sum(pool: asyncpg.Pool, scope: str, keys: list[str], since: date, unt
     return out
 
 
+async def sum_scope(pool: asyncpg.Pool, scope: str, keys: list[str], since: date, until: date
+                    ) -> dict[str, dict[str, int]]:
+    """Counters of ``keys`` summed over the days [since, until] (scores of a month)."""
+    return dict(await _sum(pool, scope, keys, since, until)) if keys else {}
+
+
 def _with_rates(counts: dict[str, int], table: dict[str, tuple[str, str]]) -> dict[str, Any]:
     body: dict[str, Any] = {"counts": counts, "rates": rates(counts, table)}
     n = counts.get("issues_dispatched", 0)

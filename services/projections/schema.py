@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 PROJECTION = "read_models"
-PROJECTION_VERSION = 4  # bump when the projection functions change: the worker rebuilds on start
+PROJECTION_VERSION = 6  # bump when the projection functions change: the worker rebuilds on start
 
 
 def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
@@ -48,6 +48,7 @@ def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
         Column("reopen_count", Integer, nullable=False),
         Column("escalations", Integer, nullable=False),
         Column("satisfaction", Text),
+        Column("feedback_source", Text),  # grid_worker_phone | resident (the resident's own answer stands)
         Column("version", Integer, nullable=False),
         Column("seq", BigInteger, nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),

@@ -17,6 +17,7 @@ from .follower import CheckpointFollower
 from .migrate import upgrade
 from .progress import Progress
 from .schema import PROJECTION_VERSION
+from .scores import router as scores_router
 from .visits_read import router as visits_router
 from .worker import ProjectionWorker, ProjectionWriter
 
@@ -38,7 +39,7 @@ class ReadModels:
     the follower of another process's checkpoint) and the query and dashboard routes."""
     pool: asyncpg.Pool
     progress: Progress
-    routers: tuple[APIRouter, ...] = (api_router, dashboard_router, visits_router)
+    routers: tuple[APIRouter, ...] = (api_router, dashboard_router, visits_router, scores_router)
 
 
 async def start_projections(life: Lifecycle, nc: NATS, org: OrgTree, rulebook: Rulebook,

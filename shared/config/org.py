@@ -7,7 +7,8 @@ Contract format (DESIGN.md, "Contract: org tree and rulebook")::
       - {id: putuo, name: 普陀区, level: district, parent: zhoushan, location: {lat: 29.95, lon: 122.30}}
       - {id: zhanmao-g33, name: 第33网格, level: grid, parent: putuo, households: 128}
     departments:          # a unit of some kind, serving an area and everything under it
-      - {id: putuo-ocean, name: 普陀区海洋与渔业局, kind: ocean_fisheries, area: putuo}
+      - {id: putuo-ocean, name: 普陀区海洋与渔业局, kind: ocean_fisheries, area: putuo,
+         contact: "+8613800000001"}   # optional: the duty contact notified of dispatches (config, not events)
     kinds:                # optional: display names of the kinds (the API and the dashboard show them)
       ocean_fisheries: 海洋与渔业
 
@@ -78,6 +79,9 @@ class Department:
     name: str
     kind: str
     area: str
+    contact: str | None = field(default=None, compare=False)
+    """The duty contact (值班) the notifier sends dispatches, warnings and breaches to (a phone, an address the
+    gateway understands); never written to the event stream."""
 
 
 @dataclass(frozen=True)
@@ -303,14 +307,15 @@ def parse_org(text: str, source: str = "<org>", *, digest: str | None = None, ba
     departments: dict[str, Department] = {}
     for i, raw in enumerate(doc.sequence(top.get("departments") or [], "departments")):
         p = f"departments[{i}]"
-        m = doc.mapping(raw, p, required=("id", "name", "kind", "area"))
+        m = doc.mapping(raw, p, required=("id", "name", "kind", "area"), optional=("contact",))
         did = claim(m["id"], f"{p}.id", "department id")
         name = doc.string(m["name"], f"{p}.name")
         kind = check_kind(doc, m["kind"], f"{p}.kind")
         area = doc.ident(m["area"], f"{p}.area", "area id")
         if area not in areas:
             doc.fail(f"{p}.area", f"unknown area '{area}'" + suggest(area, areas))
-        departments[did] = Department(did, name, kind, area)
+        contact = doc.string(m["contact"], f"{p}.contact") if m.get("contact") is not None else None
+        departments[did] = Department(did, name, kind, area, contact)
     kind_names: dict[str, str] = {}
     for kind, label in doc.mapping(top.get("kinds") or {}, "kinds").items():
         check_kind(doc, kind, f"kinds.{kind}")

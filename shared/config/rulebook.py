@@ -41,7 +41,9 @@ Extensions (optional): ``version:`` (default: the first 12 hex digits of the sha
 ``risk.<flag>.name`` (a display name, e.g. 集体上访苗头), and
 ``urgency: {emergency: {min_start: street, sla_factor: 0.25}}`` — per urgency a minimum start level and a
 factor applied to both SLA durations; ``coverage: {target: 0.9, period: P30D}`` — the 入户率 a grid should reach
-over the trailing period (grids below it are listed on the dashboard; these values are the defaults).
+over the trailing period (grids below it are listed on the dashboard; these values are the defaults);
+``scoring:`` — 考核 (see :class:`Scoring`): ``weights`` of the rates (full marks = their sum), ``deductions``
+per counted item and ``caps`` (per item, and ``total``); a month is scored by the rulebook in force in it.
 Dispatch control (issue 19), at the top level for every category and inside a category (a key there replaces
 the top-level one as a whole)::
 
@@ -166,6 +168,28 @@ class Coverage:
     period: timedelta = timedelta(days=30)
 
 
+SCORE_RATES: tuple[str, ...] = ("response_rate", "resolution_rate", "satisfaction_rate", "on_time_close_rate")
+"""Rates a ``scoring.weights`` entry may weigh (DOMAIN.md's definitions)."""
+DEDUCTIONS: tuple[str, ...] = ("overdue", "rework", "rejected_return", "urge", "supervision")
+"""What ``scoring.deductions`` may charge per item: an overdue task (SLA breach), 返工 (a reopen), 退单驳回,
+催办 and 督办."""
+
+
+@dataclass(frozen=True, slots=True)
+class Scoring:
+    """考核: score = sum(weight x rate) - min(sum of min(count x deduction, cap of the item), cap total), never
+    below 0. A rate with nothing to judge (denominator 0) earns its full weight. Defaults: 12345's 30/35/35."""
+
+    weights: tuple[tuple[str, float], ...] = (("response_rate", 30.0), ("resolution_rate", 35.0),
+                                               ("satisfaction_rate", 35.0))
+    deductions: tuple[tuple[str, float], ...] = (("overdue", 1.0), ("rework", 2.0), ("rejected_return", 1.0),
+                                                  ("urge", 0.5), ("supervision", 3.0))
+    caps: tuple[tuple[str, float], ...] = (("total", 30.0),)
+
+    def cap(self, item: str) -> float | None:
+        return dict(self.caps).get(item)
+
+
 @dataclass(frozen=True, slots=True)
 class Cap:
     """How long one extension or suspension may be (``max``) and how many a task may have (``max_count``)."""
@@ -203,6 +227,7 @@ class Rulebook:
     coverage: Coverage = field(default_factory=lambda: Coverage())
     fallback: str = DEFAULT_FALLBACK
     similar: Similar = Similar()
+    scoring: Scoring = field(default_factory=lambda: Scoring())
     source: str = field(default="", compare=False, repr=False)
     """The file (or ``source``) it was parsed from, for messages."""
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -253,7 +278,7 @@ def load_rulebook(path: str | Path) -> Rulebook:
 
 
 _TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version",
-             "coverage", "fallback", "similar", *DISPATCH_KEYS)
+             "coverage", "fallback", "similar", "scoring", *DISPATCH_KEYS)
 
 
 def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None = None) -> Rulebook:
@@ -311,7 +336,8 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
                     coverage=_coverage(doc, top["coverage"]) if top.get("coverage") is not None else Coverage(),
                     fallback=fallback, source=source, lines=dict(doc.lines),
                     dispatch=dispatch, dispatch_by_category=dispatch_by_category,
-                    similar=_similar(doc, top["similar"], "similar") if top.get("similar") is not None else Similar())
+                    similar=_similar(doc, top["similar"], "similar") if top.get("similar") is not None else Similar(),
+                    scoring=_scoring(doc, top["scoring"]) if top.get("scoring") is not None else Scoring())
 
 
 def _positive(doc: Document, value: Any, path: str) -> timedelta:
@@ -366,6 +392,33 @@ def _similar(doc: Document, raw: Any, p: str) -> Similar:
     if within <= timedelta(0):
         doc.fail(f"{p}.within", "the duration must be longer than zero")
     return Similar(float(radius), within)
+
+
+def _scoring(doc: Document, raw: Any) -> Scoring:
+    m = doc.mapping(raw, "scoring", optional=("weights", "deductions", "caps"))
+    default = Scoring()
+
+    def table(key: str, names: tuple[str, ...], what: str) -> tuple[tuple[str, float], ...] | None:
+        if m.get(key) is None:
+            return None
+        out: list[tuple[str, float]] = []
+        for name, value in doc.mapping(m[key], f"scoring.{key}").items():
+            p = f"scoring.{key}.{name}"
+            doc.choice(name, p, names, what)
+            n = doc.number(value, p)
+            if n < 0:
+                doc.fail(p, f"must not be negative, got {n:g}")
+            out.append((name, float(n)))
+        return tuple(out)
+
+    weights = table("weights", SCORE_RATES, "rate")
+    if weights is not None and not sum(w for _, w in weights) > 0:
+        doc.fail("scoring.weights", "the weights must add up to more than zero (they are the full marks)")
+    deductions = table("deductions", DEDUCTIONS, "deduction")
+    caps = table("caps", (*DEDUCTIONS, "total"), "cap")
+    return Scoring(weights if weights is not None else default.weights,
+                   deductions if deductions is not None else default.deductions,
+                   caps if caps is not None else default.caps)
 
 
 def _coverage(doc: Document, raw: Any) -> Coverage:

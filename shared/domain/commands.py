@@ -114,6 +114,15 @@ class RecordFeedback:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordResidentFeedback:
+    """The resident's own 回访 (one-time link): once per issue, after it is resolved."""
+
+    solved: bool
+    satisfaction: Satisfaction
+    comment: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EscalateIssue:
     by: str
     reason: str
@@ -252,7 +261,7 @@ class UrgeIssue:
 Command = (
     ReportIssue | ResolveOnSite | AcceptIssue | RejectIssue | VoidIssue | RecategoriseIssue | MergeIssue
     | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
-    | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
+    | RecordResidentFeedback | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
     | RequestReturn | RejectReturn | ApproveReturn | ReassignTask | RejectExtension
     | RequestSuspension | ApproveSuspension | RejectSuspension | ResumeTask | AddComment
     | SuperviseTask

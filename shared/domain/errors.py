@@ -62,6 +62,13 @@ class PreconditionFailed(DomainError):
     title = "Precondition failed"
 
 
+class Gone(DomainError):
+    """What the request names existed and is no more (a one-time link used, or expired)."""
+
+    status = 410
+    title = "Gone"
+
+
 class TooLarge(DomainError):
     """The body is larger than its limit; nothing was stored."""
 

@@ -118,6 +118,7 @@ class IssueState:
     closed_at: datetime | None = None
     closed_on_time: bool | None = None
     satisfaction: str | None = None
+    resident_feedback: bool = False  # the resident answered the one-time 回访 link (it works once)
     media: tuple[MediaItem, ...] = ()  # every medium referenced, in the order of the events
     media_url: str | None = None  # an external link given with the report (never fetched)
     triage: str | None = None  # the last triage decision: accepted | rejected | voided | recategorised
@@ -312,7 +313,10 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
             changes.update(status="closed", closed_at=event.closed_at, closed_on_time=event.on_time,
                            tasks=_superseded(state.tasks))
         case ev.FeedbackRecorded():
-            changes["satisfaction"] = event.satisfaction
+            if not state.resident_feedback:  # the resident's own answer stands
+                changes["satisfaction"] = event.satisfaction
+        case ev.ResidentFeedbackRecorded():
+            changes.update(satisfaction=event.satisfaction, resident_feedback=True)
         case ev.IssueUrged():
             lead = state.lead
             if lead is not None:
@@ -493,6 +497,15 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             if state.status not in ("resolved", "closed"):
                 raise Conflict("feedback is recorded once the issue is resolved", current_status=state.status)
             return [ev.FeedbackRecorded(satisfaction=command.satisfaction, by=command.by, note=command.note)]
+        case cmd.RecordResidentFeedback():
+            if not state.exists:
+                raise NotFound(f"issue {state.id} not found", field="id")
+            if state.resident_feedback:
+                raise Conflict("the resident already answered", current_status=state.status)
+            if state.status not in ("resolved", "closed"):
+                raise Conflict("feedback is recorded once the issue is resolved", current_status=state.status)
+            return [ev.ResidentFeedbackRecorded(solved=command.solved, satisfaction=command.satisfaction,
+                                                comment=command.comment, at=now)]
         case cmd.EscalateIssue():
             _require_open(state)
             if state.level is None:

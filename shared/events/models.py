@@ -373,13 +373,26 @@ class IssueClosed(Event):
 
 
 class FeedbackRecorded(Event):
-    """回访: the resident's satisfaction, recorded by the grid worker."""
+    """回访 by the grid worker (by phone or in person): the resident's satisfaction as the worker heard it.
+    Where the resident answers the one-time link too, their own answer counts (ResidentFeedbackRecorded)."""
 
     name = "feedback_recorded"
     ce_type = "needle.issue.feedback_recorded.v1"
     satisfaction: Satisfaction
     by: str
     note: str | None = None
+
+
+class ResidentFeedbackRecorded(Event):
+    """回访 by the resident themselves, through the one-time signed link: solved or not, satisfied or not.
+    It takes precedence over the grid worker's FeedbackRecorded in 解决率 and 满意率. No name, no phone."""
+
+    name = "resident_feedback_recorded"
+    ce_type = "needle.issue.resident_feedback_recorded.v1"
+    solved: bool
+    satisfaction: Satisfaction
+    comment: str | None = Field(default=None, max_length=1000)
+    at: datetime
 
 
 class IssueUrged(Event):
@@ -612,6 +625,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     IssueReopened,
     IssueClosed,
     FeedbackRecorded,
+    ResidentFeedbackRecorded,
     IssueUrged,
     RulebookPublished,
     ResidentForgotten,

@@ -145,6 +145,17 @@ async def test_dashboard_shows_rates_and_updates_live(needle_factory: Callable[.
             below = page.locator("#below-table tr[data-grid='zhanmao-g31']")
             assert pct(3 / load_org(ORG).areas["zhanmao-g31"].households) in (await below.text_content() or "")
             assert await page.locator("#below-table tbody tr").count() == len(cov["below_target"])
+            # 考核: this month's ranking of the departments, the rules version and the monthly 通报's links
+            await page.wait_for_function("() => document.body.dataset.scores !== undefined", timeout=15_000)
+            month = (await page.input_value("#scores-month"))
+            scores = (await h.client.get(f"/v1/scores?period={month}&by=department&area=putuo", headers=sup)).json()
+            assert await page.text_content("#scores-rules") == scores["rules_version"]
+            ranked = [r for r in scores["items"] if r["score"] is not None]
+            assert await page.locator("#scores-dept tr").count() == 1 + len(ranked)
+            if ranked:
+                assert ranked[0]["name"] in (await page.locator("#scores-dept tr").nth(1).text_content() or "")
+            assert await page.locator("#scores-trend tr th").count() == 1 + 6  # the unit, then six months
+            assert await page.get_attribute("#report-xlsx", "data-format") == "xlsx"
             row = page.locator(f"#overdue-table tr[data-issue='{overdue_id}']")
             await row.wait_for()
             assert "违停堵塞消防通道" in (await row.text_content() or "")

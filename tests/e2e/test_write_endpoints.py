@@ -139,6 +139,13 @@ def test_every_write_endpoint_answers_its_documented_success_under_needle_up(nee
                   json={"passed": True}).status_code == 200
     assert n.call("POST", "/v1/issues/{issue_id}/feedback", f"/v1/issues/{one}/feedback", headers=gw,
                   json={"satisfaction": "satisfied"}).status_code == 200
+    # the resident's own 回访 through the one-time link (no login)
+    r = n.http.get(f"/v1/issues/{one}/followup", headers=gw)
+    assert r.status_code == 200, r.text
+    link = r.json()["url"]
+    r = n.call("POST", "/f/{issue_id}/{token}", link[link.index("/f/"):],
+               json={"solved": True, "satisfaction": "basically_satisfied", "comment": "谢谢"})
+    assert r.status_code == 201, r.text
 
     # a return (退单), an urge and an escalation (逐级反映) on issues of their own
     two = n.report(gw)

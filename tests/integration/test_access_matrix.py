@@ -129,6 +129,15 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/v1/visits"): Case(only("gw_a", "sup_street", "admin"), params={"grid": GRID_A}),
     ("GET", "/v1/visits/{visit_id}"): Case(only("gw_a", "sup_street", "admin")),
     ("GET", "/v1/visits/coverage"): Case(only("sup_street", "admin"), params={"area": "wuxing"}),
+    # 考核: supervisors in scope (sup_other: its own grid, no departments there) and admins
+    ("GET", "/v1/scores"): Case(only("sup_street", "sup_other", "admin"), params={"period": "2026-11"}),
+    ("GET", "/v1/reports/monthly"): Case(only("sup_street", "sup_other", "admin"), params={"period": "2026-11"}),
+    # the resident's 回访: the link is read by the grid's worker or a supervisor over it
+    ("GET", "/v1/issues/{issue_id}/followup"): Case(only("gw_a", "sup_street", "admin"), setup="resolved"),
+    # the link's page and answer: no login; the signed token decides, whoever bears a token (a forged one: 403)
+    ("GET", "/f/{issue_id}/{token}"): Case(dict.fromkeys(CALLERS, 403)),
+    ("POST", "/f/{issue_id}/{token}"): Case(dict.fromkeys(CALLERS, 403),
+                                           json={"solved": True, "satisfaction": "satisfied"}),
     # grid workers' writes on the issue of grid A
     ("POST", "/v1/issues"): Case(only("gw_a", "admin"), json=REPORT, succeeds=True),
     # dispatched at once by the router: closing it at the grid is a 409 for whoever may ask
@@ -349,7 +358,8 @@ def fill(method: str, path: str, w: World) -> str:
     issue_id, task_id = w.own.get((method, path), (w.issue, w.lead_task))
     values = {"issue_id": issue_id, "task_id": task_id, "cid": w.cid, "hook_id": w.hook, "visit_id": w.visit,
               "ce_type": "needle.issue.reported.v1", "fmt": "json", "name": "road_damage.json",
-              "rest": "v3/whatever", "resident_id": "res_matrix", "media_id": w.media}
+              "rest": "v3/whatever", "resident_id": "res_matrix", "media_id": w.media,
+              "token": "4102444800.forged-signature-000000"}
     if path.startswith("/open311/v2/requests/") or path.startswith("/open311/v2/tokens/"):
         values["name"] = f"{w.issue}.json"
     if path.startswith("/dashboard/static/") or path.startswith("/app/static/"):

@@ -225,6 +225,12 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
     def dept(task: dict[str, Any], metric: str, at: datetime) -> None:
         out[("dept", task["department"], at.astimezone(BJ).date())][metric] += 1
 
+    def leader(issue: dict[str, Any], metric: str, at: datetime) -> None:
+        """The issue's areas and the department of its latest lead task (考核 charges the lead)."""
+        area(issue, metric, at)
+        if issue.get("lead"):
+            out[("dept", issue["lead"], at.astimezone(BJ).date())][metric] += 1
+
     def area(issue: dict[str, Any], metric: str, at: datetime, n: int = 1) -> None:
         for a in issue["areas"]:
             out[("area", a, at.astimezone(BJ).date())][metric] += n
@@ -305,7 +311,7 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
             case ev.IssueVerified():
                 area(i, "verifications", at)
             case ev.IssueReopened():
-                area(i, "reopened", at)
+                leader(i, "reopened", at)
             case ev.IssueClosed():
                 area(i, "closed", at)
                 if e.on_time:
@@ -315,9 +321,9 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
             case ev.FeedbackRecorded():
                 if not i["feedback"]:  # the first answer is the one counted
                     i["feedback"] = True
-                    area(i, "feedback", at)
+                    leader(i, "feedback", at)
                     if e.satisfaction != "dissatisfied":
-                        area(i, "feedback_satisfied", at)
+                        leader(i, "feedback_satisfied", at)
     return out
 
 

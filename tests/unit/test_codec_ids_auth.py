@@ -65,6 +65,8 @@ SAMPLES: dict[type[ev.Event], ev.Event] = {
     ev.IssueReopened: ev.IssueReopened(reason="still broken", reopen_count=2),
     ev.IssueClosed: ev.IssueClosed(reason="verified", on_time=False, closed_at=T0),
     ev.FeedbackRecorded: ev.FeedbackRecorded(satisfaction="basically_satisfied", by="gw"),
+    ev.ResidentFeedbackRecorded: ev.ResidentFeedbackRecorded(solved=True, satisfaction="satisfied", comment="好",
+                                                              at=T0),
     ev.IssueUrged: ev.IssueUrged(by="sup", note="快"),
     ev.RulebookPublished: ev.RulebookPublished(rulebook_version="1a2b3c4d5e6f", source="deploy/rules/x.yaml",
                                                text="warn_at: 0.8\ncategories:\n  a: {start: grid}\n",

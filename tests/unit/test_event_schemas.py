@@ -64,6 +64,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "issue_reopened": {"reason": "still noisy", "reopen_count": 1},
     "issue_closed": {"reason": "verified", "on_time": True, "closed_at": T},
     "feedback_recorded": {"satisfaction": "basically_satisfied", "by": "gw:33"},
+    "resident_feedback_recorded": {"solved": True, "satisfaction": "satisfied", "comment": "谢谢",
+                                   "at": "2026-11-08T02:00:00Z"},
     "issue_urged": {"by": "sup:putuo", "note": "today please"},
     "rulebook_published": {"rulebook_version": "r1", "source": "deploy/rules/zhoushan.yaml", "text": "calendar: x",
                            "categories": ["sea_safety"], "by": "needle up"},

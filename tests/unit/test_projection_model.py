@@ -236,7 +236,8 @@ def test_the_whole_happy_path_counts_every_rate_once() -> None:
         "closed_on_time": 1, "feedback": 1, "feedback_satisfied": 1, "tasks_ack_due": 1, "tasks_resolve_due": 1})
     assert g.dept("dinghai-roads") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_ack_on_time": 1,
                                        "tasks_resolved": 1, "tasks_resolved_on_time": 1, "tasks_ack_due": 1,
-                                       "tasks_resolve_due": 1}
+                                       "tasks_resolve_due": 1, "feedback": 1,
+                                       "feedback_satisfied": 1}  # the feedback of the issue it led
     # the co-handler acknowledged 50 minutes after a 30-minute clock: late
     assert g.dept("dinghai-police") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_resolved": 1,
                                         "tasks_resolved_on_time": 1, "tasks_ack_due": 1, "tasks_resolve_due": 1}
@@ -461,6 +462,21 @@ def test_an_issue_escalated_after_its_lead_resolved_counts_as_resolved_once() ->
     assert (g.area("city")["issues_dispatched"], g.area("city")["issues_resolved"]) == (1, 1)
     assert rates(g.area("city"))["resolution_rate"]["value"] == 1.0
 
+
+
+def test_the_residents_own_answer_takes_precedence_over_the_grid_workers() -> None:
+    g = a_dispatched_issue()
+    g(acked(at=T0 + 5 * MIN), resolved(at=T0 + HOUR), at=T0 + HOUR)
+    g(feedback("satisfied"), at=T0 + 2 * HOUR)  # the worker, by phone
+    assert g.issue["feedback_source"] == "grid_worker_phone"
+    g(ev.ResidentFeedbackRecorded(solved=False, satisfaction="dissatisfied", at=T0 + 3 * HOUR), at=T0 + 3 * HOUR)
+    g(feedback("satisfied"), at=T0 + 4 * HOUR)  # the worker again: the resident's answer stands
+    assert (g.issue["satisfaction"], g.issue["feedback_source"]) == ("dissatisfied", "resident")
+    city = g.area("city")
+    assert (city.get("feedback"), city.get("feedback_satisfied", 0)) == (1, 0)
+    assert city.get("issues_resolved", 0) == 0 and city["resident_unsolved"] == 1  # the resident: not solved
+    roads = g.dept("dinghai-roads")
+    assert (roads["feedback"], roads.get("feedback_satisfied", 0), roads.get("tasks_resolved", 0)) == (1, 0, 0)
 
 
 def test_fair_rates_judge_a_clock_once_and_never_before_it_is_due() -> None:
