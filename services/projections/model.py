@@ -344,7 +344,10 @@ def apply(batch: Batch, env: Envelope) -> None:
                     batch.count_area(issue, at, "feedback_satisfied")
             issue["satisfaction"] = e.satisfaction
         case ev.IssueUrged():
-            if issue.get("lead_department"):
+            urged = batch.tasks.get(e.task_id) if e.task_id else None
+            if urged is not None:  # the task named; else the lead task holding the issue
+                batch.count_dept(urged["department"], at, "urged")
+            elif issue.get("lead_department"):
                 batch.count_dept(issue["lead_department"], at, "urged")
             batch.count_area(issue, at, "urged")
         case ev.SupervisionOrdered():
@@ -357,7 +360,8 @@ def apply(batch: Batch, env: Envelope) -> None:
                     batch.count_dept(t["department"], at, metric)
                     batch.count_area(issue, at, metric)
         case ev.ReturnRequested() | ev.ReturnRejected() | ev.ReturnApproved() | ev.TaskReassigned() \
-                | ev.ExtensionRejected() | ev.SuspensionApproved() | ev.TaskResumed():
+                | ev.ExtensionRejected() | ev.SuspensionApproved() | ev.TaskResumed() | ev.ClocksPaused() \
+                | ev.ClocksResumed():
             _apply_dispatch_control(batch, issue, e, seq, at)
     _refresh_lead(batch, issue)
 
@@ -391,9 +395,9 @@ def _apply_dispatch_control(batch: Batch, issue: dict[str, Any], e: ev.Event, se
     match e:
         case ev.ReturnApproved():
             t.update(status="returned", returned_at=e.at, seq=seq)
-        case ev.SuspensionApproved():
+        case ev.SuspensionApproved() | ev.ClocksPaused():  # 缓办, or held for the grid worker's reply (补充材料)
             t.update(status="suspended", seq=seq)
-        case ev.TaskResumed():
+        case ev.TaskResumed() | ev.ClocksResumed():
             t.update(status="acknowledged" if t["acknowledged_at"] else "dispatched", seq=seq,
                      acknowledge_due=e.acknowledge_due, resolve_due=e.resolve_due)
 
