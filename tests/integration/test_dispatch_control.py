@@ -626,6 +626,22 @@ def recount(histories: list[list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
     return out
 
 
+def recount_area(histories: list[list[dict[str, Any]]]) -> tuple[int, int]:
+    """The area's 解决率 from the raw events (the README's formula): ``issues_resolved / issues_resolve_due``, each
+    issue counted at most once in each — resolved when a lead task of it resolved; due the first time a lead task's
+    resolve clock was met or breached (not yet due, or superseded before it ran out: in neither)."""
+    resolved = due = 0
+    for evs in histories:
+        leads = {e["data"]["task_id"] for e in evs
+                 if e["type"] == "needle.task.dispatched.v1" and e["data"]["role"] == "lead"}
+        judged = [e for e in evs if e["data"].get("task_id") in leads and (
+            e["type"] == "needle.task.resolved.v1"
+            or (e["type"] == BREACHED and e["data"]["clock"] == "resolve"))]
+        due += bool(judged)
+        resolved += any(e["type"] == "needle.task.resolved.v1" for e in judged)
+    return resolved, due
+
+
 async def test_stats_rates_equal_a_recount_from_the_raw_events(needle_factory: Callable[..., Any]) -> None:
     h: NeedleHandle = await needle_factory(org=ORG, rules=RULES)
     on_time = await report(h, "noise_complaint")  # acknowledged at once, then resolved
@@ -667,3 +683,7 @@ async def test_stats_rates_equal_a_recount_from_the_raw_events(needle_factory: C
     overall = stats["overall"]["rates"]["response_rate"]
     assert (overall["numerator"], overall["denominator"]) == (
         sum(c["lead_ack_on_time"] for c in expected.values()), sum(c["lead_ack_due"] for c in expected.values()))
+    # the area's 解决率: on_time resolved, breached judged at its resolve breach; the rest not due or superseded
+    area = stats["overall"]["rates"]["resolution_rate"]
+    assert (area["numerator"], area["denominator"]) == recount_area(histories) == (1, 2)
+    assert stats["overall"]["counts"]["issues_dispatched"] == 5
