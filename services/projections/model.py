@@ -29,7 +29,8 @@ each: ``issues_resolved`` at its first lead resolution, ``issues_resolve_due`` t
 resolve clock is judged (that resolution, or a resolve breach before it). An issue whose lead is not yet due, or
 was superseded (escalated on request, reassigned, returned) before its clock ran out, waits for its next lead.
 
-催办 (``urged``) counts against the department leading the issue when the urge was recorded; 督办件数 is
+催办 (``urged``) counts against the task the urge names, else the department leading the issue when the urge was
+recorded; ``progress_missed`` (a lead's period without a 阶段性答复) against the lead's department; 督办件数 is
 ``supervised`` (orders), and a supervised task superseded before it was resolved leaves the 督办按期率.
 
 A rejected, voided or merged issue takes its ``issues_dispatched`` back (``_leave_the_rates``); a merged
@@ -55,7 +56,7 @@ METRICS = (
     "rejected", "voided", "recategorised",
     "returns_requested", "returns_rejected", "tasks_reassigned", "extensions_rejected", "tasks_suspended",
     "urged", "supervised", "supervision_closed", "supervised_on_time", "tasks_ack_due", "tasks_resolve_due",
-    "review_warned", "review_breached", "merged", "issues_resolve_due",
+    "review_warned", "review_breached", "merged", "issues_resolve_due", "progress_missed",
 )
 RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_ack_due"),
@@ -357,6 +358,10 @@ def apply(batch: Batch, env: Envelope) -> None:
             elif issue.get("lead_department"):
                 batch.count_dept(issue["lead_department"], at, "urged")
             batch.count_area(issue, at, "urged")
+        case ev.ProgressMissed():  # 阶段性答复 missing: against the lead's department (and its area)
+            if (t := batch.tasks.get(e.task_id)) is not None:
+                batch.count_dept(t["department"], at, "progress_missed")
+                batch.count_area(issue, at, "progress_missed")
         case ev.SupervisionOrdered():
             if (t := batch.tasks.get(e.task_id)) is not None:
                 batch.count_dept(t["department"], at, "supervised")

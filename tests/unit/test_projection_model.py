@@ -493,3 +493,10 @@ def test_the_area_resolution_rate_judges_an_issue_once_when_its_lead_is_due() ->
     g(acked(f"{ISSUE}-3"), resolved(f"{ISSUE}-3"), at=T0 + 25 * HOUR)  # late, at the city: counted once
     r = rates(g.area("city"))["resolution_rate"]
     assert (r["numerator"], r["denominator"], r["value"]) == (1, 1, 1.0)
+
+
+def test_an_urge_naming_a_task_and_a_missed_progress_report_count_against_their_departments() -> None:
+    g = a_dispatched_issue()(ev.IssueUrged(by="sup", task_id=CO), ev.IssueUrged(by="sup"),
+                             ev.ProgressMissed(task_id=LEAD, due=T0 + HOUR))
+    assert (g.dept("dinghai-police")["urged"], g.dept("dinghai-roads")["urged"]) == (1, 1)
+    assert g.dept("dinghai-roads")["progress_missed"] == 1 and g.area("city")["progress_missed"] == 1
