@@ -57,18 +57,29 @@ def _check(org: OrgTree, p: Principal, state: IssueState, center_kind: str, *, w
 
 @router.post("/v1/issues/{issue_id}/comments", status_code=201)
 async def add_comment(issue_id: str, body: CommentBody, ctx: Ctx, p: Actor) -> Response:
-    """Add a comment (``kind``: comment, progress — the lead's 阶段性答复 —, info_request, info_reply)."""
+    """Add a comment (``kind``: comment, progress — the lead's 阶段性答复 —, info_request, info_reply). With the
+    rulebook's ``info_request: {pauses: true}``, an info request from the lead's department holds the lead task's
+    clocks (clocks_paused) until the grid worker's info reply resumes them with the time that was left
+    (clocks_resumed)."""
     issue_id = ids.check_issue_id(issue_id)
     department = p.scope_id if p.role == "handler" else None
 
     def decide_(state: IssueState, now: datetime) -> list[Event]:
         _check(ctx.org, p, state, ctx.rulebook.fallback, write=True)
+        pauses = resume = None
+        if body.kind == "info_request":
+            pauses = ctx.rulebook.dispatch_for(state.category).info_request_pauses
+        lead = state.lead
+        if body.kind == "info_reply" and lead is not None and lead.info_paused_at is not None:
+            d = ctx.clocks.resume(ctx.rulebook, lead, now, since=lead.info_paused_at)
+            resume = cmd.MovedClocks(task_id=lead.id, acknowledge_due=d.acknowledge_due, resolve_due=d.resolve_due,
+                                     acknowledge_warn=d.acknowledge_warn, resolve_warn=d.resolve_warn)
         return decide(state, cmd.AddComment(by=p.subject, role=p.role, text=body.text, kind=body.kind,
                                             department=department, task_id=body.task_id,
-                                            media=tuple(body.media)), now)
+                                            media=tuple(body.media), pauses=bool(pauses), resume=resume), now)
 
     out = await execute(ctx.store, issue_id, decide_, actor=p.subject, source=SOURCE)
-    (env,) = out.envelopes
+    env = out.envelopes[0]
     assert isinstance(env.data, CommentAdded)
     return json_response(_view(env.seq, env.data), 201, state_headers(out.state, out.seq))
 

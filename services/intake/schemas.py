@@ -94,6 +94,12 @@ class NoteBody(Strict):
     note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
 
 
+class UrgeBody(Strict):
+    note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
+    task: str | None = Field(default=None, min_length=1, max_length=80, pattern=r"^[A-Za-z0-9_-]+$",
+                             description="the task urged (counted against its department); default: the lead")
+
+
 class ResolveBody(Strict):
     note: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
     media: list[MediaBody] = Field(default_factory=list, max_length=20, description="photos (POST /v1/media)")
@@ -207,6 +213,8 @@ def task_view(t: TaskState) -> dict[str, Any]:
         "suspended": t.suspended, "suspended_until": _ts(t.suspended_until), "suspensions": t.suspensions,
         "suspended_for": t.suspended_for.total_seconds(), "reassigned_to": t.reassigned_to,
         "urges": t.urges, "supervised_due": _ts(t.supervised_due),
+        "info_paused_at": _ts(t.info_paused_at), "progress_at": _ts(t.progress_at),
+        "progress_missed": _ts(t.progress_missed),
     }
 
 

@@ -25,13 +25,13 @@ from .issues_api import IfMatch, check_if_match, json_response, state_headers
 from .schemas import (
     ExtensionRequestBody,
     FeedbackBody,
-    NoteBody,
     ReasonBody,
     ReassignBody,
     ResolveBody,
     ReturnApproveBody,
     SuperviseBody,
     SuspendBody,
+    UrgeBody,
     VerifyBody,
     issue_view,
     task_view,
@@ -177,12 +177,14 @@ async def escalate_issue(issue_id: str, body: ReasonBody, ctx: Ctx, p: Actor, if
 
 
 @router.post("/v1/issues/{issue_id}/urge")
-async def urge_issue(issue_id: str, ctx: Ctx, p: Actor, body: NoteBody | None = None) -> Response:
-    """催办: a supervisor urges whoever holds the issue."""
+async def urge_issue(issue_id: str, ctx: Ctx, p: Actor, body: UrgeBody | None = None) -> Response:
+    """催办: a supervisor urges whoever holds the issue, or the open ``task`` named (counted against its
+    department)."""
     require_role(p, "supervisor")
     out = await _run(ctx, ids.check_issue_id(issue_id), p.subject, None,
                      lambda s: require_area(ctx.org, p, s.grid, f"issue {issue_id}"),
-                     lambda s, now: cmd.UrgeIssue(by=p.subject, note=body.note if body else None))
+                     lambda s, now: cmd.UrgeIssue(by=p.subject, note=body.note if body else None,
+                                                  task_id=body.task if body else None))
     return _issue_response(out)
 
 

@@ -12,7 +12,7 @@ count lead tasks (the one accountable per issue); a department's count all of it
 rate               numerator                                   denominator
 =================  ==========================================  ====================================
 响应率 response     tasks_ack_on_time                           tasks_ack_due
-解决率 resolution   issues_resolved                             issues_dispatched
+解决率 resolution   issues_resolved                             issues_resolve_due
 满意率 satisfaction feedback_satisfied                          feedback
 按期结案率 on time  closed_on_time                              closed
 返工率 rework       reopened                                    verifications
@@ -31,9 +31,13 @@ A department counts ``feedback``/``feedback_satisfied``, ``reopened`` and ``urge
 Fair rates (issue 19): a task's acknowledge clock is judged once, when it is acknowledged or when it breaches,
 whichever comes first (``tasks_ack_due``); a task not yet due, or superseded or returned before its clock ran out,
 is in no denominator. A department's 解决率 is ``tasks_resolved / tasks_resolve_due`` (resolved, or resolve clock
-breached, whichever first). The area's 解决率 stays ``issues_resolved / issues_dispatched``.
+breached, whichever first). The area's 解决率 is ``issues_resolved / issues_resolve_due``, an issue counted once in
+each: ``issues_resolved`` at its first lead resolution, ``issues_resolve_due`` the first time one of its lead tasks'
+resolve clock is judged (that resolution, or a resolve breach before it). An issue whose lead is not yet due, or
+was superseded (escalated on request, reassigned, returned) before its clock ran out, waits for its next lead.
 
-催办 (``urged``) counts against the department leading the issue when the urge was recorded; 督办件数 is
+催办 (``urged``) counts against the task the urge names, else the department leading the issue when the urge was
+recorded; ``progress_missed`` (a lead's period without a 阶段性答复) against the lead's department; 督办件数 is
 ``supervised`` (orders), and a supervised task superseded before it was resolved leaves the 督办按期率.
 
 A rejected, voided or merged issue takes its ``issues_dispatched`` back (``_leave_the_rates``); a merged
@@ -59,12 +63,12 @@ METRICS = (
     "rejected", "voided", "recategorised",
     "returns_requested", "returns_rejected", "tasks_reassigned", "extensions_rejected", "tasks_suspended",
     "urged", "supervised", "supervision_closed", "supervised_on_time", "tasks_ack_due", "tasks_resolve_due",
-    "review_warned", "review_breached", "merged",
+    "review_warned", "review_breached", "merged", "issues_resolve_due", "progress_missed",
     "resident_feedback", "resident_unsolved",
 )
 RATES: dict[str, tuple[str, str]] = {
     "response_rate": ("tasks_ack_on_time", "tasks_ack_due"),
-    "resolution_rate": ("issues_resolved", "issues_dispatched"),
+    "resolution_rate": ("issues_resolved", "issues_resolve_due"),
     "satisfaction_rate": ("feedback_satisfied", "feedback"),
     "on_time_close_rate": ("closed_on_time", "closed"),
     "rework_rate": ("reopened", "verifications"),
@@ -273,6 +277,8 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.TaskResolved():
             t = batch.tasks.get(e.task_id)
             if t is not None:
+                if t["role"] == "lead" and not _issue_resolve_judged(batch, issue):
+                    batch.count_area(issue, at, "issues_resolve_due")
                 _judged(batch, issue, t, "resolve", at)
                 t.update(status="resolved", resolved_at=e.at, seq=seq)
                 batch.count_dept(t["department"], at, "tasks_resolved")
@@ -293,6 +299,8 @@ def apply(batch: Batch, env: Envelope) -> None:
         case ev.SlaBreached():
             t = batch.tasks.get(e.task_id)
             if t is not None:
+                if e.clock == "resolve" and t["role"] == "lead" and not _issue_resolve_judged(batch, issue):
+                    batch.count_area(issue, at, "issues_resolve_due")
                 _judged(batch, issue, t, e.clock, at)
                 t["breached"] = ",".join(sorted({*filter(None, t["breached"].split(",")), e.clock}))
                 batch.count_dept(t["department"], at, "sla_breached")
@@ -377,9 +385,16 @@ def apply(batch: Batch, env: Envelope) -> None:
                 issue["satisfaction"] = e.satisfaction
                 issue["feedback_source"] = "resident"
         case ev.IssueUrged():
-            if issue.get("lead_department"):
+            urged = batch.tasks.get(e.task_id) if e.task_id else None
+            if urged is not None:  # the task named; else the lead task holding the issue
+                batch.count_dept(urged["department"], at, "urged")
+            elif issue.get("lead_department"):
                 batch.count_dept(issue["lead_department"], at, "urged")
             batch.count_area(issue, at, "urged")
+        case ev.ProgressMissed():  # 阶段性答复 missing: against the lead's department (and its area)
+            if (t := batch.tasks.get(e.task_id)) is not None:
+                batch.count_dept(t["department"], at, "progress_missed")
+                batch.count_area(issue, at, "progress_missed")
         case ev.SupervisionOrdered():
             if (t := batch.tasks.get(e.task_id)) is not None:
                 batch.count_dept(t["department"], at, "supervised")
@@ -390,7 +405,8 @@ def apply(batch: Batch, env: Envelope) -> None:
                     batch.count_dept(t["department"], at, metric)
                     batch.count_area(issue, at, metric)
         case ev.ReturnRequested() | ev.ReturnRejected() | ev.ReturnApproved() | ev.TaskReassigned() \
-                | ev.ExtensionRejected() | ev.SuspensionApproved() | ev.TaskResumed():
+                | ev.ExtensionRejected() | ev.SuspensionApproved() | ev.TaskResumed() | ev.ClocksPaused() \
+                | ev.ClocksResumed():
             _apply_dispatch_control(batch, issue, e, seq, at)
     _refresh_lead(batch, issue)
 
@@ -424,19 +440,30 @@ def _apply_dispatch_control(batch: Batch, issue: dict[str, Any], e: ev.Event, se
     match e:
         case ev.ReturnApproved():
             t.update(status="returned", returned_at=e.at, seq=seq)
-        case ev.SuspensionApproved():
+        case ev.SuspensionApproved() | ev.ClocksPaused():  # 缓办, or held for the grid worker's reply (补充材料)
             t.update(status="suspended", seq=seq)
-        case ev.TaskResumed():
+        case ev.TaskResumed() | ev.ClocksResumed():
             t.update(status="acknowledged" if t["acknowledged_at"] else "dispatched", seq=seq,
                      acknowledge_due=e.acknowledge_due, resolve_due=e.resolve_due)
+
+
+def _issue_resolve_judged(batch: Batch, issue: dict[str, Any]) -> bool:
+    """The area's 解决率 judged the issue already: a lead task of it resolved, or its resolve clock breached."""
+    if issue.get("first_resolved_at") is not None:
+        return True
+    return any(t["role"] == "lead" and "resolve" in t["breached"].split(",")
+               for t in (batch.tasks[tid] for tid in batch.tasks_of.get(issue["id"], ())))
 
 
 def _leave_the_rates(batch: Batch, issue: dict[str, Any], at: datetime) -> None:
     """A rejected, voided or merged issue leaves the issue rates: if it was dispatched before the decision (no
     task acknowledged, so nothing resolved), its ``issues_dispatched`` and dispatch time are taken back (on the
-    day of the decision). Its tasks end superseded."""
+    day of the decision), and its ``issues_resolve_due`` if a lead's resolve clock had breached. Its tasks end
+    superseded."""
     if issue["dispatched_at"] is None:
         return
+    if _issue_resolve_judged(batch, issue):
+        batch.count_area(issue, at, "issues_resolve_due", -1)
     batch.count_area(issue, at, "issues_dispatched", -1)
     ms = int((issue["dispatched_at"] - issue["reported_at"]).total_seconds() * 1000)
     batch.count_area(issue, at, "dispatch_ms_sum", -max(ms, 0))

@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 PROJECTION = "read_models"
-PROJECTION_VERSION = 6  # bump when the projection functions change: the worker rebuilds on start
+PROJECTION_VERSION = 7  # bump when the projection functions change: the worker rebuilds on start
 
 
 def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:

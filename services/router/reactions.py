@@ -23,7 +23,7 @@ Decisions documented here:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from shared.config import OrgTree, Rulebook
 from shared.domain import ids
@@ -202,14 +202,18 @@ def _breaches_of_others(state: IssueState, lead: TaskState, now: datetime) -> li
 
 
 # -- SLA clocks -----------------------------------------------------------------------------------------------
-def pending_edges(task: TaskState) -> list[tuple[datetime, TimerEdge]]:
-    """The task's clock edges still to fire, earliest first."""
+def pending_edges(task: TaskState, progress_every: timedelta | None = None) -> list[tuple[datetime, TimerEdge]]:
+    """The task's clock edges still to fire, earliest first. ``progress_every``: the rulebook's period of the
+    lead's progress reports (阶段性答复) for the issue's category, if any."""
     if not task.open:
         return []
     if task.suspended_at is not None:  # 缓办: the clocks are paused; only the review date's reminder is due
         if task.suspended_until is None or "suspension" in task.warned:
             return []
         return [(task.suspended_until, TimerEdge(task.id, "suspension", "due"))]
+    if task.info_paused_at is not None:  # 补充材料: the clocks wait for the grid worker's reply
+        reminder = next_supervision_reminder(task)
+        return [] if reminder is None else [(reminder, TimerEdge(task.id, "supervision", "warn"))]
     edges: list[tuple[datetime, TimerEdge]] = []
     if task.status == "dispatched":
         if "acknowledge" not in task.warned:
@@ -222,6 +226,8 @@ def pending_edges(task: TaskState) -> list[tuple[datetime, TimerEdge]]:
         edges.append((task.resolve_due, TimerEdge(task.id, "resolve", "due")))
     if (reminder := next_supervision_reminder(task)) is not None:
         edges.append((reminder, TimerEdge(task.id, "supervision", "warn")))
+    if (report_due := next_progress_due(task, progress_every)) is not None:
+        edges.append((report_due, TimerEdge(task.id, "progress", "warn")))
     return sorted(edges, key=lambda e: (e[0], e[1].edge == "due"))
 
 
@@ -232,9 +238,24 @@ def next_supervision_reminder(task: TaskState) -> datetime | None:
     return (task.supervision_reminded or task.supervised_at) + task.supervision_every
 
 
-def next_edge(task: TaskState) -> tuple[datetime, TimerEdge] | None:
+def next_progress_due(task: TaskState, every: timedelta | None) -> datetime | None:
+    """阶段性答复: when the lead task's next progress report is due — ``every`` after the latest of its dispatch,
+    its last progress report and the end of the last period that went without one (warned). None when the
+    rulebook asks for none or the task is no open lead. A suspended or held task is not asked (no edge)."""
+    if every is None or task.role != "lead" or not task.open:
+        return None
+    return max(task.dispatched_at, task.progress_at or task.dispatched_at,
+               task.progress_missed or task.dispatched_at) + every
+
+
+def progress_every(rules: RouterRules, state: IssueState) -> timedelta | None:
+    """The rulebook's ``progress_every`` for the issue's category (the top level's for an unknown one)."""
+    return rules.rulebook.dispatch_for(state.category).progress_every
+
+
+def next_edge(task: TaskState, progress: timedelta | None = None) -> tuple[datetime, TimerEdge] | None:
     """The task's next clock edge still to fire, or None when its clocks are done."""
-    edges = pending_edges(task)
+    edges = pending_edges(task, progress)
     return edges[0] if edges else None
 
 
@@ -250,7 +271,7 @@ def on_timer(state: IssueState, task_id: str, rules: RouterRules, now: datetime)
     except Exception:
         return []
     out: list[ev.Event] = []
-    for at, edge in pending_edges(t):
+    for at, edge in pending_edges(t, progress_every(rules, state)):
         if at > now:
             break
         answer = _at_edge(state, t, edge, rules, now)
@@ -270,6 +291,10 @@ def _at_edge(state: IssueState, t: TaskState, edge: TimerEdge, rules: RouterRule
     if edge.clock == "suspension":
         assert t.suspended_until is not None
         return [ev.SuspensionReviewDue(task_id=t.id, until=t.suspended_until)]
+    if edge.clock == "progress":
+        report_due = next_progress_due(t, progress_every(rules, state))
+        assert report_due is not None
+        return [ev.ProgressMissed(task_id=t.id, due=report_due)]
     due = t.acknowledge_due if edge.clock == "acknowledge" else t.resolve_due
     if edge.edge == "warn":
         return [ev.SlaWarned(task_id=t.id, clock=edge.clock, due=due)]  # type: ignore[arg-type]
@@ -289,7 +314,7 @@ def dispatch_of(state: IssueState, task_id: str) -> tuple[TaskState, ...]:
     return tuple(x for x in state.tasks if x.dispatched_at == t.dispatched_at and x.level == t.level)
 
 
-def dispatch_timer(state: IssueState, task_id: str) -> tuple[str, datetime] | None:
+def dispatch_timer(state: IssueState, task_id: str, progress: timedelta | None = None) -> tuple[str, datetime] | None:
     """The timer of the dispatch ``task_id`` belongs to: (its first task, the earliest edge still to fire over
     its open tasks), or None when its clocks are done. One timer per dispatch, not per task: the lead and the
     co-tasks would race each other for the issue (OCC). Not one per issue either: a timer set from a state that
@@ -301,13 +326,13 @@ def dispatch_timer(state: IssueState, task_id: str) -> tuple[str, datetime] | No
         group = dispatch_of(state, task_id)
     except DomainError:
         return None
-    nxt = min((e[0] for t in group if (e := next_edge(t)) is not None), default=None)
+    nxt = min((e[0] for t in group if (e := next_edge(t, progress)) is not None), default=None)
     return None if nxt is None else (group[0].id, nxt)
 
 
-def latest_dispatch_timer(state: IssueState) -> tuple[str, datetime] | None:
+def latest_dispatch_timer(state: IssueState, progress: timedelta | None = None) -> tuple[str, datetime] | None:
     """The timer of the issue's latest dispatch (the one whose tasks may be open)."""
-    return dispatch_timer(state, state.tasks[-1].id) if state.tasks else None
+    return dispatch_timer(state, state.tasks[-1].id, progress) if state.tasks else None
 
 
 REVIEW_TIMER = "-review"  # the review clock's timer key: ``<issue id>-review`` (task keys end in a number)
@@ -350,9 +375,10 @@ def on_issue_timer(state: IssueState, rules: RouterRules, now: datetime) -> list
         return []
     out: list[ev.Event] = on_review_clock(state, now)
     s = state
+    progress = progress_every(rules, state)
     for _ in range(4 * len(state.tasks) + 1):  # each round records one edge: bounded
         past = [(at, edge.edge == "due", i, edge, t) for i, t in enumerate(s.open_tasks)
-                for at, edge in pending_edges(t) if at <= now]
+                for at, edge in pending_edges(t, progress) if at <= now]
         if not past:
             break
         *_, edge, t = min(past, key=lambda p: p[:3])

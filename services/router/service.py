@@ -54,7 +54,7 @@ ACROSS = frozenset({"issue_merged", "issue_closed", "issue_closed_with_target"})
 REACTS_TO = frozenset({"issue_reported", "task_returned", "issue_escalated", "issue_reopened", "issue_accepted",
                        "issue_recategorised", "return_approved"}) | ACROSS
 RESCHEDULES = frozenset({"suspension_approved", "task_resumed", "task_reassigned", "return_approved",
-                         "supervision_ordered"})
+                         "supervision_ordered", "clocks_resumed"})
 """Events that move a dispatch's clocks (or add a task) without a lead's task_dispatched: the timers are set
 again from the state (the same schedule subject: a redelivery sets the same timer)."""
 CONSUMES = REACTS_TO | RESCHEDULES | {"task_dispatched"}  # what the router handles; the rest is acked unread

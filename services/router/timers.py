@@ -34,6 +34,7 @@ from .reactions import (
     is_review_key,
     latest_dispatch_timer,
     on_issue_timer,
+    progress_every,
     review_timer,
 )
 
@@ -106,8 +107,9 @@ class TimerMixin:
         state this router wrote or read, and remember it: the task_dispatched events up to that state then need
         no schedule of their own (a router that restarted, or another one, does not remember and sets it again
         from the event: the same timer)."""
-        timers = {t[0]: t[1] for t in (latest_dispatch_timer(state), review_timer(state),
-                                        *(dispatch_timer(state, k) for k in keys if not is_review_key(k)))
+        progress = progress_every(self.rules, state)
+        timers = {t[0]: t[1] for t in (latest_dispatch_timer(state, progress), review_timer(state),
+                                        *(dispatch_timer(state, k, progress) for k in keys if not is_review_key(k)))
                   if t is not None}
         await asyncio.gather(*(self.schedule(state.id, key, at, trace) for key, at in timers.items()))
         self.timers_set[state.id] = state.last_seq
@@ -120,8 +122,13 @@ class TimerMixin:
         router holds when it has seen that far, else from the event (the tasks of a dispatch share deadlines)."""
         cached = self.states.peek(issue_id)
         if cached is not None and cached.last_seq >= seq:
-            return dispatch_timer(cached, d.task_id)
-        return d.task_id, min(d.acknowledge_warn, d.resolve_warn, d.acknowledge_due, d.resolve_due)
+            return dispatch_timer(cached, d.task_id, progress_every(self.rules, cached))
+        edges = [d.acknowledge_warn, d.resolve_warn, d.acknowledge_due, d.resolve_due]
+        book = self.rules.rulebook  # the category is not in the event: the shortest progress period (early is fine)
+        periods = [r.progress_every for r in (book.dispatch, *book.dispatch_by_category.values()) if r.progress_every]
+        if periods and d.role == "lead":
+            edges.append(d.dispatched_at + min(periods))
+        return d.task_id, min(edges)
 
     @staticmethod
     def timer_of(msg: Msg) -> tuple[str, str, float, str | None]:

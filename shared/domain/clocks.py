@@ -45,14 +45,16 @@ class SlaClocks:
         due = extend_due(task.resolve_due, extension, **kw)  # type: ignore[arg-type]
         return due, warn_time(task.dispatched_at, due, rulebook.warn_at, **kw)  # type: ignore[arg-type]
 
-    def resume(self, rulebook: Rulebook, task: TaskState, now: datetime) -> Deadlines:
-        """缓办 ended at ``now``: every clock edge of ``task`` keeps the time that was left on it when the clocks
-        paused (``suspended_at``); an edge already past when they paused is due at the resume."""
-        assert task.suspended_at is not None
+    def resume(self, rulebook: Rulebook, task: TaskState, now: datetime, since: datetime | None = None) -> Deadlines:
+        """缓办 (or an info request's pause, 补充材料) ended at ``now``: every clock edge of ``task`` keeps the time
+        that was left on it when the clocks paused (``since``, by default ``suspended_at``); an edge already past
+        when they paused is due at the resume."""
+        paused_at = since or task.suspended_at
+        assert paused_at is not None
         kw = self._kw(rulebook, task.clock)
 
         def moved(at: datetime) -> datetime:
-            return paused_due(at, task.suspended_at, now, **kw)  # type: ignore[arg-type]
+            return paused_due(at, paused_at, now, **kw)  # type: ignore[arg-type]
 
         return Deadlines(clock=task.clock, acknowledge_due=moved(task.acknowledge_due),
                          resolve_due=moved(task.resolve_due), acknowledge_warn=moved(task.acknowledge_warn),

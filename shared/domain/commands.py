@@ -233,6 +233,17 @@ class ResumeTask:
 
 
 @dataclass(frozen=True, slots=True)
+class MovedClocks:
+    """A task's clocks after a pause (``SlaClocks.resume``): what the reply to an info request resumes."""
+
+    task_id: str
+    acknowledge_due: datetime
+    resolve_due: datetime
+    acknowledge_warn: datetime
+    resolve_warn: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class AddComment:
     by: str
     role: str
@@ -241,6 +252,8 @@ class AddComment:
     department: str | None = None
     task_id: str | None = None
     media: tuple[str, ...] = ()
+    pauses: bool = False  # the rulebook's info_request.pauses for the issue's category
+    resume: MovedClocks | None = None  # an info_reply: the lead's clocks moved by the info pause, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +269,7 @@ class SuperviseTask:
 class UrgeIssue:
     by: str
     note: str | None = None
+    task_id: str | None = None  # the task urged; None: the lead task holding the issue
 
 
 Command = (

@@ -60,6 +60,9 @@ class TaskState:
     supervised_due: datetime | None = None
     supervision_every: timedelta | None = None
     supervision_reminded: datetime | None = None  # the latest reminder's scheduled time
+    info_paused_at: datetime | None = None  # clocks held by an info request (补充材料) since, until the reply
+    progress_at: datetime | None = None  # the latest progress report (阶段性答复) on this task
+    progress_missed: datetime | None = None  # the end of the latest period without one (warned)
 
     @property
     def suspended(self) -> bool:
@@ -318,9 +321,9 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
         case ev.ResidentFeedbackRecorded():
             changes.update(satisfaction=event.satisfaction, resident_feedback=True)
         case ev.IssueUrged():
-            lead = state.lead
-            if lead is not None:
-                changes["tasks"] = _set_task(state, lead.id, urges=lead.urges + 1)
+            urged = state.lead if event.task_id is None else state.task(event.task_id)
+            if urged is not None:
+                changes["tasks"] = _set_task(state, urged.id, urges=urged.urges + 1)
         case ev.SupervisionOrdered():
             changes["tasks"] = _set_task(state, event.task_id, supervised_at=event.at, supervised_due=event.due,
                                          supervision_every=event.remind_every, supervision_reminded=None)
@@ -330,6 +333,18 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
             changes["comments"] = state.comments + 1
             if event.kind == "progress":
                 changes["last_progress_at"] = event.at
+                if event.task_id is not None:
+                    changes["tasks"] = _set_task(state, event.task_id, progress_at=event.at)
+        case ev.ClocksPaused():
+            changes["tasks"] = _set_task(state, event.task_id, info_paused_at=event.at)
+        case ev.ClocksResumed():
+            t = state.task(event.task_id)
+            changes["granted"] = state.granted + max(timedelta(0), event.resolve_due - t.resolve_due)
+            changes["tasks"] = _set_task(state, event.task_id, info_paused_at=None,
+                                         acknowledge_due=event.acknowledge_due, resolve_due=event.resolve_due,
+                                         acknowledge_warn=event.acknowledge_warn, resolve_warn=event.resolve_warn)
+        case ev.ProgressMissed():
+            changes["tasks"] = _set_task(state, event.task_id, progress_missed=event.due)
         case ev.ReturnRequested():
             changes["tasks"] = _set_task(state, event.task_id, return_requested=event.reason)
         case ev.ReturnRejected():
@@ -534,7 +549,15 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                                          resolve_warn=command.resolve_warn)]
         case cmd.UrgeIssue():
             _require_open(state)
-            return [ev.IssueUrged(by=command.by, note=command.note)]
+            if command.task_id is None:
+                return [ev.IssueUrged(by=command.by, note=command.note)]
+            try:
+                t = state.task(command.task_id)
+            except NotFound:
+                raise NotFound(f"task {command.task_id} is not a task of issue {state.id}", field="task") from None
+            if not t.open:
+                raise Conflict(f"task {t.id} is {t.status}: only an open task is urged", current_status=t.status)
+            return [ev.IssueUrged(by=command.by, note=command.note, task_id=t.id)]
         case cmd.RequestReturn():
             t = _open_task(state, command.task_id)
             if t.return_requested is not None:
@@ -586,6 +609,9 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
             if t.suspension_requested <= now:
                 raise Conflict(f"the review date asked for task {t.id} has passed; ask again",
                                current_status=t.status)
+            if t.info_paused_at is not None:
+                raise Conflict(f"task {t.id}'s clocks are held for the grid worker's reply (info_request); "
+                               "decide once it came", current_status=t.status)
             _check_cap("suspension", t.suspension_requested - now, t.suspensions, command.max, command.max_count)
             return [ev.SuspensionApproved(task_id=t.id, by=command.by, until=t.suspension_requested, at=now)]
         case cmd.RejectSuspension():
@@ -621,9 +647,10 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 task_id = command.task_id
                 if task_id is not None:
                     state.task(task_id)
-            return [ev.CommentAdded(by=command.by, role=command.role, department=command.department,
-                                    kind=command.kind, text=command.text, task_id=task_id,  # type: ignore[arg-type]
-                                    media=command.media, at=now)]
+            comment = ev.CommentAdded(by=command.by, role=command.role, department=command.department,
+                                      kind=command.kind, text=command.text, task_id=task_id,  # type: ignore[arg-type]
+                                      media=command.media, at=now)
+            return [comment, *_info_pause(state, command, now)]
     raise TypeError(f"unknown command {command!r}")  # pragma: no cover
 
 
@@ -637,6 +664,28 @@ def closes_on_time(state: IssueState, closed_at: datetime) -> bool:
     lead = state.lead
     done = lead.resolved_at if lead is not None and lead.resolved_at is not None else closed_at
     return done <= state.first_resolve_due + state.granted
+
+
+def _info_pause(state: IssueState, command: cmd.AddComment, now: datetime) -> list[ev.Event]:
+    """补充材料 (rulebook ``info_request: {pauses: true}``, ``command.pauses``): an ``info_request`` from the
+    department holding the open lead task pauses its clocks, unless they are already held (缓办 or an earlier
+    request); the grid worker's ``info_reply`` resumes them with the time that was left (``command.resume``, the
+    moved clocks). Any other comment changes no clock."""
+    lead = state.lead
+    if lead is None or not lead.open or state.status in ISSUE_ENDED:
+        return []
+    if (command.kind == "info_request" and command.pauses and command.department == lead.department
+            and not lead.suspended and lead.info_paused_at is None):
+        return [ev.ClocksPaused(task_id=lead.id, at=now)]
+    if command.kind == "info_reply" and command.role == "grid_worker" and lead.info_paused_at is not None:
+        if command.resume is None or command.resume.task_id != lead.id:
+            raise Conflict(f"task {lead.id}'s clocks cannot be resumed from this state; retry",
+                           current_status=lead.status)
+        r = command.resume
+        return [ev.ClocksResumed(task_id=lead.id, at=now, acknowledge_due=r.acknowledge_due,
+                                 resolve_due=r.resolve_due, acknowledge_warn=r.acknowledge_warn,
+                                 resolve_warn=r.resolve_warn)]
+    return []
 
 
 def _supervision_closed(t: TaskState, now: datetime) -> list[ev.Event]:

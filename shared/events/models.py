@@ -396,12 +396,15 @@ class ResidentFeedbackRecorded(Event):
 
 
 class IssueUrged(Event):
-    """催办: a supervisor urges the holders of an issue."""
+    """催办: a supervisor urges the holders of an issue; ``task_id`` names the task urged (counted against its
+    department). Without one (as before) the urge counts against the lead task holding the issue."""
 
     name = "issue_urged"
     ce_type = "needle.issue.urged.v1"
     by: str
     note: str | None = None
+    task_id: str | None = Field(default=None, description="the task urged (additive, optional): its department is "
+                                                          "counted; absent: the lead task holding the issue")
 
 
 class RulebookPublished(Event):
@@ -579,6 +582,43 @@ class SupervisionClosed(Event):
     at: datetime
 
 
+class ClocksPaused(Event):
+    """补充材料: the lead's department asked the grid worker for more information (an ``info_request`` comment) and
+    the rulebook's ``info_request: {pauses: true}`` holds the lead task's clocks from ``at`` until the reply."""
+
+    name = "clocks_paused"
+    ce_type = "needle.task.clocks_paused.v1"
+    task_id: str
+    cause: Literal["info_request"] = "info_request"
+    at: datetime
+
+
+class ClocksResumed(Event):
+    """The grid worker's ``info_reply`` came: the clocks paused by the info request run again from ``at`` with the
+    time that was left on each when they paused (the new due and warning times)."""
+
+    name = "clocks_resumed"
+    ce_type = "needle.task.clocks_resumed.v1"
+    task_id: str
+    cause: Literal["info_request"] = "info_request"
+    at: datetime
+    acknowledge_due: datetime
+    resolve_due: datetime
+    acknowledge_warn: datetime
+    resolve_warn: datetime
+
+
+class ProgressMissed(Event):
+    """阶段性答复 missing: the lead task's category requires a progress report every ``progress_every`` and none came
+    in the period that ended at ``due`` (a durable timer). The next period starts at ``due``."""
+
+    name = "progress_missed"
+    ce_type = "needle.task.progress_missed.v1"
+    task_id: str
+    due: datetime
+    caused_by: int = 0
+
+
 CommentKind = Literal["comment", "progress", "info_request", "info_reply"]
 
 
@@ -641,6 +681,9 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SuspensionReviewDue,
     TaskResumed,
     CommentAdded,
+    ClocksPaused,
+    ClocksResumed,
+    ProgressMissed,
     SupervisionOrdered,
     SupervisionReminded,
     SupervisionClosed,

@@ -198,7 +198,8 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("POST", "/v1/issues/{issue_id}/void"): Case(only(*TRIAGERS), json={"reason": "m"}, setup="fresh", succeeds=True),
     ("POST", "/v1/issues/{issue_id}/recategorise"): Case(only(*TRIAGERS), setup="fresh", succeeds=True,
                                                          json={"category": "neighbour_dispute", "reason": "m"}),
-    # 合并办理: a fresh report merged into the matrix issue (``{issue_id}``: filled in by ``call``)
+    # 合并办理: a fresh report merged into the matrix issue (``{issue_id}``: filled in by ``call``); its triagers
+    # decide (README: the command centre or a supervisor)
     ("POST", "/v1/issues/{issue_id}/merge"): Case(only(*TRIAGERS), setup="fresh", succeeds=True,
                                                   json={"into": "{issue_id}", "reason": "m"}),
     ("GET", "/v1/issues/{issue_id}/similar"): Case(only(*ISSUE_READERS)),

@@ -5,6 +5,7 @@ suspension {max: P30D, max_count: 2}, care_home {max: P90D, max_count: 1}.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import subprocess
@@ -39,6 +40,9 @@ EXT_APPROVED = "needle.task.extension_approved.v1"
 SUSPENDED = "needle.task.suspension_approved.v1"
 REVIEW_DUE = "needle.task.suspension_review_due.v1"
 RESUMED = "needle.task.resumed.v1"
+CLOCKS_PAUSED = "needle.task.clocks_paused.v1"
+CLOCKS_RESUMED = "needle.task.clocks_resumed.v1"
+PROGRESS_MISSED = "needle.task.progress_missed.v1"
 
 
 async def control_needle(needle_factory: Callable[..., Any]) -> NeedleHandle:
@@ -344,6 +348,49 @@ async def test_each_path_records_its_events_exactly_once_across_a_router_restart
     assert len(of_type(evs, SUPERSEDED)) == 1
 
 
+async def test_info_pause_and_progress_warnings_exactly_once_across_router_restarts(
+        needle_factory: Callable[..., Any], dispatch_routers: DispatchRouters) -> None:
+    h: NeedleHandle = await needle_factory(org=ORG, rules=RULES, services=("intake",))
+    assert h.stack.nc is not None
+    h.stack.nc.options["drain_timeout"] = 2
+    js = h.stack.nc.jetstream()
+    await precreate_router_consumers(js)
+    router = dispatch_routers.start(h.stack.urls.nats)
+    path = lambda i: f"/v1/issues/{i}/comments"  # noqa: E731
+    try:
+        care = await report(h, "care_home")  # info_request pauses; 12 s clocks
+        permit = await report(h, "permit")  # progress every 3 s
+        (lead,) = (await dispatched(h, care))["tasks"]
+        await dispatched(h, permit)
+        await task_call(h, lead, "acknowledge")
+        await post(h, path(care), center(h, "wuxing-committee"), {"text": "请补充", "kind": "info_request"}, 201)
+        dispatch_routers.kill(router)  # the timers pending, the pause's cue perhaps fetched, not acked
+        router = dispatch_routers.start(h.stack.urls.nats)
+        await sleep_until(ts(lead["resolve_due"]) + timedelta(seconds=1))  # the old clock ran out while held
+        await poll(lambda: _count(h, permit, PROGRESS_MISSED, 2), 20, "two missed progress reports")
+        reply = await post(h, path(care), h.auth("grid_worker", "area:wuxing-g1"),
+                           {"text": "已补充", "kind": "info_reply"}, 201)
+        dispatch_routers.kill(router)  # the resumed clocks' timer is set from the event by the next router
+        router = dispatch_routers.start(h.stack.urls.nats)
+        resumed = (await issue(h, care))["tasks"][0]
+        assert ts(resumed["resolve_due"]) > ts(reply["at"])
+        await sleep_until(ts(resumed["resolve_due"]) + timedelta(seconds=2))
+        await poll(lambda: _has(h, care, BREACHED), 20, "the breach of the resumed clock")
+        await poll(lambda: router_idle_js(js), 20, "the router consumer to drain")
+        assert router.poll() is None, dispatch_routers.logs()
+    except AssertionError:
+        print(dispatch_routers.logs())
+        raise
+    evs = await events(h, care)
+    assert len(of_type(evs, CLOCKS_PAUSED)) == 1 and len(of_type(evs, CLOCKS_RESUMED)) == 1
+    assert len(of_type(evs, BREACHED, clock="resolve")) == 1 and len(of_type(evs, WARNED, clock="resolve")) == 1
+    assert all(ts(e["time"]) > ts(reply["at"]) for e in of_type(evs, WARNED) + of_type(evs, BREACHED))
+    missed = of_type(await events(h, permit), PROGRESS_MISSED)
+    dues = [ts(e["data"]["due"]) for e in missed]
+    assert len(dues) >= 2 and len(set(dues)) == len(dues)  # each period warned once
+    assert all(b - a == timedelta(seconds=3) for a, b in itertools.pairwise(dues))
+
+
 async def _has(h: NeedleHandle, issue_id: str, ce_type: str) -> bool:
     return bool(of_type(await events(h, issue_id), ce_type))
 
@@ -385,6 +432,98 @@ async def test_comments_are_visible_to_each_participant_and_refused_to_others(
     assert len(evs) == 6 and evs[-1]["data"]["media"] == ["photos/1.jpg"]
 
 
+# -- 补充材料: an info request pauses the clock until the reply -------------------------------------------------------
+async def test_an_info_request_pauses_the_clock_until_the_reply(needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "care_home")  # 12 s clocks (warning at 6 s), info_request: {pauses: true}
+    (lead,) = (await dispatched(h, iid))["tasks"]
+    path = f"/v1/issues/{iid}/comments"
+    grid_worker = h.auth("grid_worker", "area:wuxing-g1")
+    await post(h, path, grid_worker, {"text": "a plain comment", "kind": "info_request"}, 201)  # not the lead's
+    await post(h, path, center(h, "wuxing-committee"), {"text": "a plain comment"}, 201)
+    assert of_type(await events(h, iid), CLOCKS_PAUSED) == []
+    asked = await post(h, path, center(h, "wuxing-committee"), {"text": "请补充房屋照片", "kind": "info_request"}, 201)
+    paused_at = ts(asked["at"])
+    left = ts(lead["resolve_due"]) - paused_at
+    ack_left = ts(lead["acknowledge_due"]) - paused_at
+    assert left > timedelta(seconds=6), "the machine was too slow to ask before the warning"
+    body = await issue(h, iid)
+    assert ts(body["tasks"][0]["info_paused_at"]) == paused_at
+    await post(h, path, center(h, "wuxing-committee"), {"text": "还有吗", "kind": "info_request"}, 201)  # held already
+    await post(h, path, center(h, "wuxing-committee"), {"text": "not the grid worker", "kind": "info_reply"}, 201)
+
+    await sleep_until(ts(lead["resolve_due"]) + timedelta(seconds=2))  # the old clocks ran out meanwhile
+    await router_idle(h)
+    evs = await events(h, iid)
+    assert of_type(evs, WARNED) == [] and of_type(evs, BREACHED) == [] and of_type(evs, ESCALATED) == []
+    assert len(of_type(evs, CLOCKS_PAUSED)) == 1 and of_type(evs, CLOCKS_RESUMED) == []
+
+    reply = await post(h, path, grid_worker, {"text": "照片已上传", "kind": "info_reply"}, 201)
+    resumed_at = ts(reply["at"])
+    task = (await issue(h, iid))["tasks"][0]
+    assert task["info_paused_at"] is None and task["status"] == "dispatched"
+    assert ts(task["resolve_due"]) == resumed_at + left  # natural clock: exactly the time that was left
+    assert ts(task["acknowledge_due"]) == resumed_at + ack_left
+    (resumed,) = of_type(await events(h, iid), CLOCKS_RESUMED)
+    assert resumed["data"]["cause"] == "info_request" and ts(resumed["data"]["resolve_due"]) == resumed_at + left
+    await post(h, path, grid_worker, {"text": "one more", "kind": "info_reply"}, 201)  # nothing held: a comment
+    await task_call(h, lead, "acknowledge")  # (else its acknowledge breach escalates first)
+    # the clocks run again: they warn and breach at the new times, once
+    await sleep_until(ts(task["resolve_due"]) + timedelta(seconds=2))
+    await router_idle(h)
+    evs = await events(h, iid)
+    assert len(of_type(evs, BREACHED, task_id=lead["id"], clock="resolve")) == 1
+    assert len(of_type(evs, WARNED, task_id=lead["id"], clock="resolve")) == 1
+    assert len(of_type(evs, CLOCKS_PAUSED)) == 1 and len(of_type(evs, CLOCKS_RESUMED)) == 1
+    assert min(ts(e["time"]) for e in of_type(evs, WARNED)) > resumed_at
+
+
+async def test_an_info_request_does_not_pause_without_the_rule(needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "noise_complaint")  # no info_request rule: the clocks keep running
+    (lead,) = (await dispatched(h, iid))["tasks"]
+    await post(h, f"/v1/issues/{iid}/comments", center(h, "wuxing-committee"),
+               {"text": "请补充", "kind": "info_request"}, 201)
+    body = await issue(h, iid)
+    assert body["tasks"][0]["info_paused_at"] is None
+    assert body["tasks"][0]["resolve_due"] == lead["resolve_due"]
+    assert of_type(await events(h, iid), CLOCKS_PAUSED) == []
+
+
+# -- 阶段性答复: a missing progress report warns ---------------------------------------------------------------------
+async def test_a_missing_progress_report_warns_and_a_report_restarts_the_period(
+        needle_factory: Callable[..., Any]) -> None:
+    h = await control_needle(needle_factory)
+    iid = await report(h, "permit")  # progress_every: PT3S, clocks of an hour
+    (lead,) = (await dispatched(h, iid))["tasks"]
+    first_due = ts(lead["dispatched_at"]) + timedelta(seconds=3)
+    await poll(lambda: _count(h, iid, PROGRESS_MISSED, 1), 10, "the first missed progress report")
+    (missed,) = of_type(await events(h, iid), PROGRESS_MISSED)
+    assert missed["data"]["task_id"] == lead["id"] and ts(missed["data"]["due"]) == first_due
+    assert ts((await issue(h, iid))["tasks"][0]["progress_missed"]) == first_due
+    await sleep_until(first_due + timedelta(seconds=1.5))
+    progress = await post(h, f"/v1/issues/{iid}/comments", center(h, "wuxing-committee"),
+                          {"text": "材料已收齐", "kind": "progress"}, 201)
+    reported_at = ts(progress["at"])
+    assert ts((await issue(h, iid))["tasks"][0]["progress_at"]) == reported_at
+    # the period restarts at the report: nothing at first_due + 3 s, the next warning at reported_at + 3 s
+    await sleep_until(first_due + timedelta(seconds=3.5))
+    await router_idle(h)
+    assert len(of_type(await events(h, iid), PROGRESS_MISSED)) == 1
+    await poll(lambda: _count(h, iid, PROGRESS_MISSED, 2), 10, "the next missed progress report")
+    second = of_type(await events(h, iid), PROGRESS_MISSED)[1]
+    assert ts(second["data"]["due"]) == reported_at + timedelta(seconds=3)
+    assert ts(second["time"]) >= reported_at + timedelta(seconds=3)
+    await task_call(h, lead, "acknowledge")
+    await task_call(h, lead, "resolve", {"note": "许可已发"})
+    await asyncio.sleep(4)  # a resolved task is asked for nothing more
+    await router_idle(h)
+    evs = await events(h, iid)
+    resolved_at = ts(of_type(evs, "needle.task.resolved.v1")[0]["time"])
+    assert all(ts(e["time"]) <= resolved_at for e in of_type(evs, PROGRESS_MISSED))
+    assert of_type(evs, WARNED) == []  # a missed report is its own event, not an SLA warning
+
+
 # -- 催办 and 督办 count -------------------------------------------------------------------------------------------
 async def test_urge_and_supervision_counts_in_stats(needle_factory: Callable[..., Any]) -> None:
     h: NeedleHandle = await needle_factory(org=ORG, rules=RULES)  # with the projections
@@ -394,6 +533,19 @@ async def test_urge_and_supervision_counts_in_stats(needle_factory: Callable[...
     sup = h.auth("supervisor", "area:huannan")
     for iid in (one, one, two):
         await post(h, f"/v1/issues/{iid}/urge", h.auth("supervisor", "area:wuxing-g1"), {"note": "快"})
+    # an urge naming a task counts against that task's department (here the co-handler), not the lead's
+    co2 = next(t for t in (await issue(h, two))["tasks"] if t["role"] == "co")
+    urged = await post(h, f"/v1/issues/{two}/urge", h.auth("supervisor", "area:wuxing-g1"),
+                       {"note": "配合", "task": co2["id"]})
+    assert [t["urges"] for t in urged["tasks"]] == [1, 1]
+    r = await h.client.post(f"/v1/issues/{two}/urge", headers=h.auth("supervisor", "area:wuxing-g1"),
+                            json={"task": f"{one}-1"})
+    assert r.status_code == 404 and "task" in r.text, r.text
+    r = await h.client.post(f"/v1/issues/{two}/urge", headers=h.auth("supervisor", "area:wuxing-g1"),
+                            json={"task": "bad task!"})
+    assert r.status_code == 422 and "task" in r.text, r.text
+    (named,) = of_type(await events(h, two), "needle.issue.urged.v1", task_id=co2["id"])
+    assert named["data"]["note"] == "配合"
     # 督办: a short due date with reminders every second; the first task is resolved in time, the second late
     due1, due2 = now() + timedelta(seconds=30), now() + timedelta(seconds=3)
     out = await post(h, f"/v1/tasks/{lead1['id']}/supervise", sup,
@@ -420,10 +572,11 @@ async def test_urge_and_supervision_counts_in_stats(needle_factory: Callable[...
     stats = r.json()
     overall = stats["overall"]["counts"]
     assert (overall["urged"], overall["supervised"], overall["supervision_closed"], overall["supervised_on_time"]) \
-        == (3, 2, 2, 1)
+        == (4, 2, 2, 1)
     assert stats["overall"]["rates"]["supervision_on_time_rate"]["value"] == 0.5
     depts = stats["departments"]
     assert depts["wuxing-committee"]["counts"]["urged"] == 2 and depts["dinghai-roads"]["counts"]["urged"] == 1
+    assert depts["dinghai-police"]["counts"]["urged"] == 1
     assert depts["wuxing-committee"]["rates"]["supervision_on_time_rate"]["value"] == 1.0
     assert depts["dinghai-roads"]["rates"]["supervision_on_time_rate"]["value"] == 0.0
     body = await issue(h, one)
@@ -473,6 +626,22 @@ def recount(histories: list[list[dict[str, Any]]]) -> dict[str, dict[str, int]]:
     return out
 
 
+def recount_area(histories: list[list[dict[str, Any]]]) -> tuple[int, int]:
+    """The area's 解决率 from the raw events (the README's formula): ``issues_resolved / issues_resolve_due``, each
+    issue counted at most once in each — resolved when a lead task of it resolved; due the first time a lead task's
+    resolve clock was met or breached (not yet due, or superseded before it ran out: in neither)."""
+    resolved = due = 0
+    for evs in histories:
+        leads = {e["data"]["task_id"] for e in evs
+                 if e["type"] == "needle.task.dispatched.v1" and e["data"]["role"] == "lead"}
+        judged = [e for e in evs if e["data"].get("task_id") in leads and (
+            e["type"] == "needle.task.resolved.v1"
+            or (e["type"] == BREACHED and e["data"]["clock"] == "resolve"))]
+        due += bool(judged)
+        resolved += any(e["type"] == "needle.task.resolved.v1" for e in judged)
+    return resolved, due
+
+
 async def test_stats_rates_equal_a_recount_from_the_raw_events(needle_factory: Callable[..., Any]) -> None:
     h: NeedleHandle = await needle_factory(org=ORG, rules=RULES)
     on_time = await report(h, "noise_complaint")  # acknowledged at once, then resolved
@@ -514,3 +683,7 @@ async def test_stats_rates_equal_a_recount_from_the_raw_events(needle_factory: C
     overall = stats["overall"]["rates"]["response_rate"]
     assert (overall["numerator"], overall["denominator"]) == (
         sum(c["lead_ack_on_time"] for c in expected.values()), sum(c["lead_ack_due"] for c in expected.values()))
+    # the area's 解决率: on_time resolved, breached judged at its resolve breach; the rest not due or superseded
+    area = stats["overall"]["rates"]["resolution_rate"]
+    assert (area["numerator"], area["denominator"]) == recount_area(histories) == (1, 2)
+    assert stats["overall"]["counts"]["issues_dispatched"] == 5

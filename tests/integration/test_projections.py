@@ -244,12 +244,15 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
         dept(task, metric, at)
         if task["role"] == "lead":
             area(issue, metric, at)
+            if clock == "resolve" and not issue["resolve_judged"]:  # the area's 解决率: an issue judged once
+                issue["resolve_judged"] = True
+                area(issue, "issues_resolve_due", at)
 
     for env in sorted(envelopes, key=lambda e: e.seq):
         e, at = env.data, env.time
         if isinstance(e, ev.IssueReported):
             issues[env.subject] = {"areas": chain(e.grid), "reported_at": e.reported_at, "dispatched": False,
-                                   "resolved": False, "feedback": False}
+                                   "resolved": False, "feedback": False, "resolve_judged": False}
             area(issues[env.subject], "reported", at)
             continue
         i = issues[env.subject]
@@ -304,8 +307,10 @@ def recount(envelopes: Iterable[Envelope]) -> dict[Key, Counter[str]]:
                 t["resolve_due"] = e.resolve_due
             case ev.IssueEscalated():
                 area(i, "escalated", at)
-            case ev.IssueUrged():  # 催办 counts against the department leading the issue
-                if i.get("lead"):
+            case ev.IssueUrged():  # 催办 counts against the task named, else the department leading the issue
+                if e.task_id in tasks:
+                    dept(tasks[e.task_id], "urged", at)
+                elif i.get("lead"):
                     out[("dept", i["lead"], at.astimezone(BJ).date())]["urged"] += 1
                 area(i, "urged", at)
             case ev.IssueVerified():

@@ -92,6 +92,10 @@ SAMPLES: dict[type[ev.Event], ev.Event] = {
     ev.SupervisionReminded: ev.SupervisionReminded(task_id=f"{ISSUE}-1", due=T0, at=T0),
     ev.SupervisionClosed: ev.SupervisionClosed(task_id=f"{ISSUE}-1", due=T0, on_time=False, at=T0),
     ev.CommentAdded: ev.CommentAdded(by="h", role="handler", department="d", kind="progress", text="进展", at=T0),
+    ev.ClocksPaused: ev.ClocksPaused(task_id=f"{ISSUE}-1", at=T0),
+    ev.ClocksResumed: ev.ClocksResumed(task_id=f"{ISSUE}-1", at=T0, acknowledge_due=T0, resolve_due=T0,
+                                       acknowledge_warn=T0, resolve_warn=T0),
+    ev.ProgressMissed: ev.ProgressMissed(task_id=f"{ISSUE}-1", due=T0, caused_by=4),
     ev.TaskResumed: ev.TaskResumed(task_id=f"{ISSUE}-1", by="h", at=T0, acknowledge_due=T0, resolve_due=T0,
                                    acknowledge_warn=T0, resolve_warn=T0),
 }

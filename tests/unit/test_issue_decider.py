@@ -474,14 +474,14 @@ WEIGHTED: list[tuple[int, st.SearchStrategy[cmd.Command | Dispatch]]] = [
                   extension=st.timedeltas(min_value=-HOUR, max_value=timedelta(days=3)))),
     (1, st.builds(cmd.ApproveExtension, task_id=TASK_IDS, by=BY, resolve_due=st.just(T0 + 72 * HOUR),
                   resolve_warn=st.just(T0 + 60 * HOUR))),
-    (1, st.builds(cmd.UrgeIssue, by=BY)),
+    (1, st.builds(cmd.UrgeIssue, by=BY, task_id=st.one_of(st.none(), TASK_IDS))),
 ]
 STEPS = st.sampled_from([strategy for weight, strategy in WEIGHTED for _ in range(weight)]).flatmap(lambda s: s)
 
 
 def _bind_task(step: cmd.Command, state: IssueState) -> cmd.Command:
     """Point a task command at one of the issue's tasks (open ones first), or at an unknown task."""
-    slot = getattr(step, "task_id", "")
+    slot = getattr(step, "task_id", "") or ""
     if not slot.startswith("slot-"):
         return step
     ids = [t.id for t in state.open_tasks] + [t.id for t in state.tasks] + [task_id(ISSUE, 99)]
@@ -602,3 +602,40 @@ def test_a_suspended_task_has_no_clock_edge_but_its_review_reminder() -> None:
     assert s.task(LEAD).suspended_for == 2 * MIN and not s.task(LEAD).suspended
     with pytest.raises(Conflict, match=r"suspension\.max_count"):
         decide(s, cmd.RequestSuspension(LEAD, by="h", reason="again", until=T0 + 49 * HOUR, max_count=1), T0)
+
+
+def test_an_info_request_holds_the_lead_clocks_until_the_grid_workers_reply() -> None:
+    from services.router.reactions import pending_edges
+    s = given_events(reported(), routed(), dispatched(1, "dinghai-roads"), dispatched(2, "dinghai-police", "co"))
+    ask = cmd.AddComment(by="h", role="handler", text="照片?", kind="info_request", department="dinghai-roads",
+                         pauses=True)
+    assert decide(s, replace(ask, pauses=False), T0)[1:] == []  # no rule: a comment only
+    assert decide(s, replace(ask, department="dinghai-police"), T0)[1:] == []  # the co-handler's: no pause
+    s = when(s, ask, T0 + HOUR)
+    assert s.task(LEAD).info_paused_at == T0 + HOUR and pending_edges(s.task(LEAD)) == []
+    assert decide(s, ask, T0 + 2 * HOUR)[1:] == []  # held already: no second pause
+    with pytest.raises(Conflict, match="info_request"):  # no suspension decided meanwhile
+        decide(when(s, cmd.RequestSuspension(LEAD, by="h", reason="r", until=T0 + 9 * HOUR), T0 + HOUR),
+               cmd.ApproveSuspension(LEAD, by="sup"), T0 + 2 * HOUR)
+    moved = cmd.MovedClocks(LEAD, acknowledge_due=T0 + 5 * HOUR, resolve_due=T0 + 30 * HOUR,
+                            acknowledge_warn=T0 + 4 * HOUR, resolve_warn=T0 + 25 * HOUR)
+    reply = cmd.AddComment(by="gw", role="grid_worker", text="已补充", kind="info_reply", resume=moved)
+    assert decide(s, replace(reply, role="handler"), T0 + 3 * HOUR)[1:] == []  # only the grid worker's reply
+    with pytest.raises(Conflict):
+        decide(s, replace(reply, resume=None), T0 + 3 * HOUR)
+    r = when(s, reply, T0 + 3 * HOUR)
+    t = r.task(LEAD)
+    assert t.info_paused_at is None and (t.resolve_due, t.acknowledge_warn) == (T0 + 30 * HOUR, T0 + 4 * HOUR)
+    assert r.granted == T0 + 30 * HOUR - s.task(LEAD).resolve_due
+    assert decide(r, reply, T0 + 4 * HOUR)[1:] == []  # nothing held any more
+
+
+def test_an_urge_names_an_open_task_or_counts_against_the_lead() -> None:
+    s = given_events(reported(), routed(), dispatched(1, "dinghai-roads"), dispatched(2, "dinghai-police", "co"))
+    co = task_id(ISSUE, 2)
+    s = when(s, cmd.UrgeIssue(by="sup", task_id=co), T0)
+    s = when(s, cmd.UrgeIssue(by="sup"), T0)
+    assert (s.task(LEAD).urges, s.task(co).urges) == (1, 1)
+    refused(s, cmd.UrgeIssue(by="sup", task_id=task_id(ISSUE, 9)), NotFound)
+    done = when(when(s, cmd.AcknowledgeTask(co, by="p"), T0), cmd.ResolveTask(co, by="p"), T0)
+    refused(done, cmd.UrgeIssue(by="sup", task_id=co), Conflict)

@@ -232,7 +232,8 @@ def test_the_whole_happy_path_counts_every_rate_once() -> None:
     assert row["version"] == 11
     in_every_ancestor(g, {
         "reported": 1, "issues_dispatched": 1, "tasks_dispatched": 1,
-        "tasks_acknowledged": 1, "tasks_ack_on_time": 1, "issues_resolved": 1, "verifications": 1, "closed": 1,
+        "tasks_acknowledged": 1, "tasks_ack_on_time": 1, "issues_resolved": 1, "issues_resolve_due": 1,
+        "verifications": 1, "closed": 1,
         "closed_on_time": 1, "feedback": 1, "feedback_satisfied": 1, "tasks_ack_due": 1, "tasks_resolve_due": 1})
     assert g.dept("dinghai-roads") == {"tasks_dispatched": 1, "tasks_acknowledged": 1, "tasks_ack_on_time": 1,
                                        "tasks_resolved": 1, "tasks_resolved_on_time": 1, "tasks_ack_due": 1,
@@ -269,6 +270,7 @@ def test_a_failed_verification_reopens_supersedes_open_tasks_and_counts_rework()
     assert g.task(CO)["status"] == "superseded"
     in_every_ancestor(g, {"reported": 1, "issues_dispatched": 1, "tasks_dispatched": 1,
                           "tasks_acknowledged": 1, "tasks_ack_on_time": 1, "issues_resolved": 1,
+                          "issues_resolve_due": 1,
                           "verifications": 1, "reopened": 1, "tasks_ack_due": 1, "tasks_resolve_due": 1})
     assert rates(g.area("city"))["rework_rate"]["value"] == 1.0
 
@@ -348,7 +350,7 @@ def test_breaches_mark_the_task_and_count_per_department_and_for_the_lead_per_ar
         assert g.area(area)["sla_breached"] == 2
         assert "sla_warned" not in g.area(area)
     # the resolve breach happened the next day (Beijing time)
-    assert g.area("city", date(2025, 3, 5)) == {"sla_breached": 1, "tasks_resolve_due": 1}
+    assert g.area("city", date(2025, 3, 5)) == {"sla_breached": 1, "tasks_resolve_due": 1, "issues_resolve_due": 1}
 
 
 def test_an_escalation_supersedes_and_hands_the_lead_to_the_upper_level() -> None:
@@ -490,3 +492,27 @@ def test_fair_rates_judge_a_clock_once_and_never_before_it_is_due() -> None:
     r = rates(g.dept("dinghai-roads"), DEPT_RATES)["response_rate"]
     assert (r["numerator"], r["denominator"], r["value"]) == (0, 1, 0.0)
     assert rates(g.area("city"))["response_rate"]["denominator"] == 1
+
+
+def test_the_area_resolution_rate_judges_an_issue_once_when_its_lead_is_due() -> None:
+    """The area's 解决率 = issues_resolved / issues_resolve_due: an issue enters the denominator once, at its first
+    lead resolution or the first resolve breach of a lead before it; not yet due, it is in neither."""
+    g = a_dispatched_issue()
+    assert rates(g.area("city"))["resolution_rate"]["denominator"] == 0  # dispatched, not yet due
+    g(ev.SlaBreached(task_id=LEAD, clock="resolve", due=g.task(LEAD)["resolve_due"]), at=T0 + 24 * HOUR)
+    g(ev.IssueEscalated(from_level="district", to_level="city", cause="resolve_breach"),
+      routed("city", "city", "escalated"), ev.TaskSuperseded(task_id=LEAD, reason="escalated"),
+      ev.TaskSuperseded(task_id=CO, reason="escalated"), dispatched(f"{ISSUE}-3", "city-center", level="city"),
+      at=T0 + 24 * HOUR)
+    r = rates(g.area("city"))["resolution_rate"]
+    assert (r["numerator"], r["denominator"]) == (0, 1)
+    g(acked(f"{ISSUE}-3"), resolved(f"{ISSUE}-3"), at=T0 + 25 * HOUR)  # late, at the city: counted once
+    r = rates(g.area("city"))["resolution_rate"]
+    assert (r["numerator"], r["denominator"], r["value"]) == (1, 1, 1.0)
+
+
+def test_an_urge_naming_a_task_and_a_missed_progress_report_count_against_their_departments() -> None:
+    g = a_dispatched_issue()(ev.IssueUrged(by="sup", task_id=CO), ev.IssueUrged(by="sup"),
+                             ev.ProgressMissed(task_id=LEAD, due=T0 + HOUR))
+    assert (g.dept("dinghai-police")["urged"], g.dept("dinghai-roads")["urged"]) == (1, 1)
+    assert g.dept("dinghai-roads")["progress_missed"] == 1 and g.area("city")["progress_missed"] == 1

@@ -662,3 +662,26 @@ def test_a_stale_requested_escalation_never_moves_the_issue_down() -> None:
     assert story.state.level == "city"
     # when the router finally answers the request, then the issue stays at the city
     assert react(story.state, *request, DEMO, T0 + 2 * HOUR) == []
+
+
+def test_a_missing_progress_report_warns_once_per_period_and_a_report_restarts_it() -> None:
+    # given the rulebook requires progress every 2 hours (top level: every category)
+    rules = rules_with("progress_every: PT2H\n")
+    story = dispatched(rules)
+    lead = story.state.task(t(1))
+    assert (T0 + 2 * HOUR, TimerEdge(t(1), "progress", "warn")) in pending_edges(lead, 2 * HOUR)
+    assert dispatch_timer(story.state, t(1), 2 * HOUR) == (t(1), T0 + 24 * MIN)  # earlier edges first
+    story.act(cmd.AcknowledgeTask(t(1), by="roads"), T0 + MIN)
+    # then a period without a report warns once, at its end, and a redelivered timer adds nothing
+    assert story.timer(t(1), T0 + 2 * HOUR - MS) == []
+    assert story.timer(t(1), T0 + 2 * HOUR) == [ev.ProgressMissed(task_id=t(1), due=T0 + 2 * HOUR)]
+    assert story.timer(t(1), T0 + 2 * HOUR + MIN) == []
+    # and a progress report restarts the period from the report
+    story.act(cmd.AddComment(by="h", role="handler", text="half", kind="progress", department="dinghai-roads"),
+              T0 + 3 * HOUR)
+    assert story.timer(t(1), T0 + 4 * HOUR) == []
+    assert story.timer(t(1), T0 + 5 * HOUR) == [ev.ProgressMissed(task_id=t(1), due=T0 + 5 * HOUR)]
+    # and a held task (an info request) or a category without the rule has no such edge
+    held = evolve(story.state, ev.ClocksPaused(task_id=t(1), at=T0 + 6 * HOUR))
+    assert pending_edges(held.task(t(1)), 2 * HOUR) == []
+    assert all(e.clock != "progress" for _, e in pending_edges(dispatched().state.task(t(1))))
