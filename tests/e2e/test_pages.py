@@ -1,16 +1,17 @@
 """The working pages (/app/) in a real browser: the 展茅 story driven through the pages only.
 
-A grid worker of 第33网格 on a phone (390×844, geolocation granted) reports slope-works blasting with a photo
-and GPS; the command centre (a supervisor of 展茅街道) sees it; the street command centre's handler
-acknowledges it (after a refused return shows the server's problem+json in words) and resolves it; the grid
-worker verifies on the spot and records the resident's feedback. Each step's screenshot goes to
-``artifacts/pages/`` (gitignored). Also: a clear page for the wrong role, the token gone from the address bar,
-every page no wider than the phone (the supervisor dashboard too), /docs and /redoc drawn from local assets,
-and no console error. Skipped without /usr/bin/chromium, as the dashboard's browser test.
+A grid worker of 第33网格 on a phone (390×844, geolocation granted) picks the place on the grid map, then reports
+slope-works blasting with a photo and GPS; the command centre (a supervisor of 展茅街道) accepts it from its
+queue; the street command centre's handler acknowledges it (after a refused return shows the server's
+problem+json in words), reports progress in a comment and asks to suspend (缓办); the command centre approves
+the suspension in its approvals queue; the handler resumes and resolves; the grid worker sees the comment,
+verifies on the spot and records the resident's feedback. Each step's screenshot goes to ``artifacts/pages/``
+(gitignored). Also: a clear page for the wrong role, the token gone from the address bar, every page no wider
+than the phone (the supervisor dashboard too), /docs and /redoc drawn from local assets, and no console error.
+Skipped without /usr/bin/chromium, as the dashboard's browser test.
 
 The rulebook is the demo's with 施工扰民 held for 受理 (``intake: review``) and a photo required at report and
-at resolve (``evidence``), so the story needs the command centre's accept and both photos. Not yet driven: the
-handler's comments (issue 19's endpoint is not on this branch).
+at resolve (``evidence``), so the story needs the command centre's accept and both photos.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ PHONE = {"width": 390, "height": 844}
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
                        "AAAABJRU5ErkJggg==")
 TITLE = "张家宕边坡爆破扰民"
+COMMENT = "已约谈施工方，爆破改在白天 10:00-16:00，并提前公示"
 
 
 async def fits(page: Any) -> None:
@@ -97,6 +99,13 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             assert "#token" not in w.url and "token" not in w.url  # moved to sessionStorage at once
             await w.get_by_label("标题").fill(TITLE)
             await w.get_by_label("描述").fill("边坡工程爆破震动，居民扬言集体上访")
+            # a tap on the grid map (GET /v1/map: the boundaries in the worker's scope) picks a place in the grid
+            polygon = w.locator("#pick-map .grid-area[data-grid='zhanmao-g33'] polygon")
+            await expect(polygon).to_have_count(1)
+            await polygon.click()
+            await expect(w.locator("#f-where")).to_contain_text("地图选点")
+            await expect(w.locator("#f-where .in-grid")).to_be_visible()
+            await expect(w.locator("#pick-map .pin")).to_have_count(1)
             await w.get_by_role("button", name="用GPS定位").click()
             await expect(w.locator("#f-where")).to_contain_text("30.035, 122.2454")
             await w.locator("#f-photo").set_input_files(str(photo))
@@ -171,9 +180,38 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             allowed.clear()
             await hp.screenshot(path=str(SHOTS / "3a-handler-problem.png"), full_page=True)
             await hp.get_by_role("button", name="签收响应").click()
+            await expect(hp.locator(".flash.ok")).to_contain_text("已签收")
+            # the lead reports progress to everyone on the issue (comments, issue 19)
+            await hp.get_by_label("类型").select_option("progress")
+            await hp.get_by_label("内容").fill(COMMENT)
+            await hp.get_by_role("button", name="发送").click()
+            await expect(hp.locator("#comments .comment.k-progress")).to_contain_text(COMMENT)
+            # the lead asks to suspend (缓办) until the blasting ends; the command centre approves it on its page
+            await hp.locator("#t-more summary").click()
+            await hp.get_by_label("理由").fill("爆破工期未结束，待工程完工后复核")
+            await hp.get_by_role("button", name="申请缓办").click()
+            await expect(hp.locator(".flash.ok")).to_contain_text("缓办申请已提交")
+            await expect(hp.locator("#t-flags")).to_contain_text("缓办待审批")
+            await hp.screenshot(path=str(SHOTS / "3b-handler-comment-suspend.png"), full_page=True)
+            await c.get_by_role("button", name="总览").first.click()
+            request = c.locator("#approvals li[data-request='suspend']", has_text=TITLE)
+            await expect(request).to_have_count(1)
+            await request.get_by_label("审批意见").fill("同意缓办")
+            await c.screenshot(path=str(SHOTS / "3c-centre-approvals.png"), full_page=True)
+            await request.get_by_role("button", name="批准").click()
+            await expect(c.locator(".flash.ok")).to_contain_text("已批准")
+            await expect(c.locator("#approvals li[data-request='suspend']", has_text=TITLE)).to_have_count(0)
+            paused = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw), lambda b: b["suspended_until"] is not None)
+            assert [t["suspended"] for t in paused["tasks"] if t["department"] == "zhanmao-center"] == [True]
+            # the lead sees it suspended, resumes when the work can go on, then resolves with the after-photo
+            await hp.reload()
+            await hp.locator(".item", has_text=TITLE).click()
+            await expect(hp.locator("#t-flags")).to_contain_text("缓办中")
+            await hp.get_by_role("button", name="恢复办理").click()
+            await expect(hp.locator(".flash.ok")).to_contain_text("已恢复")
             await hp.get_by_label("处理说明").fill("已与施工方约定爆破时段并公示")
             await hp.get_by_label("处理后照片").set_input_files(str(photo))
-            await hp.screenshot(path=str(SHOTS / "3b-handler-task.png"), full_page=True)
+            await hp.screenshot(path=str(SHOTS / "3d-handler-task.png"), full_page=True)
             await hp.get_by_role("button", name="办结反馈").click()
             await expect(hp.locator(".flash.ok")).to_contain_text("已办结")
             resolved = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw), lambda b: b["status"] == "resolved")
@@ -184,6 +222,7 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await w.locator(".item", has_text=TITLE).click()
             await expect(w.locator(".photos figure")).to_have_count(2)  # before and after, side by side
             await expect(w.locator(".photos img.photo[src^='blob:']")).to_have_count(2)
+            await expect(w.locator("#comments .comment")).to_contain_text(COMMENT)  # the lead's progress report
             await w.get_by_role("button", name="核查通过").click()
             await w.get_by_label("满意度").select_option("satisfied")
             await w.screenshot(path=str(SHOTS / "4a-worker-verify.png"), full_page=True)
