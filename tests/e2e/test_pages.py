@@ -35,6 +35,7 @@ PHONE = {"width": 390, "height": 844}
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
                        "AAAABJRU5ErkJggg==")
 TITLE = "张家宕边坡爆破扰民"
+DUPLICATE = "张家宕爆破震得窗户响"
 COMMENT = "已约谈施工方，爆破改在白天 10:00-16:00，并提前公示"
 
 
@@ -146,9 +147,18 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await expect(w.locator(".photos img.photo[src^='blob:']")).to_have_count(1)  # read back with the token
             await fits(w)
 
+            # a neighbour's call about the same blasting, filed through the API (the story's setup, not a page)
+            media = (await h.client.post("/v1/media", content=PNG, headers=h.auth(*gw) | {"Content-Type": "image/png"}))
+            dup = await h.client.post("/v1/issues", headers=h.auth(*gw), json={
+                "grid": "zhanmao-g33", "category": "construction_nuisance", "title": DUPLICATE,
+                "location": {"lat": 30.0352, "lon": 122.2456},
+                "media": [{"id": media.json()["id"], "phase": "before"}]})
+            assert dup.status_code == 201, dup.text
+            dup_id = dup.json()["id"]
+
             # 2. the command centre finds it in the triage queue and accepts it (受理): dispatched by the rules
             await h.wait_for("/v1/issues?area=zhanmao&status=pending_review", h.auth(*sup),
-                             lambda b: any(i["id"] == issue_id for i in b["items"]))
+                             lambda b: {issue_id, dup_id} <= {i["id"] for i in b["items"]})
             c = watch(await desk.new_page())
             await c.goto(f"{h.base_url}/app/#token={h.token(*sup)}")
             await expect(c.locator("#queue .item", has_text=TITLE)).to_be_visible()
@@ -158,6 +168,17 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             marker = c.locator(f"#map a.marker[data-issue='{issue_id}']")
             await expect(marker).to_have_count(1)
             await c.screenshot(path=str(SHOTS / "2-centre.png"), full_page=True)
+            # 合并办理: the neighbour's call shows the first report as a similar issue nearby (on a map); merged into it
+            await c.locator("#queue .item", has_text=DUPLICATE).click()
+            similar = c.locator("#similar li", has_text=TITLE)
+            await expect(similar).to_have_count(1)
+            await expect(c.locator(f"#similar-map a.marker[data-issue='{issue_id}']")).to_have_count(1)
+            await c.screenshot(path=str(SHOTS / "2-centre-similar.png"), full_page=True)
+            await similar.get_by_role("button", name="并入此件").click()
+            await expect(c.locator(".flash.ok")).to_contain_text("已合并办理")
+            await expect(c.locator("#issue-status .status")).to_contain_text("已合并办理")
+            await h.wait_for(f"/v1/issues/{dup_id}", h.auth(*sup), lambda b: b["merged_into"] == issue_id)
+            await c.get_by_role("button", name="总览").first.click()
             await marker.click()
             await c.get_by_label("理由").fill("情况属实，予以受理")
             await c.screenshot(path=str(SHOTS / "2-centre-triage.png"), full_page=True)

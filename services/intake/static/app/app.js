@@ -280,7 +280,7 @@
     if (t.extension_requested) f.push(h("span", { class: "flag wait" }, bi(["延期待审批", "extension awaiting approval"]),
       ` +${Math.round(t.extension_requested / 3600)}h`));
     if (t.suspension_requested) f.push(h("span", { class: "flag wait" }, bi(["缓办待审批", "suspension awaiting approval"]),
-      " → ", when(t.suspension_requested)));
+      " → ", when(t.suspension_requested), t.suspension_reason ? "：" + t.suspension_reason : ""));
     if (t.suspended) f.push(h("span", { class: "flag paused" }, bi(["缓办中", "suspended"]), " → ", when(t.suspended_until)));
     if (t.supervised_due) f.push(h("span", { class: "flag super" }, bi(["督办", "supervised"]), " ", when(t.supervised_due)));
     if (t.reassigned_to) f.push(h("span", { class: "flag" }, bi(["已改派", "reassigned to"]), " ", h("code", {}, t.reassigned_to)));
@@ -622,7 +622,7 @@
     return h("li", { class: "approval", "data-task": t.id, "data-request": what },
       h("button", { type: "button", class: "item", onclick: () => go("issue", d.id) }, h("span", { class: "item-title" }, d.title),
         h("span", { class: "item-meta" }, h("strong", {}, bi(REQUESTS[what])), " · ", t.department_name || t.department,
-          " · ", detail)),
+          " · ", detail, what === "suspend" && t.suspension_reason ? ["：", t.suspension_reason] : null)),
       to ? [h("label", { for: `ap-to-${key}` }, T("改派给", "Reassign to")), to] : null,
       h("label", { for: `ap-reason-${key}` }, T("审批意见", "Reason")), reason, h("div", { class: "row" }, ok, no));
   }
@@ -722,7 +722,11 @@
     const mapBox = h("div", { class: "map", id: "similar-map" });
     if (window.NeedleMap && items.length) {
       const full = await Promise.all(items.map((x) => get(`/v1/issues/${encodeURIComponent(x.id)}`).catch(() => null)));
-      window.NeedleMap.draw(mapBox, { org: st.org, issues: [i, ...full.filter(Boolean)], label: "相似事项 similar issues",
+      const shown = [i, ...full.filter(Boolean)];
+      const grids = new Set(shown.map((x) => x.grid));  // zoomed to the grids involved, not the whole area
+      const pick = (o) => Object.fromEntries(Object.entries(o || {}).filter(([g]) => grids.has(g)));
+      const org = { ...st.org, boundaries: pick(st.org.boundaries), locations: pick(st.org.locations) };
+      window.NeedleMap.draw(mapBox, { org, issues: shown, label: "相似事项 similar issues",
         href: (x) => `/app/?issue=${encodeURIComponent(x.id)}`, onOpen: (x) => go("issue", x.id) });
     } else mapBox.hidden = true;
     const reason = h("input", { id: "mg-reason", autocomplete: "off", value: "同一事项，合并办理" });
