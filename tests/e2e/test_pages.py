@@ -147,9 +147,10 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await expect(w.locator(".photos img.photo[src^='blob:']")).to_have_count(1)  # read back with the token
             await fits(w)
 
-            # a neighbour's call about the same blasting, filed through the API (the story's setup, not a page)
-            media = (await h.client.post("/v1/media", content=PNG, headers=h.auth(*gw) | {"Content-Type": "image/png"}))
-            dup = await h.client.post("/v1/issues", headers=h.auth(*gw), json={
+            # the same blasting reported by the grid's other worker, through the API (the story's setup, not a page)
+            other = h.auth(*gw, subject="gw-zhanmao-33b")
+            media = (await h.client.post("/v1/media", content=PNG, headers=other | {"Content-Type": "image/png"}))
+            dup = await h.client.post("/v1/issues", headers=other, json={
                 "grid": "zhanmao-g33", "category": "construction_nuisance", "title": DUPLICATE,
                 "location": {"lat": 30.0352, "lon": 122.2456},
                 "media": [{"id": media.json()["id"], "phase": "before"}]})
@@ -240,6 +241,8 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
 
             # 4. the grid worker verifies on the spot and records the resident's 回访
             await w.get_by_role("button", name="我的上报").first.click()
+            await expect(w.locator(".item", has_text=TITLE)).to_have_count(1)
+            await expect(w.locator(".item", has_text=DUPLICATE)).to_have_count(0)  # the other worker's (reporter=me)
             await w.locator(".item", has_text=TITLE).click()
             await expect(w.locator(".photos figure")).to_have_count(2)  # before and after, side by side
             await expect(w.locator(".photos img.photo[src^='blob:']")).to_have_count(2)

@@ -390,12 +390,11 @@
   }
 
   async function myReports() {
-    const data = await get(`/v1/issues?area=${encodeURIComponent(grid())}&limit=100`);
+    const data = await get(`/v1/issues?area=${encodeURIComponent(grid())}&reporter=me&limit=100`);
     await catalog();
-    const rows = data.items;  // the grid's reports, newest first
+    const rows = data.items;  // the signed-in person's reports, newest first
     show(h("section", { class: "card" }, h("h1", {}, T("我的上报", "My reports"), " ", h("span", { class: "badge" }, rows.length)),
-      // the list (read model) does not carry the reporter: these are every report of the worker's grid
-      h("p", { class: "muted small" }, T("本网格的全部上报", "Every report of your grid")),
+      h("p", { class: "muted small" }, T("您本人上报的事项", "The reports you made")),
       rows.length ? h("ul", { class: "list" }, rows.map((i) => h("li", {},
         h("button", { type: "button", class: "item", onclick: () => go("issue", i.id) },
           h("span", { class: "item-title" }, i.title),
