@@ -185,6 +185,12 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await c.screenshot(path=str(SHOTS / "2-centre-triage.png"), full_page=True)
             await c.get_by_role("button", name="受理", exact=False).first.click()
             await expect(c.locator(".flash.ok")).to_contain_text("已受理")
+            # 改派 without a reason: the server's problem+json in words, naming the field
+            allowed.append("422")
+            await c.locator(".task-control").first.get_by_role("button", name="改派").click()
+            await expect(c.locator("#flash.error")).to_contain_text("填写有误")
+            await expect(c.locator("#flash.error")).to_contain_text("reason")
+            allowed.clear()
             await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw),
                              lambda b: any(t["department"] == "zhanmao-center" for t in b["tasks"]))
 
