@@ -185,14 +185,16 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await c.screenshot(path=str(SHOTS / "2-centre-triage.png"), full_page=True)
             await c.get_by_role("button", name="受理", exact=False).first.click()
             await expect(c.locator(".flash.ok")).to_contain_text("已受理")
-            # 改派 without a reason: the server's problem+json in words, naming the field
+            await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw),
+                             lambda b: any(t["department"] == "zhanmao-center" for t in b["tasks"]))
+            # 改派 without a reason: the server's problem+json in words, naming the field (the issue opened anew:
+            # the router dispatches after the accept, so the first view may have had no tasks yet)
+            await c.goto(f"{h.base_url}/app/?issue={issue_id}")
             allowed.append("422")
             await c.locator(".task-control").first.get_by_role("button", name="改派").click()
             await expect(c.locator("#flash.error")).to_contain_text("填写有误")
             await expect(c.locator("#flash.error")).to_contain_text("reason")
             allowed.clear()
-            await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw),
-                             lambda b: any(t["department"] == "zhanmao-center" for t in b["tasks"]))
 
             # 3. the handler: a refused return says why in words, then acknowledge and resolve with a photo
             hp = watch(await desk.new_page())
@@ -223,7 +225,7 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await hp.screenshot(path=str(SHOTS / "3b-handler-comment-suspend.png"), full_page=True)
             await c.get_by_role("button", name="总览").first.click()
             request = c.locator("#approvals li[data-request='suspend']", has_text=TITLE)
-            await expect(request).to_have_count(1)
+            await expect(request).to_have_count(1, timeout=15_000)  # the page refetches on the SSE nudge
             await request.get_by_label("审批意见").fill("同意缓办")
             await c.screenshot(path=str(SHOTS / "3c-centre-approvals.png"), full_page=True)
             await request.get_by_role("button", name="批准").click()
@@ -232,6 +234,7 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             paused = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw), lambda b: b["suspended_until"] is not None)
             assert [t["suspended"] for t in paused["tasks"] if t["department"] == "zhanmao-center"] == [True]
             # the lead sees it suspended, resumes when the work can go on, then resolves with the after-photo
+            await h.wait_for("/v1/tasks?status=suspended", h.auth(*handler), lambda b: len(b["items"]) == 1)
             await hp.reload()
             await hp.locator(".item", has_text=TITLE).click()
             await expect(hp.locator("#t-flags")).to_contain_text("缓办中")
