@@ -210,6 +210,7 @@ def task_view(t: TaskState) -> dict[str, Any]:
         "extension_requested": t.extension_requested.total_seconds() if t.extension_requested else None,
         "return_requested": t.return_requested, "return_rejections": t.return_rejections,
         "extensions": t.extensions, "suspension_requested": _ts(t.suspension_requested),
+        "suspension_reason": t.suspension_reason,
         "suspended": t.suspended, "suspended_until": _ts(t.suspended_until), "suspensions": t.suspensions,
         "suspended_for": t.suspended_for.total_seconds(), "reassigned_to": t.reassigned_to,
         "urges": t.urges, "supervised_due": _ts(t.supervised_due),

@@ -127,6 +127,9 @@ async def list_issues(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = No
                       area: Annotated[str | None, Query(max_length=64)] = None,
                       status: Annotated[str | None, Query(max_length=100, pattern=NO_NUL)] = None,
                       category: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
+                      reporter: Annotated[str | None, Query(
+                          max_length=200, pattern=NO_NUL,
+                          description="only the issues this token subject reported; ``me``: the caller's")] = None,
                       overdue: bool | None = None, from_: Annotated[datetime | None, Query(alias="from")] = None,
                       to: datetime | None = None, limit: Annotated[int, Query(ge=1, le=500)] = 50,
                       cursor: Annotated[str | None, Query(max_length=200)] = None, fmt: Fmt = None) -> Response:
@@ -138,8 +141,10 @@ async def list_issues(request: Request, ctx: Ctx, p: Actor, min_seq: MinSeq = No
     except ValueError:
         raise Invalid("malformed cursor", field="cursor") from None
     since, until = _instant(from_, "from"), _instant(to, "to")
+    who = p.subject if reporter == "me" else reporter
     rows, nxt = await queries.list_issues(_pool(ctx), area=a, status=status, category=category, overdue=overdue,
-                                          since=since, until=until, limit=limit, cursor=cur, now=datetime.now(UTC))
+                                          reporter=who, since=since, until=until, limit=limit, cursor=cur,
+                                          now=datetime.now(UTC))
     return _respond(request, {"items": rows, "next_cursor": nxt, "sequence": seq}, seq, rows, fmt)
 
 

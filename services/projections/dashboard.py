@@ -10,6 +10,8 @@
   configuration gaps under the area: the kinds the rulebook
   names that no department serves at some owner area (``shared.config.crosscheck.configuration_gaps``; a
   lead there goes to 兜底, a co-handler is not dispatched) (supervisor/admin).
+* ``GET /v1/map?area=``: the map of an area in the caller's scope (names, levels, boundaries, locations), for the
+  grid worker's page too (grid worker, supervisor, admin).
 * ``GET /dashboard/stream?area=&access_token=``: Server-Sent Events. EventSource cannot send headers, so the
   token comes in the query string and goes through the same verifier. Emits ``hello`` on connect and
   ``changed`` ``{"seq": n}`` after the projection worker commits a batch that touched an issue or a household
@@ -144,6 +146,27 @@ async def dashboard_org(ctx: Ctx, p: Actor, area: Annotated[str | None, Query(ma
         "locations": {x.id: {"lat": x.location.lat, "lon": x.location.lon} for x in subtree if x.location},
         "timezone": ctx.rulebook.timezone,
     }
+    return Response(orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/map")
+async def scope_map(ctx: Ctx, p: Actor, area: Annotated[str | None, Query(max_length=64)] = None) -> Response:
+    """The map of an area in the caller's scope (default: the scope itself): the areas under it with their names
+    and levels, their GeoJSON ``boundaries`` and ``locations`` — what a grid worker's page needs to pick a report's
+    place by tapping the grid map, and to find the grid a point lies in (grid workers, supervisors, admins)."""
+    if p.role not in ("grid_worker", "supervisor", "admin"):
+        raise NotAllowed(f"role {p.role} has no area to map (grid worker, supervisor or admin)")
+    org = ctx.org
+    a = area or (org.root.id if p.role == "admin" else p.scope_id)
+    if a not in org.areas:
+        raise Invalid(f"unknown area {a!r}", field="area")
+    if not in_area(org, p, a):
+        raise NotAllowed(f"area {a} is outside scope {p.scope}")
+    subtree = org.subtree(a)
+    body = {"area": {"id": a, "name": org.areas[a].name, "level": str(org.areas[a].level)},
+            "areas": {x.id: {"name": x.name, "level": str(x.level), "parent": x.parent} for x in subtree},
+            "boundaries": {x.id: mapping(org.boundaries[x.id]) for x in subtree if x.id in org.boundaries},
+            "locations": {x.id: {"lat": x.location.lat, "lon": x.location.lon} for x in subtree if x.location}}
     return Response(orjson.dumps(body), media_type="application/json", headers={"Cache-Control": "no-store"})
 
 

@@ -154,7 +154,7 @@ def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) ->
         "version": 0, "seq": seq,
         "updated_at": e.reported_at,
         "lat": e.location.lat if e.location else None, "lon": e.location.lon if e.location else None,
-        "merged_into": None,
+        "merged_into": None, "reporter": e.reporter,
     }
 
 

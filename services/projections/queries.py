@@ -33,7 +33,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 async def list_issues(pool: asyncpg.Pool, *, area: str, status: str | None, category: str | None,
-                      overdue: bool | None, since: datetime | None, until: datetime | None, limit: int,
+                      overdue: bool | None, reporter: str | None = None, since: datetime | None,
+                      until: datetime | None, limit: int,
                       cursor: tuple[datetime, str] | None, now: datetime) -> tuple[list[dict[str, Any]], str | None]:
     where = ["areas @> ARRAY[$1]::text[]"]
     args: list[Any] = [area]
@@ -46,6 +47,8 @@ async def list_issues(pool: asyncpg.Pool, *, area: str, status: str | None, cate
         where.append(f"status = ANY({arg(status.split(','))}::text[])")
     if category:
         where.append(f"category = {arg(category)}")
+    if reporter:
+        where.append(f"reporter = {arg(reporter)}")
     if overdue is True:
         where.append(f"next_due < {arg(now)}")
     elif overdue is False:

@@ -1,16 +1,17 @@
 """The working pages (/app/) in a real browser: the 展茅 story driven through the pages only.
 
-A grid worker of 第33网格 on a phone (390×844, geolocation granted) reports slope-works blasting with a photo
-and GPS; the command centre (a supervisor of 展茅街道) sees it; the street command centre's handler
-acknowledges it (after a refused return shows the server's problem+json in words) and resolves it; the grid
-worker verifies on the spot and records the resident's feedback. Each step's screenshot goes to
-``artifacts/pages/`` (gitignored). Also: a clear page for the wrong role, the token gone from the address bar,
-every page no wider than the phone (the supervisor dashboard too), /docs and /redoc drawn from local assets,
-and no console error. Skipped without /usr/bin/chromium, as the dashboard's browser test.
+A grid worker of 第33网格 on a phone (390×844, geolocation granted) picks the place on the grid map, then reports
+slope-works blasting with a photo and GPS; the command centre (a supervisor of 展茅街道) accepts it from its
+queue; the street command centre's handler acknowledges it (after a refused return shows the server's
+problem+json in words), reports progress in a comment and asks to suspend (缓办); the command centre approves
+the suspension in its approvals queue; the handler resumes and resolves; the grid worker sees the comment,
+verifies on the spot and records the resident's feedback. Each step's screenshot goes to ``artifacts/pages/``
+(gitignored). Also: a clear page for the wrong role, the token gone from the address bar, every page no wider
+than the phone (the supervisor dashboard too), /docs and /redoc drawn from local assets, and no console error.
+Skipped without /usr/bin/chromium, as the dashboard's browser test.
 
 The rulebook is the demo's with 施工扰民 held for 受理 (``intake: review``) and a photo required at report and
-at resolve (``evidence``), so the story needs the command centre's accept and both photos. Not yet driven: the
-handler's comments (issue 19's endpoint is not on this branch).
+at resolve (``evidence``), so the story needs the command centre's accept and both photos.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ PHONE = {"width": 390, "height": 844}
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
                        "AAAABJRU5ErkJggg==")
 TITLE = "张家宕边坡爆破扰民"
+DUPLICATE = "张家宕爆破震得窗户响"
+COMMENT = "已约谈施工方，爆破改在白天 10:00-16:00，并提前公示"
 
 
 async def fits(page: Any) -> None:
@@ -97,6 +100,13 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             assert "#token" not in w.url and "token" not in w.url  # moved to sessionStorage at once
             await w.get_by_label("标题").fill(TITLE)
             await w.get_by_label("描述").fill("边坡工程爆破震动，居民扬言集体上访")
+            # a tap on the grid map (GET /v1/map: the boundaries in the worker's scope) picks a place in the grid
+            polygon = w.locator("#pick-map .grid-area[data-grid='zhanmao-g33'] polygon")
+            await expect(polygon).to_have_count(1)
+            await polygon.click()
+            await expect(w.locator("#f-where")).to_contain_text("地图选点")
+            await expect(w.locator("#f-where .in-grid")).to_be_visible()
+            await expect(w.locator("#pick-map .pin")).to_have_count(1)
             await w.get_by_role("button", name="用GPS定位").click()
             await expect(w.locator("#f-where")).to_contain_text("30.035, 122.2454")
             await w.locator("#f-photo").set_input_files(str(photo))
@@ -137,9 +147,19 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await expect(w.locator(".photos img.photo[src^='blob:']")).to_have_count(1)  # read back with the token
             await fits(w)
 
+            # the same blasting reported by the grid's other worker, through the API (the story's setup, not a page)
+            other = h.auth(*gw, subject="gw-zhanmao-33b")
+            media = (await h.client.post("/v1/media", content=PNG, headers=other | {"Content-Type": "image/png"}))
+            dup = await h.client.post("/v1/issues", headers=other, json={
+                "grid": "zhanmao-g33", "category": "construction_nuisance", "title": DUPLICATE,
+                "location": {"lat": 30.0352, "lon": 122.2456},
+                "media": [{"id": media.json()["id"], "phase": "before"}]})
+            assert dup.status_code == 201, dup.text
+            dup_id = dup.json()["id"]
+
             # 2. the command centre finds it in the triage queue and accepts it (受理): dispatched by the rules
             await h.wait_for("/v1/issues?area=zhanmao&status=pending_review", h.auth(*sup),
-                             lambda b: any(i["id"] == issue_id for i in b["items"]))
+                             lambda b: {issue_id, dup_id} <= {i["id"] for i in b["items"]})
             c = watch(await desk.new_page())
             await c.goto(f"{h.base_url}/app/#token={h.token(*sup)}")
             await expect(c.locator("#queue .item", has_text=TITLE)).to_be_visible()
@@ -149,6 +169,17 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             marker = c.locator(f"#map a.marker[data-issue='{issue_id}']")
             await expect(marker).to_have_count(1)
             await c.screenshot(path=str(SHOTS / "2-centre.png"), full_page=True)
+            # 合并办理: the neighbour's call shows the first report as a similar issue nearby (on a map); merged into it
+            await c.locator("#queue .item", has_text=DUPLICATE).click()
+            similar = c.locator("#similar li", has_text=TITLE)
+            await expect(similar).to_have_count(1)
+            await expect(c.locator(f"#similar-map a.marker[data-issue='{issue_id}']")).to_have_count(1)
+            await c.screenshot(path=str(SHOTS / "2-centre-similar.png"), full_page=True)
+            await similar.get_by_role("button", name="并入此件").click()
+            await expect(c.locator(".flash.ok")).to_contain_text("已合并办理")
+            await expect(c.locator("#issue-status .status")).to_contain_text("已合并办理")
+            await h.wait_for(f"/v1/issues/{dup_id}", h.auth(*sup), lambda b: b["merged_into"] == issue_id)
+            await c.get_by_role("button", name="总览").first.click()
             await marker.click()
             await c.get_by_label("理由").fill("情况属实，予以受理")
             await c.screenshot(path=str(SHOTS / "2-centre-triage.png"), full_page=True)
@@ -156,6 +187,14 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             await expect(c.locator(".flash.ok")).to_contain_text("已受理")
             await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw),
                              lambda b: any(t["department"] == "zhanmao-center" for t in b["tasks"]))
+            # 改派 without a reason: the server's problem+json in words, naming the field (the issue opened anew:
+            # the router dispatches after the accept, so the first view may have had no tasks yet)
+            await c.goto(f"{h.base_url}/app/?issue={issue_id}")
+            allowed.append("422")
+            await c.locator(".task-control").first.get_by_role("button", name="改派").click()
+            await expect(c.locator("#flash.error")).to_contain_text("填写有误")
+            await expect(c.locator("#flash.error")).to_contain_text("reason")
+            allowed.clear()
 
             # 3. the handler: a refused return says why in words, then acknowledge and resolve with a photo
             hp = watch(await desk.new_page())
@@ -171,9 +210,39 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             allowed.clear()
             await hp.screenshot(path=str(SHOTS / "3a-handler-problem.png"), full_page=True)
             await hp.get_by_role("button", name="签收响应").click()
+            await expect(hp.locator(".flash.ok")).to_contain_text("已签收")
+            # the lead reports progress to everyone on the issue (comments, issue 19)
+            await hp.get_by_label("类型").select_option("progress")
+            await hp.get_by_label("内容").fill(COMMENT)
+            await hp.get_by_role("button", name="发送").click()
+            await expect(hp.locator("#comments .comment.k-progress")).to_contain_text(COMMENT)
+            # the lead asks to suspend (缓办) until the blasting ends; the command centre approves it on its page
+            await hp.locator("#t-more summary").click()
+            await hp.get_by_label("理由").fill("爆破工期未结束，待工程完工后复核")
+            await hp.get_by_role("button", name="申请缓办").click()
+            await expect(hp.locator(".flash.ok")).to_contain_text("缓办申请已提交")
+            await expect(hp.locator("#t-flags")).to_contain_text("缓办待审批")
+            await hp.screenshot(path=str(SHOTS / "3b-handler-comment-suspend.png"), full_page=True)
+            await c.get_by_role("button", name="总览").first.click()
+            request = c.locator("#approvals li[data-request='suspend']", has_text=TITLE)
+            await expect(request).to_have_count(1, timeout=15_000)  # the page refetches on the SSE nudge
+            await request.get_by_label("审批意见").fill("同意缓办")
+            await c.screenshot(path=str(SHOTS / "3c-centre-approvals.png"), full_page=True)
+            await request.get_by_role("button", name="批准").click()
+            await expect(c.locator(".flash.ok")).to_contain_text("已批准")
+            await expect(c.locator("#approvals li[data-request='suspend']", has_text=TITLE)).to_have_count(0)
+            paused = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw), lambda b: b["suspended_until"] is not None)
+            assert [t["suspended"] for t in paused["tasks"] if t["department"] == "zhanmao-center"] == [True]
+            # the lead sees it suspended, resumes when the work can go on, then resolves with the after-photo
+            await h.wait_for("/v1/tasks?status=suspended", h.auth(*handler), lambda b: len(b["items"]) == 1)
+            await hp.reload()
+            await hp.locator(".item", has_text=TITLE).click()
+            await expect(hp.locator("#t-flags")).to_contain_text("缓办中")
+            await hp.get_by_role("button", name="恢复办理").click()
+            await expect(hp.locator(".flash.ok")).to_contain_text("已恢复")
             await hp.get_by_label("处理说明").fill("已与施工方约定爆破时段并公示")
             await hp.get_by_label("处理后照片").set_input_files(str(photo))
-            await hp.screenshot(path=str(SHOTS / "3b-handler-task.png"), full_page=True)
+            await hp.screenshot(path=str(SHOTS / "3d-handler-task.png"), full_page=True)
             await hp.get_by_role("button", name="办结反馈").click()
             await expect(hp.locator(".flash.ok")).to_contain_text("已办结")
             resolved = await h.wait_for(f"/v1/issues/{issue_id}", h.auth(*gw), lambda b: b["status"] == "resolved")
@@ -181,9 +250,12 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
 
             # 4. the grid worker verifies on the spot and records the resident's 回访
             await w.get_by_role("button", name="我的上报").first.click()
+            await expect(w.locator(".item", has_text=TITLE)).to_have_count(1)
+            await expect(w.locator(".item", has_text=DUPLICATE)).to_have_count(0)  # the other worker's (reporter=me)
             await w.locator(".item", has_text=TITLE).click()
             await expect(w.locator(".photos figure")).to_have_count(2)  # before and after, side by side
             await expect(w.locator(".photos img.photo[src^='blob:']")).to_have_count(2)
+            await expect(w.locator("#comments .comment")).to_contain_text(COMMENT)  # the lead's progress report
             await w.get_by_role("button", name="核查通过").click()
             await w.get_by_label("满意度").select_option("satisfied")
             await w.screenshot(path=str(SHOTS / "4a-worker-verify.png"), full_page=True)

@@ -116,6 +116,7 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("GET", "/v1/stats"): Case(only("sup_street", "sup_other", "admin")),
     ("GET", "/v1/stats/series"): Case(only("sup_street", "sup_other", "admin")),
     ("GET", "/dashboard/org"): Case(only("sup_street", "sup_other", "admin")),
+    ("GET", "/v1/map"): Case(only("gw_a", "gw_b", "sup_street", "sup_other", "admin")),
     ("GET", "/dashboard/stream"): Case(only("sup_street", "sup_other", "admin"), token_in_query="access_token",
                                        stream=True),
     ("GET", "/v1/events/stream"): Case(only("integrator", "sup_street", "sup_other", "admin"), stream=True),

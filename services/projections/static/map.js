@@ -89,7 +89,33 @@
       if (opts.onOpen) a.addEventListener("click", (e) => { e.preventDefault(); opts.onOpen(i); });
       svg.append(a);
     }
+    // a pin (the place picked for a report) and, with onPick, a tap anywhere picks a place: the grid is the one
+    // whose boundary holds the point (ray casting on the lon/lat rings)
+    if (opts.pin) {
+      const [px, py] = P(opts.pin.lon, opts.pin.lat);
+      svg.append(el("g", { class: "pin" }, el("circle", { cx: px.toFixed(1), cy: py.toFixed(1), r: 9, fill: "#13609a",
+        stroke: "#fff", "stroke-width": 3 }), el("title", {}, `${opts.pin.lat}, ${opts.pin.lon}`)));
+    }
+    if (opts.onPick) {
+      svg.classList.add("pickable");
+      svg.addEventListener("click", (e) => {
+        const m = svg.getScreenCTM();
+        if (!m) return;
+        const q = new DOMPoint(e.clientX, e.clientY).matrixTransform(m.inverse());
+        const lon = x0 + (q.x - ox) / (k * s), lat = y0 + (H - oy - q.y) / s;
+        const grid = grids.find((id) => rings(bounds[id]).some((r) => inside(lon, lat, r))) || null;
+        opts.onPick({ lat: +lat.toFixed(6), lon: +lon.toFixed(6) }, grid);
+      });
+    }
     container.replaceChildren(svg);
   }
-  window.NeedleMap = { draw, light };
+  function inside(x, y, ring) {
+    let hit = false;
+    for (let i = 0, j = ring.length - 1; i < ring.length; j = i++) {
+      const [xi, yi] = ring[i], [xj, yj] = ring[j];
+      if ((yi > y) !== (yj > y) && x < (xj - xi) * (y - yi) / (yj - yi) + xi) hit = !hit;
+    }
+    return hit;
+  }
+  window.NeedleMap = { draw, light, inside };
 })();

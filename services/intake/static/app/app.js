@@ -9,13 +9,16 @@
     voided: ["已作废", "voided"], reported: ["已上报", "reported"], routed: ["已分派", "routed"], dispatched: ["待响应", "dispatched"],
     acknowledged: ["处理中", "in progress"], in_progress: ["处理中", "in progress"], resolved: ["待核查", "to verify"],
     verified: ["已核查", "verified"], closed: ["已办结", "closed"], reopened: ["返工", "reopened"],
-    returned: ["已退单", "returned"], superseded: ["已结束", "superseded"], escalated: ["已上提", "escalated"], cancelled: ["已撤销", "cancelled"] };
+    returned: ["已退单", "returned"], merged: ["已合并办理", "merged"], suspended: ["缓办中", "suspended"],
+    superseded: ["已结束", "superseded"], escalated: ["已上提", "escalated"], cancelled: ["已撤销", "cancelled"] };
   const LIGHTS = { green: ["正常", "on time"], yellow: ["临期", "due soon"], red: ["超期", "overdue"], grey: ["已结束", "done"] };
   const TRIAGE = { accepted: ["已受理", "accepted"], rejected: ["不予受理", "rejected"], voided: ["已作废", "voided"],
     recategorised: ["已改类", "recategorised"] };
   const URGENCY = { normal: ["一般", "normal"], urgent: ["紧急", "urgent"], emergency: ["特急", "emergency"] };
   const SATISFACTION = { satisfied: ["满意", "satisfied"], basically_satisfied: ["基本满意", "basically satisfied"],
     dissatisfied: ["不满意", "dissatisfied"] };
+  const COMMENT_KINDS = { comment: ["意见", "comment"], progress: ["阶段性答复", "progress report"],
+    info_request: ["请补充材料", "information request"], info_reply: ["补充答复", "information reply"] };
   const st = { org: null, token: null, claims: null, minSeq: 0, categories: null, risks: null, timer: null, source: null,
     view: null, arg: null };
 
@@ -138,7 +141,7 @@
     if (button) button.disabled = true;
     try {
       const out = await fn();
-      if (after) after(out);
+      if (after) await after(out);  // the new view is drawn before the note shows (no stale form to fill)
       if (okWords) flash("ok", typeof okWords === "function" ? okWords(out) : okWords);
       return out;
     } catch (err) {
@@ -205,9 +208,10 @@
     st.view = view; st.arg = arg;
     clearTimeout(st.timer);
     clearFlash();
-    render().catch((err) => flash("error", problemWords(err)));
+    const drawn = render().catch((err) => flash("error", problemWords(err)));
     main().focus({ preventScroll: true });
     window.scrollTo(0, 0);
+    return drawn;
   }
   async function render() {
     const page = PAGES[st.claims.role];
@@ -247,6 +251,49 @@
       h("button", { type: "button", onclick: () => signOut(null) }, T("换一个令牌", "Use another token"))));
   }
 
+  // ---- comments with the lead, the co-handlers, the grid worker and the command centre (one thread per issue) -
+  async function commentsBox(issueId, taskId, kinds) {
+    const id = encodeURIComponent(issueId);
+    const data = await get(`/v1/issues/${id}/comments`);
+    const text = h("textarea", { id: "cm-text", rows: "2", maxlength: "5000" });
+    const kind = h("select", { id: "cm-kind" }, kinds.map((k) => h("option", { value: k }, COMMENT_KINDS[k].join(" "))));
+    const send = h("button", { type: "button", class: "primary", id: "cm-send" }, T("发送", "Send"));
+    send.onclick = () => act(send, () => post(`/v1/issues/${id}/comments`,
+      { text: text.value.trim(), kind: kind.value, task_id: taskId || undefined }),
+    [T("已发送", "Sent")], () => go(st.view, st.arg));
+    const items = data.items || [];
+    return h("section", { class: "card", id: "comments" }, h("h2", {}, T("沟通记录", "Comments"), " ",
+      h("span", { class: "badge" }, items.length)),
+    items.length ? h("ol", { class: "comments" }, items.map((c) => h("li", { class: "comment k-" + c.kind },
+      h("div", { class: "comment-meta" }, h("strong", {}, bi(ROLE_NAMES[c.role] || [c.role, c.role])),
+        c.department ? [" ", h("code", {}, c.department)] : null, " · ", when(c.at), " · ",
+        h("span", { class: "kind" }, bi(COMMENT_KINDS[c.kind] || [c.kind, c.kind]))),
+      h("p", { class: "comment-text" }, c.text))))
+      : h("p", { class: "muted" }, T("暂无沟通", "No comments yet")),
+    h("label", { for: "cm-kind" }, T("类型", "Kind")), kind,
+    h("label", { for: "cm-text" }, T("内容", "Text")), text, h("div", { class: "row" }, send));
+  }
+  // what a task waits for (退单审核, 延期, 缓办) and where it stands, in words
+  function taskFlags(t) {
+    const f = [];
+    if (t.return_requested) f.push(h("span", { class: "flag wait" }, bi(["退单待审核", "return awaiting review"]), "：", t.return_requested));
+    if (t.extension_requested) f.push(h("span", { class: "flag wait" }, bi(["延期待审批", "extension awaiting approval"]),
+      ` +${Math.round(t.extension_requested / 3600)}h`));
+    if (t.suspension_requested) f.push(h("span", { class: "flag wait" }, bi(["缓办待审批", "suspension awaiting approval"]),
+      " → ", when(t.suspension_requested), t.suspension_reason ? "：" + t.suspension_reason : ""));
+    if (t.suspended) f.push(h("span", { class: "flag paused" }, bi(["缓办中", "suspended"]), " → ", when(t.suspended_until)));
+    if (t.supervised_due) f.push(h("span", { class: "flag super" }, bi(["督办", "supervised"]), " ", when(t.supervised_due)));
+    if (t.reassigned_to) f.push(h("span", { class: "flag" }, bi(["已改派", "reassigned to"]), " ", h("code", {}, t.reassigned_to)));
+    return f.length ? h("div", { class: "flags" }, f) : null;
+  }
+  // a date (and time) picked in the browser's zone, sent as RFC 3339 with its offset (the API wants a zone)
+  function zoned(value) { const d = new Date(value); return isNaN(d) ? value : d.toISOString(); }
+  function daysAhead(n) {
+    const d = new Date(Date.now() + n * 86400000);
+    const p = (x) => String(x).padStart(2, "0");
+    return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T09:00`;
+  }
+
   // ==== grid worker ======================================================================================
   function worker() {
     chrome([["report", ["上报", "Report"]], ["mine", ["我的上报", "My reports"]]]);
@@ -268,11 +315,28 @@
     const risks = st.risks.map((r) => h("label", { class: "check" },
       h("input", { type: "checkbox", name: "risk", value: r.key }), " ", r.name));
     const where = h("output", { id: "f-where", class: "muted" }, T("未定位", "no location yet"));
+    // the grid map of the worker's scope (GET /v1/map): a tap picks the place, the grid found by its boundary
+    if (!st.map) st.map = await get("/v1/map").catch(() => ({}));
+    const mapBox = h("div", { class: "map pick", id: "pick-map" });
+    const located = (how, loc) => {
+      draft.location = loc;
+      const inside = window.NeedleMap && Object.keys(st.map.boundaries || {}).find((g) =>
+        (st.map.areas[g] || {}).level === "grid" && [st.map.boundaries[g]].flatMap((geo) => (geo.type === "Polygon"
+          ? [geo.coordinates[0]] : geo.type === "MultiPolygon" ? geo.coordinates.map((x) => x[0]) : []))
+          .some((r) => window.NeedleMap.inside(loc.lon, loc.lat, r)));
+      where.replaceChildren(...T(...how), ` ${loc.lat}, ${loc.lon}`, " · ",
+        inside ? h("span", { class: "in-grid" }, (st.map.areas[inside] || {}).name || inside)
+          : h("span", { class: "out-grid" }, ...T("不在本网格内", "outside your grid")));
+      drawPick();
+    };
+    const drawPick = () => window.NeedleMap && window.NeedleMap.draw(mapBox, { org: st.map, issues: [],
+      label: "点击地图选择位置 tap the map to pick the place", pin: draft.location,
+      onPick: (loc) => located(["地图选点", "picked on the map"], loc) });
+    drawPick();
     const gpsBtn = h("button", { type: "button", id: "f-gps", onclick: () => {
       where.replaceChildren(...T("定位中…", "locating…"));
       navigator.geolocation.getCurrentPosition((pos) => {
-        draft.location = { lat: +pos.coords.latitude.toFixed(6), lon: +pos.coords.longitude.toFixed(6) };
-        where.replaceChildren(...T("已定位", "located"), ` ${draft.location.lat}, ${draft.location.lon}`);
+        located(["已定位", "located"], { lat: +pos.coords.latitude.toFixed(6), lon: +pos.coords.longitude.toFixed(6) });
       }, (e) => where.replaceChildren(...T("无法定位", "no fix"), " (" + e.message + ")"),
       { enableHighAccuracy: true, timeout: 10000 });
     } }, T("用GPS定位", "Use GPS"));
@@ -303,6 +367,7 @@
     h("label", { for: "f-title" }, T("标题", "Title")), title,
     h("label", { for: "f-desc" }, T("描述", "Description")), desc,
     h("div", { class: "row" }, gpsBtn, where),
+    mapBox.hidden ? null : h("p", { class: "muted small" }, T("或点击网格地图选点", "or tap the grid map")), mapBox,
     h("label", { for: "f-photo" }, T("现场照片", "Photos")), pics, preview,
     h("label", { for: "f-urgency" }, T("紧急程度", "Urgency")), urgency,
     risks.length ? h("fieldset", {}, h("legend", {}, T("风险标记", "Risk flags")), risks) : null,
@@ -325,10 +390,11 @@
   }
 
   async function myReports() {
-    const data = await get(`/v1/issues?area=${encodeURIComponent(grid())}&limit=100`);
+    const data = await get(`/v1/issues?area=${encodeURIComponent(grid())}&reporter=me&limit=100`);
     await catalog();
-    const rows = data.items;  // the grid's reports, newest first
+    const rows = data.items;  // the signed-in person's reports, newest first
     show(h("section", { class: "card" }, h("h1", {}, T("我的上报", "My reports"), " ", h("span", { class: "badge" }, rows.length)),
+      h("p", { class: "muted small" }, T("您本人上报的事项", "The reports you made")),
       rows.length ? h("ul", { class: "list" }, rows.map((i) => h("li", {},
         h("button", { type: "button", class: "item", onclick: () => go("issue", i.id) },
           h("span", { class: "item-title" }, i.title),
@@ -358,6 +424,7 @@
         t.role === "lead" ? "主办 lead" : "协办 co")),
       h("span", { class: "item-meta" }, statusBadge(t.status), " ",
         taskLight(t) === "grey" ? null : [lightBadge(taskLight(t)), " ", countdown(taskDue(t))]),
+      taskFlags(t),
       t.note ? h("div", { class: "note" }, T("处理说明", "Work done"), ": ", t.note) : null)));
   }
 
@@ -384,6 +451,7 @@
       parts.push(h("section", { class: "card" }, h("h2", {}, T("群众回访", "Resident's feedback")),
         h("label", { for: "fb-sat" }, T("满意度", "Satisfaction")), sel, b));
     }
+    parts.push(await commentsBox(id, null, ["comment", "info_reply"]));
     show(...parts);
   }
 
@@ -395,7 +463,7 @@
   }
 
   async function inbox(done) {
-    const statuses = done ? "resolved,returned,closed" : "dispatched,acknowledged";
+    const statuses = done ? "resolved,returned,closed" : "dispatched,acknowledged,suspended";
     const data = await get(`/v1/tasks?status=${statuses}&limit=200`);
     const items = (data.items || data).slice().sort((a, b) => Date.parse(taskDue(a) || 0) - Date.parse(taskDue(b) || 0));
     const filter = h("select", { id: "in-filter" }, h("option", { value: "" }, "全部 all"),
@@ -425,7 +493,8 @@
     const parts = [h("button", { type: "button", class: "back", onclick: () => go("inbox") }, "← ", T("待办", "Inbox")),
       h("section", { class: "card" }, issueHead(i),
         h("p", {}, lightBadge(taskLight(t)), " ", h("strong", { id: "t-countdown" }, countdown(taskDue(t))), " ",
-          statusBadge(t.status), " ", T("期限", "due"), " ", when(taskDue(t))),
+          statusBadge(t.suspended ? "suspended" : t.status), " ", T("期限", "due"), " ", when(taskDue(t))),
+        h("div", { id: "t-flags" }, taskFlags(t)),
         h("h2", {}, T("全部承办", "All tasks")), taskRows(i.tasks))];
     const actions = h("section", { class: "card" }, h("h2", {}, T("办理", "Actions")));
     if (t.status === "dispatched") {
@@ -443,20 +512,35 @@
       actions.append(h("label", { for: "t-note" }, T("处理说明", "What was done")), note,
         h("label", { for: "t-photo" }, T("处理后照片", "After photo")), pic, b);
     }
-    if (t.status === "dispatched" || t.status === "acknowledged") {
+    if ((t.status === "dispatched" || t.status === "acknowledged") && !t.return_requested) {
       const reason = h("textarea", { id: "t-reason", rows: "2" });
       const ext = h("select", { id: "t-ext" }, ["PT4H", "P1D", "P2D", "P3D", "P7D"].map((d) => h("option", { value: d }, d)));
       const ret = h("button", { type: "button", class: "danger", id: "t-return" }, T("申请退单", "Return"));
+      // with 退单审核 the task waits for the command centre (return_requested); without, it leaves at once
       ret.onclick = () => act(ret, () => post(`/v1/tasks/${tid}/return`, { reason: reason.value.trim() }),
-        [T("已退单", "Returned")], () => go("inbox"));
+        (out) => (out.return_requested ? [T("退单申请已提交，待指挥中心审核", "Return requested; the command centre reviews it")]
+          : [T("已退单", "Returned")]), (out) => (out.return_requested ? again() : go("inbox")));
       const exb = h("button", { type: "button", id: "t-extend" }, T("申请延期", "Ask for more time"));
       exb.onclick = () => act(exb, () => post(`/v1/tasks/${tid}/extension`, { extension: ext.value, reason: reason.value.trim() }),
         [T("延期申请已提交", "Extension requested")], () => again());
-      actions.append(h("details", {}, h("summary", {}, T("退单 / 延期", "Return / extension")),
+      const until = h("input", { id: "t-until", type: "datetime-local", value: daysAhead(14) });
+      const sus = h("button", { type: "button", id: "t-suspend" }, T("申请缓办", "Ask to suspend"));
+      sus.onclick = () => act(sus, () => post(`/v1/tasks/${tid}/suspend`, { reason: reason.value.trim(), until: zoned(until.value) }),
+        [T("缓办申请已提交，待指挥中心审批", "Suspension requested; the command centre decides")], () => again());
+      actions.append(h("details", { id: "t-more" }, h("summary", {}, T("退单 / 延期 / 缓办", "Return / extension / suspension")),
         h("label", { for: "t-reason" }, T("理由", "Reason")), reason,
-        h("label", { for: "t-ext" }, T("延期时长", "Extension")), ext, h("div", { class: "row" }, exb, ret)));
+        h("label", { for: "t-ext" }, T("延期时长", "Extension")), ext,
+        h("label", { for: "t-until" }, T("缓办至（复核日期）", "Suspend until (review date)")), until,
+        h("div", { class: "row" }, exb, sus, ret)));
+    }
+    if (t.suspended) {
+      const b = h("button", { type: "button", id: "t-resume" }, T("恢复办理", "Resume"));
+      b.onclick = () => act(b, () => post(`/v1/tasks/${tid}/resume`), [T("已恢复，计时继续", "Resumed; the clocks run again")], () => again());
+      actions.append(b);
     }
     if (actions.childElementCount > 1) parts.push(actions);
+    parts.push(await commentsBox(issueId, t.id, t.role === "lead" ? ["comment", "progress", "info_request", "info_reply"]
+      : ["comment", "info_request", "info_reply"]));
     show(...parts);
   }
 
@@ -478,10 +562,14 @@
       get(`/v1/overdue?area=${encodeURIComponent(area())}`),
       get(`/v1/issues?area=${encodeURIComponent(area())}&status=dispatched,acknowledged,in_progress,reopened&limit=40`)]);
     await catalog();
-    // pending extensions: read each open issue's tasks (the API has no list of them)
+    // approvals (退单审核, 延期, 缓办): read each open issue's tasks (the API has no list of requests)
     const details = await Promise.all(open.items.map((i) => get(`/v1/issues/${i.id}`).catch(() => null)));
     const pending = [];
-    for (const d of details) if (d) for (const t of d.tasks) if (t.extension_requested) pending.push([d, t]);
+    for (const d of details) if (d) for (const t of d.tasks) {
+      if (t.return_requested) pending.push([d, t, "return"]);
+      if (t.extension_requested) pending.push([d, t, "extension"]);
+      if (t.suspension_requested) pending.push([d, t, "suspend"]);
+    }
     st.org = org;
     const items = overdue.items || [];
     const mapBox = h("div", { class: "map", id: "map" });
@@ -497,13 +585,9 @@
             h("span", { class: "item-title" }, i.title),
             h("span", { class: "item-meta" }, statusBadge(i.status), " ", categoryName(i.category), " · ", i.grid, " · ", when(i.reported_at))))))
           : h("p", { class: "muted" }, T("没有待受理的上报", "No report waits for triage"))),
-      h("section", { class: "card" }, h("h1", {}, T("延期审批", "Extension approvals"), " ", h("span", { class: "badge" }, pending.length)),
-        pending.length ? h("ul", { class: "list" }, pending.map(([d, t]) => {
-          const b = h("button", { type: "button", class: "primary" }, T("批准", "Approve"));
-          b.onclick = () => act(b, () => post(`/v1/tasks/${t.id}/extension/approve`), [T("已批准", "Approved")], () => go("centre"));
-          return h("li", { class: "task" }, h("span", { class: "item-title" }, d.title),
-            h("span", { class: "item-meta" }, t.department_name || t.department, " · +", Math.round(t.extension_requested / 3600), "h"), b);
-        })) : h("p", { class: "muted" }, T("没有待批的延期", "No extension waits"))),
+      h("section", { class: "card", id: "approvals" }, h("h1", {}, T("待审批", "Approvals"), " ", h("span", { class: "badge" }, pending.length)),
+        pending.length ? h("ul", { class: "list" }, pending.map(([d, t, what]) => approvalRow(d, t, what, org)))
+          : h("p", { class: "muted" }, T("没有待审批的退单、延期或缓办", "No return, extension or suspension waits"))),
       h("section", { class: "card" }, h("h1", {}, T("超期事项", "Overdue"), " ", h("span", { class: "badge" }, items.length)),
         items.length ? h("ul", { class: "list" }, items.map((i) => {
           const b = h("button", { type: "button" }, T("督办催办", "Urge"));
@@ -514,6 +598,38 @@
               " ", i.lead_department || "")), b);
         })) : h("p", { class: "muted" }, T("没有超期", "Nothing overdue"))),
       h("p", {}, h("a", { href: "/dashboard" }, T("督办看板（比率与趋势）", "Supervisor dashboard (rates and trends)"))));
+  }
+
+  // one request awaiting the command centre: approve (a return may name the department it goes to: 改派) or refuse
+  const REQUESTS = { return: ["退单申请", "return"], extension: ["延期申请", "extension"], suspend: ["缓办申请", "suspension"] };
+  function approvalRow(d, t, what, org) {
+    const tid = encodeURIComponent(t.id);
+    const key = `${t.id}-${what}`;
+    const reason = h("input", { id: `ap-reason-${key}`, autocomplete: "off" });
+    const detail = what === "return" ? t.return_requested
+      : what === "extension" ? `+${Math.round(t.extension_requested / 3600)}h`
+        : [when(t.suspension_requested), " "];
+    const to = what === "return" ? departmentSelect(`ap-to-${key}`, org, t.department, ["按规则", "by the rules"]) : null;
+    const ok = h("button", { type: "button", class: "primary", "data-act": "approve" }, T("批准", "Approve"));
+    const no = h("button", { type: "button", class: "danger", "data-act": "reject" }, T("驳回", "Refuse"));
+    const path = what === "extension" ? "extension" : what;
+    ok.onclick = () => act(ok, () => post(`/v1/tasks/${tid}/${path}/approve`, what === "return"
+      ? { reassign_to: to.value || undefined, reason: reason.value.trim() || undefined } : undefined),
+    [T("已批准", "Approved")], () => go("centre"));
+    no.onclick = () => act(no, () => post(`/v1/tasks/${tid}/${path}/reject`, { reason: reason.value.trim() }),
+      [T("已驳回", "Refused")], () => go("centre"));
+    return h("li", { class: "approval", "data-task": t.id, "data-request": what },
+      h("button", { type: "button", class: "item", onclick: () => go("issue", d.id) }, h("span", { class: "item-title" }, d.title),
+        h("span", { class: "item-meta" }, h("strong", {}, bi(REQUESTS[what])), " · ", t.department_name || t.department,
+          " · ", detail, what === "suspend" && t.suspension_reason ? ["：", t.suspension_reason] : null)),
+      to ? [h("label", { for: `ap-to-${key}` }, T("改派给", "Reassign to")), to] : null,
+      h("label", { for: `ap-reason-${key}` }, T("审批意见", "Reason")), reason, h("div", { class: "row" }, ok, no));
+  }
+  function departmentSelect(idAttr, org, except, none) {
+    const depts = Object.entries((org && org.departments) || {}).filter(([k]) => k !== except)
+      .sort((a, b) => a[1].name.localeCompare(b[1].name, "zh"));
+    return h("select", { id: idAttr }, none ? h("option", { value: "" }, none.join(" ")) : null,
+      depts.map(([k, v]) => h("option", { value: k }, `${v.name} (${k})`)));
   }
 
   // 受理: accept, reject (不予受理), void (作废), recategorise (改类); each refusal is the server's words
@@ -555,15 +671,76 @@
   async function centreIssue(id) {
     const i = await get(`/v1/issues/${encodeURIComponent(id)}`);
     await catalog();
-    const urge = h("button", { type: "button", id: "c-urge" }, T("督办催办", "Urge"));
+    if (!st.org) st.org = await get(`/dashboard/org?area=${encodeURIComponent(area())}`);
+    const open = !["closed", "cancelled", "rejected", "voided", "merged", "pending_review"].includes(i.status);
+    const urge = h("button", { type: "button", id: "c-urge" }, T("催办", "Urge"));
     const note = h("input", { id: "c-urge-note", value: "请尽快办理" });
     urge.onclick = () => act(urge, () => post(`/v1/issues/${id}/urge`, { note: note.value.trim() || undefined }), [T("已催办", "Urged")]);
+    const untouched = i.status === "pending_review" || (i.status === "reported" && !i.tasks.some((t) => t.status === "acknowledged"));
     show(h("button", { type: "button", class: "back", onclick: () => go("centre") }, "← ", T("总览", "Overview")),
-      h("section", { class: "card" }, issueHead(i), h("h2", {}, T("承办", "Tasks")), taskRows(i.tasks)),
-      i.status === "pending_review" || (i.status === "reported" && !i.tasks.some((t) => t.status === "acknowledged"))
-        ? triageBox(i, () => go("issue", i.id)) : null,
-      ["closed", "cancelled", "rejected", "voided", "pending_review"].includes(i.status) ? null : h("section", { class: "card" }, h("h2", {}, T("督办", "Urge")),
-        h("label", { for: "c-urge-note" }, T("督办意见", "Note")), note, urge));
+      h("section", { class: "card" }, issueHead(i),
+        i.merged_into ? h("p", {}, T("已合并到", "Merged into"), " ", h("a", { href: "#", onclick: (e) => { e.preventDefault(); go("issue", i.merged_into); } },
+          h("code", {}, i.merged_into))) : null,
+        h("h2", {}, T("承办", "Tasks")), taskRows(i.tasks)),
+      untouched ? triageBox(i, () => go("issue", i.id)) : null,
+      untouched && i.location ? await similarBox(i) : null,
+      open ? h("section", { class: "card" }, h("h2", {}, T("催办", "Urge")),
+        h("label", { for: "c-urge-note" }, T("催办意见", "Note")), note, urge) : null,
+      open ? i.tasks.filter((t) => ["dispatched", "acknowledged"].includes(t.status)).map((t) => taskControl(i, t)) : null,
+      await commentsBox(i.id, null, ["comment", "info_request"]));
+  }
+
+  // 改派 (to another department serving the owner area) and 督办 (a due date of its own, with reminders)
+  function taskControl(i, t) {
+    const tid = encodeURIComponent(t.id), k = t.id;
+    const dept = departmentSelect(`rs-dept-${k}`, st.org, t.department, null);
+    const why = h("input", { id: `rs-reason-${k}`, autocomplete: "off" });
+    const rs = h("button", { type: "button", "data-act": "reassign" }, T("改派", "Reassign"));
+    rs.onclick = () => act(rs, () => post(`/v1/tasks/${tid}/reassign`, { department: dept.value, reason: why.value.trim() }),
+      [T("已改派", "Reassigned")], () => go("issue", i.id));
+    const due = h("input", { id: `sv-due-${k}`, type: "datetime-local", value: daysAhead(3) });
+    const every = h("select", { id: `sv-every-${k}` }, [["PT4H", "每4小时 every 4h"], ["P1D", "每天 daily"], ["P2D", "每2天 every 2 days"]]
+      .map(([v, l]) => h("option", { value: v, selected: v === "P1D" }, l)));
+    const sv = h("button", { type: "button", class: "primary", "data-act": "supervise" }, T("督办", "Supervise"));
+    sv.onclick = () => act(sv, () => post(`/v1/tasks/${tid}/supervise`, { due: zoned(due.value), reason: why.value.trim(), remind_every: every.value }),
+      [T("已督办", "Under supervision")], () => go("issue", i.id));
+    return h("section", { class: "card task-control", "data-task": t.id },
+      h("h2", {}, T("改派 / 督办", "Reassign / supervise"), " · ", t.department_name || t.department, " ",
+        h("small", { class: "muted" }, t.role === "lead" ? "主办 lead" : "协办 co")),
+      h("label", { for: `rs-reason-${k}` }, T("理由", "Reason")), why,
+      h("label", { for: `rs-dept-${k}` }, T("改派给", "Reassign to")), dept, h("div", { class: "row" }, rs),
+      h("label", { for: `sv-due-${k}` }, T("督办期限", "Supervision due")), due,
+      h("label", { for: `sv-every-${k}` }, T("提醒频率", "Remind")), every, h("div", { class: "row" }, sv));
+  }
+
+  // 合并办理: the open issues of the same category near this one, on the map with it; merge this one into one
+  async function similarBox(i) {
+    const id = encodeURIComponent(i.id);
+    const sim = await get(`/v1/issues/${id}/similar`);
+    const items = sim.items || [];
+    const mapBox = h("div", { class: "map", id: "similar-map" });
+    if (window.NeedleMap && items.length) {
+      const full = await Promise.all(items.map((x) => get(`/v1/issues/${encodeURIComponent(x.id)}`).catch(() => null)));
+      const shown = [i, ...full.filter(Boolean)];
+      const grids = new Set(shown.map((x) => x.grid));  // zoomed to the grids involved, not the whole area
+      const pick = (o) => Object.fromEntries(Object.entries(o || {}).filter(([g]) => grids.has(g)));
+      const org = { ...st.org, boundaries: pick(st.org.boundaries), locations: pick(st.org.locations) };
+      window.NeedleMap.draw(mapBox, { org, issues: shown, label: "相似事项 similar issues",
+        href: (x) => `/app/?issue=${encodeURIComponent(x.id)}`, onOpen: (x) => go("issue", x.id) });
+    } else mapBox.hidden = true;
+    const reason = h("input", { id: "mg-reason", autocomplete: "off", value: "同一事项，合并办理" });
+    return h("section", { class: "card", id: "similar" }, h("h2", {}, T("相似事项（合并办理）", "Similar issues (merge)"), " ",
+      h("span", { class: "badge" }, items.length)),
+    items.length ? [mapBox, h("label", { for: "mg-reason" }, T("合并理由", "Reason")), reason,
+      h("ul", { class: "list" }, items.map((x) => {
+        const b = h("button", { type: "button", "data-act": "merge" }, T("并入此件", "Merge into this"));
+        b.onclick = () => act(b, () => post(`/v1/issues/${id}/merge`, { into: x.id, reason: reason.value.trim() || undefined }),
+          [T("已合并办理", "Merged")], () => go("issue", i.id));
+        return h("li", { class: "task" }, h("button", { type: "button", class: "item", onclick: () => go("issue", x.id) },
+          h("span", { class: "item-title" }, x.title),
+          h("span", { class: "item-meta" }, statusBadge(x.status), " ", x.grid, " · ", Math.round(x.distance_m), " m · ", when(x.reported_at))), b);
+      }))]
+      : h("p", { class: "muted" }, T("附近没有同类在办事项", "No open issue of this category nearby"), sim.radius_m ? ` (${sim.radius_m} m)` : ""));
   }
 
   // live nudges (SSE): the page refetches when an issue under the area changes
