@@ -6,7 +6,6 @@ Open311 requests for residents: ``""`` for any grid, or ``area:<area>``; docs/SE
 """
 from __future__ import annotations
 
-import os
 import secrets
 import time
 import uuid
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import jwt
 
-from shared.files import private_dir
+from shared.files import create_private_once
 from shared.revocation import Revocations
 
 ROLES = ("grid_worker", "handler", "supervisor", "integrator", "admin", "reporter")
@@ -64,25 +63,14 @@ def check_key(key: bytes) -> bytes:
 
 def load_or_create_key(data_dir: Path, name: str = KEY_FILE) -> bytes:
     """The secret at ``data_dir/name`` (default: the token key), created (32 random bytes, hex) on first use
-    (0600, in a 0700 directory); two processes making it at once end with the one written first. An existing
-    key shorter than 32 bytes (an empty file, a typed-in word) is refused: anyone could guess it and mint an
-    admin token."""
+    (0600, in a 0700 directory); processes making it at once all end with the same one, never a half-written
+    file. An existing key shorter than 32 bytes (an empty file, a typed-in word) is refused: anyone could guess
+    it and mint an admin token."""
     path = Path(data_dir) / name
-    if path.exists():
-        key = path.read_bytes().strip()
-        if len(key) < MIN_KEY_BYTES:
-            raise TokenKeyError(f"{path} holds {len(key)} bytes; a token key needs at least {MIN_KEY_BYTES} "
-                                f"(delete it to have a new random one made, then issue tokens again)")
-        return key
-    private_dir(path.parent)
-    key = secrets.token_hex(32).encode()
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:  # another process made it meanwhile
-        time.sleep(0.05)
-        return path.read_bytes().strip()
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
+    key = create_private_once(path, secrets.token_hex(32)).strip().encode()
+    if len(key) < MIN_KEY_BYTES:
+        raise TokenKeyError(f"{path} holds {len(key)} bytes; a token key needs at least {MIN_KEY_BYTES} "
+                            f"(delete it to have a new random one made, then issue tokens again)")
     return key
 
 

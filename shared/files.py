@@ -45,6 +45,26 @@ def write_private(path: Path, data: str | bytes) -> None:
         raise
 
 
+def create_private_once(path: Path, data: str) -> str:
+    """``path``'s content, creating it (0600) with ``data`` if it does not exist yet. Safe when several processes
+    start at once (``needle up`` and its children make the data dir's secrets together): the file appears whole
+    or not at all (written aside, then hard-linked into place, which fails if another process won), so no reader
+    ever sees it empty or half-written; every process ends with the winner's content."""
+    if not path.exists():
+        private_dir(path.parent)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+            with contextlib.suppress(FileExistsError):  # another process made it first: theirs stands
+                os.link(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    return path.read_text()
+
+
 def open_private(path: Path) -> int:
     """A new file (it must not exist) opened for writing, 0600 from its creation: a file descriptor."""
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

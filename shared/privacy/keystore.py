@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from nats.js.kv import KeyValue
 
 from shared.domain.errors import Unavailable
 from shared.events.subjects import valid_token
-from shared.files import open_private, private_dir
+from shared.files import create_private_once
 from shared.store.settling import JetStreamRefused, settled
 
 from . import sealing
@@ -90,12 +89,7 @@ def load_or_create_kek(data_dir: Path) -> bytes:
     0700 ``secrets/``. Every process of one needle reads the same file; a backup of the key bucket is of no use
     without it (back it up apart from the data, or keep it in a KMS and write it here at start)."""
     path = Path(data_dir) / KEK_FILE
-    if not path.exists():
-        private_dir(path.parent)
-        with contextlib.suppress(FileExistsError):  # another process made it first
-            with os.fdopen(open_private(path), "w") as f:
-                f.write(secrets.token_hex(32))
-    kek = bytes.fromhex(path.read_text().strip())
+    kek = bytes.fromhex(create_private_once(path, secrets.token_hex(32)).strip())
     if len(kek) != 32:
         raise KeyStoreError(f"{path} must hold 32 bytes (64 hex characters)")
     return kek

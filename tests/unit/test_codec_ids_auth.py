@@ -476,3 +476,18 @@ def test_each_token_holder_gets_a_subject_of_its_own_and_a_lifetime_for_its_role
     for bad in [("mayor", "", None, None), ("admin", "", "  ", None), ("admin", "", None, 0)]:
         with pytest.raises(ValueError):
             auth.plan_token(*bad)
+
+
+def test_secrets_made_by_racing_processes_are_never_seen_half_written(tmp_path: Path) -> None:
+    """needle up and its children make DIR/secrets together: every reader gets the whole, one winning key."""
+    import multiprocessing
+
+    from shared.privacy.keystore import load_or_create_kek
+
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(8) as pool:
+        keks = pool.map(load_or_create_kek, [tmp_path] * 32)
+        keys = pool.starmap(auth.load_or_create_key, [(tmp_path,)] * 32)
+    assert len(set(keks)) == 1 and len(keks[0]) == 32
+    assert len(set(keys)) == 1 and len(keys[0]) == 64
+    assert sorted(p.name for p in (tmp_path / "secrets").iterdir()) == ["resident-kek.key", "token.key"]
