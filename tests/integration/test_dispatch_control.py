@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import subprocess
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -16,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.test_router_recovery import NEEDLE, Routers, poll, precreate_router_consumers
+from tests.integration.test_router_recovery import Routers, poll, precreate_router_consumers
 from tests.integration.test_router_recovery import router_idle as router_idle_js
 from tests.integration.test_router_sla import lead_at, router_idle, task_call
 from tests.support import NeedleHandle, events, issue, now, of_type, report, sleep_until, ts
@@ -275,19 +273,7 @@ async def test_extension_refused_and_capped(needle_factory: Callable[..., Any]) 
 class DispatchRouters(Routers):
     """``needle run router`` subprocesses on dispatch_rules.yaml."""
 
-    def start(self, nats_url: str) -> subprocess.Popen[bytes]:
-        n = len(self.procs)
-        data_dir = self.root / f"router{n}"
-        data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_ORG": str(ORG), "NEEDLE_RULES": str(RULES),
-               "NEEDLE_LOG_LEVEL": "warning"}
-        env.pop("NEEDLE_DATABASE_URL", None)
-        with open(self.root / f"router{n}.log", "ab") as log:
-            proc = subprocess.Popen([str(NEEDLE), "run", "router", "--data-dir", str(data_dir)], env=env,
-                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
-        self.procs.append(proc)
-        return proc
+    rules = RULES
 
 
 @pytest.fixture

@@ -99,6 +99,8 @@ async def router_idle(js: JetStreamContext) -> bool:
 class Routers:
     """``needle run router`` subprocesses; whatever is still running at the end gets SIGKILL."""
 
+    rules: Path = FAST  # the rulebook the routers run on
+
     def __init__(self, root: Path) -> None:
         self.root = root
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -107,7 +109,7 @@ class Routers:
         n = len(self.procs)
         data_dir = self.root / f"router{n}"
         data_dir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_ORG": str(ORG), "NEEDLE_RULES": str(FAST),
+        env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_ORG": str(ORG), "NEEDLE_RULES": str(self.rules),
                "NEEDLE_LOG_LEVEL": "warning"}
         env.pop("NEEDLE_DATABASE_URL", None)
         with open(self.root / f"router{n}.log", "ab") as log:
