@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     # comma-separated or a JSON list; none by default (services/integrations/targets.py)
     webhook_allow_private: Annotated[list[str], NoDecode] = Field(default_factory=list)
     webhook_max_per_owner: int = Field(default=20, ge=1)  # webhooks one token subject may hold at once
+    # how often closed issues past the rulebook's retention.closed_text are crypto-shredded
+    retention_sweep_s: float = Field(default=3600.0, gt=0)
 
     # /healthz turns 503 when the router or the projections are more than this many messages or seconds behind
     health_max_lag: int = 10_000

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import secrets
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -112,6 +114,27 @@ async def ensure_database(pg_admin_url: str, database: str) -> str:
     return pg_admin_url.rsplit("/", 1)[0] + f"/{database}"
 
 
+_KEKS: dict[str, str] = {}
+
+
+def share_kek(data_dir: Path, nats_url: str) -> None:
+    """Every process of one needle reads the same key-encryption key (its data dir's, or in compose a shared
+    volume): the stacks a test starts on one NATS share one, as the processes of ``needle up`` do."""
+    secrets_dir = data_dir / "secrets"
+    secrets_dir.mkdir(mode=0o700, exist_ok=True)
+    kek = secrets_dir / "resident-kek.key"
+    if not kek.exists():  # created 0600 from its first byte, as needle creates it
+        fd = os.open(kek, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(_KEKS.setdefault(nats_url, secrets.token_hex(32)))
+
+
+def restored_kek(nats_url: str, from_data_dir: Path) -> None:
+    """The needles started on ``nats_url`` read the key-encryption key of ``from_data_dir``: a restore brings
+    the KEK kept apart from the backup (docs/SECURITY.md), else the restored keys open with nothing."""
+    _KEKS[nats_url] = (from_data_dir / "secrets" / "resident-kek.key").read_text().strip()
+
+
 async def start_needle(data_dir: Path, *, org: Path, rules: Path, nats_url: str, pg_admin_url: str, database: str,
                        services: tuple[str, ...] = ("intake", "router", "projections"), read_api: bool = False,
                        **overrides: Any) -> NeedleHandle:
@@ -119,6 +142,7 @@ async def start_needle(data_dir: Path, *, org: Path, rules: Path, nats_url: str,
     (the checkpoint follower), as ``needle up``'s intake does."""
     db_url = await ensure_database(pg_admin_url, database)
     data_dir.mkdir(parents=True, exist_ok=True)
+    share_kek(data_dir, nats_url)
     settings = Settings(data_dir=data_dir, org=org, rules=rules, nats_url=nats_url, database_url=db_url,
                         port=free_port(), **overrides)
     stack = Stack.from_settings(settings, Urls(nats=nats_url, database=db_url))

@@ -559,9 +559,12 @@ def rebuild(data_dir: DataDir = None,
     rb = load_rulebook(info.get("rules") or settings.rules)
 
     async def go() -> dict[str, Any]:
+        from shared.privacy.issuekeys import issue_keys_for
+
         nc = await nats.connect(nats_servers(info["nats_url"]))
         pool = await open_pool(info["database_url"])
         try:
+            texts = await issue_keys_for(nc, settings.data_dir, replicas=settings.stream_replicas)
             with Progress(TextColumn("rebuild"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
                           TextColumn("{task.fields[rate]:,.0f} events/s"), TimeRemainingColumn()) as bar:
                 task = bar.add_task("rebuild", total=1, rate=0.0)
@@ -570,7 +573,7 @@ def rebuild(data_dir: DataDir = None,
                     bar.update(task, completed=done, total=target, rate=rate)
 
                 return await do_rebuild(pool, nc.jetstream(), ProjectionWriter(org, rb.tz), progress,
-                                        database_url=info["database_url"])
+                                        database_url=info["database_url"], texts=texts)
         finally:
             await pool.close()
             await nc.close()

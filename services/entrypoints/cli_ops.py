@@ -118,6 +118,8 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
     from services.ops.backup import BackupError, read_manifest, rebuild_read_models
     from services.ops.backup import restore as do_restore
     from shared.config import ConfigError, load_org, load_rulebook
+    from shared.privacy.issuekeys import issue_keys_for
+    from shared.privacy.keystore import KEK_FILE, KeyStoreError
 
     settings = _settings(data_dir, org=org, rules=rules)
     try:
@@ -142,7 +144,13 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
                 def rebuilt(done: int, target: int, rate: float) -> None:
                     bar.update(task, completed=done, total=max(target, 1))
 
-                figures = await rebuild_read_models(nc, info["database_url"], org_tree, rb.tz, rebuilt)
+                texts = await issue_keys_for(nc, settings.data_dir, replicas=settings.stream_replicas)
+                try:
+                    figures = await rebuild_read_models(nc, info["database_url"], org_tree, rb.tz, rebuilt, texts)
+                except KeyStoreError as exc:  # the backup's keys are wrapped with another needle's KEK
+                    raise BackupError(f"streams restored, read models not rebuilt: {exc}. Copy {KEK_FILE} of the "
+                                      f"needle the backup came from to {settings.data_dir / KEK_FILE}, then run "
+                                      "`needle rebuild`") from None
             return manifest, figures
         finally:
             await nc.close()
@@ -157,4 +165,6 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
     _echo_streams(manifest, sizes=False)
     if manifest.get("forgotten_again"):
         typer.echo(f"{manifest['forgotten_again']} forgotten residents' keys destroyed again")
+    if manifest.get("shredded_again"):
+        typer.echo(f"{manifest['shredded_again']} shredded issues' keys destroyed again")
     typer.echo(f"restored from {source}; read models rebuilt ({figures['events']:,.0f} events)")

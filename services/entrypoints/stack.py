@@ -24,6 +24,7 @@ from services.integrations import webhooks_api
 from services.integrations.webhooks import WebhookService, start_webhooks
 from services.media.store import MediaStore
 from services.notify.service import NotifyService, start_notifier
+from services.projections.retention import RetentionSweeper
 from services.projections.service import ReadModels, start_projections, start_read_api
 from services.projections.worker import ProjectionWorker
 from services.router.service import Router, start_router
@@ -33,6 +34,7 @@ from shared.config.crosscheck import check_against_org
 from shared.domain.calendar import WorkCalendar, load_holiday_file
 from shared.domain.clocks import SlaClocks
 from shared.lifecycle import Lifecycle
+from shared.privacy.issuekeys import IssueKeys
 from shared.privacy.keystore import ResidentKeys, load_or_create_kek
 from shared.revocation import Revocations
 from shared.settings import Settings
@@ -72,6 +74,7 @@ class Stack:
     nc: NATS | None = None
     store: JetStreamEventStore | None = None
     residents: ResidentKeys | None = None
+    issue_keys: IssueKeys | None = None  # the issues' data keys: free text is sealed in the stream
     revocations: Revocations = field(default_factory=Revocations)  # followed from NEEDLE_REVOKED
     router: Router | None = None
     read_models: ReadModels | None = None
@@ -79,6 +82,7 @@ class Stack:
     webhooks: WebhookService | None = None
     notifier: NotifyService | None = None  # with the router, when NEEDLE_NOTIFY_URL is set
     lag: LagMonitor | None = None
+    retention: RetentionSweeper | None = None  # with the projections: shreds closed issues' text past retention
 
     @classmethod
     def from_settings(cls, settings: Settings, urls: Urls) -> Stack:
@@ -119,12 +123,15 @@ class Stack:
         options = StreamOptions(replicas=self.settings.stream_replicas,
                                 duplicate_window_s=self.settings.duplicate_window_s)
         await settled("streams", lambda: ensure_streams(nc, options), within_s=within)
-        self.store = JetStreamEventStore(nc)
-        await self.store.start()
-        self.residents = ResidentKeys(nc, replicas=self.settings.stream_replicas,
-                                      kek=load_or_create_kek(self.settings.data_dir))
+        kek = load_or_create_kek(self.settings.data_dir)
+        self.residents = ResidentKeys(nc, replicas=self.settings.stream_replicas, kek=kek)
         await self.residents.start(settle_s=within)
         self.life.on_close(self.residents.close)
+        self.issue_keys = IssueKeys(nc, kek=kek, replicas=self.settings.stream_replicas)
+        await self.issue_keys.start(settle_s=within)
+        self.life.on_close(self.issue_keys.close)
+        self.store = JetStreamEventStore(nc, texts=self.issue_keys)
+        await self.store.start()
         await self._follow_revocations()
         await self._rules_in_force()
 
@@ -187,7 +194,11 @@ class Stack:
         nc, _ = self._connection()
         assert self.urls.database, "the projections need a database"
         self.read_models, self.projection_worker = await start_projections(self.life, nc, self.org, self.rulebook,
-                                                                           self.urls.database)
+                                                                           self.urls.database, self.issue_keys)
+        if self.store is not None and self.issue_keys is not None:  # one per needle: where the projections run
+            self.retention = RetentionSweeper(self.read_models.pool, self.store, self.issue_keys,
+                                              lambda: self.rulebook, every_s=self.settings.retention_sweep_s)
+            self.life.spawn("retention", self.retention.run())
         return self.projection_worker
 
     async def start_read_api(self) -> ReadModels:
@@ -197,7 +208,7 @@ class Stack:
 
     async def start_webhooks(self) -> WebhookService:
         nc, _ = self._connection()
-        self.webhooks = await start_webhooks(self.life, nc, self.org, self.settings)
+        self.webhooks = await start_webhooks(self.life, nc, self.org, self.settings, texts=self.issue_keys)
         return self.webhooks
 
     def build_app(self) -> Any:

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 from shared.domain.errors import Invalid, NotFound, Unavailable
 from shared.events import schemas
 from shared.events import subjects as sj
+from shared.events.codec import decode
 from shared.events.models import BY_NAME, IssueReported
 from shared.privacy.residents import resident_id_only
 from shared.store.eventstore import EventStore
@@ -196,7 +197,19 @@ class StreamClient:
             if not inside:
                 self.last_queued = seq
                 return
-        if (b'"resident":{' in data and resident_id_only(ce)) or b"\n" in data or b"\r" in data:
+        if "sealed" in ce and self.store.texts is not None:  # the issue's free text, opened for the reader
+            try:
+                opened = await self.store.texts.open_one(decode(data, seq))
+            except (ValueError, Unavailable) as exc:  # a newer type, or keys down: sent as stored, sealed
+                log.warning("sealed event sent sealed", seq=seq, error=str(exc))
+            else:
+                ce = opened.to_cloudevent()
+                ce.pop("sequence", None)
+                data = b""
+        if not data:
+            resident_id_only(ce)
+            data = orjson.dumps(ce)
+        elif (b'"resident":{' in data and resident_id_only(ce)) or b"\n" in data or b"\r" in data:
             data = orjson.dumps(ce)  # SSE data must be one line; a reported resident goes out as {id} only
         try:
             self.queue.put_nowait((seq, _frame(seq, str(ce.get("type", "")), data)))

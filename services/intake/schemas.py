@@ -242,6 +242,7 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTr
         "status": s.status, "level": s.level, "owner_area": s.owner_area, "urgency": s.urgency,
         "risk": list(s.risk), "location": s.location.model_dump() if s.location else None,
         "reporter": s.reporter, "reported_at": _ts(s.reported_at), "closed_at": _ts(s.closed_at),
+        "text_shredded_at": _ts(s.text_shredded_at),
         "version": s.version, "sequence": s.last_seq, "rule": s.rule, "rulebook_version": s.rulebook_version,
         "reopen_count": s.reopen_count, "escalations": s.escalations, "satisfaction": s.satisfaction,
         "campaign": s.campaign, "visit": s.visit, "resident": resident, "tasks": tasks,

@@ -29,9 +29,11 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shared.config import OrgTree
+from shared.domain.errors import Unavailable
 from shared.events import subjects as sj
-from shared.events.codec import decode
+from shared.events.codec import Envelope, decode
 from shared.events.models import IssueReported
+from shared.privacy.issuekeys import IssueKeys
 from shared.privacy.residents import resident_id_only
 from shared.store.grid_cache import GridCache
 
@@ -88,12 +90,12 @@ class Payload:
     grid: str | None  # known from the event itself (issue_reported)
 
 
-def render(data: bytes, seq: int) -> Payload:
+def render(data: bytes, seq: int, env: Envelope | None = None) -> Payload:
     """A stored event -> the CloudEvent JSON sent to receivers (upcast, with its stream ``sequence``; a
-    reported resident as ``{id}``)."""
+    reported resident as ``{id}``); ``env``: the event already decoded (and its free text opened)."""
     grid: str | None = None
     try:
-        env = decode(data, seq)
+        env = env or decode(data, seq)
         ce = env.to_cloudevent()
         if isinstance(env.data, IssueReported):
             grid = env.data.grid
@@ -102,6 +104,18 @@ def render(data: bytes, seq: int) -> Payload:
         ce = orjson.loads(data)
         ce["sequence"] = seq
     return Payload(orjson.dumps(ce), str(ce.get("id", "")), str(ce.get("type", "")), grid)
+
+
+async def render_opened(data: bytes, seq: int, texts: IssueKeys | None) -> Payload:
+    """``render``, the issue's free text opened: receivers are integrators, who read every event in clear
+    (``[erased]`` once the issue's key is destroyed)."""
+    if texts is None or b'"sealed"' not in data:
+        return render(data, seq)
+    try:
+        env = decode(data, seq)
+    except ValueError:
+        return render(data, seq)
+    return render(data, seq, await texts.open_one(env))
 
 
 class Sender:
@@ -184,8 +198,9 @@ def group_of(subject: str) -> str:
 
 class Deliverer:
     def __init__(self, hook: Webhook, js: JetStreamContext, org: OrgTree, grids: GridCache, sender: Sender,
-                 registry: Registry, config: Callable[[], DeliveryConfig]) -> None:
+                 registry: Registry, config: Callable[[], DeliveryConfig], texts: IssueKeys | None = None) -> None:
         self.hook, self.js, self.org, self.grids = hook, js, org, grids
+        self.texts = texts
         self.sender, self.registry, self.config = sender, registry, config
         self.counters = Counters()
         self.wanted = frozenset(hook.types)
@@ -266,10 +281,21 @@ class Deliverer:
                 await self._one(m)
                 pending.pop(id(m), None)
 
+    async def _rendered(self, data: bytes, seq: int) -> Payload:
+        """The payload, waiting while the issue keys do not answer (the message is kept in progress meanwhile)."""
+        delay = 0.2
+        while True:
+            try:
+                return await render_opened(data, seq, self.texts)
+            except Unavailable as exc:
+                log.warning("issue keys unavailable; delivery waits", webhook=self.hook.id, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
     async def _one(self, m: Msg) -> None:
         seq = m.metadata.sequence.stream
         try:
-            p = render(m.data, seq)
+            p = await self._rendered(m.data, seq)
         except Exception as exc:  # not even JSON: park it rather than fail on it forever
             await self.park(DeadLetter(webhook=self.hook.id, seq=seq, event_id=None, type=None, subject=m.subject,
                                        attempts=0, status=None, error=f"undecodable event: {exc!r}"[:300],

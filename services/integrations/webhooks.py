@@ -20,11 +20,12 @@ from shared.config import OrgTree
 from shared.domain.errors import Unavailable
 from shared.events import subjects as sj
 from shared.lifecycle import Lifecycle
+from shared.privacy.issuekeys import IssueKeys
 from shared.settings import Settings
 from shared.store.grid_cache import GridCache
 from shared.store.settling import settled
 
-from .delivery import Deliverer, DeliveryConfig, Sender, consumer_name, group_of, now_iso, render
+from .delivery import Deliverer, DeliveryConfig, Sender, consumer_name, group_of, now_iso, render_opened
 from .registry import Registry, Webhook
 from .targets import AllowList
 
@@ -39,7 +40,8 @@ class ReplayResult:
 
 class WebhookService:
     def __init__(self, nc: NATS, org: OrgTree, registry: Registry, sender: Sender, config: DeliveryConfig,
-                 health: dict[str, bool] | None = None, deliver: bool = True) -> None:
+                 health: dict[str, bool] | None = None, deliver: bool = True, texts: IssueKeys | None = None) -> None:
+        self.texts = texts  # the issues' data keys: receivers get the free text opened
         self.deliver = deliver  # False in an extra intake worker: it registers, the first process delivers
         self.nc, self.js, self.org = nc, nc.jetstream(), org
         self.registry, self.sender, self.config = registry, sender, config
@@ -62,7 +64,7 @@ class WebhookService:
         for hook in hooks:
             if hook.id not in self.running:
                 self._launch(Deliverer(hook, self.js, self.org, self.grids, self.sender, self.registry,
-                                       self._config))
+                                       self._config, self.texts))
         gone = set(self.running) - {h.id for h in hooks}
         for hook_id in gone:
             await self._stop(hook_id)
@@ -118,7 +120,7 @@ class WebhookService:
         hook = Webhook(id="wh" + secrets.token_hex(10), url=url, types=types, area=area, secret=secret, owner=owner,
                        created_at=now_iso(), start_seq=int(info.state.last_seq) + 1)
         await self.registry.create(hook)
-        d = Deliverer(hook, self.js, self.org, self.grids, self.sender, self.registry, self._config)
+        d = Deliverer(hook, self.js, self.org, self.grids, self.sender, self.registry, self._config, self.texts)
         with contextlib.suppress(Exception):  # if it fails here the loop keeps trying from hook.start_seq
             await d.subscribe()
         if self.deliver:
@@ -189,19 +191,21 @@ class WebhookService:
         return ReplayResult(replayed=replayed, still_failing=len(letters) - replayed)
 
     async def _send_once(self, hook: Webhook, data: bytes, seq: int) -> tuple[bool, int | None, str | None]:
-        out = await self.sender.send(hook, render(data, seq), self.config.timeout_s)
+        out = await self.sender.send(hook, await render_opened(data, seq, self.texts), self.config.timeout_s)
         return out.ok, out.status, out.error
 
 
 async def start_webhooks(life: Lifecycle, nc: NATS, org: OrgTree, settings: Settings,
-                         config: DeliveryConfig | None = None, sender: Sender | None = None) -> WebhookService:
+                         config: DeliveryConfig | None = None, sender: Sender | None = None,
+                         texts: IssueKeys | None = None) -> WebhookService:
     """Opens the KV buckets and restarts every registered webhook's delivery (API routes: ``webhooks_api.router``)."""
     config = config or DeliveryConfig.from_settings(settings)
     js = nc.jetstream()
     registry = await settled("webhook buckets", lambda: Registry.open(js, replicas=settings.stream_replicas),
                              within_s=settings.start_timeout_s)
     sender = sender or Sender.pooled(allow=AllowList.parse(config.allow_private))
-    service = WebhookService(nc, org, registry, sender, config, health=life.health, deliver=settings.webhook_delivery)
+    service = WebhookService(nc, org, registry, sender, config, health=life.health, deliver=settings.webhook_delivery,
+                             texts=texts)
     life.on_close(sender.client.aclose)
     life.on_close(service.close)  # closers run last-first: the loops stop before the client closes
     await service.start()

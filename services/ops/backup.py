@@ -135,7 +135,32 @@ async def restore(nc: NATS, source: Path, *, force: bool = False, announce: Anno
                 raise BackupError(f"restored {name} has {key} {got.get(key)}, the backup says {entry['state'][key]}")
     if any(e["name"] == KEYS_STREAM for e in manifest["streams"]):
         manifest["forgotten_again"] = await reapply_forgets(nc)
+        manifest["shredded_again"] = await reapply_shreds(nc)
     return manifest
+
+
+async def reapply_shreds(nc: NATS) -> int:
+    """Destroy again every issue key the restored events say was shredded (the bucket and the events are cut
+    one after the other: a backup may hold a shredded issue's key). A key made after the shred (text written
+    later) has another id and stays."""
+    from shared.privacy.issuekeys import IssueKeys
+
+    resp = orjson.loads((await nc.request(f"$JS.API.STREAM.INFO.{sj.EVENTS_STREAM}", orjson.dumps(
+        {"subjects_filter": sj.issue_event("*", "issue_text_shredded")}), timeout=10)).data)
+    subjects = sorted(resp.get("state", {}).get("subjects") or {})
+    if not subjects:
+        return 0
+    js = nc.jetstream()
+    keys = IssueKeys(nc, kek=None)
+    await keys.start(watch=False)
+    destroyed = 0
+    for subject in subjects:
+        issue_id = subject.split(".")[3]
+        shredded = orjson.loads((await js.get_last_msg(sj.EVENTS_STREAM, subject)).data or b"{}")
+        key_id = (shredded.get("data") or {}).get("key_id")
+        if key_id is not None and await keys.key_id_of(issue_id) == key_id and await keys.destroy(issue_id):
+            destroyed += 1
+    return destroyed
 
 
 async def reapply_forgets(nc: NATS) -> int:
@@ -173,7 +198,8 @@ async def reapply_forgets(nc: NATS) -> int:
 
 
 async def rebuild_read_models(nc: NATS, database_url: str, org: Any, tz: Any,
-                              progress: Callable[[int, int, float], None] | None = None) -> dict[str, float]:
+                              progress: Callable[[int, int, float], None] | None = None,
+                              texts: Any = None) -> dict[str, float]:
     """Bring the read-model schema up to date and rebuild it from the (restored) stream."""
     from services.projections.migrate import upgrade
     from services.projections.rebuild import rebuild
@@ -183,6 +209,6 @@ async def rebuild_read_models(nc: NATS, database_url: str, org: Any, tz: Any,
     await upgrade(database_url)
     pool = await open_pool(database_url)
     try:
-        return await rebuild(pool, nc.jetstream(), ProjectionWriter(org, tz), progress)
+        return await rebuild(pool, nc.jetstream(), ProjectionWriter(org, tz), progress, texts=texts)
     finally:
         await pool.close()

@@ -54,6 +54,7 @@ from shared.config import OrgTree
 from shared.domain.issue import URGENCY_RANK
 from shared.events import models as ev
 from shared.events.codec import Envelope
+from shared.privacy.texts import ERASED
 
 METRICS = (
     "reported", "issues_dispatched", "issues_resolved", "closed", "closed_on_time", "resolved_on_site",
@@ -102,6 +103,7 @@ class Batch:
     last_seq: int = 0
     tasks_of: dict[str, set[str]] = field(default_factory=dict)  # issue id -> its task ids (an index of ``tasks``)
     visits: dict[str, dict[str, Any]] = field(default_factory=dict)  # household visits touched (走访)
+    shredded: dict[str, int] = field(default_factory=dict)  # issue -> seq of its text shred: erase older audit text
 
     def add_task(self, row: dict[str, Any]) -> None:
         self.tasks[row["id"]] = row
@@ -154,7 +156,7 @@ def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) ->
         "version": 0, "seq": seq,
         "updated_at": e.reported_at,
         "lat": e.location.lat if e.location else None, "lon": e.location.lon if e.location else None,
-        "merged_into": None, "reporter": e.reporter,
+        "merged_into": None, "reporter": e.reporter, "text_shredded_at": None,
     }
 
 
@@ -347,6 +349,12 @@ def apply(batch: Batch, env: Envelope) -> None:
             batch.count_area(issue, at, "merged")
             _leave_the_rates(batch, issue, at)  # the group is counted once: by its target
             _close_open_tasks(batch, issue_id, seq)
+        case ev.IssueTextShredded():  # its free text is gone for good: so from the rows that showed it
+            issue.update(title=ERASED, lat=None, lon=None, text_shredded_at=e.at)
+            for tid in batch.tasks_of.get(issue_id, ()):
+                batch.tasks[tid]["title"] = ERASED
+                batch.tasks[tid]["seq"] = seq
+            batch.shredded[issue_id] = seq
         case ev.IssueClosedWithTarget():  # closed with its group: counted in the target's close, not again
             issue.update(status="closed", closed_at=e.closed_at, closed_on_time=e.on_time)
         case ev.IssueClosed():

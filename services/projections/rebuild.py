@@ -22,6 +22,7 @@ import structlog
 from nats.js.client import JetStreamContext
 
 from shared.events import subjects as sj
+from shared.privacy.issuekeys import IssueKeys
 
 from .reader import StreamReader
 from .replay import DEFERRED_INDEXES, MAX_ISSUES_IN_MEMORY, SUFFIX, ReplayInline, ReplayProcess, decode_all
@@ -44,10 +45,13 @@ async def stream_last_seq(js: JetStreamContext) -> int:
 
 async def rebuild(pool: asyncpg.Pool, js: JetStreamContext, live: ProjectionWriter,
                   progress: Progress | None = None, *, database_url: str | None = None,
-                  max_issues: int = MAX_ISSUES_IN_MEMORY, read_batch: int = 2000) -> dict[str, Any]:
+                  max_issues: int = MAX_ISSUES_IN_MEMORY, read_batch: int = 2000,
+                  texts: IssueKeys | None = None) -> dict[str, Any]:
     """Replay everything into ``__rebuild`` tables and swap them in. Returns figures for the report.
 
-    With ``database_url`` (the database of ``pool``) the replay runs in a child process while this one reads."""
+    With ``database_url`` (the database of ``pool``) the replay runs in a child process while this one reads.
+    ``texts``: the issues' data keys (default: the live writer's) to open the free text with."""
+    texts = texts or live.texts
     replay = (ReplayProcess(database_url, live.org, live.tz, max_issues) if database_url
               else ReplayInline(pool, live.org, live.tz, max_issues))
     reader = StreamReader(js, read_batch)
@@ -60,6 +64,8 @@ async def rebuild(pool: asyncpg.Pool, js: JetStreamContext, live: ProjectionWrit
         await asyncio.gather(prepare(), replay.start())
         fresh = ProjectionWriter(live.org, live.tz, SUFFIX)
         target = await stream_last_seq(js)
+        if texts is not None:  # after the target: every event up to it was sealed with a key made before it
+            await replay.use_keys(await texts.all_keys())
         t0 = time.perf_counter()
         read_s = 0.0
         while reader.seq < target:
@@ -83,6 +89,8 @@ async def rebuild(pool: asyncpg.Pool, js: JetStreamContext, live: ProjectionWrit
                 raws = await reader.fetch(live_seq)
                 if raws:
                     envs = decode_all(raws)
+                    if texts is not None:
+                        envs = await texts.open(envs)
                     await fresh.write(conn, envs, reader.seq)
                     events += len(envs)
             await _swap(conn)

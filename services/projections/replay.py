@@ -25,6 +25,7 @@ import structlog
 from shared.config import OrgTree
 from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
+from shared.privacy.issuekeys import IssueKey, open_with
 
 from .model import Batch, apply, visits_named
 from .reader import Raw
@@ -41,15 +42,20 @@ ISSUE_PREFIX = (f"{sj.EVENTS_ROOT}.issue.", f"{sj.EVENTS_ROOT}.visit.")  # what 
 DEFERRED_INDEXES = ("issues", "tasks")  # built after their rows are COPYed (or before a spill's upserts need them)
 
 
-def decode_all(raws: list[Raw]) -> list[Envelope]:
+def decode_all(raws: list[Raw], keys: dict[str, IssueKey] | None = None) -> list[Envelope]:
+    """The events the read models fold; with ``keys`` (every issue's data key, taken once the replay's end was
+    fixed: an event up to it was sealed with a key made before it) their free text is opened, or erased where
+    the issue has no key any more."""
     out: list[Envelope] = []
     for seq, subject, data in raws:
         if not subject.startswith(ISSUE_PREFIX):
             continue
         try:
-            out.append(decode(data, seq))
+            env = decode(data, seq)
         except (UnknownEventType, ValueError) as exc:
             log.error("event skipped by rebuild", seq=seq, error=str(exc))
+            continue
+        out.append(env if keys is None or env.sealed is None else open_with(env, keys.get(env.subject)))
     return out
 
 
@@ -92,10 +98,11 @@ class Replay:
         self.events = 0
         self.fold_s = 0.0
         self.audit = AuditCopier(pool)
+        self.keys: dict[str, IssueKey] | None = None
 
     async def fold(self, raws: list[Raw]) -> None:
         t = time.perf_counter()
-        envs = decode_all(raws)
+        envs = decode_all(raws, self.keys)
         b = self.batch
         if self.spills and (ids := list({e.subject for e in envs} - b.issues.keys())):
             vids = list(visits_named(envs) - b.visits.keys())
@@ -168,6 +175,10 @@ class ReplayInline:
     async def start(self) -> None:
         self.replay = Replay(self.pool, self.org, self.tz, self.max_issues)
 
+    async def use_keys(self, keys: dict[str, IssueKey]) -> None:
+        assert self.replay is not None
+        self.replay.keys = keys
+
     async def fold(self, raws: list[Raw]) -> None:
         assert self.replay is not None
         await self.replay.fold(raws)
@@ -216,6 +227,10 @@ def _child_ready() -> bool:
     return True
 
 
+def _child_keys(keys: dict[str, IssueKey]) -> None:
+    _Child.replay.keys = keys
+
+
 def _child_fold(raws: list[Raw]) -> None:
     _Child.call(_Child.replay.fold(raws))
 
@@ -244,6 +259,9 @@ class ReplayProcess:
 
     async def start(self) -> None:
         await self._submit(_child_ready)  # the child is up and connected (its start overlaps nothing else)
+
+    async def use_keys(self, keys: dict[str, IssueKey]) -> None:
+        await self._submit(_child_keys, keys)
 
     async def fold(self, raws: list[Raw]) -> None:
         self.pending.append(self._submit(_child_fold, raws))

@@ -10,6 +10,7 @@ from nats.aio.client import Client as NATS
 
 from shared.config import OrgTree, Rulebook
 from shared.lifecycle import Lifecycle
+from shared.privacy.issuekeys import IssueKeys
 
 from .api import router as api_router
 from .dashboard import router as dashboard_router
@@ -43,13 +44,13 @@ class ReadModels:
 
 
 async def start_projections(life: Lifecycle, nc: NATS, org: OrgTree, rulebook: Rulebook,
-                            database_url: str) -> tuple[ReadModels, ProjectionWorker]:
+                            database_url: str, texts: IssueKeys | None = None) -> tuple[ReadModels, ProjectionWorker]:
     """Migrate, rebuild if the projection code changed, then fold the stream into Postgres until ``life``
     closes; the read models are served from this process too."""
     pool = await open_pool(database_url)
     life.on_close(pool.close)
     await upgrade(database_url)
-    writer = ProjectionWriter(org, rulebook.tz)
+    writer = ProjectionWriter(org, rulebook.tz, texts=texts)
     async with pool.acquire() as conn:
         _, version = await writer.checkpoint(conn)
     js = nc.jetstream()
@@ -58,7 +59,7 @@ async def start_projections(life: Lifecycle, nc: NATS, org: OrgTree, rulebook: R
 
         log.warning("projection code changed; rebuilding", stored=version, current=PROJECTION_VERSION)
         await rebuild(pool, js, writer, database_url=database_url)
-    worker = ProjectionWorker(pool, js, writer, health=life.health)
+    worker = ProjectionWorker(pool, js, writer, health=life.health, texts=texts)
     life.health["postgres"] = True
     life.spawn("projections", worker.run(on_subscribed=life.close_on_exit))
     return ReadModels(pool, worker), worker

@@ -21,8 +21,11 @@ from nats.js.client import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shared.config import OrgTree
+from shared.domain.errors import Unavailable
 from shared.events import subjects as sj
 from shared.events.codec import Envelope, UnknownEventType, decode
+from shared.privacy.issuekeys import IssueKeys
+from shared.privacy.texts import ERASED
 
 from .follower import CHANNEL
 from .model import Batch, apply, visits_named
@@ -79,8 +82,9 @@ async def migrate(pool: asyncpg.Pool, suffix: str = "", defer: tuple[str, ...] =
 class ProjectionWriter:
     """Writes folded batches into one set of tables (live, or ``__rebuild``)."""
 
-    def __init__(self, org: OrgTree, tz: Any, suffix: str = "") -> None:
+    def __init__(self, org: OrgTree, tz: Any, suffix: str = "", texts: IssueKeys | None = None) -> None:
         self.org, self.tz, self.suffix = org, tz, suffix
+        self.texts = texts  # the issues' data keys: a rebuild of these tables opens the free text with them
         s = suffix
         self.sql_issue = _upsert(f"issues{s}", ISSUE_COLUMNS, "id")
         self.sql_task = _upsert(f"tasks{s}", TASK_COLUMNS, "id")
@@ -141,6 +145,11 @@ class ProjectionWriter:
             await conn.execute(self.sql_batch, _json(ISSUE_COLUMNS, issues), _json(TASK_COLUMNS, tasks),
                                _json(STATS_COLUMNS, stats), _json(AUDIT_COLUMNS, batch.audit),
                                PROJECTION, max(last_seq, done), PROJECTION_VERSION, _json(VISIT_COLUMNS, visits))
+            if batch.shredded:  # the audit lines that quoted the shredded text (a report's title, a return's reason)
+                await conn.executemany(
+                    f"UPDATE audit{s} SET summary = regexp_replace(summary, ': .*$', ': {ERASED}', 's') "
+                    "WHERE issue_id = $1 AND seq < $2 AND type IN ('issue_reported', 'task_returned')",
+                    list(batch.shredded.items()))
         elif last_seq > done:
             await conn.execute(self.sql_checkpoint, PROJECTION, last_seq, PROJECTION_VERSION)
         return len(fresh)
@@ -148,12 +157,27 @@ class ProjectionWriter:
 
 class ProjectionWorker(Progress):
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, writer: ProjectionWriter, *,
-                 durable: str = "projections", batch: int = 1000, health: dict[str, bool] | None = None) -> None:
+                 durable: str = "projections", batch: int = 1000, health: dict[str, bool] | None = None,
+                 texts: IssueKeys | None = None) -> None:
         super().__init__()  # seq: the checkpoint as last committed by this worker
         self.pool, self.js, self.writer = pool, js, writer
+        self.texts = texts  # the issues' data keys: the read models hold the free text opened (or erased)
         self.durable, self.batch = durable, batch
         self.applied = 0
         self.health = health if health is not None else {}
+
+    async def _opened(self, envs: list[Envelope]) -> list[Envelope]:
+        """The batch with its free text opened; while the keys do not answer, the batch waits (never skipped)."""
+        assert self.texts is not None
+        delay = 0.2
+        while True:
+            try:
+                return await self.texts.open(envs)
+            except Unavailable as exc:
+                self.health["projections"] = False
+                log.warning("issue keys unavailable; the batch waits", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def subscribe(self, start_seq: int) -> Any:
         """(Re)create the durable consumer to start right after the Postgres checkpoint, which is the
@@ -287,6 +311,8 @@ class ProjectionWorker(Progress):
             envs.append(env)
             log.debug("projecting", issue=env.subject, trace_id=env.correlationid, seq=env.seq, type=env.type)
         last = msgs[-1].metadata.sequence.stream
+        if self.texts is not None:
+            envs = await self._opened(envs)
         delay = 0.2
         while True:  # hold the batch until it is committed: never ack, never move on without it
             try:

@@ -106,6 +106,8 @@ class Router(TimerMixin):
         if name not in REACTS_TO:
             return
         env = decode(msg.data, seq)
+        if env.sealed is not None and self.store.texts is not None and not isinstance(env.data, IssueReported):
+            env = await self.store.texts.open_one(env)  # a reaction may quote it (an escalation, the return's reason)
         if isinstance(env.data, IssueReported):
             await self.schedule_review(issue_id, env)
         if name in ACROSS:
@@ -268,6 +270,8 @@ class Router(TimerMixin):
             try:
                 seq = msg.metadata.sequence.stream
                 env = decode(msg.data, seq)
+                if env.sealed is not None and self.store.texts is not None and not isinstance(env.data, IssueReported):
+                    env = await self.store.texts.open_one(env)  # (a report's text: the router never writes it)
                 if isinstance(env.data, IssueReported):
                     # a report is its issue's first event: fold it as delivered (no round trip); if more
                     # happened meanwhile, the OCC guard refuses the append and the slow path reloads

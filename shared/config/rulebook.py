@@ -228,6 +228,9 @@ class Rulebook:
     fallback: str = DEFAULT_FALLBACK
     similar: Similar = Similar()
     scoring: Scoring = field(default_factory=lambda: Scoring())
+    text_retention: timedelta | None = None
+    """``retention.closed_text``: how long a closed issue's free text is kept before it is crypto-shredded
+    (None: kept; PIPL asks for no longer than the purpose needs)."""
     source: str = field(default="", compare=False, repr=False)
     """The file (or ``source``) it was parsed from, for messages."""
     lines: dict[str, int] = field(default_factory=dict, compare=False, repr=False)
@@ -278,7 +281,7 @@ def load_rulebook(path: str | Path) -> Rulebook:
 
 
 _TOP_KEYS = ("calendar", "timezone", "working_hours", "warn_at", "risk", "escalate", "urgency", "version",
-             "coverage", "fallback", "similar", "scoring", *DISPATCH_KEYS)
+             "coverage", "fallback", "similar", "scoring", "retention", *DISPATCH_KEYS)
 
 
 def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None = None) -> Rulebook:
@@ -331,7 +334,13 @@ def parse_rulebook(text: str, source: str = "<rulebook>", *, digest: str | None 
         urgency[name] = UrgencyRule(min_start, factor)
 
     fallback = check_kind(doc, top["fallback"], "fallback") if top.get("fallback") is not None else DEFAULT_FALLBACK
-    return Rulebook(categories=categories, version=version, calendar=calendar, timezone=timezone,
+    text_retention = None
+    if top.get("retention") is not None:
+        ret = doc.mapping(top["retention"], "retention", optional=("closed_text",))
+        if ret.get("closed_text") is not None:
+            text_retention = _positive(doc, ret["closed_text"], "retention.closed_text")
+    return Rulebook(text_retention=text_retention,
+                    categories=categories, version=version, calendar=calendar, timezone=timezone,
                     working_hours=hours, warn_at=warn_at, risk=risk, escalate_on=escalate_on, urgency=urgency,
                     coverage=_coverage(doc, top["coverage"]) if top.get("coverage") is not None else Coverage(),
                     fallback=fallback, source=source, lines=dict(doc.lines),

@@ -272,11 +272,21 @@ class UrgeIssue:
     task_id: str | None = None  # the task urged; None: the lead task holding the issue
 
 
+@dataclass(frozen=True, slots=True)
+class ShredText:
+    """Destroy the issue's free text (crypto-shredding): the retention policy, or by hand. ``key_id``: the key
+    that was destroyed (the caller destroys it first, then records this)."""
+    by: str
+    reason: str  # retention | requested
+    key_id: str | None
+    retention: timedelta | None = None  # retention: only an issue closed at least this long ago
+
+
 Command = (
     ReportIssue | ResolveOnSite | AcceptIssue | RejectIssue | VoidIssue | RecategoriseIssue | MergeIssue
     | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
     | RecordResidentFeedback | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
     | RequestReturn | RejectReturn | ApproveReturn | ReassignTask | RejectExtension
     | RequestSuspension | ApproveSuspension | RejectSuspension | ResumeTask | AddComment
-    | SuperviseTask
+    | SuperviseTask | ShredText
 )

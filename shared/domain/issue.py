@@ -139,6 +139,7 @@ class IssueState:
     first_dispatch_at: datetime | None = None  # 按期结案 is measured from here ...
     first_resolve_due: datetime | None = None  # ... against the first lead's resolve clock as dispatched
     granted: timedelta = timedelta(0)  # plus the time approved extensions and suspensions moved the resolve due
+    text_shredded_at: datetime | None = None  # the free text's key was destroyed (retention, or by hand)
 
     @property
     def exists(self) -> bool:
@@ -329,6 +330,8 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                                          supervision_every=event.remind_every, supervision_reminded=None)
         case ev.SupervisionReminded():
             changes["tasks"] = _set_task(state, event.task_id, supervision_reminded=event.at)
+        case ev.IssueTextShredded():
+            changes["text_shredded_at"] = event.at
         case ev.CommentAdded():
             changes["comments"] = state.comments + 1
             if event.kind == "progress":
@@ -634,6 +637,18 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 raise Invalid("remind_every must be positive", field="remind_every")
             return [ev.SupervisionOrdered(task_id=t.id, by=command.by, due=command.due, reason=command.reason,
                                           remind_every=command.remind_every, at=now)]
+        case cmd.ShredText():
+            if not state.exists:
+                raise NotFound(f"issue {state.id} not found", field="id")
+            if command.reason == "retention":
+                if state.status != "closed" or state.closed_at is None:
+                    raise Conflict(f"issue {state.id} is not closed: retention keeps its text",
+                                   current_status=state.status)
+                if command.retention is not None and state.closed_at + command.retention > now:
+                    raise Conflict(f"issue {state.id} was closed less than the retention period ago",
+                                   current_status=state.status)
+            return [ev.IssueTextShredded(by=command.by, reason=command.reason,  # type: ignore[arg-type]
+                                         key_id=command.key_id, closed_at=state.closed_at, at=now)]
         case cmd.AddComment():
             if not state.exists:
                 raise NotFound(f"issue {state.id} not found", field="id")

@@ -6,7 +6,8 @@ An envelope is what travels on NATS and what integrators read::
      "subject": "<issue id>", "time": ..., "datacontenttype": "application/json",
      "dataschema": "urn:needle:schema:needle.issue.reported.v1", "actor": ..., "data": {...}}
 
-``actor``, ``causationid`` and ``correlationid`` are CloudEvents extension attributes.
+``actor``, ``causationid``, ``correlationid`` and ``sealed`` (an issue's free text, sealed with its data key:
+shared/privacy/texts.py) are CloudEvents extension attributes.
 Upcasters (old type -> current model) live here, in one place.
 """
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Envelope:
     causationid: str | None = None
     seq: int = 0  # stream sequence, 0 until stored
     correlationid: str | None = None  # the trace id of the request whose flow it belongs to (shared/tracing.py)
+    sealed: str | None = None  # the free text, sealed with the issue's data key (shared/privacy/texts.py)
 
     @property
     def type(self) -> str:
@@ -62,6 +64,8 @@ class Envelope:
             ce["causationid"] = self.causationid
         if self.correlationid:
             ce["correlationid"] = self.correlationid
+        if self.sealed:
+            ce["sealed"] = self.sealed
         if self.seq:
             ce["sequence"] = self.seq
         return ce
@@ -97,4 +101,5 @@ def decode(raw: bytes, seq: int = 0) -> Envelope:
         causationid=ce.get("causationid"),
         seq=seq,
         correlationid=ce.get("correlationid"),
+        sealed=ce.get("sealed"),
     )

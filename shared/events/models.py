@@ -622,6 +622,21 @@ class ProgressMissed(Event):
 CommentKind = Literal["comment", "progress", "info_request", "info_reply"]
 
 
+class IssueTextShredded(Event):
+    """The issue's data key was destroyed (crypto-shredding): the free text sealed with it -- title, description,
+    address, exact point, notes, reasons, comments -- can never be read again and reads ``[erased]``. Carries
+    no personal data."""
+
+    name = "issue_text_shredded"
+    ce_type = "needle.issue.text_shredded.v1"
+    by: str = Field(description="who shredded it: 'needle/retention' for the retention policy, else a token subject")
+    reason: Literal["retention", "requested"] = Field(
+        description="retention: closed longer than the rulebook's retention.closed_text_days; requested: by hand")
+    key_id: str | None = Field(default=None, description="the destroyed key (None: the issue had none)")
+    closed_at: datetime | None = Field(default=None, description="when the issue was closed")
+    at: datetime
+
+
 class CommentAdded(Event):
     """A participant's message on the issue: a comment, a lead's progress report (阶段性答复), a request for more
     information (补充材料) or its reply. ``text`` is free text: no personal data belongs in it."""
@@ -687,6 +702,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SupervisionOrdered,
     SupervisionReminded,
     SupervisionClosed,
+    IssueTextShredded,
 )
 BY_NAME: dict[str, type[Event]] = {t.name: t for t in EVENT_TYPES}
 BY_CE_TYPE: dict[str, type[Event]] = {t.ce_type: t for t in EVENT_TYPES}

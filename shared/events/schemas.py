@@ -69,6 +69,13 @@ def data_schema(model: type[Event]) -> tuple[dict[str, Any], dict[str, Any]]:
     return _open_objects(raw), _open_objects(defs)
 
 
+def is_sealable(model: type[Event]) -> bool:
+    """Whether events of this type may carry sealed free text (an issue's event with text fields)."""
+    from shared.privacy.texts import sealed_fields
+
+    return model.name not in sj.NON_ISSUE_EVENTS and bool(sealed_fields(model))
+
+
 def _str(description: str, **extra: Any) -> dict[str, Any]:
     return {"type": "string", "minLength": 1, "description": description, **extra}
 
@@ -109,6 +116,12 @@ def envelope_schema(model: type[Event]) -> dict[str, Any]:
             "actor": _str("extension: the token subject that caused it"),
             "causationid": _str("extension: the id or stream position of the event or request that caused it"),
             "correlationid": _str("extension: groups events of one flow"),
+            **({"sealed": _str("extension: the free text of this event ('[sealed]' in data; a sealed location is "
+                               "null), sealed with the issue's data key: '<key id>.<nonce>.<ciphertext>'. needle's "
+                               "HTTP reads, event stream and webhooks serve the event opened, without it, or, once "
+                               "the key is destroyed, with '[erased]' text",
+                               pattern=r"^[0-9a-f]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+$")}
+               if is_sealable(model) else {}),
             "sequence": {"type": "integer", "minimum": 1,
                          "description": "extension: stream sequence (in HTTP reads only, never stored)"},
             "data": data,

@@ -14,7 +14,7 @@ import itertools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from nats.aio.client import Client as NATS
@@ -29,6 +29,9 @@ from shared.events.models import Event
 
 from . import natsfast
 from .inbox import ReplyMux
+
+if TYPE_CHECKING:
+    from shared.privacy.issuekeys import IssueKeys
 
 natsfast.install()
 
@@ -75,10 +78,13 @@ class AppendRequest:
 
 def _stored(env: Envelope, seq: int) -> Envelope:
     return Envelope(id=env.id, source=env.source, subject=env.subject, time=env.time, data=env.data,
-                    actor=env.actor, causationid=env.causationid, seq=seq, correlationid=env.correlationid)
+                    actor=env.actor, causationid=env.causationid, seq=seq, correlationid=env.correlationid,
+                    sealed=env.sealed)
 
 
 class EventStore(Protocol):
+    texts: IssueKeys | None  # the issues' data keys (free text sealed in the stream), if this store seals
+
     async def load(self, issue_id: str) -> list[Envelope]: ...
 
     async def is_current(self, issue_id: str, last_seq: int) -> bool: ...
@@ -102,8 +108,13 @@ def make_envelopes(issue_id: str, events: list[Event], *, version: int, now: dat
 
 
 class JetStreamEventStore:
-    def __init__(self, nc: NATS, *, timeout: float = 5.0) -> None:
+    """``texts``: the issues' data keys. With them, free text is sealed as it is appended and opened as it is
+    loaded (shared/privacy/issuekeys.py); callers see clear events either way. Without them (tools that only
+    count), events are stored and read as they come."""
+
+    def __init__(self, nc: NATS, *, timeout: float = 5.0, texts: IssueKeys | None = None) -> None:
         self._nc = nc
+        self.texts = texts
         self._timeout = timeout
         self._mux = ReplyMux(nc)
         self._batch_ids = itertools.count()
@@ -132,7 +143,8 @@ class JetStreamEventStore:
         parts = await asyncio.gather(*(self._subject_events(subject, after_seq + 1, last)
                                        for subject, last in wanted))
         merged = {seq: data for part in parts for seq, _, data in part if seq <= horizon}
-        return [decode(merged[seq], seq=seq) for seq in sorted(merged)]
+        envs = [decode(merged[seq], seq=seq) for seq in sorted(merged)]
+        return envs if self.texts is None else await self.texts.open(envs)
 
     async def _leader_last(self, subject: str) -> dict[str, Any] | None:
         """The last message on ``subject`` (a wildcard uses the per-subject index) as the stream leader has it,
@@ -155,7 +167,10 @@ class JetStreamEventStore:
         """The last event on one literal subject (e.g. a visit's ``visit_recorded``), asked of the stream
         leader (a read right after the write that stored it must find it); None when there is none."""
         m = await self._leader_last(subject)
-        return None if m is None else decode(base64.b64decode(m["data"]), seq=int(m["seq"]))
+        if m is None:
+            return None
+        env = decode(base64.b64decode(m["data"]), seq=int(m["seq"]))
+        return env if self.texts is None else await self.texts.open_one(env)
 
     async def _subject_events(self, subject: str, start: int, last: int, attempts: int = 5
                               ) -> list[tuple[int, str, bytes]]:
@@ -222,7 +237,8 @@ class JetStreamEventStore:
                             correlation)
         if len(events) == 1:
             env = req.envelopes(now, source)[0]
-            ack = await self._request(sj.aggregate_event(issue_id, events[0].name), encode(env), req.occ_headers())
+            stored = env if self.texts is None else (await self.texts.seal([env]))[0]
+            ack = await self._request(sj.aggregate_event(issue_id, events[0].name), encode(stored), req.occ_headers())
             seq = int(str(ack["seq"]))
             return Appended(seq=seq, envelopes=(_stored(env, seq),), duplicate=bool(ack.get("duplicate")))
         return (await self.append_many([req], now=now, source=source))[0]
@@ -234,8 +250,10 @@ class JetStreamEventStore:
         stages an R1 atomic batch on disk and commits it under the stream lock, so one batch of many
         issues costs about what one batch of one issue does."""
         envs: list[tuple[str, Envelope, dict[str, str]]] = []
-        for req in requests:
-            for i, env in enumerate(req.envelopes(now, source)):
+        clear = [req.envelopes(now, source) for req in requests]
+        for req, req_envs in zip(requests, clear, strict=True):
+            sealed = req_envs if self.texts is None else await self.texts.seal(req_envs)
+            for i, env in enumerate(sealed):
                 envs.append((sj.aggregate_event(req.issue_id, env.data.name), env, req.occ_headers() if i == 0 else {}))
         if not envs or len(envs) > BATCH_MAX:
             raise ValueError(f"an atomic append holds 1..{BATCH_MAX} events, not {len(envs)}")
@@ -251,8 +269,8 @@ class JetStreamEventStore:
                 await self._nc.publish(subject, encode(env), headers=hdrs)
         seq = int(str(ack["seq"])) - len(envs) + 1
         out: list[Appended] = []
-        for req in requests:
-            stored = tuple(_stored(env, seq + i) for i, env in enumerate(req.envelopes(now, source)))
+        for req_envs in clear:
+            stored = tuple(_stored(env, seq + i) for i, env in enumerate(req_envs))
             seq += len(stored)
             out.append(Appended(seq=stored[-1].seq, envelopes=stored, duplicate=bool(ack.get("duplicate"))))
         return out

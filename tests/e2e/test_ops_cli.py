@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,6 +86,9 @@ async def test_router_child_logs_the_requests_trace_id_and_backup_cli_snapshots_
     server = nats_factory()
     h = await needle_factory(nats_url=server.url, services=("intake", "projections"))
     log = tmp_path / "router.log"
+    secrets_dir = tmp_path / "router" / "secrets"  # every process of one needle reads the same KEK
+    secrets_dir.mkdir(parents=True, mode=0o700)
+    shutil.copy2(h.stack.settings.data_dir / "secrets" / "resident-kek.key", secrets_dir / "resident-kek.key")
     with open(log, "wb") as out:
         router = await asyncio.create_subprocess_exec(
             str(NEEDLE), "run", "router", "--data-dir", str(tmp_path / "router"), stdout=out, stderr=out,

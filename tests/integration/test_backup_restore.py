@@ -18,8 +18,9 @@ import pytest
 from services.ops import backup as bk
 from shared.config import load_org, load_rulebook
 from shared.events import subjects as sj
+from shared.privacy.issuekeys import issue_keys_for
 from shared.store import snapshots as snap
-from tests.support import NeedleHandle, ensure_database, events, report
+from tests.support import NeedleHandle, ensure_database, events, report, restored_kek
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 ORG, RULES = FIXTURES / "contract_org.yaml", FIXTURES / "fast_rules.yaml"
@@ -95,11 +96,14 @@ async def test_round_trip_keeps_events_views_and_timers(needle_factory: Callable
             await bk.restore(nc, target)
         db_url = await ensure_database(pg_url, f"needle_restore_{id(nc)}")
         rb = load_rulebook(RULES)
-        figures = await bk.rebuild_read_models(nc, db_url, load_org(ORG), rb.tz)
+        # the key-encryption key is kept apart from the backup and restored with it (docs/SECURITY.md)
+        texts = await issue_keys_for(nc, a.stack.settings.data_dir)
+        figures = await bk.rebuild_read_models(nc, db_url, load_org(ORG), rb.tz, texts=texts)
         assert figures["target_seq"] == last_seq
     finally:
         await nc.close()
 
+    restored_kek(fresh.url, a.stack.settings.data_dir)
     b: NeedleHandle = await needle_factory(ORG, RULES, nats_url=fresh.url, database=db_url.rsplit("/", 1)[1],
                                            services=("intake", "projections"))
     after = await _views(b, ids)

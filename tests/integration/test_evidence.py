@@ -13,7 +13,7 @@ from PIL import Image
 
 from services.media.store import BUCKET
 from tests.photos import jpeg_with_gps, noise_png, png_bytes
-from tests.support import NeedleHandle, events, issue
+from tests.support import NeedleHandle, events, issue, restored_kek
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 ORG, RULES = FIXTURES / "evidence_org.yaml", FIXTURES / "evidence_rules.yaml"
@@ -269,6 +269,7 @@ async def test_backup_and_restore_keep_the_photos(needle_factory: Callable[..., 
         await bk.restore(nc, tmp_path / "bk")
     finally:
         await nc.close()
+    restored_kek(fresh.url, a.stack.settings.data_dir)  # kept apart from the backup, restored with it
     b: NeedleHandle = await needle_factory(ORG, RULES, nats_url=fresh.url, services=("intake",))
     got = await b.client.get(f"/v1/media/{media_id}", headers=b.auth(*G1))
     assert got.status_code == 200 and got.content == photo

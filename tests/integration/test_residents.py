@@ -126,17 +126,21 @@ async def test_resident_sealed_readable_then_forgotten_everywhere(needle_factory
         got = await read(h, h.auth(*who), params={"types": "issue_reported"}, until=lambda evs: len(evs) >= 2)
         assert [orjson.loads(e.data)["data"]["resident"] for e in got] == [{"id": rid}, {"id": rid}]
 
-    # no clear name or phone in the stream, nor in any file the servers wrote (the scan does see the title)
+    # no clear name or phone in the stream, nor in any file the servers wrote (nor the title: an issue's free
+    # text is sealed with the issue's own key; the scan does see the category, which is clear)
     payloads = await stream_payloads(h)
-    assert any(title.encode() in p for p in payloads)
+    assert not any(title.encode() in p for p in payloads)
+    assert any(b'"issue_reported"' in p or b"issue.reported" in p for p in payloads)
     digits = e164.removeprefix("+86").encode()
     for p in payloads:
         assert digits not in p and name.encode() not in p and name.encode("unicode_escape") not in p
-    raw_reported = next(orjson.loads(p) for p in payloads if title.encode() in p)
+    raw_reported = next(orjson.loads(p) for p in payloads if b"needle.issue.reported.v1" in p)
     assert set(raw_reported["data"]["resident"]) == {"id", "key_id", "ciphertext", "nonce"}
+    assert raw_reported["data"]["title"] == "[sealed]" and raw_reported["sealed"]
     await asyncio.sleep(0.5)
     disk = disk_bytes(tmp_path)
-    assert title.encode() in disk
+    assert title.encode() not in disk  # NATS's files hold the issue's text sealed (Postgres, opened, is elsewhere)
+    assert b"needle.issue.reported.v1" in disk  # the scan does read the stream's files
     assert digits not in disk and name.encode() not in disk
     # ... nor in the read models (they hold no personal data at all)
     await h.wait_for("/v1/issues?area=dinghai", h.auth(*SUP), lambda b: any(i["id"] == second for i in b["items"]))

@@ -32,7 +32,7 @@ from services.entrypoints.embedded import EmbeddedNats
 from shared.domain import ids
 from shared.events import models as ev
 from shared.events import subjects as sj
-from tests.support import NeedleHandle, events, issue, now, of_type, report, sleep_until, ts
+from tests.support import NeedleHandle, events, issue, now, of_type, report, share_kek, sleep_until, ts
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 ORG = FIXTURES / "contract_org.yaml"
@@ -109,6 +109,7 @@ class Routers:
         n = len(self.procs)
         data_dir = self.root / f"router{n}"
         data_dir.mkdir(parents=True, exist_ok=True)
+        share_kek(data_dir, nats_url)  # the key-encryption key of the needle it serves: issues' text opens
         env = {**os.environ, "NEEDLE_NATS_URL": nats_url, "NEEDLE_ORG": str(ORG), "NEEDLE_RULES": str(self.rules),
                "NEEDLE_LOG_LEVEL": "warning"}
         env.pop("NEEDLE_DATABASE_URL", None)

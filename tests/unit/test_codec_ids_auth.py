@@ -91,6 +91,8 @@ SAMPLES: dict[type[ev.Event], ev.Event] = {
                                                  remind_every=timedelta(days=1), at=T0),
     ev.SupervisionReminded: ev.SupervisionReminded(task_id=f"{ISSUE}-1", due=T0, at=T0),
     ev.SupervisionClosed: ev.SupervisionClosed(task_id=f"{ISSUE}-1", due=T0, on_time=False, at=T0),
+    ev.IssueTextShredded: ev.IssueTextShredded(by="needle/retention", reason="retention", key_id="3f9a0c1e5b7d2a46",
+                                               closed_at=T0, at=T0),
     ev.CommentAdded: ev.CommentAdded(by="h", role="handler", department="d", kind="progress", text="进展", at=T0),
     ev.ClocksPaused: ev.ClocksPaused(task_id=f"{ISSUE}-1", at=T0),
     ev.ClocksResumed: ev.ClocksResumed(task_id=f"{ISSUE}-1", at=T0, acknowledge_due=T0, resolve_due=T0,

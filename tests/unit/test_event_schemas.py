@@ -99,6 +99,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "progress_missed": TASK | {"due": T, "caused_by": 3},
     "task_resumed": TASK | {"by": "h:dazhan", "at": T, "acknowledge_due": T, "resolve_due": T,
                             "acknowledge_warn": T, "resolve_warn": T},
+    "issue_text_shredded": {"by": "needle/retention", "reason": "retention", "key_id": "3f9a0c1e5b7d2a46",
+                            "closed_at": "2026-01-01T00:00:00Z", "at": "2026-02-01T00:00:00Z"},
 }
 
 

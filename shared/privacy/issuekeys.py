@@ -1,0 +1,274 @@
+"""Issues' data keys: one AES-256 key per issue, kept OUTSIDE the event stream, in the bucket of the residents'
+keys (NEEDLE_RESIDENT_KEYS, shared/privacy/keystore.py: its own stream, history 1, message delete allowed, in
+backups), under ``i.<issue id>`` -> ``{"key_id", "wrapped"}`` (wrapped with the key-encryption key; an issue id is
+no personal data, so the entry may name it).
+
+``seal`` runs where events are appended (shared/store/eventstore.py), ``open`` wherever events are read for
+someone who may see them (the event store's loads, the read models, webhooks, the event stream, notifications).
+``destroy`` is crypto-shredding: the key's message is erased on disk and the entry purged (a purge marker tells
+every process's cache); the issue's sealed text reads ``[erased]`` from then on, everywhere, rebuilds included.
+
+A key is made with the issue's first sealed text (its report) and read from a small cache that a watch on the
+bucket invalidates at once, never older than ``CACHE_TTL_S``.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import secrets
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import structlog
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from shared.domain.errors import Unavailable
+from shared.events import subjects as sj
+from shared.events.codec import Envelope
+from shared.store.settling import settled
+
+from . import texts
+from .keystore import BUCKET, KEK_FILE, KV_PREFIX, KV_STREAM, KeyStoreError, ensure_bucket, load_or_create_kek
+
+log = structlog.get_logger("needle.issue_keys")
+
+PREFIX = "i."
+CACHE_TTL_S = 30.0
+CACHE_MAX = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class IssueKey:
+    issue_id: str
+    key_id: str
+    key: bytes
+    revision: int = 0
+
+
+def _binding(issue_id: str, key_id: str) -> bytes:
+    return f"issue:{issue_id}\x00{key_id}".encode()
+
+
+def encode_key(key: IssueKey, kek: bytes | None) -> bytes:
+    if kek is None:  # a needle without a key-encryption key (tests of the pure parts): stored as it is
+        return orjson.dumps({"key_id": key.key_id, "key": texts._b64(key.key)})
+    nonce = secrets.token_bytes(12)
+    wrapped = nonce + AESGCM(kek).encrypt(nonce, key.key, _binding(key.issue_id, key.key_id))
+    return orjson.dumps({"key_id": key.key_id, "wrapped": texts._b64(wrapped)})
+
+
+def decode_key(issue_id: str, raw: bytes, revision: int, kek: bytes | None) -> IssueKey:
+    d = orjson.loads(raw)
+    if "wrapped" not in d:
+        return IssueKey(issue_id, d["key_id"], texts._unb64(d["key"]), revision)
+    if kek is None:
+        raise KeyStoreError(f"the data key of issue {issue_id} is wrapped and this process has no key-encryption key")
+    blob = texts._unb64(d["wrapped"])
+    try:
+        key = AESGCM(kek).decrypt(blob[:12], blob[12:], _binding(issue_id, d["key_id"]))
+    except InvalidTag:
+        raise KeyStoreError(f"the data key of issue {issue_id} does not open with this key-encryption key") from None
+    return IssueKey(issue_id, d["key_id"], key, revision)
+
+
+async def issue_keys_for(nc: NATS, data_dir: Path, *, replicas: int = 1, watch: bool = False) -> IssueKeys:
+    """The issue keys of the needle whose data dir is ``data_dir`` (a command attached to it: rebuild, restore)."""
+    keys = IssueKeys(nc, kek=load_or_create_kek(data_dir), replicas=replicas)
+    await keys.start(watch=watch)
+    return keys
+
+
+def is_issue_event(env: Envelope) -> bool:
+    return env.data.name not in sj.NON_ISSUE_EVENTS
+
+
+class IssueKeys:
+    def __init__(self, nc: NATS, *, kek: bytes | None, replicas: int = 1, ttl_s: float = CACHE_TTL_S) -> None:
+        self.nc, self.kek, self.replicas, self.ttl_s = nc, kek, replicas, ttl_s
+        self._kv: KeyValue | None = None
+        self._cache: dict[str, tuple[IssueKey | None, float]] = {}
+        self._watch: Any = None
+        self.opened = self.erased = 0  # counters (tests, metrics)
+
+    async def start(self, watch: bool = True, settle_s: float = 15.0) -> None:
+        await settled("data keys bucket", lambda: ensure_bucket(self.nc, self.replicas), within_s=settle_s)
+        self._kv = await settled("data keys bucket", lambda: self.nc.jetstream().key_value(BUCKET), within_s=settle_s)
+        if watch:
+            self._watch = await self.nc.jetstream().subscribe(
+                f"{KV_PREFIX}{PREFIX}>", stream=KV_STREAM, cb=self._on_change, ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, headers_only=True))
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            with contextlib.suppress(Exception):
+                await self._watch.unsubscribe()
+            self._watch = None
+
+    async def _on_change(self, msg: Msg) -> None:
+        self._cache.pop(msg.subject[len(KV_PREFIX) + len(PREFIX):], None)
+
+    @property
+    def kv(self) -> KeyValue:
+        if self._kv is None:
+            raise KeyStoreError("issue keys not started")
+        return self._kv
+
+    def _remember(self, issue_id: str, key: IssueKey | None) -> None:
+        if len(self._cache) >= CACHE_MAX:
+            self._cache.clear()
+        self._cache[issue_id] = (key, time.monotonic() + self.ttl_s)
+
+    def forget_cached(self, issue_id: str) -> None:
+        self._cache.pop(issue_id, None)
+
+    # -- keys ---------------------------------------------------------------------------------------
+    async def get(self, issue_id: str) -> IssueKey | None:
+        """The issue's key; None when it has none (never made, or destroyed)."""
+        hit = self._cache.get(issue_id)
+        if hit is not None and hit[1] > time.monotonic():
+            return hit[0]
+        try:
+            entry = await self.kv.get(PREFIX + issue_id)
+        except KeyNotFoundError:
+            entry = None
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("issue keys did not answer in time") from exc
+        try:
+            key = (decode_key(issue_id, entry.value, entry.revision or 0, self.kek)
+                   if entry is not None and entry.value else None)
+        except KeyStoreError as exc:  # another needle's KEK (a restore without its secrets): 503, not a crash
+            raise Unavailable(f"{exc}: restore {KEK_FILE} of the needle that wrote it") from None
+        self._remember(issue_id, key)
+        return key
+
+    async def key_id_of(self, issue_id: str) -> str | None:
+        """The id of the issue's current key, read without unwrapping it (no key-encryption key needed)."""
+        try:
+            entry = await self.kv.get(PREFIX + issue_id)
+        except KeyNotFoundError:
+            return None
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("issue keys did not answer in time") from exc
+        return str(orjson.loads(entry.value)["key_id"]) if entry.value else None
+
+    async def get_or_create(self, issue_id: str, *, new_issue: bool = False) -> IssueKey:
+        """The issue's key, made (race-safe: create only if absent) when it has none. ``new_issue``: its first
+        event is being appended, so the key is most likely absent: created at once (one round trip), read
+        only if it exists after all (a retried report). After a shred a new key is made: text written later is
+        sealed anew, what was shredded stays erased."""
+        for attempt in range(5):
+            if not (new_issue and attempt == 0):
+                found = await self.get(issue_id)
+                if found is not None:
+                    return found
+            key = IssueKey(issue_id, secrets.token_hex(8), secrets.token_bytes(texts.KEY_BYTES))
+            try:
+                rev = await self.kv.create(PREFIX + issue_id, encode_key(key, self.kek))
+            except KeyWrongLastSequenceError:  # it exists (another process, or a retry): read it
+                self._cache.pop(issue_id, None)
+                continue
+            except (NatsError, TimeoutError) as exc:
+                raise Unavailable("issue keys could not be written in time") from exc
+            key = dataclasses.replace(key, revision=rev)
+            self._remember(issue_id, key)
+            return key
+        raise KeyStoreError(f"no data key could be made for issue {issue_id}")
+
+    async def destroy(self, issue_id: str) -> bool:
+        """Crypto-shred the issue's text: erase the key's message on disk, then purge the entry. Idempotent;
+        True when there was a key."""
+        self._cache.pop(issue_id, None)
+        try:
+            entry = await self.kv.get(PREFIX + issue_id)
+        except KeyNotFoundError:
+            entry = None
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("issue keys did not answer in time") from exc
+        if entry is not None:
+            try:
+                await self.nc.jetstream().delete_msg(KV_STREAM, entry.revision or 0)  # secure erase (no_erase: false)
+            except Exception as exc:  # already gone (a concurrent shred): the purge below still holds
+                log.info("issue key message not erased", issue=issue_id, error=repr(exc))
+        try:
+            await self.kv.purge(PREFIX + issue_id)
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("issue keys could not be written in time") from exc
+        self._remember(issue_id, None)
+        return entry is not None and bool(entry.value)
+
+    async def all_keys(self) -> dict[str, IssueKey]:
+        """Every live issue key (a rebuild opens a whole stream with them)."""
+        out: dict[str, IssueKey] = {}
+        try:
+            watcher = await self.kv.watch(f"{PREFIX}*", ignore_deletes=True)
+            try:
+                while True:
+                    entry = await watcher.updates(timeout=10)
+                    if entry is None:
+                        return out
+                    if entry.value:
+                        issue_id = entry.key[len(PREFIX):]
+                        out[issue_id] = decode_key(issue_id, entry.value, entry.revision, self.kek)
+            finally:
+                await watcher.stop()
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("issue keys did not answer in time") from exc
+
+    # -- sealing and opening ------------------------------------------------------------------------
+    async def seal(self, envs: Sequence[Envelope]) -> list[Envelope]:
+        """The envelopes as they are stored: each issue event's free text sealed with its issue's key."""
+        out: list[Envelope] = []
+        for env in envs:
+            if env.sealed is None and is_issue_event(env) and texts.clear_fields(env.data):
+                key = await self.get_or_create(env.subject, new_issue=env.id.endswith(".1"))
+                data, token = texts.seal(key.key, key.key_id, secrets.token_bytes(texts.NONCE_BYTES), env.subject,
+                                         env.id, env.data)
+                env = dataclasses.replace(env, data=data, sealed=token)
+            out.append(env)
+        return out
+
+    async def open(self, envs: Iterable[Envelope]) -> list[Envelope]:
+        """The envelopes with their free text in clear, or ``[erased]`` where the issue's key is gone (and in
+        events an earlier needle wrote in clear before a shred of their issue)."""
+        out = [await self.open_one(env) for env in envs]
+        return erase_before_shreds(out)
+
+    async def open_one(self, env: Envelope) -> Envelope:
+        if env.sealed is None:
+            return env
+        return open_with(env, await self.get(env.subject))
+
+
+def erase_before_shreds(envs: list[Envelope]) -> list[Envelope]:
+    """Pure: text an earlier needle recorded in clear (no ``sealed`` attribute) reads ``[erased]`` once its
+    issue's text was shredded: the stream cannot forget it, readers are not shown it."""
+    shredded = {e.subject: e.seq for e in envs if e.data.name == "issue_text_shredded"}
+    if not shredded:
+        return envs
+    return [dataclasses.replace(e, data=texts.erased(e.data))
+            if e.seq < shredded.get(e.subject, 0) and texts.clear_fields(e.data) else e for e in envs]
+
+
+def open_with(env: Envelope, key: IssueKey | None) -> Envelope:
+    """Pure: ``env`` opened with ``key`` (None, or a key made after a shred: its text reads ``[erased]``)."""
+    if env.sealed is None:
+        return env
+    if key is None or key.key_id != texts.key_id_of(env.sealed):
+        return dataclasses.replace(env, data=texts.erased(env.data), sealed=None)
+    try:
+        fields = texts.open_fields(key.key, env.subject, env.id, env.sealed)
+    except texts.Unreadable:  # altered in the stream: shown as erased, never as a crash of the reader
+        log.warning("sealed text does not open", event_id=env.id)
+        return dataclasses.replace(env, data=texts.erased(env.data), sealed=None)
+    return dataclasses.replace(env, data=texts.opened(env.data, fields), sealed=None)
