@@ -174,10 +174,11 @@ def _boot_held(settings: Settings, services: tuple[str, ...], child_services: tu
     from services.entrypoints.loop import run
     from services.entrypoints.stack import Stack, Urls, print_ready, run_stack
     from shared.config import ConfigError
+    from shared.privacy.keystore import KekUnavailable
 
     try:
         stack = Stack.from_settings(settings, Urls(nats=settings.nats_url or "", database=settings.database_url))
-    except ConfigError as exc:
+    except (ConfigError, KekUnavailable) as exc:
         raise _fail(f"refusing to start: {exc}") from None
     except FileNotFoundError as exc:
         raise _fail(f"refusing to start: {exc}") from None
@@ -441,7 +442,7 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
     import nats
 
     from shared.commanding import utcnow
-    from shared.privacy.keystore import ResidentKeys, load_or_create_kek
+    from shared.privacy.keystore import ResidentKeys
     from shared.privacy.residents import forget as do_forget
 
     settings = _settings(data_dir)
@@ -450,7 +451,9 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
     async def go() -> tuple[str, tuple[str, ...]]:
         nc = await nats.connect(nats_servers(info["nats_url"]))
         try:
-            keys = ResidentKeys(nc, replicas=settings.stream_replicas, kek=load_or_create_kek(settings.data_dir))
+            # destroying a key needs no key-encryption key (without it a wrapped key reads as b""): no KMS call,
+            # and no KEK file made in a data dir that may not be the running needle's
+            keys = ResidentKeys(nc, replicas=settings.stream_replicas)
             await keys.start(watch=False)
             out = await do_forget(nc, keys, resident, by=os.environ.get("USER", "cli"), now=utcnow())
             return out.resident_id, out.key_ids

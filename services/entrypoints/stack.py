@@ -79,6 +79,9 @@ class Stack:
     webhooks: WebhookService | None = None
     notifier: NotifyService | None = None  # with the router, when NEEDLE_NOTIFY_URL is set
     lag: LagMonitor | None = None
+    # the residents' key-encryption key, got once per process before anything starts (NEEDLE_KEK_COMMAND or
+    # DIR/secrets/resident-kek.key: keystore.load_or_create_kek); held in memory only
+    kek: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, urls: Urls) -> Stack:
@@ -89,7 +92,9 @@ class Stack:
             log.warning("rulebook and org: kinds some owner areas cannot reach (their issues go to the fallback "
                         "or lose a co-handler)", warnings=len(warnings), first=str(warnings[0]),
                         all_of_them=f"needle rules check {settings.rules} --org {settings.org}")
-        return cls(settings=settings, urls=urls, org=org, rulebook=rulebook, clocks=sla_clocks(settings, rulebook))
+        # no key-encryption key (the KMS command failed, ...) refuses to start (KekUnavailable), before any server
+        return cls(settings=settings, urls=urls, org=org, rulebook=rulebook, clocks=sla_clocks(settings, rulebook),
+                   kek=load_or_create_kek(settings))
 
     @property
     def health(self) -> dict[str, bool]:
@@ -121,8 +126,7 @@ class Stack:
         await settled("streams", lambda: ensure_streams(nc, options), within_s=within)
         self.store = JetStreamEventStore(nc)
         await self.store.start()
-        self.residents = ResidentKeys(nc, replicas=self.settings.stream_replicas,
-                                      kek=load_or_create_kek(self.settings.data_dir))
+        self.residents = ResidentKeys(nc, replicas=self.settings.stream_replicas, kek=self.kek)
         await self.residents.start(settle_s=within)
         self.life.on_close(self.residents.close)
         await self._follow_revocations()

@@ -49,6 +49,7 @@ from nats.js.kv import KeyValue
 from shared.domain.errors import Unavailable
 from shared.events.subjects import valid_token
 from shared.files import create_private_once
+from shared.settings import Settings
 from shared.store.settling import JetStreamRefused, settled
 
 from . import sealing
@@ -82,17 +83,82 @@ def bucket_config(replicas: int = 1) -> dict[str, object]:
 
 
 KEK_FILE = "secrets/resident-kek.key"  # the key-encryption key of the residents' data keys, never in NATS
+KEK_COMMAND = "NEEDLE_KEK_COMMAND"
 
 
-def load_or_create_kek(data_dir: Path) -> bytes:
-    """The key-encryption key: 32 random bytes (hex) in ``DIR/secrets/resident-kek.key``, created 0600 in the
-    0700 ``secrets/``. Every process of one needle reads the same file; a backup of the key bucket is of no use
-    without it (back it up apart from the data, or keep it in a KMS and write it here at start)."""
-    path = Path(data_dir) / KEK_FILE
-    kek = bytes.fromhex(create_private_once(path, secrets.token_hex(32)).strip())
-    if len(kek) != 32:
-        raise KeyStoreError(f"{path} must hold 32 bytes (64 hex characters)")
-    return kek
+class KekUnavailable(RuntimeError):
+    """No key-encryption key: the process refuses to start. The message is one line and never holds what
+    the KEK command printed."""
+
+
+def parse_kek(raw: bytes, source: str) -> bytes:
+    """32 bytes from 64 hex characters (whitespace around them allowed), else KekUnavailable naming
+    ``source`` and never echoing ``raw``."""
+    text = raw.strip()
+    if len(text) != 64 or text.strip(b"0123456789abcdefABCDEF"):
+        got = f"{len(text)} characters" if len(text) != 64 else "characters that are not all hex"
+        raise KekUnavailable(f"{source} did not give a key-encryption key: expected 64 hex characters "
+                             f"(32 bytes), got {got}")
+    return bytes.fromhex(text.decode("ascii"))
+
+
+def run_kek_command(command: str, timeout_s: float = 30.0) -> bytes:
+    """The KEK a KMS hook prints: ``command`` split like a POSIX shell (``shlex``) and run without a shell,
+    stdin empty, stderr left to ours (its diagnostics reach needle's log), stdout captured in memory only.
+    KekUnavailable (one line, never the output) when it cannot be run, fails, outlives ``timeout_s`` or
+    prints anything but 64 hex characters."""
+    import shlex
+    import subprocess
+
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise KekUnavailable(f"{KEK_COMMAND} is not a valid command line: {exc}") from None
+    if not argv:
+        raise KekUnavailable(f"{KEK_COMMAND} is empty")
+    what = f"{KEK_COMMAND} ({Path(argv[0]).name})"  # the program only: its arguments may name secrets' paths
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True)
+    except OSError as exc:
+        raise KekUnavailable(f"{what} could not be run: {exc.strerror or exc}") from None
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        raise KekUnavailable(f"{what} gave no key within {timeout_s:g} s (NEEDLE_KEK_COMMAND_TIMEOUT_S)") from None
+    if proc.returncode != 0:
+        how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+               else f"failed with exit status {proc.returncode}")
+        raise KekUnavailable(f"{what} {how} (its own messages, if any, are on stderr)")
+    return parse_kek(out, what)
+
+
+def load_or_create_kek(settings: Settings, *, create: bool = True) -> bytes:
+    """The key-encryption key, the one way every process gets it.
+
+    With ``settings.kek_command`` (NEEDLE_KEK_COMMAND): what that command prints (``run_kek_command``), held
+    in memory only; a ``DIR/secrets/resident-kek.key`` left from before must hold the same key (else the
+    keys it wrapped would no longer open: refused). Without: 32 random bytes (hex) in that file, created 0600
+    in the 0700 ``secrets/`` (unless ``create`` is false: then it must exist). Every process of one needle
+    gets the same key; a backup of the key bucket is of no use without it. KekUnavailable when there is none."""
+    path = Path(settings.data_dir) / KEK_FILE
+    if settings.kek_command:
+        kek = run_kek_command(settings.kek_command, settings.kek_command_timeout_s)
+        if path.exists():
+            if parse_kek(path.read_bytes(), str(path)) != kek:
+                raise KekUnavailable(f"{KEK_COMMAND} gives another key-encryption key than {path}: the keys "
+                                     f"wrapped with that file would no longer open; put its key in the KMS, then "
+                                     f"remove the file")
+            log.warning("the key-encryption key is still on disk though NEEDLE_KEK_COMMAND supplies it: "
+                        "remove the file (shred it)", path=str(path))
+        return kek
+    if not create and not path.exists():
+        raise KekUnavailable(f"no key-encryption key: {path} does not exist and {KEK_COMMAND} is not set "
+                             f"(use the data dir of the running needle, or its KMS command)")
+    return parse_kek(create_private_once(path, secrets.token_hex(32)).encode(), str(path))
 
 
 def _wrap(kek: bytes, resident_id: str, key_id: str, key: bytes) -> str:
@@ -106,7 +172,7 @@ def _unwrap(kek: bytes, resident_id: str, key_id: str, blob: str) -> bytes:
         return AESGCM(kek).decrypt(raw[:12], raw[12:], f"{resident_id}\x00{key_id}".encode())
     except InvalidTag:
         raise KeyStoreError(f"the data key of resident {resident_id} does not open with this key-encryption "
-                            f"key ({KEK_FILE})") from None
+                            f"key ({KEK_FILE} or {KEK_COMMAND})") from None
 
 
 @dataclass(frozen=True, slots=True)
