@@ -90,6 +90,16 @@ class Settings(BaseSettings):
     notify_url: str | None = None
     notify_templates: Path = REPO_DEPLOY / "notify" / "templates.yaml"
     notify_language: Literal["zh", "en"] = "zh"  # when set, GET /metrics needs "Authorization: Bearer <token>"
+    # the residents' key-encryption key from a KMS: a command line (no shell; split like a POSIX shell would)
+    # whose stdout is the KEK as 64 hex characters (Vault agent, `aws kms decrypt`, a TPM...), run once at the
+    # start of each process; unset (or blank): DIR/secrets/resident-kek.key. docs/SECURITY.md
+    kek_command: str | None = None
+    kek_command_timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+    @field_validator("kek_command", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, v: object) -> object:
+        return None if isinstance(v, str) and not v.strip() else v
 
     @field_validator("cors_origins", "webhook_allow_private", mode="before")
     @classmethod

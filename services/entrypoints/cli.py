@@ -21,9 +21,11 @@ app = typer.Typer(help="needle — 千条线穿进一根针: event-sourced issue
 token_app = typer.Typer(help="Bearer tokens for grid workers, handlers, supervisors, integrators, admins.")
 rules_app = typer.Typer(help="The rulebook (权责清单).")
 report_app = typer.Typer(help="考核 reports (通报).")
+keys_app = typer.Typer(help="The residents' data keys (个人信息保护).")
 app.add_typer(token_app, name="token")
 app.add_typer(report_app, name="report")
 app.add_typer(rules_app, name="rules")
+app.add_typer(keys_app, name="keys")
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data directory (default: per-user data dir)")]
 
@@ -174,10 +176,11 @@ def _boot_held(settings: Settings, services: tuple[str, ...], child_services: tu
     from services.entrypoints.loop import run
     from services.entrypoints.stack import Stack, Urls, print_ready, run_stack
     from shared.config import ConfigError
+    from shared.privacy.keystore import KekUnavailable
 
     try:
         stack = Stack.from_settings(settings, Urls(nats=settings.nats_url or "", database=settings.database_url))
-    except ConfigError as exc:
+    except (ConfigError, KekUnavailable) as exc:
         raise _fail(f"refusing to start: {exc}") from None
     except FileNotFoundError as exc:
         raise _fail(f"refusing to start: {exc}") from None
@@ -441,7 +444,7 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
     import nats
 
     from shared.commanding import utcnow
-    from shared.privacy.keystore import ResidentKeys, load_or_create_kek
+    from shared.privacy.keystore import ResidentKeys
     from shared.privacy.residents import forget as do_forget
 
     settings = _settings(data_dir)
@@ -450,7 +453,9 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
     async def go() -> tuple[str, tuple[str, ...]]:
         nc = await nats.connect(nats_servers(info["nats_url"]))
         try:
-            keys = ResidentKeys(nc, replicas=settings.stream_replicas, kek=load_or_create_kek(settings.data_dir))
+            # destroying a key needs no key-encryption key (without it a wrapped key reads as b""): no KMS call,
+            # and no KEK file made in a data dir that may not be the running needle's
+            keys = ResidentKeys(nc, replicas=settings.stream_replicas)
             await keys.start(watch=False)
             out = await do_forget(nc, keys, resident, by=os.environ.get("USER", "cli"), now=utcnow())
             return out.resident_id, out.key_ids
@@ -468,6 +473,54 @@ def forget(resident: Annotated[str, typer.Argument(help="resident id, or the pho
         typer.echo(f"resident {resident_id} forgotten: key {', '.join(key_ids)} destroyed")
     else:
         typer.echo(f"resident {resident_id}: no key (unknown or already forgotten); nothing to do")
+
+
+@keys_app.command("rewrap")
+def keys_rewrap(data_dir: DataDir = None) -> None:
+    """Wrap with the key-encryption key every resident key an earlier needle stored unwrapped, and move keys
+    still named by the resident id (r.<id>) to h.<HMAC(id)>, erasing the old messages on disk. Runs against the
+    running needle with its KEK (NEEDLE_KEK_COMMAND, or DIR/secrets/resident-kek.key, never made here).
+    Safe to stop at any point and to run again; a second run changes nothing."""
+    import nats
+
+    from shared.privacy.keystore import KekUnavailable, KeyStoreError, ResidentKeys, load_or_create_kek
+
+    settings = _settings(data_dir)
+    info = attach(settings)
+    try:
+        kek = load_or_create_kek(settings, create=False)  # a KEK made here would not be the running needle's
+    except KekUnavailable as exc:
+        raise _fail(f"refusing to rewrap: {exc}") from None
+
+    def progress(n: int, total: int, what: str) -> None:
+        typer.echo(f"key {n} of {total}: {what}")
+
+    async def go() -> Any:
+        nc = await nats.connect(nats_servers(info["nats_url"]))
+        try:
+            keys = ResidentKeys(nc, replicas=settings.stream_replicas, kek=kek)
+            await keys.start(watch=False)
+            return await keys.rewrap(progress)
+        finally:
+            await nc.close()
+
+    from shared.domain.errors import DomainError
+
+    try:
+        done = asyncio.run(go())
+    except (KeyStoreError, DomainError) as exc:
+        raise _fail(f"refusing to rewrap: {exc}") from None
+    for why in done.left:
+        typer.echo(f"left: {why}", err=True)
+    if not done.changed:
+        typer.echo("nothing to do: every resident key is wrapped and named by an HMAC of its id"
+                   + (f" ({len(done.left)} left, above)" if done.left else ""))
+        return
+    if not done.checked:
+        typer.echo("note: no key wrapped before to check the key-encryption key against (the first ones wrapped)")
+    typer.echo(f"{done.total} resident key(s): {done.wrapped} wrapped with the key-encryption key, {done.moved} "
+               f"moved from r.<id> to h.<HMAC(id)>; {done.markers} marker(s) naming an id erased; old messages "
+               f"erased on disk")
 
 
 @rules_app.command("check")
@@ -564,7 +617,7 @@ def rebuild(data_dir: DataDir = None,
         nc = await nats.connect(nats_servers(info["nats_url"]))
         pool = await open_pool(info["database_url"])
         try:
-            texts = await issue_keys_for(nc, settings.data_dir, replicas=settings.stream_replicas)
+            texts = await issue_keys_for(nc, settings)
             with Progress(TextColumn("rebuild"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f}"),
                           TextColumn("{task.fields[rate]:,.0f} events/s"), TimeRemainingColumn()) as bar:
                 task = bar.add_task("rebuild", total=1, rate=0.0)

@@ -144,7 +144,7 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
                 def rebuilt(done: int, target: int, rate: float) -> None:
                     bar.update(task, completed=done, total=max(target, 1))
 
-                texts = await issue_keys_for(nc, settings.data_dir, replicas=settings.stream_replicas)
+                texts = await issue_keys_for(nc, settings)
                 try:
                     figures = await rebuild_read_models(nc, info["database_url"], org_tree, rb.tz, rebuilt, texts)
                 except KeyStoreError as exc:  # the backup's keys are wrapped with another needle's KEK

@@ -83,6 +83,9 @@ class Stack:
     notifier: NotifyService | None = None  # with the router, when NEEDLE_NOTIFY_URL is set
     lag: LagMonitor | None = None
     retention: RetentionSweeper | None = None  # with the projections: shreds closed issues' text past retention
+    # the data keys' key-encryption key, got once per process before anything starts (NEEDLE_KEK_COMMAND or
+    # DIR/secrets/resident-kek.key: keystore.load_or_create_kek); held in memory only
+    kek: bytes | None = field(default=None, repr=False)
 
     @classmethod
     def from_settings(cls, settings: Settings, urls: Urls) -> Stack:
@@ -93,7 +96,9 @@ class Stack:
             log.warning("rulebook and org: kinds some owner areas cannot reach (their issues go to the fallback "
                         "or lose a co-handler)", warnings=len(warnings), first=str(warnings[0]),
                         all_of_them=f"needle rules check {settings.rules} --org {settings.org}")
-        return cls(settings=settings, urls=urls, org=org, rulebook=rulebook, clocks=sla_clocks(settings, rulebook))
+        # no key-encryption key (the KMS command failed, ...) refuses to start (KekUnavailable), before any server
+        return cls(settings=settings, urls=urls, org=org, rulebook=rulebook, clocks=sla_clocks(settings, rulebook),
+                   kek=load_or_create_kek(settings))
 
     @property
     def health(self) -> dict[str, bool]:
@@ -123,7 +128,7 @@ class Stack:
         options = StreamOptions(replicas=self.settings.stream_replicas,
                                 duplicate_window_s=self.settings.duplicate_window_s)
         await settled("streams", lambda: ensure_streams(nc, options), within_s=within)
-        kek = load_or_create_kek(self.settings.data_dir)
+        kek = self.kek
         self.residents = ResidentKeys(nc, replicas=self.settings.stream_replicas, kek=kek)
         await self.residents.start(settle_s=within)
         self.life.on_close(self.residents.close)

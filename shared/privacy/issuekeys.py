@@ -19,7 +19,6 @@ import secrets
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -36,6 +35,7 @@ from nats.js.kv import KeyValue
 from shared.domain.errors import Unavailable
 from shared.events import subjects as sj
 from shared.events.codec import Envelope
+from shared.settings import Settings
 from shared.store.settling import settled
 
 from . import texts
@@ -82,9 +82,10 @@ def decode_key(issue_id: str, raw: bytes, revision: int, kek: bytes | None) -> I
     return IssueKey(issue_id, d["key_id"], key, revision)
 
 
-async def issue_keys_for(nc: NATS, data_dir: Path, *, replicas: int = 1, watch: bool = False) -> IssueKeys:
-    """The issue keys of the needle whose data dir is ``data_dir`` (a command attached to it: rebuild, restore)."""
-    keys = IssueKeys(nc, kek=load_or_create_kek(data_dir), replicas=replicas)
+async def issue_keys_for(nc: NATS, settings: Settings, *, watch: bool = False) -> IssueKeys:
+    """The issue keys of the needle ``settings`` name (a command attached to it: rebuild, restore), opened with
+    its key-encryption key (never a new one: a KEK made here would open nothing)."""
+    keys = IssueKeys(nc, kek=load_or_create_kek(settings, create=False), replicas=settings.stream_replicas)
     await keys.start(watch=watch)
     return keys
 

@@ -31,6 +31,7 @@ import contextlib
 import json
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
 from shared.domain.errors import Unavailable
 from shared.events.subjects import valid_token
 from shared.files import create_private_once
+from shared.settings import Settings
 from shared.store.settling import JetStreamRefused, settled
 
 from . import sealing
@@ -82,17 +84,82 @@ def bucket_config(replicas: int = 1) -> dict[str, object]:
 
 
 KEK_FILE = "secrets/resident-kek.key"  # the key-encryption key of the residents' data keys, never in NATS
+KEK_COMMAND = "NEEDLE_KEK_COMMAND"
 
 
-def load_or_create_kek(data_dir: Path) -> bytes:
-    """The key-encryption key: 32 random bytes (hex) in ``DIR/secrets/resident-kek.key``, created 0600 in the
-    0700 ``secrets/``. Every process of one needle reads the same file; a backup of the key bucket is of no use
-    without it (back it up apart from the data, or keep it in a KMS and write it here at start)."""
-    path = Path(data_dir) / KEK_FILE
-    kek = bytes.fromhex(create_private_once(path, secrets.token_hex(32)).strip())
-    if len(kek) != 32:
-        raise KeyStoreError(f"{path} must hold 32 bytes (64 hex characters)")
-    return kek
+class KekUnavailable(RuntimeError):
+    """No key-encryption key: the process refuses to start. The message is one line and never holds what
+    the KEK command printed."""
+
+
+def parse_kek(raw: bytes, source: str) -> bytes:
+    """32 bytes from 64 hex characters (whitespace around them allowed), else KekUnavailable naming
+    ``source`` and never echoing ``raw``."""
+    text = raw.strip()
+    if len(text) != 64 or text.strip(b"0123456789abcdefABCDEF"):
+        got = f"{len(text)} characters" if len(text) != 64 else "characters that are not all hex"
+        raise KekUnavailable(f"{source} did not give a key-encryption key: expected 64 hex characters "
+                             f"(32 bytes), got {got}")
+    return bytes.fromhex(text.decode("ascii"))
+
+
+def run_kek_command(command: str, timeout_s: float = 30.0) -> bytes:
+    """The KEK a KMS hook prints: ``command`` split like a POSIX shell (``shlex``) and run without a shell,
+    stdin empty, stderr left to ours (its diagnostics reach needle's log), stdout captured in memory only.
+    KekUnavailable (one line, never the output) when it cannot be run, fails, outlives ``timeout_s`` or
+    prints anything but 64 hex characters."""
+    import shlex
+    import subprocess
+
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise KekUnavailable(f"{KEK_COMMAND} is not a valid command line: {exc}") from None
+    if not argv:
+        raise KekUnavailable(f"{KEK_COMMAND} is empty")
+    what = f"{KEK_COMMAND} ({Path(argv[0]).name})"  # the program only: its arguments may name secrets' paths
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True)
+    except OSError as exc:
+        raise KekUnavailable(f"{what} could not be run: {exc.strerror or exc}") from None
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+        raise KekUnavailable(f"{what} gave no key within {timeout_s:g} s (NEEDLE_KEK_COMMAND_TIMEOUT_S)") from None
+    if proc.returncode != 0:
+        how = (f"was killed by signal {-proc.returncode}" if proc.returncode < 0
+               else f"failed with exit status {proc.returncode}")
+        raise KekUnavailable(f"{what} {how} (its own messages, if any, are on stderr)")
+    return parse_kek(out, what)
+
+
+def load_or_create_kek(settings: Settings, *, create: bool = True) -> bytes:
+    """The key-encryption key, the one way every process gets it.
+
+    With ``settings.kek_command`` (NEEDLE_KEK_COMMAND): what that command prints (``run_kek_command``), held
+    in memory only; a ``DIR/secrets/resident-kek.key`` left from before must hold the same key (else the
+    keys it wrapped would no longer open: refused). Without: 32 random bytes (hex) in that file, created 0600
+    in the 0700 ``secrets/`` (unless ``create`` is false: then it must exist). Every process of one needle
+    gets the same key; a backup of the key bucket is of no use without it. KekUnavailable when there is none."""
+    path = Path(settings.data_dir) / KEK_FILE
+    if settings.kek_command:
+        kek = run_kek_command(settings.kek_command, settings.kek_command_timeout_s)
+        if path.exists():
+            if parse_kek(path.read_bytes(), str(path)) != kek:
+                raise KekUnavailable(f"{KEK_COMMAND} gives another key-encryption key than {path}: the keys "
+                                     f"wrapped with that file would no longer open; put its key in the KMS, then "
+                                     f"remove the file")
+            log.warning("the key-encryption key is still on disk though NEEDLE_KEK_COMMAND supplies it: "
+                        "remove the file (shred it)", path=str(path))
+        return kek
+    if not create and not path.exists():
+        raise KekUnavailable(f"no key-encryption key: {path} does not exist and {KEK_COMMAND} is not set "
+                             f"(use the data dir of the running needle, or its KMS command)")
+    return parse_kek(create_private_once(path, secrets.token_hex(32)).encode(), str(path))
 
 
 def _wrap(kek: bytes, resident_id: str, key_id: str, key: bytes) -> str:
@@ -106,7 +173,7 @@ def _unwrap(kek: bytes, resident_id: str, key_id: str, blob: str) -> bytes:
         return AESGCM(kek).decrypt(raw[:12], raw[12:], f"{resident_id}\x00{key_id}".encode())
     except InvalidTag:
         raise KeyStoreError(f"the data key of resident {resident_id} does not open with this key-encryption "
-                            f"key ({KEK_FILE})") from None
+                            f"key ({KEK_FILE} or {KEK_COMMAND})") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +208,21 @@ class ResidentKey:
 class Forgotten:
     resident_id: str
     key_ids: tuple[str, ...]  # empty: there was no key (unknown resident, or already forgotten)
+
+
+@dataclass(frozen=True, slots=True)
+class Rewrapped:
+    """What ``ResidentKeys.rewrap`` did."""
+    total: int  # residents whose key needed wrapping or moving
+    wrapped: int  # unwrapped keys now wrapped with the KEK, under h.<HMAC(id)>
+    moved: int  # keys wrapped already, moved from r.<id> to h.<HMAC(id)>
+    markers: int  # r.<id> deletion markers (left by forgetting such a key) erased: they named the id
+    left: tuple[str, ...]  # why some keys were left as they were (no resident id named)
+    checked: bool  # the KEK opened a key wrapped before (it is the needle's, not another one)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.wrapped or self.moved or self.markers)
 
 
 class KeyStoreError(JetStreamRefused):
@@ -401,13 +483,19 @@ class ResidentKeys:
 
     async def destroy(self, key: ResidentKey) -> None:
         """Erase the key's message on disk, then purge the key and its phone index entry (the purge
-        markers tell every process's cache). Idempotent."""
+        markers tell every process's cache). Idempotent. A copy of the key under its other name (``r.<id>``
+        or ``h.<HMAC(id)>``: ``rewrap`` moving it at this moment) goes too."""
         if key.revision:
             try:
                 await self.nc.jetstream().delete_msg(KV_STREAM, key.revision)  # secure erase (no_erase: false)
             except Exception as exc:  # already gone (a concurrent forget): the purge below still holds
                 log.info("key message not erased", resident=key.resident_id, error=repr(exc))
-        await self.kv.purge(key.name or f"r.{key.resident_id}")
+        name = key.name or f"r.{key.resident_id}"
+        await self.kv.purge(name)
+        other = await self.entry_name(key.resident_id) if name.startswith("r.") else f"r.{key.resident_id}"
+        copy = await self._entry(other)
+        if copy is not None:
+            await self._erase(other, copy.revision)
         self._cache.pop(key.resident_id, None)
         if key.index:
             entry = await self._entry(key.index)
@@ -415,3 +503,140 @@ class ResidentKeys:
                 with contextlib.suppress(Exception):
                     await self.nc.jetstream().delete_msg(KV_STREAM, entry.revision)
                 await self.kv.purge(key.index)
+
+    # -- wrapping the keys of an earlier needle ----------------------------------------------------------
+    async def _erase(self, name: str, revision: int, *, marker: bool = True) -> None:
+        """Erase the message ``revision`` of entry ``name`` on disk (secure delete), then, with ``marker``, purge
+        the entry (the marker tells every process's cache at once) and erase that marker too when the name
+        holds a resident id (``r.<id>``: no subject is left naming it)."""
+        js = self.nc.jetstream()
+        with contextlib.suppress(NotFoundError):  # already erased (a concurrent forget, a run that crashed)
+            await js.delete_msg(KV_STREAM, revision)
+        if not marker:
+            return
+        await self.kv.purge(name)
+        if name.startswith("r."):
+            await self._erase_marker(name)
+
+    async def _erase_marker(self, name: str) -> bool:
+        """Erase the deletion marker that is the last message of ``name``, if it is one."""
+        js = self.nc.jetstream()
+        try:
+            last = await js.get_last_msg(KV_STREAM, KV_PREFIX + name)
+        except NotFoundError:
+            return False
+        if (last.headers or {}).get("KV-Operation") not in ("DEL", "PURGE") or last.seq is None:
+            return False
+        with contextlib.suppress(NotFoundError):
+            await js.delete_msg(KV_STREAM, last.seq)
+        return True
+
+    async def _all_entries(self) -> list[Any]:
+        """The last message of every entry, deletion markers included (``operation`` DEL or PURGE)."""
+        try:
+            watcher = await self.kv.watch(">")
+            try:
+                out: list[Any] = []
+                while True:
+                    entry = await watcher.updates(timeout=5)
+                    if entry is None:
+                        return out
+                    out.append(entry)
+            finally:
+                await watcher.stop()
+        except (NatsError, TimeoutError) as exc:
+            raise Unavailable("residents' keys did not answer in time") from exc
+
+    async def rewrap(self, progress: Callable[[int, int, str], None] | None = None) -> Rewrapped:
+        """Wrap with the KEK every key an earlier needle stored unwrapped, and move every key still named
+        ``r.<id>`` (wrapped or not) to ``h.<HMAC(id)>``; erase the ``r.<id>`` markers forgetting such keys
+        left. ``progress(n, total, what)`` after each resident. Idempotent: a second run changes nothing.
+
+        Refuses (KeyStoreError, nothing changed) without a KEK, or when the KEK does not open a key wrapped
+        before (it is not this needle's). Never loses a key if stopped at any point: each step writes the
+        new entry before it erases the old one, and lookups find either (``h.`` first, then ``r.``)."""
+        if self.kek is None:
+            raise KeyStoreError("no key-encryption key: nothing can be wrapped")
+        entries = await self._all_entries()
+        live = {e.key: e for e in entries if e.operation is None}
+        markers = [e.key for e in entries if e.operation is not None and e.key.startswith("r.")]
+        ids = {e.value.decode() for k, e in live.items() if k.startswith(("p.", "q.")) and e.value}
+        ids |= {k[2:] for k in live if k.startswith("r.")}
+        by_name = {await self.entry_name(rid): rid for rid in sorted(ids) if valid_token(rid)}
+
+        def unwrapped(e: Any) -> bool:
+            return "wrapped" not in orjson.loads(e.value)
+
+        todo = sorted({k[2:] for k in live if k.startswith("r.")}
+                      | {by_name[k] for k, e in live.items() if k.startswith("h.") and k in by_name and unwrapped(e)})
+        unknown = sum(1 for k, e in live.items() if k.startswith("h.") and k not in by_name and unwrapped(e))
+        checked = await self._check_kek(live, by_name)
+        wrapped = moved = 0
+        left: list[str] = []
+        for n, rid in enumerate(todo, 1):
+            try:
+                what = await self._rewrap_one(rid)
+            except KeyStoreError as exc:
+                what = f"left: {exc}"
+                left.append(what)
+            wrapped += what == "wrapped"
+            moved += what == "moved"
+            if progress is not None:
+                progress(n, len(todo), what)
+        erased = sum([await self._erase_marker(name) for name in markers])
+        if unknown:
+            left.append(f"{unknown} unwrapped key(s) under h.<HMAC(id)> whose resident id the bucket does not name "
+                        "(reported under a caller's id without a phone): forget them or report them again")
+        return Rewrapped(len(todo), wrapped, moved, erased, tuple(left), checked)
+
+    async def _check_kek(self, live: dict[str, Any], by_name: dict[str, str]) -> bool:
+        """True when the KEK opened a key wrapped before; False when there is none to try. KeyStoreError
+        (nothing changed) when it does not open one: another needle's KEK would make every key it wraps
+        unreadable to this needle."""
+        for name, entry in live.items():
+            rid = name[2:] if name.startswith("r.") else by_name.get(name) if name.startswith("h.") else None
+            if rid is not None and "wrapped" in orjson.loads(entry.value):
+                try:
+                    ResidentKey.decode(rid, entry.value, entry.revision, self.kek, name)
+                except KeyStoreError:
+                    raise KeyStoreError("this key-encryption key does not open the keys this needle wrapped "
+                                        "before: it is not this needle's (nothing changed)") from None
+                return True
+        return False
+
+    async def _rewrap_one(self, resident_id: str) -> str:
+        """Bring one resident's key to ``h.<HMAC(id)>``, wrapped: "wrapped", "moved" or "nothing"."""
+        assert self.kek is not None
+        h_name, r_name = await self.entry_name(resident_id), f"r.{resident_id}"
+        h, r = await self._entry(h_name), await self._entry(r_name)
+        what = "nothing"
+        if h is not None and "wrapped" not in orjson.loads(h.value):
+            # an unwrapped h.<HMAC> entry: wrap a copy under r.<id> first (lookups find it there), then erase it
+            key = ResidentKey.decode(resident_id, h.value, h.revision, self.kek, h_name)
+            if r is None:
+                with contextlib.suppress(KeyWrongLastSequenceError):
+                    await self.kv.create(r_name, key.encode(self.kek))
+                r = await self._entry(r_name)
+            if r is None or ResidentKey.decode(resident_id, r.value, r.revision, self.kek, r_name).key != key.key:
+                raise KeyStoreError("two different keys for one resident; left as they are")
+            await self._erase(h_name, h.revision, marker=False)  # its name stays: re-created just below
+            h, what = None, "wrapped"
+        if r is None:
+            return what
+        old = ResidentKey.decode(resident_id, r.value, r.revision, self.kek, r_name)  # the KEK opens it, or refused
+        if what == "nothing":
+            what = "wrapped" if "wrapped" not in orjson.loads(r.value) else "moved"
+        if h is None:
+            with contextlib.suppress(KeyWrongLastSequenceError):  # made meanwhile: checked below
+                await self.kv.create(h_name, old.encode(self.kek))
+            h = await self._entry(h_name)
+            again = await self._entry(r_name)
+            if again is None or again.revision != r.revision:  # forgotten meanwhile: so is the copy just made
+                if h is not None:
+                    await self._erase(h_name, h.revision)
+                return "forgotten meanwhile"
+        if h is None or ResidentKey.decode(resident_id, h.value, h.revision, self.kek, h_name).key != old.key:
+            raise KeyStoreError("two different keys for one resident; left as they are")
+        await self._erase(r_name, r.revision)
+        self._cache.pop(resident_id, None)
+        return what

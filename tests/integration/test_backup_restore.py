@@ -97,7 +97,7 @@ async def test_round_trip_keeps_events_views_and_timers(needle_factory: Callable
         db_url = await ensure_database(pg_url, f"needle_restore_{id(nc)}")
         rb = load_rulebook(RULES)
         # the key-encryption key is kept apart from the backup and restored with it (docs/SECURITY.md)
-        texts = await issue_keys_for(nc, a.stack.settings.data_dir)
+        texts = await issue_keys_for(nc, a.stack.settings)
         figures = await bk.rebuild_read_models(nc, db_url, load_org(ORG), rb.tz, texts=texts)
         assert figures["target_seq"] == last_seq
     finally:

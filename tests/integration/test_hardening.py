@@ -639,7 +639,7 @@ async def test_resident_data_keys_are_wrapped_with_a_key_encryption_key_kept_out
     bare = ResidentKeys(h.stack.nc)
     await bare.start(watch=False)
     assert (await bare.lookup(rid)).key == b""  # type: ignore[union-attr]
-    with_kek = ResidentKeys(h.stack.nc, kek=load_or_create_kek(h.stack.settings.data_dir))
+    with_kek = ResidentKeys(h.stack.nc, kek=load_or_create_kek(h.stack.settings))
     await with_kek.start(watch=False)
     assert (await with_kek.lookup(rid)).key == (await h.stack.residents.lookup(rid)).key  # type: ignore[union-attr]
 

@@ -485,10 +485,11 @@ def test_secrets_made_by_racing_processes_are_never_seen_half_written(tmp_path: 
     import multiprocessing
 
     from shared.privacy.keystore import load_or_create_kek
+    from shared.settings import Settings
 
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(8) as pool:
-        keks = pool.map(load_or_create_kek, [tmp_path] * 32)
+        keks = pool.map(load_or_create_kek, [Settings(data_dir=tmp_path)] * 32)
         keys = pool.starmap(auth.load_or_create_key, [(tmp_path,)] * 32)
     assert len(set(keks)) == 1 and len(keks[0]) == 32
     assert len(set(keys)) == 1 and len(keys[0]) == 64
