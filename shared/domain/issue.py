@@ -139,6 +139,10 @@ class IssueState:
     first_dispatch_at: datetime | None = None  # 按期结案 is measured from here ...
     first_resolve_due: datetime | None = None  # ... against the first lead's resolve clock as dispatched
     granted: timedelta = timedelta(0)  # plus the time approved extensions and suspensions moved the resolve due
+    # the description in anonymous reads (Open311): marked public by the reporter, or as a moderator last decided
+    description_public: bool = False
+    publication_by: str | None = None  # the moderator's last decision: who, and why (never published)
+    publication_reason: str | None = None
 
     @property
     def exists(self) -> bool:
@@ -229,7 +233,11 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 media=_media(event.media, "report", event.reporter),
                 media_url=event.media_url, status="pending_review" if event.review else "reported",
                 review_due=event.review_due, review_warn=event.review_warn,
+                description_public=event.description_public,
             )
+        case ev.DescriptionPublicationChanged():
+            changes.update(description_public=event.public, publication_by=event.by,
+                           publication_reason=event.reason)
         case ev.IssueAccepted():
             changes.update(status="reported", triage="accepted", triage_reason=event.reason, triaged_by=event.by)
         case ev.IssueRejected():
@@ -432,7 +440,7 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 resident=command.resident, visit=command.visit, households_target=command.households_target,
                 media=command.media, media_url=command.media_url,
                 resolved_on_site=command.resolved_on_site, review=review, review_due=review_due,
-                review_warn=review_warn,
+                review_warn=review_warn, description_public=command.description_public,
             )
             if not command.resolved_on_site:
                 return [reported]
@@ -634,6 +642,12 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 raise Invalid("remind_every must be positive", field="remind_every")
             return [ev.SupervisionOrdered(task_id=t.id, by=command.by, due=command.due, reason=command.reason,
                                           remind_every=command.remind_every, at=now)]
+        case cmd.SetDescriptionPublication():
+            if not state.exists:
+                raise NotFound(f"issue {state.id} not found", field="id")
+            if state.description_public == command.public:  # already so (a retry, or the reporter's own mark)
+                return []
+            return [ev.DescriptionPublicationChanged(public=command.public, by=command.by, reason=command.reason)]
         case cmd.AddComment():
             if not state.exists:
                 raise NotFound(f"issue {state.id} not found", field="id")

@@ -28,7 +28,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "issue_reported": {"grid": "zhanmao-g33", "category": "construction_nuisance", "title": "blasting at night",
                        "description": "dust and noise", "urgency": "urgent", "risk": ["collective_petition"],
                        "location": {"lat": 30.03, "lon": 122.24, "address": "张家宕"}, "reporter": "gw:33",
-                       "reported_at": T, "request_hash": "ab" * 32,
+                       "reported_at": T, "request_hash": "ab" * 32, "description_public": True,
                        "resident": {"id": "res_0123456789abcdef01234567", "key_id": "0a1b2c3d4e5f6071",
                                     "ciphertext": "c2VhbGVk", "nonce": "AAAAAAAAAAAAAAAA"}},
     "issue_resolved_on_site": {"by": "gw:33", "note": "talked to the site manager",
@@ -97,6 +97,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "clocks_resumed": TASK | {"cause": "info_request", "at": T, "acknowledge_due": T, "resolve_due": T,
                               "acknowledge_warn": T, "resolve_warn": T},
     "progress_missed": TASK | {"due": T, "caused_by": 3},
+    "description_publication_changed": {"public": True, "by": "sup:putuo", "reason": "无个人信息"},
     "task_resumed": TASK | {"by": "h:dazhan", "at": T, "acknowledge_due": T, "resolve_due": T,
                             "acknowledge_warn": T, "resolve_warn": T},
 }
