@@ -14,6 +14,7 @@ from . import (
     followup_api,
     issues_api,
     problems,
+    publication_api,
     residents_api,
     surfaces,
     tasks_api,
@@ -44,7 +45,7 @@ def create_app(ctx: AppContext, extra_routers: tuple[object, ...] = ()) -> FastA
     problems.install(app)
     for router in (issues_api.router, tasks_api.router, campaigns_api.router, events_api.router,
                    residents_api.router, visits_api.router, media_api.router, triage_api.router, comments_api.router,
-                   followup_api.router):
+                   followup_api.router, publication_api.router):
         app.include_router(router, responses=problems.RESPONSES)
     app.include_router(surfaces.router)  # /app/ (the working pages), /docs, /redoc: static, no data
     app.include_router(open311_router)  # answers errors in the GeoReport form, declared in its own routes

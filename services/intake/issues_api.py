@@ -92,7 +92,7 @@ def validate_report(ctx: AppContext, body: ReportIssueBody) -> ReportIssueBody:
     return body
 
 
-NEWER_FIELDS = ("visit", "media", "resolved_on_site", "note", "media_url")
+NEWER_FIELDS = ("visit", "media", "resolved_on_site", "note", "media_url", "description_public")
 
 
 def request_hash(body: ReportIssueBody, resident_fingerprint: str | None = None) -> str:
@@ -171,7 +171,8 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
                               review_within=ctx.rulebook.category(body.category).sla.review,
                               warn_at=ctx.rulebook.warn_at,
                               report_rule=evidence_rule(ctx, body.category, "report"),
-                              resolve_rule=evidence_rule(ctx, body.category, "resolve"))
+                              resolve_rule=evidence_rule(ctx, body.category, "resolve"),
+                              description_public=body.description_public)
     now = utcnow()
     events: list[Event] = decide(initial_state(issue_id), command, now)
     res = await append_first(ctx.store, issue_id, events, now=now, actor=p.subject, msg_id=f"report:{issue_id}",

@@ -81,6 +81,9 @@ class ReportIssueBody(Strict):
                              description="with resolved_on_site: what was done")
     media_url: str | None = Field(default=None, max_length=2000, pattern=r"^https?://[^\s\x00]+$",
                                   description="an external link (Open311 media_url), kept and never fetched")
+    description_public: bool = Field(default=False, description="the reporter agrees that the description be "
+                                                                "published: anonymous Open311 reads show it (a "
+                                                                "moderator may withdraw it)")
 
     @field_validator("location")
     @classmethod
@@ -123,6 +126,12 @@ class MergeBody(Strict):
     into: str = Field(min_length=1, max_length=40, pattern=r"^[A-Za-z0-9_-]+$",
                       description="the open issue this one is handled with (合并办理)")
     reason: str | None = Field(default=None, max_length=2000, pattern=NO_NUL)
+
+
+class PublicationBody(Strict):
+    public: bool = Field(description="true: anonymous Open311 reads show the description; false: they do not")
+    reason: str | None = Field(default=None, max_length=2000, pattern=NO_NUL,
+                               description="why (recorded with the decision, never published)")
 
 
 class VerifyBody(Strict):
@@ -253,4 +262,7 @@ def issue_view(s: IssueState, resident: dict[str, Any] | None = None, org: OrgTr
         "merged_into": s.merged_into, "duplicates": list(s.duplicates),
         "review": ({"due": _ts(s.review_due), "warn": _ts(s.review_warn), "warned": s.review_warned,
                     "breached": s.review_breached} if s.review_due is not None else None),
+        "description_public": s.description_public,
+        "publication": ({"public": s.description_public, "by": s.publication_by, "reason": s.publication_reason}
+                        if s.publication_by is not None else None),
     }

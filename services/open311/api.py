@@ -30,7 +30,17 @@ from shared.ratelimit import Rate, RateLimiter, retry_after
 
 from . import catalog, search, view
 from .formats import FORMATS, Format, Open311Error, check_format, error_response, render, split_format
-from .inputs import Params, attributes, first, place, read_params, resident_of, risk_of, urgency_of
+from .inputs import (
+    Params,
+    attributes,
+    description_public_of,
+    first,
+    place,
+    read_params,
+    resident_of,
+    risk_of,
+    urgency_of,
+)
 
 router = APIRouter(tags=["open311"])
 log = structlog.get_logger("needle.open311")
@@ -193,17 +203,19 @@ async def _create(request: Request, fmt: Format) -> Response:
     where = place(ctx.org, params, attrs)
     require_filing(ctx.org, ctx.rulebook, p, where.grid, urgency, risk)
     description = first(params, "description")
+    public = description_public_of(params)
     title = _title(description, category.name)
-    if where.address is not None:  # an address without a point: keep it where the handler will read it
-        description = f"{description}\n\n地址 (address): {where.address}" if description else \
-            f"地址 (address): {where.address}"
+    if where.address is not None:  # an address without a point: keep it where the handler will read it (never
+        # published: the anonymous view leaves it out, view.public_description)
+        description = f"{description}\n\n{view.ADDRESS_LABEL}{where.address}" if description else \
+            f"{view.ADDRESS_LABEL}{where.address}"
     # first_name, last_name and phone become the sealed resident; media_url is kept as an external link (never
     # fetched); email, device_id and account_id are accepted and not stored
     try:
         body = ReportIssueBody(grid=where.grid, category=code, title=title, description=description,
                                urgency=urgency, risk=list(risk), location=where.location,  # type: ignore[arg-type]
                                resident=resident_of(params),  # type: ignore[arg-type]
-                               media_url=first(params, "media_url") or None)
+                               media_url=first(params, "media_url") or None, description_public=public)
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err.get("loc", ())) or "request"

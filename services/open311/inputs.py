@@ -243,6 +243,20 @@ def place(org: OrgTree, params: Params, attrs: dict[str, list[str]]) -> Place:
     raise Open311Error(400, f"a location is required: lat and long, address_string or attribute[grid]{hint}")
 
 
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def description_public_of(params: Params) -> bool:
+    """needle's extension ``description_public``: the reporter agrees that the description be published in
+    anonymous reads. ``true``/``false`` (also ``1``/``0``, ``yes``/``no``, ``on``/``off``); absent: false."""
+    raw = first(params, "description_public")
+    if raw is None or raw.lower() in _FALSE:
+        return False
+    if raw.lower() in _TRUE:
+        return True
+    raise Open311Error(400, f"description_public must be true or false, not {raw[:40]!r}")
+
+
 def _cjk(text: str) -> bool:
     return any("\u4e00" <= c <= "\u9fff" for c in text)
 

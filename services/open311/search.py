@@ -22,7 +22,7 @@ MAX_RESULTS = 1000
 MAX_IDS = 100
 STATUSES = ("open", "closed")
 LIST_SQL = ("SELECT i.id, i.grid, i.category, i.title, i.urgency, i.status, i.reported_at, i.closed_at, "
-            "i.lead_department, i.level, i.updated_at, t.resolve_due "
+            "i.lead_department, i.level, i.updated_at, i.description_public, t.resolve_due "
             "FROM issues i LEFT JOIN tasks t ON t.id = i.lead_task")
 
 

@@ -5,8 +5,9 @@ Two views (docs/OPEN311.md, "Reading requests"; docs/SECURITY.md):
 
 * **anonymous** (no key, or a key whose scope does not cover the issue): the service, status, dates, the
   responsible department's name, the grid's name as address and a point rounded to PUBLIC_DECIMALS
-  (about 100 m); no free text at all: ``description`` is null and ``status_notes`` names the status only
-  (never a reason or a note);
+  (about 100 m); ``status_notes`` names the status only (never a reason or a note); ``description`` only
+  when it is public (the reporter marked it so and no moderator withdrew it, or a moderator approved it:
+  ``IssueState.description_public``), without an address Open311 appended to it; null otherwise;
 * **full** (a key whose scope covers the issue's grid): the reported point and address, the description and
   the notes, as before.
 ``status`` is ``closed`` once the issue is closed and ``open`` before; ``agency_responsible`` is the name of
@@ -102,6 +103,21 @@ def rounded(value: float | None) -> float | None:
     return round(value, PUBLIC_DECIMALS) if value is not None else None
 
 
+ADDRESS_LABEL = "地址 (address): "  # how an Open311 address without a point is kept in the description
+
+
+def public_description(state: IssueState) -> str | None:
+    """What an anonymous reader sees as the description: None unless it is public; then the description (the
+    title when none), cut before an address Open311 appended to it (``ADDRESS_LABEL``: the published place is
+    the grid and a rounded point, never an address)."""
+    if not state.description_public:
+        return None
+    text = state.description or ""
+    if ADDRESS_LABEL in text:
+        text = text[:text.rfind(ADDRESS_LABEL)].rstrip()
+    return text or state.title
+
+
 def from_state(org: OrgTree, rulebook: Rulebook, state: IssueState, envelopes: Sequence[Envelope],
                full: bool = False) -> dict[str, Any]:
     """One request, folded from the event store; ``full``: the view of a key that covers the issue."""
@@ -114,12 +130,13 @@ def from_state(org: OrgTree, rulebook: Rulebook, state: IssueState, envelopes: S
         lat, lon = state.location.lat, state.location.lon
         if full:
             address = state.location.address or address
+    description: str | None
     if full:
         notes, description = status_notes(org, envelopes), state.description or state.title
     else:
         dept = department_name(org, lead.department) if lead else None
         notes = _ROW_NOTES.get(state.status, state.status).format(dept=dept or "the department")
-        description, lat, lon = None, rounded(lat), rounded(lon)
+        description, lat, lon = public_description(state), rounded(lat), rounded(lon)
     return {
         "service_request_id": state.id,
         "status": "closed" if state.status == "closed" else "open",
@@ -151,7 +168,7 @@ _ROW_NOTES: dict[str, str] = {
 def from_row(org: OrgTree, rulebook: Rulebook, row: Mapping[str, Any], full: bool = False) -> dict[str, Any]:
     """One request of a list, from the ``issues`` read model (the location is the grid's reference point and
     the description the issue's title: the read model keeps neither the reported point nor the full text).
-    Without ``full`` (a key covering the issue) there is no description."""
+    Without ``full`` (a key covering the issue) the title is shown only when the description is public."""
     tz = rulebook.tz
     cat = rulebook.categories.get(row["category"])
     dept = department_name(org, row["lead_department"])
@@ -163,7 +180,7 @@ def from_row(org: OrgTree, rulebook: Rulebook, row: Mapping[str, Any], full: boo
         "status_notes": _ROW_NOTES.get(row["status"], row["status"]).format(dept=dept or "the department"),
         "service_name": cat.name if cat else row["category"],
         "service_code": row["category"],
-        "description": row["title"] if full else None,
+        "description": row["title"] if full or row.get("description_public") else None,
         "agency_responsible": dept,
         "service_notice": service_notice(rulebook, row["category"], row.get("urgency") or "normal"),
         "requested_datetime": ts(row["reported_at"], tz),

@@ -157,6 +157,7 @@ def new_issue_row(issue_id: str, e: ev.IssueReported, org: OrgTree, seq: int) ->
         "updated_at": e.reported_at,
         "lat": e.location.lat if e.location else None, "lon": e.location.lon if e.location else None,
         "merged_into": None, "reporter": e.reporter, "text_shredded_at": None,
+        "description_public": e.description_public,
     }
 
 
@@ -334,6 +335,8 @@ def apply(batch: Batch, env: Envelope) -> None:
             batch.count_area(issue, at, "review_breached")
         case ev.IssueAccepted():
             issue["status"] = "reported"  # the review clock stops (below)
+        case ev.DescriptionPublicationChanged():  # a moderator's decision (anonymous Open311 lists)
+            issue["description_public"] = e.public
         case ev.IssueRejected() | ev.IssueVoided():
             issue["status"] = "rejected" if isinstance(e, ev.IssueRejected) else "voided"
             batch.count_area(issue, at, issue["status"])

@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 PROJECTION = "read_models"
-PROJECTION_VERSION = 9  # bump when the projection functions change: the worker rebuilds on start
+PROJECTION_VERSION = 10  # bump when the projection functions change: the worker rebuilds on start
 
 
 def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
@@ -57,6 +57,8 @@ def tables(suffix: str = "") -> tuple[MetaData, dict[str, Table]]:
         Column("merged_into", Text),
         Column("reporter", Text),  # the token subject that reported it (a grid worker's 我的上报)
         Column("text_shredded_at", DateTime(timezone=True)),  # its free text crypto-shredded (retention)
+        # the description may be shown to anonymous Open311 readers (the reporter's mark, a moderator's decision)
+        Column("description_public", Boolean, nullable=False),
     )
     Index(f"ix_issues{suffix}_similar", issues.c.category, issues.c.status, issues.c.lat)
     Index(f"ix_issues{suffix}_areas", issues.c.areas, postgresql_using="gin")

@@ -31,6 +31,7 @@ class ReportIssue:
     note: str | None = None  # what was done on the spot
     report_rule: str | None = None  # the evidence rule a report must meet (a photo, phase before), if any
     resolve_rule: str | None = None  # the evidence rule a resolve must meet (a photo, phase after), if any
+    description_public: bool = False  # the reporter marks the description public (anonymous Open311 reads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,11 +283,20 @@ class ShredText:
     retention: timedelta | None = None  # retention: only an issue closed at least this long ago
 
 
+@dataclass(frozen=True, slots=True)
+class SetDescriptionPublication:
+    """Publish (``public``) or withdraw the issue's description in anonymous reads (a moderator's decision)."""
+
+    by: str
+    public: bool
+    reason: str | None = None
+
+
 Command = (
     ReportIssue | ResolveOnSite | AcceptIssue | RejectIssue | VoidIssue | RecategoriseIssue | MergeIssue
     | AcknowledgeTask | ReturnTask | ResolveTask | VerifyIssue | RecordFeedback
     | RecordResidentFeedback | EscalateIssue | RequestExtension | ApproveExtension | UrgeIssue
     | RequestReturn | RejectReturn | ApproveReturn | ReassignTask | RejectExtension
     | RequestSuspension | ApproveSuspension | RejectSuspension | ResumeTask | AddComment
-    | SuperviseTask | ShredText
+    | SuperviseTask | ShredText | SetDescriptionPublication
 )

@@ -140,6 +140,10 @@ class IssueState:
     first_resolve_due: datetime | None = None  # ... against the first lead's resolve clock as dispatched
     granted: timedelta = timedelta(0)  # plus the time approved extensions and suspensions moved the resolve due
     text_shredded_at: datetime | None = None  # the free text's key was destroyed (retention, or by hand)
+    # the description in anonymous reads (Open311): marked public by the reporter, or as a moderator last decided
+    description_public: bool = False
+    publication_by: str | None = None  # the moderator's last decision: who, and why (never published)
+    publication_reason: str | None = None
 
     @property
     def exists(self) -> bool:
@@ -230,7 +234,11 @@ def evolve(state: IssueState, event: ev.Event, seq: int = 0) -> IssueState:
                 media=_media(event.media, "report", event.reporter),
                 media_url=event.media_url, status="pending_review" if event.review else "reported",
                 review_due=event.review_due, review_warn=event.review_warn,
+                description_public=event.description_public,
             )
+        case ev.DescriptionPublicationChanged():
+            changes.update(description_public=event.public, publication_by=event.by,
+                           publication_reason=event.reason)
         case ev.IssueAccepted():
             changes.update(status="reported", triage="accepted", triage_reason=event.reason, triaged_by=event.by)
         case ev.IssueRejected():
@@ -435,7 +443,7 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                 resident=command.resident, visit=command.visit, households_target=command.households_target,
                 media=command.media, media_url=command.media_url,
                 resolved_on_site=command.resolved_on_site, review=review, review_due=review_due,
-                review_warn=review_warn,
+                review_warn=review_warn, description_public=command.description_public,
             )
             if not command.resolved_on_site:
                 return [reported]
@@ -649,6 +657,12 @@ def decide(state: IssueState, command: cmd.Command, now: datetime) -> list[ev.Ev
                                    current_status=state.status)
             return [ev.IssueTextShredded(by=command.by, reason=command.reason,  # type: ignore[arg-type]
                                          key_id=command.key_id, closed_at=state.closed_at, at=now)]
+        case cmd.SetDescriptionPublication():
+            if not state.exists:
+                raise NotFound(f"issue {state.id} not found", field="id")
+            if state.description_public == command.public:  # already so (a retry, or the reporter's own mark)
+                return []
+            return [ev.DescriptionPublicationChanged(public=command.public, by=command.by, reason=command.reason)]
         case cmd.AddComment():
             if not state.exists:
                 raise NotFound(f"issue {state.id} not found", field="id")

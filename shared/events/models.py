@@ -93,6 +93,10 @@ class IssueReported(Event):
     resolved_on_site: bool = Field(default=False, description="即报即处: handled on the spot by the reporter; "
                                                               "resolved_on_site and closed follow in the same "
                                                               "append, and nothing is ever dispatched")
+    description_public: bool = Field(default=False, description="the reporter marked the description public: "
+                                                                "anonymous Open311 reads show it (until a "
+                                                                "moderator withdraws it: "
+                                                                "description_publication_changed)")
 
 
 VisitKind = Literal["routine", "campaign", "follow_up"]
@@ -653,6 +657,18 @@ class CommentAdded(Event):
     at: datetime
 
 
+class DescriptionPublicationChanged(Event):
+    """A moderator (a supervisor over the issue's grid, or an admin) approved (``public: true``) or withdrew
+    (``public: false``) the publication of the issue's description in anonymous Open311 reads. ``reason`` is
+    never published."""
+
+    name = "description_publication_changed"
+    ce_type = "needle.issue.description_publication_changed.v1"
+    public: bool
+    by: str
+    reason: str | None = None
+
+
 EVENT_TYPES: tuple[type[Event], ...] = (
     IssueReported,
     IssueResolvedOnSite,
@@ -703,6 +719,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     SupervisionReminded,
     SupervisionClosed,
     IssueTextShredded,
+    DescriptionPublicationChanged,
 )
 BY_NAME: dict[str, type[Event]] = {t.name: t for t in EVENT_TYPES}
 BY_CE_TYPE: dict[str, type[Event]] = {t.ce_type: t for t in EVENT_TYPES}

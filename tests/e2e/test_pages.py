@@ -100,6 +100,7 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             assert "#token" not in w.url and "token" not in w.url  # moved to sessionStorage at once
             await w.get_by_label("标题").fill(TITLE)
             await w.get_by_label("描述").fill("边坡工程爆破震动，居民扬言集体上访")
+            await w.get_by_label("居民同意向公众公开此项").check()  # anonymous Open311 reads may show the description
             # a tap on the grid map (GET /v1/map: the boundaries in the worker's scope) picks a place in the grid
             polygon = w.locator("#pick-map .grid-area[data-grid='zhanmao-g33'] polygon")
             await expect(polygon).to_have_count(1)
@@ -143,6 +144,7 @@ async def test_zhanmao_story_through_the_pages(needle_factory: Callable[..., Any
             assert (body["location"]["lat"], body["location"]["lon"]) == (30.035, 122.2454)
             assert body["risk"] == ["collective_petition"]
             assert body["category"] == "construction_nuisance"
+            assert body["description_public"] is True
             assert [m["phase"] for m in body["media"]] == ["before"]
             await expect(w.locator(".photos img.photo[src^='blob:']")).to_have_count(1)  # read back with the token
             await fits(w)

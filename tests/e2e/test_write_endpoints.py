@@ -191,6 +191,12 @@ def test_every_write_endpoint_answers_its_documented_success_under_needle_up(nee
                   json={"note": "请尽快"}).status_code == 200
     assert n.call("POST", "/v1/issues/{issue_id}/escalate", f"/v1/issues/{three}/escalate", headers=gw,
                   json={"reason": "群众反映强烈"}).status_code == 202
+    # a supervisor over the grid publishes the description in anonymous Open311 reads (the title: it has none)
+    r = n.call("POST", "/v1/issues/{issue_id}/publication", f"/v1/issues/{three}/publication", headers=sup,
+               json={"public": True, "reason": "无个人信息"})
+    assert r.status_code == 200 and r.json()["description_public"] is True, r.text
+    (public,) = n.http.get(f"/open311/v2/requests/{three}.json").json()
+    assert public["description"] == REPORT["title"], public
 
     # closed at the grid before anything is dispatched: the router child is held (as a router far behind is)
     router = [pid for pid, cmd in _children(n.up.proc.pid).items() if cmd.endswith("run router")]

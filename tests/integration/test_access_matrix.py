@@ -204,6 +204,10 @@ MATRIX: dict[tuple[str, str], Case] = {
     ("POST", "/v1/issues/{issue_id}/merge"): Case(only(*TRIAGERS), setup="fresh", succeeds=True,
                                                   json={"into": "{issue_id}", "reason": "m"}),
     ("GET", "/v1/issues/{issue_id}/similar"): Case(only(*ISSUE_READERS)),
+    # the description in anonymous Open311 reads: a supervisor over the grid or an admin moderates; not the grid's
+    # worker, nor a handler (with a task or the command centre), nor a supervisor of another grid
+    ("POST", "/v1/issues/{issue_id}/publication"): Case(only("sup_street", "admin"), setup="fresh", succeeds=True,
+                                                        json={"public": True, "reason": "m"}),
     ("POST", "/v1/webhooks"): Case(only("integrator", "admin"), json=HOOK, succeeds=True),
     ("GET", "/v1/webhooks"): Case(only("integrator", "admin")),
     ("GET", "/v1/webhooks/{hook_id}"): Case(only("integrator", "admin")),

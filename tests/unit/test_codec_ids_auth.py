@@ -98,6 +98,7 @@ SAMPLES: dict[type[ev.Event], ev.Event] = {
     ev.ClocksResumed: ev.ClocksResumed(task_id=f"{ISSUE}-1", at=T0, acknowledge_due=T0, resolve_due=T0,
                                        acknowledge_warn=T0, resolve_warn=T0),
     ev.ProgressMissed: ev.ProgressMissed(task_id=f"{ISSUE}-1", due=T0, caused_by=4),
+    ev.DescriptionPublicationChanged: ev.DescriptionPublicationChanged(public=False, by="sup", reason="含门牌号"),
     ev.TaskResumed: ev.TaskResumed(task_id=f"{ISSUE}-1", by="h", at=T0, acknowledge_due=T0, resolve_due=T0,
                                    acknowledge_warn=T0, resolve_warn=T0),
 }

@@ -639,3 +639,44 @@ def test_an_urge_names_an_open_task_or_counts_against_the_lead() -> None:
     refused(s, cmd.UrgeIssue(by="sup", task_id=task_id(ISSUE, 9)), NotFound)
     done = when(when(s, cmd.AcknowledgeTask(co, by="p"), T0), cmd.ResolveTask(co, by="p"), T0)
     refused(done, cmd.UrgeIssue(by="sup", task_id=co), Conflict)
+
+
+# -- publication of the description in anonymous reads (issue 17, item 1) --------------------------------------
+def test_a_report_carries_the_reporters_mark_that_the_description_may_be_public() -> None:
+    report = cmd.ReportIssue(grid="wuxing-g1", category="road_damage", title="路面塌陷", reporter="gw",
+                             description="井盖缺失", description_public=True)
+    (e,) = decide(initial_state(ISSUE), report, T0)
+    assert isinstance(e, ev.IssueReported) and e.description_public
+    assert apply(initial_state(ISSUE), [e]).description_public
+    # unmarked (the default, and every report recorded before the field existed): not public
+    (plain,) = decide(initial_state(ISSUE), replace(report, description_public=False), T0)
+    assert not plain.description_public  # type: ignore[union-attr]
+    assert not given_events(reported()).description_public
+
+
+def test_a_moderator_approves_and_withdraws_the_description_once_each() -> None:
+    s = dispatched_issue()
+    assert not s.description_public
+    approve = cmd.SetDescriptionPublication(by="sup", public=True, reason="无个人信息")
+    assert decide(s, approve, T0) == [ev.DescriptionPublicationChanged(public=True, by="sup", reason="无个人信息")]
+    s = when(s, approve)
+    assert (s.description_public, s.publication_by, s.publication_reason) == (True, "sup", "无个人信息")
+    assert decide(s, approve, T0) == []  # already public: nothing more to record
+    withdraw = cmd.SetDescriptionPublication(by="admin", public=False)
+    s = when(s, withdraw)
+    assert (s.description_public, s.publication_by, s.publication_reason) == (False, "admin", None)
+    assert decide(s, withdraw, T0) == []
+
+
+def test_withdrawing_the_reporters_mark_records_it_and_confirming_it_records_nothing() -> None:
+    s = given_events(reported(description_public=True))
+    assert decide(s, cmd.SetDescriptionPublication(by="sup", public=True), T0) == []
+    s = when(s, cmd.SetDescriptionPublication(by="sup", public=False, reason="含门牌号"))
+    assert not s.description_public and s.publication_reason == "含门牌号"
+
+
+def test_publication_is_decided_whatever_the_status_but_not_for_an_issue_that_does_not_exist() -> None:
+    closed = when(resolved_issue(), cmd.VerifyIssue(by="gw", passed=True), T0 + 3 * HOUR)
+    assert closed.status == "closed"
+    assert when(closed, cmd.SetDescriptionPublication(by="sup", public=True)).description_public
+    refused(initial_state(ISSUE), cmd.SetDescriptionPublication(by="sup", public=True), NotFound)

@@ -516,3 +516,18 @@ def test_an_urge_naming_a_task_and_a_missed_progress_report_count_against_their_
                              ev.ProgressMissed(task_id=LEAD, due=T0 + HOUR))
     assert (g.dept("dinghai-police")["urged"], g.dept("dinghai-roads")["urged"]) == (1, 1)
     assert g.dept("dinghai-roads")["progress_missed"] == 1 and g.area("city")["progress_missed"] == 1
+
+
+def test_the_row_knows_whether_anonymous_readers_see_the_description() -> None:
+    # the reporter's mark, then a moderator's decisions (anonymous Open311 lists read description_public)
+    g = Given()(reported())
+    assert g.issue["description_public"] is False
+    g(ev.DescriptionPublicationChanged(public=True, by="sup", reason="无个人信息"))
+    assert g.issue["description_public"] is True and g.issue["version"] == 2
+    g(ev.DescriptionPublicationChanged(public=False, by="sup"))
+    assert g.issue["description_public"] is False
+    marked = Given()(ev.IssueReported(grid="wuxing-g1", category="road_damage", title="pothole", reporter="gw",
+                                      reported_at=T0, description_public=True))
+    assert marked.issue["description_public"] is True
+    # the reason is not in the audit summary
+    assert all("无个人信息" not in row[5] for row in g.batch.audit), g.batch.audit

@@ -311,6 +311,8 @@
       placeholder: "搜索类别 search: 路面, 噪声 …" });
     const title = h("input", { id: "f-title", required: true, maxlength: "200" });
     const desc = h("textarea", { id: "f-desc", rows: "3", maxlength: "5000" });
+    // the resident agrees that the description be published (anonymous Open311 reads; a moderator may withdraw it)
+    const descPublic = h("input", { type: "checkbox", id: "f-desc-public" });
     const urgency = h("select", { id: "f-urgency" }, Object.entries(URGENCY).map(([k, v]) => h("option", { value: k }, `${v[0]} ${v[1]}`)));
     const risks = st.risks.map((r) => h("label", { class: "check" },
       h("input", { type: "checkbox", name: "risk", value: r.key }), " ", r.name));
@@ -353,6 +355,7 @@
       const body = { grid: grid(), category: m[1] || cat.value.trim(), title: title.value.trim(),
         urgency: urgency.value, risk: Array.from(form.querySelectorAll("input[name=risk]:checked")).map((x) => x.value) };
       if (desc.value.trim()) body.description = desc.value.trim();
+      if (descPublic.checked) body.description_public = true;
       if (draft.location) body.location = draft.location;
       await act(submit, async () => {
         if (!draft.media) draft.media = await uploadAll(pics.files, "before");  // once per report, like its key
@@ -366,6 +369,7 @@
     h("label", { for: "f-cat" }, T("类别", "Category")), cat, list,
     h("label", { for: "f-title" }, T("标题", "Title")), title,
     h("label", { for: "f-desc" }, T("描述", "Description")), desc,
+    h("label", { class: "check" }, descPublic, " ", T("居民同意向公众公开此项", "the resident agrees to show it publicly")),
     h("div", { class: "row" }, gpsBtn, where),
     mapBox.hidden ? null : h("p", { class: "muted small" }, T("或点击网格地图选点", "or tap the grid map")), mapBox,
     h("label", { for: "f-photo" }, T("现场照片", "Photos")), pics, preview,
