@@ -170,6 +170,9 @@
   }
   function when(ts) { return ts ? new Date(ts).toLocaleString("zh-CN", { hour12: false }) : "—"; }
   function statusBadge(s) { return h("span", { class: "status s-" + s }, bi(STATUS[s] || [s, s])); }
+  // a task's own words: "resolved" is the department's part done (已办理), not the issue waiting for 核查
+  const TASK_STATUS = { resolved: ["已办理", "resolved"] };
+  function taskBadge(s) { return h("span", { class: "status s-" + s }, bi(TASK_STATUS[s] || STATUS[s] || [s, s])); }
   function taskDue(t) { return t.status === "dispatched" ? t.acknowledge_due : t.resolve_due; }
   function taskLight(t) {
     return light(taskDue(t), t.status === "dispatched" ? t.dispatched_at : (t.acknowledged_at || t.dispatched_at),
@@ -426,7 +429,7 @@
     return h("ul", { class: "list" }, tasks.map((t) => h("li", { class: "task" },
       h("span", { class: "item-title" }, t.department_name || t.kind_name || t.department, " ", h("small", { class: "muted" },
         t.role === "lead" ? "主办 lead" : "协办 co")),
-      h("span", { class: "item-meta" }, statusBadge(t.status), " ",
+      h("span", { class: "item-meta" }, taskBadge(t.status), " ",
         taskLight(t) === "grey" ? null : [lightBadge(taskLight(t)), " ", countdown(taskDue(t))]),
       taskFlags(t),
       t.note ? h("div", { class: "note" }, T("处理说明", "Work done"), ": ", t.note) : null)));
@@ -477,7 +480,7 @@
       .map((t) => h("li", {}, h("button", { type: "button", class: "item", onclick: () => go("task", t) },
         h("span", { class: "item-title" }, t.title || t.issue_title || t.issue_id || t.issue),
         h("span", { class: "item-meta" }, lightBadge(taskLight(t)), " ", h("strong", {}, countdown(taskDue(t))), " ",
-          statusBadge(t.status), " ", t.role === "lead" ? "主办 lead" : "协办 co")))));
+          taskBadge(t.status), " ", t.role === "lead" ? "主办 lead" : "协办 co")))));
     filter.onchange = draw;
     draw();
     show(h("section", { class: "card" }, h("h1", {}, done ? T("已办", "Done") : T("待办（按期限）", "Inbox (by due time)"),
@@ -497,7 +500,7 @@
     const parts = [h("button", { type: "button", class: "back", onclick: () => go("inbox") }, "← ", T("待办", "Inbox")),
       h("section", { class: "card" }, issueHead(i),
         h("p", {}, lightBadge(taskLight(t)), " ", h("strong", { id: "t-countdown" }, countdown(taskDue(t))), " ",
-          statusBadge(t.suspended ? "suspended" : t.status), " ", T("期限", "due"), " ", when(taskDue(t))),
+          taskBadge(t.suspended ? "suspended" : t.status), " ", T("期限", "due"), " ", when(taskDue(t))),
         h("div", { id: "t-flags" }, taskFlags(t)),
         h("h2", {}, T("全部承办", "All tasks")), taskRows(i.tasks))];
     const actions = h("section", { class: "card" }, h("h2", {}, T("办理", "Actions")));
