@@ -142,7 +142,8 @@ async def start_needle(data_dir: Path, *, org: Path, rules: Path, nats_url: str,
     (the checkpoint follower), as ``needle up``'s intake does."""
     db_url = await ensure_database(pg_admin_url, database)
     data_dir.mkdir(parents=True, exist_ok=True)
-    share_kek(data_dir, nats_url)
+    if not overrides.get("kek_command"):  # a KEK from a KMS command: no file at all
+        share_kek(data_dir, nats_url)
     settings = Settings(data_dir=data_dir, org=org, rules=rules, nats_url=nats_url, database_url=db_url,
                         port=free_port(), **overrides)
     stack = Stack.from_settings(settings, Urls(nats=nats_url, database=db_url))

@@ -15,6 +15,7 @@ import contextlib
 import cProfile
 import pstats
 import random
+import secrets
 import shutil
 import tempfile
 import time
@@ -42,6 +43,7 @@ from shared.domain.ids import new_issue_id, task_id
 from shared.events import models as ev
 from shared.events import subjects as sj
 from shared.events.codec import Envelope
+from shared.privacy.issuekeys import IssueKeys
 from shared.store.eventstore import AppendRequest, JetStreamEventStore
 from shared.store.streams import ensure_streams
 
@@ -169,9 +171,10 @@ async def fresh_db(admin_url: str, name: str) -> str:
     return url
 
 
-async def run_rebuild(admin_url: str, js: Any, name: str, profile: bool = False) -> dict[str, Any]:
+async def run_rebuild(admin_url: str, js: Any, name: str, profile: bool = False,
+                      texts: IssueKeys | None = None) -> dict[str, Any]:
     pool = await open_pool(url := await fresh_db(admin_url, name))
-    writer = ProjectionWriter(load_org(CONTRACT_ORG), load_rulebook(CONTRACT_RULES).tz)
+    writer = ProjectionWriter(load_org(CONTRACT_ORG), load_rulebook(CONTRACT_RULES).tz, texts=texts)
     prof = cProfile.Profile() if profile else None
     try:
         with prof or contextlib.nullcontext():  # the reading process's profile (the replay runs in a child)
@@ -192,12 +195,15 @@ def _profile_summary(prof: cProfile.Profile, top: int = 25) -> dict[str, Any]:
 
 async def bench_rebuild(nc: Any, admin_url: str, events: int, profile: str, say: Say) -> dict[str, Any]:
     await ensure_streams(nc)
-    store, js = JetStreamEventStore(nc), nc.jetstream()
+    # as needle stores them: each issue's free text sealed with its own data key (the rebuild opens it)
+    texts = IssueKeys(nc, kek=secrets.token_bytes(32))
+    await texts.start(watch=False)
+    store, js = JetStreamEventStore(nc, texts=texts), nc.jetstream()
     say(f"rebuild: appending ~{events:,} events of realistic histories (append_many, 8 batches in flight) ...")
     filled = await fill(store, events)
     say(f"  {filled['events']:,} events of {filled['issues']:,} issues at {filled['publish_per_s']:,.0f}/s")
     base, acked = await raw_read(js), await raw_fetch_ack(js)
-    needle = await run_rebuild(admin_url, js, "bench_rebuild")
+    needle = await run_rebuild(admin_url, js, "bench_rebuild", texts=texts)
     say(f"  baseline: the rebuild's reader alone {base['per_s']:,.0f}/s, durable fetch(1000)+ack "
         f"{acked['per_s']:,.0f}/s; rebuild() {needle['events_per_s']:,.0f} events/s (split {needle['split_s']})")
     out: dict[str, Any] = {"fill": filled, "baseline": base, "baseline_fetch_ack": acked, "needle": needle,
@@ -209,7 +215,7 @@ async def bench_rebuild(nc: Any, admin_url: str, events: int, profile: str, say:
     out["rows_ok"] = needle["rows"]["issues"] == filled["issues"] and needle["rows"]["audit"] == filled["events"]
     if profile == "yes" or (profile == "auto" and not all(out["meets"].values())):
         say("  profiling a second rebuild under cProfile ...")
-        prof = await run_rebuild(admin_url, js, "bench_rebuild_prof", profile=True)
+        prof = await run_rebuild(admin_url, js, "bench_rebuild_prof", profile=True, texts=texts)
         out["profiled_run"] = {"events_per_s_under_cprofile": prof["events_per_s"], **prof["profile"]}
     return out
 

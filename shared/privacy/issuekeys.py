@@ -13,6 +13,7 @@ bucket invalidates at once, never older than ``CACHE_TTL_S``.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import secrets
@@ -242,8 +243,25 @@ class IssueKeys:
     async def open(self, envs: Iterable[Envelope]) -> list[Envelope]:
         """The envelopes with their free text in clear, or ``[erased]`` where the issue's key is gone (and in
         events an earlier needle wrote in clear before a shred of their issue)."""
+        envs = list(envs)
+        await self.prefetch({e.subject for e in envs if e.sealed is not None})
         out = [await self.open_one(env) for env in envs]
         return erase_before_shreds(out)
+
+    async def prefetch(self, issue_ids: set[str], parallel: int = 64) -> None:
+        """Read the keys of ``issue_ids`` that are not cached, ``parallel`` at a time (a projection batch of many
+        new issues would otherwise wait for one round trip per issue, one after the other)."""
+        now = time.monotonic()
+        missing = [i for i in issue_ids if (hit := self._cache.get(i)) is None or hit[1] <= now]
+        if len(missing) < 2:
+            return
+        sem = asyncio.Semaphore(parallel)
+
+        async def one(issue_id: str) -> None:
+            async with sem:
+                await self.get(issue_id)
+
+        await asyncio.gather(*(one(i) for i in missing))
 
     async def open_one(self, env: Envelope) -> Envelope:
         if env.sealed is None:

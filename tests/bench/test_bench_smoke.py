@@ -89,6 +89,7 @@ def _check_intake(r: dict[str, Any]) -> None:
     intake_table(r)
 
 
+@pytest.mark.slow  # restart/fault or bench smoke: `pytest -m slow`
 def test_intake_bench_tiny(tmp_path: Path) -> None:
     from services.bench.intake import run_intake_bench
 
@@ -129,6 +130,7 @@ def test_router_bench_tiny(tmp_path: Path) -> None:
     json.dumps(r, default=str)
 
 
+@pytest.mark.slow  # restart/fault or bench smoke: `pytest -m slow`
 def test_timers_bench_tiny(tmp_path: Path) -> None:
     from services.bench.timers import run_timers_bench, timers_table
 
@@ -148,6 +150,7 @@ def test_timers_bench_tiny(tmp_path: Path) -> None:
     json.dumps(r, default=str)
 
 
+@pytest.mark.slow  # restart/fault or bench smoke: `pytest -m slow`
 def test_projections_bench_tiny(tmp_path: Path) -> None:
     from services.bench.cli import projections_table
     from services.bench.projections import run_projections_bench

@@ -284,6 +284,7 @@ def dispatch_routers(tmp_path: Path) -> Iterator[DispatchRouters]:
     r.close()
 
 
+@pytest.mark.slow  # restart/fault or bench smoke: `pytest -m slow`
 async def test_each_path_records_its_events_exactly_once_across_a_router_restart(
         needle_factory: Callable[..., Any], dispatch_routers: DispatchRouters) -> None:
     h: NeedleHandle = await needle_factory(org=ORG, rules=RULES, services=("intake",))
@@ -334,6 +335,7 @@ async def test_each_path_records_its_events_exactly_once_across_a_router_restart
     assert len(of_type(evs, SUPERSEDED)) == 1
 
 
+@pytest.mark.slow  # restart/fault or bench smoke: `pytest -m slow`
 async def test_info_pause_and_progress_warnings_exactly_once_across_router_restarts(
         needle_factory: Callable[..., Any], dispatch_routers: DispatchRouters) -> None:
     h: NeedleHandle = await needle_factory(org=ORG, rules=RULES, services=("intake",))

@@ -330,6 +330,7 @@ async def test_a_batch_fetched_by_a_worker_that_died_is_projected_by_its_success
         await nc.close()
 
 
+@pytest.mark.slow  # restart/fault or bench smoke: `pytest -m slow`
 async def test_sigkilled_worker_ends_with_exact_counts(tmp_path: Path, nats_factory: Callable[..., Any],
                                                        pg_url: str) -> None:
     got, want, kills = await sigkill_run(tmp_path, nats_factory().url, pg_url, issues=500, kills=3, seconds=12,
@@ -446,6 +447,7 @@ async def postgres_restart_run(tmp_path: Path, nats_url: str, *, issues: int, se
         await asyncio.to_thread(pg.stop)
 
 
+@pytest.mark.slow  # restart/fault or bench smoke: `pytest -m slow`
 async def test_postgres_stopped_during_a_batch_the_worker_holds_it_and_recovers(
         tmp_path: Path, nats_factory: Callable[..., Any]) -> None:
     got, want, codes, health = await postgres_restart_run(tmp_path, nats_factory().url, issues=500, seconds=5,
@@ -455,6 +457,7 @@ async def test_postgres_stopped_during_a_batch_the_worker_holds_it_and_recovers(
     assert got == want
 
 
+@pytest.mark.slow  # restart/fault or bench smoke: `pytest -m slow`
 async def test_postgres_restarted_mid_load_the_worker_recovers_by_itself(tmp_path: Path,
                                                                          nats_factory: Callable[..., Any]) -> None:
     got, want, codes, health = await postgres_restart_run(tmp_path, nats_factory().url, issues=500, seconds=5,

@@ -282,6 +282,7 @@ async def test_timer_pending_across_router_restart_fires_once(needle_factory: Ca
     assert [(t["department"], t["role"], t["status"]) for t in street] == [("huannan-center", "lead", "dispatched")]
 
 
+@pytest.mark.slow  # restart/fault or bench smoke: `pytest -m slow`
 async def test_timer_pending_across_nats_restart_fires_once(needle_factory: Callable[..., Any],
                                                             nats_factory: Callable[..., Any]) -> None:
     nats = nats_factory()

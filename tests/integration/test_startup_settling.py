@@ -32,6 +32,7 @@ def cluster(tmp_path: Path) -> Any:
     c.stop()
 
 
+@pytest.mark.slow  # restart/fault or bench smoke: `pytest -m slow`
 async def test_a_service_started_before_its_cluster_formed_waits_for_it(cluster: NatsCluster, tmp_path: Path,
                                                                          caplog: Any) -> None:
     await asyncio.to_thread(cluster.start_node, 0)  # one node of three: no JetStream quorum, no meta leader
