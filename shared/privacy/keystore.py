@@ -268,9 +268,11 @@ class ResidentKeys:
         self._kv = await settled("resident keys bucket", lambda: self.nc.jetstream().key_value(BUCKET),
                                  within_s=settle_s)
         if watch:
+            # the residents' entries only: the issues' keys (i.*) share the bucket and have a watch of their own
+            subjects = [f"{KV_PREFIX}h.>", f"{KV_PREFIX}r.>"]
             self._watch = await self.nc.jetstream().subscribe(
-                f"{KV_PREFIX}>", stream=KV_STREAM, cb=self._on_change, ordered_consumer=True,
-                config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, headers_only=True))
+                subjects[0], stream=KV_STREAM, cb=self._on_change, ordered_consumer=True,
+                config=ConsumerConfig(deliver_policy=DeliverPolicy.NEW, headers_only=True, filter_subjects=subjects))
 
     async def close(self) -> None:
         if self._watch is not None:

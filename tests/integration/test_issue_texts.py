@@ -150,6 +150,17 @@ async def test_retention_shreds_a_closed_issues_text_and_only_that(needle_factor
                           reason="retention", retention=None, now=issue_now())
     assert (await h.stack.issue_keys.get(still_open)) is not None  # type: ignore[union-attr]
 
+    # text written after the shred is sealed with a new key (made over the purged entry): it reads clear, the
+    # shredded text stays erased
+    r = await h.client.post(f"/v1/issues/{closed}/comments", json={"text": "written after the shred"},
+                            headers=h.auth(*GW1))
+    assert r.status_code == 201, r.text
+    new_key = await h.stack.issue_keys.get(closed)  # type: ignore[union-attr]
+    assert new_key is not None and new_key.key_id != shreds[0]["data"]["key_id"]
+    evs = (await h.client.get(f"/v1/issues/{closed}/events", headers=h.auth(*ADMIN))).json()
+    assert evs[-1]["data"]["text"] == "written after the shred"
+    assert next(e for e in evs if e["type"].endswith("issue.reported.v1"))["data"]["title"] == ERASED
+
     # a rebuild from the stream agrees: erased where shredded, clear elsewhere
     rm = h.stack.read_models
     assert rm is not None
@@ -164,3 +175,30 @@ def issue_now() -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC)
+
+
+async def test_a_key_destroyed_in_one_process_is_dropped_at_once_by_the_others(needle_factory: Any) -> None:
+    import secrets as _secrets
+
+    from shared.privacy.issuekeys import IssueKeys
+
+    h: NeedleHandle = await needle_factory(services=("intake",))
+    nc = h.stack.nc
+    assert nc is not None
+    kek = _secrets.token_bytes(32)
+    a, b = IssueKeys(nc, kek=kek), IssueKeys(nc, kek=kek)  # two processes' caches (TTL 30 s)
+    await a.start()
+    await b.start()
+    try:
+        made = await a.get_or_create("01jnfe38800000000000000abc", new_issue=True)
+        seen = await b.get("01jnfe38800000000000000abc")  # now cached in b
+        assert seen is not None and seen.key == made.key
+        assert await a.destroy("01jnfe38800000000000000abc")
+        for _ in range(50):  # the notice, not the 30 s TTL
+            if await b.get("01jnfe38800000000000000abc") is None:
+                break
+            await asyncio.sleep(0.02)
+        assert await b.get("01jnfe38800000000000000abc") is None
+    finally:
+        await a.close()
+        await b.close()
