@@ -158,8 +158,10 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
     rhash = request_hash(body, sealed.fingerprint if sealed else None) if key is not None else None
     if key is not None:
         issue_id = ids.idempotent_issue_id(p.subject, ids.check_idempotency_key(key))
+    elif ctx.store.texts is not None:  # an id whose data key is stored already: the append waits for no key
+        issue_id = await ctx.store.texts.reserve(new_report_id)
     else:
-        issue_id = ids.new_issue_id(int(time.time() * 1000), entropy.randbits(80))
+        issue_id = new_report_id()
     media = await check_references(ctx, body.media, issue_id)
     command = cmd.ReportIssue(grid=body.grid, category=body.category, title=body.title,
                               description=body.description, urgency=body.urgency, risk=tuple(body.risk),
@@ -188,6 +190,10 @@ async def record_report(ctx: AppContext, p: Principal, body: ReportIssueBody, ke
     if state.request_hash != rhash:
         raise Conflict("Idempotency-Key was already used with a different request body", field="Idempotency-Key")
     return ReportOutcome(issue_id, state.last_seq, replayed=True, state=state)
+
+
+def new_report_id() -> str:
+    return ids.new_issue_id(int(time.time() * 1000), entropy.randbits(80))
 
 
 async def _readable(ctx: AppContext, p: Any, issue_id: str) -> tuple[IssueState, list[Any]]:

@@ -21,7 +21,7 @@ import contextlib
 import dataclasses
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +51,8 @@ log = structlog.get_logger("needle.issue_keys")
 PREFIX = "i."
 DESTROYED = "needle.keys.issue.destroyed"  # core NATS notice: an issue's key was destroyed (payload: the issue id)
 CACHE_TTL_S = 30.0
+POOL_SIZE, POOL_LOW, POOL_BATCH = 256, 128, 64  # keys made ahead (reserve): kept between LOW and SIZE
+POOL_TTL_S = 3600.0  # a reserved key is cached until used (nobody else knows its issue id before the report)
 CACHE_MAX = 100_000
 
 
@@ -107,6 +109,9 @@ class IssueKeys:
         self._cache: dict[str, tuple[IssueKey | None, float]] = {}
         self._watch: Any = None
         self._mux = ReplyMux(nc)  # the report's hot path: one request, no nats-py request machinery
+        self._pool: list[str] = []  # issue ids whose keys are stored already (``reserve``)
+        self._filler: asyncio.Task[None] | None = None
+        self._new_id: Callable[[], str] | None = None
         self.opened = self.erased = 0  # counters (tests, metrics)
 
     async def start(self, watch: bool = True, settle_s: float = 15.0) -> None:
@@ -116,6 +121,8 @@ class IssueKeys:
             self._watch = await self.nc.subscribe(DESTROYED, cb=self._on_destroyed)
 
     async def close(self) -> None:
+        if self._filler is not None:
+            self._filler.cancel()
         if self._watch is not None:
             with contextlib.suppress(Exception):
                 await self._watch.unsubscribe()
@@ -130,10 +137,10 @@ class IssueKeys:
             raise KeyStoreError("issue keys not started")
         return self._kv
 
-    def _remember(self, issue_id: str, key: IssueKey | None) -> None:
+    def _remember(self, issue_id: str, key: IssueKey | None, ttl_s: float | None = None) -> None:
         if len(self._cache) >= CACHE_MAX:
             self._cache.clear()
-        self._cache[issue_id] = (key, time.monotonic() + self.ttl_s)
+        self._cache[issue_id] = (key, time.monotonic() + (ttl_s or self.ttl_s))
 
     def forget_cached(self, issue_id: str) -> None:
         self._cache.pop(issue_id, None)
@@ -173,6 +180,9 @@ class IssueKeys:
         event is being appended, so the key is most likely absent: created at once (one round trip), read
         only if it exists after all (a retried report). After a shred a new key is made: text written later is
         sealed anew, what was shredded stays erased."""
+        hit = self._cache.get(issue_id)
+        if hit is not None and hit[0] is not None and hit[1] > time.monotonic():
+            return hit[0]  # a key reserved with its issue id (``reserve``), or read a moment ago
         for attempt in range(5):
             if not (new_issue and attempt == 0):
                 found = await self.get(issue_id)
@@ -195,6 +205,60 @@ class IssueKeys:
             self._remember(issue_id, key)
             return key
         raise KeyStoreError(f"no data key could be made for issue {issue_id}")
+
+    # -- keys made ahead, with their issue ids ------------------------------------------------------------
+    async def reserve(self, new_id: Callable[[], str]) -> str:
+        """An issue id whose key is already stored (made ahead in batches, off the report's path): a report
+        without an Idempotency-Key takes one, so that its append waits for no key of its own. ``new_id`` makes
+        the ids of the next batch. Falls back to an id without a key (made at append) when the pool is empty.
+        Ids of a pool unused at exit leave keys that seal nothing (harmless)."""
+        self._new_id = new_id
+        if self._pool:
+            issue_id = self._pool.pop()
+            self._refill_soon()
+            return issue_id
+        self._refill_soon()
+        return new_id()
+
+    def _refill_soon(self) -> None:
+        if len(self._pool) < POOL_LOW and (self._filler is None or self._filler.done()):
+            self._filler = asyncio.get_running_loop().create_task(self._refill())
+
+    async def _refill(self) -> None:
+        try:
+            while len(self._pool) < POOL_SIZE and self._new_id is not None:
+                keys = [IssueKey(self._new_id(), secrets.token_hex(8), secrets.token_bytes(texts.KEY_BYTES))
+                        for _ in range(POOL_BATCH)]
+                seqs = await self._create_batch([(k.issue_id, encode_key(k, self.kek)) for k in keys])
+                if seqs is None:
+                    return  # refused (a collision, or a stream without atomic batches): reports make their own
+                for k, seq in zip(keys, seqs, strict=True):
+                    self._remember(k.issue_id, dataclasses.replace(k, revision=seq), ttl_s=POOL_TTL_S)
+                    self._pool.append(k.issue_id)
+        except Exception as exc:  # NATS away: the reports make their own keys meanwhile
+            log.warning("issue keys not made ahead", error=repr(exc))
+
+    async def _create_batch(self, entries: list[tuple[str, bytes]]) -> list[int] | None:
+        """Store new entries in ONE atomic batch (each only if absent): their revisions, or None if refused."""
+        if not self._mux.started:
+            await self._mux.start()
+        batch_id = f"k{secrets.token_hex(8)}"
+        last = len(entries)
+        for i, (issue_id, value) in enumerate(entries, 1):
+            hdrs = {"Nats-Expected-Last-Subject-Sequence": "0", "Nats-Batch-Id": batch_id,
+                    "Nats-Batch-Sequence": str(i)}
+            if i < last:
+                await self.nc.publish(f"{KV_PREFIX}{PREFIX}{issue_id}", value, headers=hdrs)
+                continue
+            hdrs["Nats-Batch-Commit"] = "1"
+            msg = await self._mux.request(f"{KV_PREFIX}{PREFIX}{issue_id}", value, headers=hdrs, timeout=5.0)
+            ack = orjson.loads(msg.data)
+            if isinstance(ack.get("error"), dict):
+                log.info("issue keys batch refused", error=ack["error"].get("description"))
+                return None
+            first = int(ack["seq"]) - last + 1
+            return list(range(first, first + last))
+        return None
 
     async def _create(self, issue_id: str, value: bytes) -> int | None:
         """Store a new entry only if the key has none (expected last subject sequence 0): its revision, or None

@@ -79,6 +79,7 @@ def bucket_config(replicas: int = 1) -> dict[str, object]:
         "deny_delete": False,  # forgetting erases the key's message (secure delete), see the module doc
         "deny_purge": False,
         "allow_direct": True,
+        "allow_atomic": True,  # the issues' keys are made ahead in atomic batches (issuekeys.reserve)
         "duplicate_window": 120 * 10**9,
     }
 
