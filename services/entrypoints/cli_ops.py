@@ -119,7 +119,7 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
     from services.ops.backup import restore as do_restore
     from shared.config import ConfigError, load_org, load_rulebook
     from shared.privacy.issuekeys import issue_keys_for
-    from shared.privacy.keystore import KEK_FILE, KeyStoreError
+    from shared.privacy.keystore import KEK_FILE, KekUnavailable, KeyStoreError, load_or_create_kek
 
     settings = _settings(data_dir, org=org, rules=rules)
     try:
@@ -127,6 +127,12 @@ def restore(source: Annotated[Path, typer.Argument(help="a directory written by 
         org_tree, rb = load_org(settings.org), load_rulebook(settings.rules)
     except (BackupError, ConfigError) as exc:
         raise _fail(str(exc)) from None
+    try:  # the data keys in the backup open only with the KEK they were wrapped with: before anything is touched
+        load_or_create_kek(settings, create=False)
+    except KekUnavailable as exc:
+        raise _fail(f"{exc}. A backup holds the data keys wrapped with the key-encryption key of the needle it "
+                    f"came from, kept apart from it: copy that needle's {KEK_FILE} to {settings.data_dir / KEK_FILE} "
+                    "(0600), or set NEEDLE_KEK_COMMAND, then restore") from None
 
     async def go(info: dict[str, str]) -> tuple[dict[str, Any], dict[str, float]]:
         nc = await nats.connect(nats_servers(info["nats_url"]))

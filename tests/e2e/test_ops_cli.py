@@ -172,6 +172,11 @@ def test_restore_cli_into_a_fresh_data_dir_serves_the_same_issues(running: dict[
     before = up.client.get("/v1/issues?limit=100", headers=sup).json()
 
     fresh = tmp_path / "fresh"
+    r = needle("restore", str(target), "--data-dir", str(fresh))  # without the KEK kept apart: refused, untouched
+    assert r.returncode == 2 and "key-encryption key" in r.stderr and "resident-kek.key" in r.stderr, r.stderr
+    assert not (fresh / "nats").exists() or not any((fresh / "nats").iterdir())
+    (fresh / "secrets").mkdir(parents=True, mode=0o700, exist_ok=True)
+    shutil.copy2(running["data"] / "secrets" / "resident-kek.key", fresh / "secrets" / "resident-kek.key")
     r = needle("restore", str(target), "--data-dir", str(fresh))
     assert r.returncode == 0, r.stderr
     assert "read models rebuilt" in r.stdout
