@@ -535,20 +535,23 @@ class ResidentKeys:
         return True
 
     async def _all_entries(self) -> list[Any]:
-        """The last message of every entry, deletion markers included (``operation`` DEL or PURGE)."""
+        """The last message of every residents' entry (``h.``, ``r.``, ``p.``, ``q.``: not the issues' keys,
+        ``i.``, which share the bucket and may be many), deletion markers included (``operation`` DEL or PURGE)."""
+        out: list[Any] = []
         try:
-            watcher = await self.kv.watch(">")
-            try:
-                out: list[Any] = []
-                while True:
-                    entry = await watcher.updates(timeout=5)
-                    if entry is None:
-                        return out
-                    out.append(entry)
-            finally:
-                await watcher.stop()
+            for prefix in ("h.>", "r.>", "p.>", "q.>"):
+                watcher = await self.kv.watch(prefix)
+                try:
+                    while True:
+                        entry = await watcher.updates(timeout=5)
+                        if entry is None:
+                            break
+                        out.append(entry)
+                finally:
+                    await watcher.stop()
         except (NatsError, TimeoutError) as exc:
             raise Unavailable("residents' keys did not answer in time") from exc
+        return out
 
     async def rewrap(self, progress: Callable[[int, int, str], None] | None = None) -> Rewrapped:
         """Wrap with the KEK every key an earlier needle stored unwrapped, and move every key still named
