@@ -44,7 +44,16 @@ from shared.store.inbox import ReplyMux
 from shared.store.settling import settled
 
 from . import texts
-from .keystore import BUCKET, KEK_FILE, KV_PREFIX, KV_STREAM, KeyStoreError, ensure_bucket, load_or_create_kek
+from .keystore import (
+    BUCKET,
+    KEK_FILE,
+    KV_PREFIX,
+    KV_STREAM,
+    KeyStoreError,
+    ensure_bucket,
+    last_entries,
+    load_or_create_kek,
+)
 
 log = structlog.get_logger("needle.issue_keys")
 
@@ -304,21 +313,16 @@ class IssueKeys:
 
     async def all_keys(self) -> dict[str, IssueKey]:
         """Every live issue key (a rebuild opens a whole stream with them)."""
-        out: dict[str, IssueKey] = {}
         try:
-            watcher = await self.kv.watch(f"{PREFIX}*", ignore_deletes=True)
-            try:
-                while True:
-                    entry = await watcher.updates(timeout=10)
-                    if entry is None:
-                        return out
-                    if entry.value:
-                        issue_id = entry.key[len(PREFIX):]
-                        out[issue_id] = decode_key(issue_id, entry.value, entry.revision, self.kek)
-            finally:
-                await watcher.stop()
+            entries = await last_entries(self.nc, f"{PREFIX}*")
         except (NatsError, TimeoutError) as exc:
             raise Unavailable("issue keys did not answer in time") from exc
+        out: dict[str, IssueKey] = {}
+        for entry in entries:
+            if entry.operation is None and entry.value:
+                issue_id = entry.key[len(PREFIX):]
+                out[issue_id] = decode_key(issue_id, entry.value, entry.revision or 0, self.kek)
+        return out
 
     # -- sealing and opening ------------------------------------------------------------------------
     async def seal(self, envs: Sequence[Envelope]) -> list[Envelope]:

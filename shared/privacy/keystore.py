@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
@@ -136,6 +136,31 @@ def run_kek_command(command: str, timeout_s: float = 30.0) -> bytes:
                else f"failed with exit status {proc.returncode}")
         raise KekUnavailable(f"{what} {how} (its own messages, if any, are on stderr)")
     return parse_kek(out, what)
+
+
+async def last_entries(nc: NATS, pattern: str) -> list[KeyValue.Entry]:
+    """The last message of every key of the bucket matching ``pattern`` (deletion markers included, as
+    ``operation`` DEL or PURGE), read through a pull consumer: it counts what it will deliver before delivering
+    anything. (nats-py's ``KeyValue.watch`` can signal "no more" before the first entry when the server pushes
+    the entries before its consumer-info answer: a loaded machine then read an empty bucket.)"""
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(f"{KV_PREFIX}{pattern}", stream=KV_STREAM, config=ConsumerConfig(
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, ack_policy=AckPolicy.NONE, inactive_threshold=60.0))
+    out: list[KeyValue.Entry] = []
+    try:
+        left = (await sub.consumer_info()).num_pending or 0
+        while left > 0:
+            for msg in await sub.fetch(min(left, 1000), timeout=10):
+                left -= 1
+                op = (msg.headers or {}).get("KV-Operation")
+                meta = msg.metadata
+                out.append(KeyValue.Entry(bucket=BUCKET, key=msg.subject[len(KV_PREFIX):], value=msg.data,
+                                          revision=meta.sequence.stream, delta=meta.num_pending,
+                                          created=None, operation=op))
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return out
 
 
 def load_or_create_kek(settings: Settings, *, create: bool = True) -> bytes:
@@ -439,18 +464,9 @@ class ResidentKeys:
             await self.kv.purge(k)
 
     async def _keys_like(self, pattern: str) -> list[str]:
-        """The live keys matching a subject ``pattern`` (a watch filtered by the server, not every key)."""
+        """The live keys matching a subject ``pattern`` (filtered by the server, not every key)."""
         try:
-            watcher = await self.kv.watch(pattern, meta_only=True, ignore_deletes=True)
-            try:
-                out: list[str] = []
-                while True:
-                    entry = await watcher.updates(timeout=5)
-                    if entry is None:
-                        return out
-                    out.append(entry.key)
-            finally:
-                await watcher.stop()
+            return [e.key for e in await last_entries(self.nc, pattern) if e.operation is None]
         except (NatsError, TimeoutError) as exc:
             raise Unavailable("residents' keys did not answer in time") from exc
 
@@ -540,15 +556,7 @@ class ResidentKeys:
         out: list[Any] = []
         try:
             for prefix in ("h.>", "r.>", "p.>", "q.>"):
-                watcher = await self.kv.watch(prefix)
-                try:
-                    while True:
-                        entry = await watcher.updates(timeout=5)
-                        if entry is None:
-                            break
-                        out.append(entry)
-                finally:
-                    await watcher.stop()
+                out += await last_entries(self.nc, prefix)
         except (NatsError, TimeoutError) as exc:
             raise Unavailable("residents' keys did not answer in time") from exc
         return out
