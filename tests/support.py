@@ -5,6 +5,8 @@ import asyncio
 import contextlib
 import os
 import secrets
+import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,3 +164,28 @@ async def start_needle(data_dir: Path, *, org: Path, rules: Path, nats_url: str,
             await asyncio.sleep(0.02)
     client = httpx.AsyncClient(base_url=base, timeout=15)
     return NeedleHandle(stack=stack, base_url=base, client=client, server=server, server_task=task)
+
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@contextlib.asynccontextmanager
+async def module_needle(root: Path, pg_admin_url: str, name: str, *, org: Path = FIXTURES / "contract_org.yaml",
+                        rules: Path = FIXTURES / "contract_rules.yaml", **settings: Any) -> AsyncIterator[NeedleHandle]:
+    """A needle on a nats-server of its own under ``root`` and a fresh database ``needle_<name>_...``, for a
+    module's tests to share (a module-scoped fixture: ``async with module_needle(...) as h: yield h``)."""
+    from services.entrypoints.embedded import EmbeddedNats
+
+    server = EmbeddedNats(root / "nats-data")
+    server.start()
+    try:
+        handle = await start_needle(root / "needle", org=org, rules=rules, nats_url=server.url,
+                                    pg_admin_url=pg_admin_url,
+                                    database=f"needle_{name}_{os.getpid()}_{uuid.uuid4().hex[:8]}", **settings)
+        try:
+            yield handle
+        finally:
+            with contextlib.suppress(Exception):
+                await handle.close()
+    finally:
+        server.stop()

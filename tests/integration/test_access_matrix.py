@@ -14,10 +14,7 @@ Every 2xx write to an issue is checked to have recorded the caller's token subje
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -31,7 +28,7 @@ from fastapi.routing import iter_route_contexts
 from shared import auth
 from shared.store.revocations import open_bucket, revoke_token
 from tests.photos import png_bytes
-from tests.support import NeedleHandle, start_needle
+from tests.support import NeedleHandle, module_needle
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 OK = "ok"
@@ -263,23 +260,12 @@ class World:
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncIterator[tuple[NeedleHandle, World]]:
-    from services.entrypoints.embedded import EmbeddedNats
-
     root = tmp_path_factory.mktemp("matrix")
-    server = EmbeddedNats(root / "nats-data")
-    server.start()
     rules = root / "rules.yaml"  # the contract rulebook, with returns reviewed by the command centre (issue 19)
     rules.write_text((FIXTURES / "contract_rules.yaml").read_text() + "\nreturn: {approval: command_center}\n")
-    h = await start_needle(root / "needle", org=FIXTURES / "contract_org.yaml", rules=rules,
-                           nats_url=server.url, pg_admin_url=pg_url,
-                           database=f"needle_matrix_{os.getpid()}_{uuid.uuid4().hex[:8]}",
-                           webhook_allow_private=["127.0.0.1"])  # the webhooks' (dead) target
-    try:
+    async with module_needle(root, pg_url, "matrix", rules=rules,
+                             webhook_allow_private=["127.0.0.1"]) as h:  # the webhooks' (dead) target
         yield h, await seed(h)
-    finally:
-        with contextlib.suppress(Exception):
-            await h.close()
-        server.stop()
 
 
 async def seed(h: NeedleHandle) -> World:

@@ -18,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.support import NeedleHandle, start_needle
+from tests.support import NeedleHandle, module_needle
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PROBLEM = "application/problem+json"
@@ -40,20 +40,8 @@ def problem(r: httpx.Response, status: int, field: str | None = None) -> dict[st
 
 @pytest.fixture(scope="module")
 async def h(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncIterator[NeedleHandle]:
-    from services.entrypoints.embedded import EmbeddedNats
-
-    root = tmp_path_factory.mktemp("hardening")
-    server = EmbeddedNats(root / "nats-data")
-    server.start()
-    handle = await start_needle(root / "needle", org=FIXTURES / "contract_org.yaml",
-                                rules=FIXTURES / "contract_rules.yaml", nats_url=server.url, pg_admin_url=pg_url,
-                                database=f"needle_hardening_{os.getpid()}_{uuid.uuid4().hex[:8]}")
-    try:
+    async with module_needle(tmp_path_factory.mktemp("hardening"), pg_url, "hardening") as handle:
         yield handle
-    finally:
-        with contextlib.suppress(Exception):
-            await handle.close()
-        server.stop()
 
 
 async def report_ok(h: NeedleHandle, body: dict[str, Any] | None = None, who: tuple[str, str] = GW1) -> str:

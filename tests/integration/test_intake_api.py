@@ -7,8 +7,6 @@ read models, another org or other settings start their own through ``needle_fact
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -21,7 +19,7 @@ import orjson
 import pytest
 
 from shared import auth
-from tests.support import NeedleHandle, start_needle
+from tests.support import NeedleHandle, module_needle
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -97,20 +95,8 @@ def short(events: list[dict[str, Any]]) -> list[str]:
 # -- one stack for the tests that need no read models -------------------------------------------------------------
 @pytest.fixture(scope="module")
 async def h(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncIterator[NeedleHandle]:
-    from services.entrypoints.embedded import EmbeddedNats
-
-    root = tmp_path_factory.mktemp("intake-api")
-    server = EmbeddedNats(root / "nats-data")
-    server.start()
-    handle = await start_needle(root / "needle", org=FIXTURES / "contract_org.yaml",
-                                rules=FIXTURES / "contract_rules.yaml", nats_url=server.url, pg_admin_url=pg_url,
-                                database=f"needle_intake_{os.getpid()}_{uuid.uuid4().hex[:8]}")
-    try:
+    async with module_needle(tmp_path_factory.mktemp("intake-api"), pg_url, "intake") as handle:
         yield handle
-    finally:
-        with contextlib.suppress(Exception):
-            await handle.close()
-        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,6 @@ reporter marked it public and no moderator withdrew it, or a moderator approved 
 Over real HTTP, NATS and Postgres (the list is the read model's)."""
 from __future__ import annotations
 
-import contextlib
-import os
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import NeedleHandle, start_needle
+from tests.support import NeedleHandle, module_needle
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 V2 = "/open311/v2"
@@ -30,20 +28,8 @@ NOTE = "已联系王先生"
 
 @pytest.fixture(scope="module")
 async def h(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncIterator[NeedleHandle]:
-    from services.entrypoints.embedded import EmbeddedNats
-
-    root = tmp_path_factory.mktemp("publication")
-    server = EmbeddedNats(root / "nats-data")
-    server.start()
-    handle = await start_needle(root / "needle", org=FIXTURES / "contract_org.yaml",
-                                rules=FIXTURES / "contract_rules.yaml", nats_url=server.url, pg_admin_url=pg_url,
-                                database=f"needle_publication_{os.getpid()}_{uuid.uuid4().hex[:8]}")
-    try:
+    async with module_needle(tmp_path_factory.mktemp("publication"), pg_url, "publication") as handle:
         yield handle
-    finally:
-        with contextlib.suppress(Exception):
-            await handle.close()
-        server.stop()
 
 
 async def reported(h: NeedleHandle, **extra: Any) -> str:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from services.entrypoints import cli
 from services.entrypoints.datadir import hold
 from shared import auth
-from tests.support import NeedleHandle, start_needle
+from tests.support import NeedleHandle, module_needle, start_needle
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 PROBLEM = "application/problem+json"
@@ -30,23 +30,11 @@ ORIGIN = "https://ops.example.org"
 @pytest.fixture(scope="module")
 async def h(tmp_path_factory: pytest.TempPathFactory, pg_url: str) -> AsyncIterator[NeedleHandle]:
     """One intake with tight per-token limits (each test uses its own subjects) and one CORS origin."""
-    from services.entrypoints.embedded import EmbeddedNats
-
-    root = tmp_path_factory.mktemp("security")
-    server = EmbeddedNats(root / "nats-data")
-    server.start()
-    handle = await start_needle(root / "needle", org=FIXTURES / "contract_org.yaml",
-                                rules=FIXTURES / "contract_rules.yaml", nats_url=server.url, pg_admin_url=pg_url,
-                                database=f"needle_security_{os.getpid()}_{uuid.uuid4().hex[:8]}",
-                                services=("intake",), rate_limit_per_s=1.0, rate_limit_burst=3,
-                                rate_limit_read_per_s=2.0, rate_limit_read_burst=5, cors_origins=[ORIGIN],
-                                webhook_allow_private=["127.0.0.1"])
-    try:
+    async with module_needle(tmp_path_factory.mktemp("security"), pg_url, "security", services=("intake",),
+                             rate_limit_per_s=1.0, rate_limit_burst=3, rate_limit_read_per_s=2.0,
+                             rate_limit_read_burst=5, cors_origins=[ORIGIN],
+                             webhook_allow_private=["127.0.0.1"]) as handle:
         yield handle
-    finally:
-        with contextlib.suppress(Exception):
-            await handle.close()
-        server.stop()
 
 
 def bearer(token: str) -> dict[str, str]:
