@@ -79,6 +79,14 @@ class Router(TimerMixin):
         self.timers_set: OrderedDict[str, int] = OrderedDict()  # issue -> the state's last seq its timer is from
 
     # -- reacting to events ------------------------------------------------------------------------------------
+    async def _cue(self, data: bytes, seq: int) -> Envelope:
+        """The event reacted to, its free text opened: a reaction may quote it (an escalation quotes the
+        return's reason). A report's stays sealed: the router never writes it (and a report is the hot path)."""
+        env = decode(data, seq)
+        if env.sealed is not None and self.store.texts is not None and not isinstance(env.data, IssueReported):
+            env = await self.store.texts.open_one(env)
+        return env
+
     async def handle_event(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
         issue_id, name = sj.parse_issue_subject(msg.subject)
@@ -105,9 +113,7 @@ class Router(TimerMixin):
                 t for t in (latest_dispatch_timer(state), *(dispatch_timer(state, k) for k in keys)) if t])
         if name not in REACTS_TO:
             return
-        env = decode(msg.data, seq)
-        if env.sealed is not None and self.store.texts is not None and not isinstance(env.data, IssueReported):
-            env = await self.store.texts.open_one(env)  # a reaction may quote it (an escalation, the return's reason)
+        env = await self._cue(msg.data, seq)
         if isinstance(env.data, IssueReported):
             await self.schedule_review(issue_id, env)
         if name in ACROSS:
@@ -269,9 +275,7 @@ class Router(TimerMixin):
         async def prepare(issue_id: str, msg: Msg) -> tuple[str, Msg, AppendRequest | None] | None:
             try:
                 seq = msg.metadata.sequence.stream
-                env = decode(msg.data, seq)
-                if env.sealed is not None and self.store.texts is not None and not isinstance(env.data, IssueReported):
-                    env = await self.store.texts.open_one(env)  # (a report's text: the router never writes it)
+                env = await self._cue(msg.data, seq)
                 if isinstance(env.data, IssueReported):
                     # a report is its issue's first event: fold it as delivered (no round trip); if more
                     # happened meanwhile, the OCC guard refuses the append and the slow path reloads

@@ -121,7 +121,6 @@ class IssueKeys:
         self._pool: list[str] = []  # issue ids whose keys are stored already (``reserve``)
         self._filler: asyncio.Task[None] | None = None
         self._new_id: Callable[[], str] | None = None
-        self.opened = self.erased = 0  # counters (tests, metrics)
 
     async def start(self, watch: bool = True, settle_s: float = 15.0) -> None:
         await settled("data keys bucket", lambda: ensure_bucket(self.nc, self.replicas), within_s=settle_s)
@@ -151,21 +150,22 @@ class IssueKeys:
             self._cache.clear()
         self._cache[issue_id] = (key, time.monotonic() + (ttl_s or self.ttl_s))
 
-    def forget_cached(self, issue_id: str) -> None:
-        self._cache.pop(issue_id, None)
-
     # -- keys ---------------------------------------------------------------------------------------
+    async def _entry(self, issue_id: str) -> Any:
+        """The bucket's entry of the issue's key, or None (never made, or purged)."""
+        try:
+            return await self.kv.get(PREFIX + issue_id)
+        except KeyNotFoundError:
+            return None
+        except (NatsError, TimeoutError) as exc:  # NATS down or slow: retrying helps (503), never a 500
+            raise Unavailable("issue keys did not answer in time") from exc
+
     async def get(self, issue_id: str) -> IssueKey | None:
         """The issue's key; None when it has none (never made, or destroyed)."""
         hit = self._cache.get(issue_id)
         if hit is not None and hit[1] > time.monotonic():
             return hit[0]
-        try:
-            entry = await self.kv.get(PREFIX + issue_id)
-        except KeyNotFoundError:
-            entry = None
-        except (NatsError, TimeoutError) as exc:
-            raise Unavailable("issue keys did not answer in time") from exc
+        entry = await self._entry(issue_id)
         try:
             key = (decode_key(issue_id, entry.value, entry.revision or 0, self.kek)
                    if entry is not None and entry.value else None)
@@ -176,13 +176,8 @@ class IssueKeys:
 
     async def key_id_of(self, issue_id: str) -> str | None:
         """The id of the issue's current key, read without unwrapping it (no key-encryption key needed)."""
-        try:
-            entry = await self.kv.get(PREFIX + issue_id)
-        except KeyNotFoundError:
-            return None
-        except (NatsError, TimeoutError) as exc:
-            raise Unavailable("issue keys did not answer in time") from exc
-        return str(orjson.loads(entry.value)["key_id"]) if entry.value else None
+        entry = await self._entry(issue_id)
+        return str(orjson.loads(entry.value)["key_id"]) if entry is not None and entry.value else None
 
     async def get_or_create(self, issue_id: str, *, new_issue: bool = False) -> IssueKey:
         """The issue's key, made (race-safe: create only if absent) when it has none. ``new_issue``: its first
@@ -291,12 +286,7 @@ class IssueKeys:
         """Crypto-shred the issue's text: erase the key's message on disk, then purge the entry. Idempotent;
         True when there was a key."""
         self._cache.pop(issue_id, None)
-        try:
-            entry = await self.kv.get(PREFIX + issue_id)
-        except KeyNotFoundError:
-            entry = None
-        except (NatsError, TimeoutError) as exc:
-            raise Unavailable("issue keys did not answer in time") from exc
+        entry = await self._entry(issue_id)
         if entry is not None:
             try:
                 await self.nc.jetstream().delete_msg(KV_STREAM, entry.revision or 0)  # secure erase (no_erase: false)
